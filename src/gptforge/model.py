@@ -62,6 +62,9 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
+        # Set by gptforge.quant.prepare_for_inference: one (d_in -> 3 * d_out) projection computing
+        # query, key and value in a single matmul (decoding is dominated by per-call costs).
+        self.fused_qkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start: int = 0, key_mask: torch.Tensor | None = None,
@@ -71,9 +74,13 @@ class MultiHeadAttention(nn.Module):
         (B or 1, 1, T, start + T) boolean mask already built from them (GPTModel builds it once for
         all layers). Returns (B, T, d_out)."""
         b, t, _ = x.shape
-        q = self.W_query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.W_key(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if self.fused_qkv is not None:
+            qkv = self.fused_qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, nh, hs)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        else:
+            q = self.W_query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+            k = self.W_key(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+            v = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if kv is not None:
             k_cache, v_cache = kv
             k_cache[:, :, start:start + t] = k

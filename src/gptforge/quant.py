@@ -6,12 +6,17 @@ inference model, in place, and returns it:
 - float32: each linear weight is re-laid out in memory as (in, out) contiguous while keeping its
   (out, in) shape, so the state dict and training are unchanged. At batch 1 a matrix-vector product
   is memory-bound, and MKL reads the (in, out) layout ~1.3x faster here (it is also what
-  transformers' Conv1D uses).
+  transformers' Conv1D uses). Query, key and value become views of one (in, 3 * out) matrix, so
+  one matmul computes all three (`SharedQKV`).
 - bfloat16: the model is cast to bf16 and every nn.Linear becomes a `PackedLinear`, whose weight is
   pre-packed once in oneDNN's blocked layout (PyTorch's plain bf16 matrix-vector kernel is no faster
-  than fp32 on CPU; the packed one reads half the bytes).
-- int8 (weight-only): bf16 activations, and every nn.Linear becomes an `Int8Linear` with per-output
-  -channel symmetric int8 weights, multiplied through `torch._weight_int8pack_mm`.
+  than fp32 on CPU; the packed one reads half the bytes); query/key/value are one packed matrix and
+  the feed-forward's GELU is fused into its first matmul.
+- int8 (weight-only): bf16 activations, and every nn.Linear (query/key/value fused) becomes an
+  `Int8Linear` with per-output-channel symmetric int8 weights, multiplied through
+  `torch._weight_int8pack_mm`.
+
+Prepare a model last: moving or casting it afterwards (`.to(...)`) is not supported.
 
 Packed and int8 models are for inference only (no autograd through the weights).
 """

@@ -59,7 +59,7 @@ def test_low_precision_models_track_float32(dtype, quantize, kind):
     if kind is PackedLinear and not any(isinstance(m, PackedLinear) for m in fast.modules()):
         pytest.skip("this CPU's oneDNN has no bf16 support")
     assert isinstance(fast.out_head, kind) and isinstance(fast.trf_blocks[1].att.fused_qkv, kind)
-    assert fast.new_cache(1, 4).keys.dtype == torch.bfloat16
+    assert fast.new_cache(1, 4).keys.dtype == torch.float32  # CPU attention is fastest in fp32
     logits = fast(idx).float()
     assert (logits - ref_logits).abs().max() < 0.1 * ref_logits.abs().max()
     assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() > 0.9

@@ -86,6 +86,7 @@ class MultiHeadAttention(nn.Module):
             k_cache[:, :, start:start + t] = k
             v_cache[:, :, start:start + t] = v
             k, v = k_cache[:, :, :start + t], v_cache[:, :, :start + t]  # (B, nh, S, hs), S = start + T
+            q = q.to(k.dtype)  # a bf16 model on CPU attends in the cache's float32
 
         mask = attn_mask
         causal = mask is None and key_mask is None and start == 0 and t > 1
@@ -94,7 +95,7 @@ class MultiHeadAttention(nn.Module):
         context = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout.p if self.training else 0.0,
-        )  # (B, nh, T, hs)
+        ).to(x.dtype)  # (B, nh, T, hs)
         context = context.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
         return self.out_proj(context)
 
@@ -251,9 +252,11 @@ class GPTModel(nn.Module):
         return total
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """A KV cache on this model's device and in its dtype."""
+        """A KV cache on this model's device, in its dtype; on CPU always float32, because
+        PyTorch's CPU attention over a long bf16 cache is ~8x slower than over a float32 one."""
         p = self.tok_emb.weight
-        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
+        dtype = torch.float32 if p.device.type == "cpu" else p.dtype
+        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)

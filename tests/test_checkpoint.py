@@ -204,3 +204,18 @@ def test_loading_peak_memory_stays_within_1_5x_the_weights(tmp_path):
     assert out.returncode == 0, out.stderr
     peak = int(out.stdout.split()[-1])
     assert weights * 0.9 < peak < weights * 1.5, (peak, weights)
+
+
+def test_training_state_that_weights_only_cannot_read_is_refused_at_save(tmp_path):
+    import random
+
+    import numpy as np
+
+    model = _tiny()
+    sched = torch.optim.lr_scheduler.LinearLR(torch.optim.SGD(model.parameters(), lr=0.1))
+    ok = {"scheduler": sched.state_dict(), "python_rng": random.getstate(), "dtype": torch.float32}
+    gptforge.save(model, tmp_path / "ok", training_state=ok)
+    assert gptforge.load_training_state(tmp_path / "ok")["python_rng"] == random.getstate()
+    with pytest.raises(ValueError, match=r"training_state\['rng'\]\['numpy'\] is a numpy.ndarray"):
+        gptforge.save(model, tmp_path / "bad", training_state={"rng": {"numpy": np.zeros(3)}})
+    assert not (tmp_path / "bad").exists()

@@ -673,10 +673,10 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _hub_download(repo_id: str) -> Path:
-    """The local snapshot directory of a Hugging Face model repo (config.json + weights), from the
-    hub cache, downloading into it when online. Offline and not cached: FileNotFoundError saying
-    how to use a local directory instead."""
+def _hub_download(repo_id: str, weights: bool = True) -> Path:
+    """The local snapshot directory of a Hugging Face model repo (config.json, and the weights
+    unless `weights` is False), from the hub cache, downloading into it when online. Offline and
+    not cached: FileNotFoundError saying how to use a local directory instead."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
@@ -686,9 +686,11 @@ def _hub_download(repo_id: str) -> Path:
 
     def fetch(local_only: bool) -> Path:
         config = hf_hub_download(repo_id, CONFIG_FILE, local_files_only=local_only)
-        for weights in (WEIGHTS_FILE, HF_BIN_FILE):
+        if not weights:
+            return Path(config).parent
+        for name in (WEIGHTS_FILE, HF_BIN_FILE):
             try:
-                hf_hub_download(repo_id, weights, local_files_only=local_only)
+                hf_hub_download(repo_id, name, local_files_only=local_only)
                 return Path(config).parent
             except EntryNotFoundError:
                 continue
@@ -764,9 +766,10 @@ def detect_format(path: str | Path) -> str:
     raise FileNotFoundError(f"{path} does not exist")
 
 
-def resolve(name_or_path: str | Path) -> tuple[str, Path | None]:
+def resolve(name_or_path: str | Path, weights: bool = True) -> tuple[str, Path | None]:
     """What a model name means: ('preset', None), or (format, local path) for a checkpoint on disk
-    or a hub id (downloaded into, or found in, the Hugging Face cache)."""
+    or a hub id (downloaded into, or found in, the Hugging Face cache; only its config.json when
+    `weights` is False)."""
     name = str(name_or_path)
     path = Path(name)
     if name.lower() in PRESETS:
@@ -774,7 +777,7 @@ def resolve(name_or_path: str | Path) -> tuple[str, Path | None]:
     if path.exists():
         return detect_format(path), path
     if _HUB_ID.match(name) and not name.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")):
-        snapshot = _hub_download(name)
+        snapshot = _hub_download(name, weights)
         return detect_format(snapshot), snapshot
     raise FileNotFoundError(f"no preset or file named {name!r}; presets are {', '.join(PRESETS)}")
 
@@ -813,7 +816,7 @@ def load_config(name_or_path: str | Path,
                 config: GPTConfig | Mapping[str, Any] | str | None = None) -> GPTConfig:
     """The GPTConfig of a preset or checkpoint, reading only config.json where there is one
     (`config` as in `load`, for book state dicts)."""
-    fmt, path = resolve(name_or_path)
+    fmt, path = resolve(name_or_path, weights=False)
     if config is not None and fmt != "book":
         raise ValueError(f"config= is only for the book's state dicts; {name_or_path} carries its own config")
     if fmt == "preset":

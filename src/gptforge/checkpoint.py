@@ -206,17 +206,13 @@ def _model_state(model: GPTModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    return {k: tuple(v.shape) for k, v in _model_state(model).items()}
-
-
 def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) -> GPTModel:
     """A GPTModel (eval mode, on the CPU) that takes ownership of `state`'s tensors (book keys; a
     tied model needs no `out_head.weight`) without allocating a second copy. Missing, unexpected
     or wrongly shaped tensors raise ValueError naming them and `source`."""
-    expected = _expected_shapes(cfg)
+    with torch.device("meta"):  # shapes only: no memory until the state's tensors are assigned
+        model = GPTModel(cfg)
+    expected = {k: tuple(v.shape) for k, v in _model_state(model).items()}
     state = dict(state)
     if cfg.tie_weights:
         head = state.pop("out_head.weight", None)
@@ -243,8 +239,6 @@ def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) 
     if len(dtypes) > 1:  # mixed precision on disk: one model dtype, the widest
         wide = max(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
         state = {k: v.to(wide) for k, v in state.items()}
-    with torch.device("meta"):
-        model = GPTModel(cfg)
     if cfg.tie_weights:
         state["out_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True, assign=True)

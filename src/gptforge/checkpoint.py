@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -119,10 +120,15 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
+        return _sha256_of(f, chunk_bytes)
+
+
+def _sha256_of(f: BinaryIO, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    f.seek(0)
+    while chunk := f.read(chunk_bytes):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -142,48 +148,54 @@ def read_safetensors(path: str | Path, keep: Callable[[str], bool] = lambda name
     """Tensors of a safetensors file whose names pass `keep`, on the CPU, converted to `dtype`
     (floating tensors only) when given. Raises ValueError for a truncated or malformed file."""
     path = Path(path)
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise ValueError(f"{path} is truncated or not a safetensors file: its header claims "
-                             f"{header_len} bytes but the file has {size}")
+        return _read_safetensors(f, path, keep, dtype)
+
+
+def _read_safetensors(f: BinaryIO, path: Path, keep: Callable[[str], bool],
+                      dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > size - 8:
+        raise ValueError(f"{path} is truncated or not a safetensors file: its header claims "
+                         f"{header_len} bytes but the file has {size}")
+    try:
+        header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupted: its safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is corrupted: its safetensors header is not a JSON object")
+    base = 8 + header_len
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__" or not keep(name):
+            continue
         try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is corrupted: its safetensors header is not valid JSON ({err})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path} is corrupted: its safetensors header is not a JSON object")
-        base = 8 + header_len
-        tensors: dict[str, torch.Tensor] = {}
-        for name, info in header.items():
-            if name == "__metadata__" or not keep(name):
-                continue
-            try:
-                file_dtype = _ST_DTYPES[info["dtype"]]
-                shape = [int(n) for n in info["shape"]]
-                begin, end = (int(n) for n in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path} is corrupted: bad header entry for tensor {name!r}") from None
-            if base + end > size:
-                raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} "
-                                 f"but the file has {size} bytes; save or download it again")
-            tensor = torch.empty(shape, dtype=file_dtype)
-            nbytes = tensor.numel() * tensor.element_size()
-            if nbytes != end - begin:
-                raise ValueError(f"{path} is corrupted: tensor {name!r} of shape {shape} needs "
-                                 f"{nbytes} bytes, its header gives {end - begin}")
-            if nbytes:
-                f.seek(base + begin)
-                view = tensor.view(-1).view(torch.uint8).numpy()
-                if f.readinto(memoryview(view)) != nbytes:
-                    raise ValueError(f"{path} is truncated in tensor {name!r}")
-            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                tensor = tensor.to(dtype)
-            tensors[name] = tensor
+            file_dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(n) for n in info["shape"]]
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path} is corrupted: bad header entry for tensor {name!r}") from None
+        if base + end > size:
+            raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} "
+                             f"but the file has {size} bytes; save or download it again")
+        nbytes = math.prod(shape) * torch.empty((), dtype=file_dtype).element_size()
+        if nbytes != end - begin or begin < 0:
+            raise ValueError(f"{path} is corrupted: tensor {name!r} of shape {shape} needs "
+                             f"{nbytes} bytes, its header gives {end - begin}")
+        tensor = torch.empty(shape, dtype=file_dtype)
+        if nbytes:
+            f.seek(base + begin)
+            view = tensor.view(-1).view(torch.uint8).numpy()
+            if f.readinto(memoryview(view)) != nbytes:
+                raise ValueError(f"{path} is truncated in tensor {name!r}")
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor
     return tensors
 
 
@@ -344,25 +356,32 @@ def _read_gptforge_meta(ckpt_dir: Path) -> tuple[dict[str, Any], GPTConfig]:
     return meta, cfg
 
 
-def _verify(ckpt_dir: Path, meta: Mapping[str, Any], name: str) -> Path:
+def _open_verified(ckpt_dir: Path, meta: Mapping[str, Any], name: str) -> BinaryIO:
+    """The checkpoint file `name`, open for reading, its sha256 checked against config.json. The
+    caller reads from this same handle, so what it reads is what was verified, even if the
+    directory is replaced meanwhile."""
     path = ckpt_dir / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{ckpt_dir}: {name} is missing; the checkpoint is incomplete")
     expected = meta["sha256"].get(name)
     if expected is None:
         raise ValueError(f"{ckpt_dir / CONFIG_FILE} lists no sha256 for {name}; the checkpoint is corrupted")
-    actual = sha256_file(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{ckpt_dir}: {name} is missing; the checkpoint is incomplete") from None
+    actual = _sha256_of(f)
     if actual != expected:
+        f.close()
         raise ValueError(f"{path} fails its checksum (sha256 {actual[:12]}..., config.json says "
                          f"{expected[:12]}...): the file is truncated or corrupted; restore or re-save it")
-    return path
+    f.seek(0)
+    return f
 
 
 def _load_gptforge(ckpt_dir: Path, dtype: torch.dtype | None) -> GPTModel:
     meta, cfg = _read_gptforge_meta(ckpt_dir)
-    weights = _verify(ckpt_dir, meta, WEIGHTS_FILE)
-    state = read_safetensors(weights, dtype=dtype)
-    return build_model(cfg, state, str(weights))
+    with _open_verified(ckpt_dir, meta, WEIGHTS_FILE) as f:
+        state = _read_safetensors(f, ckpt_dir / WEIGHTS_FILE, lambda name: True, dtype)
+    return build_model(cfg, state, str(ckpt_dir / WEIGHTS_FILE))
 
 
 def load_training_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
@@ -374,11 +393,11 @@ def load_training_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
     meta, _ = _read_gptforge_meta(ckpt_dir)
     if TRAINING_STATE_FILE not in meta["sha256"]:
         return None
-    path = _verify(ckpt_dir, meta, TRAINING_STATE_FILE)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"{path} cannot be read as a training state: {err}") from None
+    with _open_verified(ckpt_dir, meta, TRAINING_STATE_FILE) as f:
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors come in many types
+            raise ValueError(f"{ckpt_dir / TRAINING_STATE_FILE} cannot be read as a training state: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -90,14 +90,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+# What an existing output directory may hold for a save to replace it (ours and Hugging Face's).
+CHECKPOINT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, TRAINING_STATE_FILE, HF_BIN_FILE,
+                              "generation_config.json"})
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+def atomic_directory(out_dir: str | Path, replaceable: frozenset[str] = CHECKPOINT_FILES) -> Iterator[Path]:
     """Build a directory atomically: yields an empty temporary directory beside `out_dir`; when
     the block ends without error its files are fsynced and it replaces `out_dir` (an existing
-    `out_dir` is moved aside first and deleted last, so a crash leaves one complete copy)."""
+    `out_dir` is moved aside first and deleted last, so a crash leaves one complete copy).
+    An existing `out_dir` is only replaced when it holds nothing but files named in
+    `replaceable`, so a mistyped path never deletes a project directory."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory; choose another output path")
+    if out_dir.is_dir():
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in replaceable or not p.is_file())
+        if others:
+            raise ValueError(f"{out_dir} exists and holds other things than a checkpoint ({_short(others)}); "
+                             f"refusing to replace it: choose a new or empty directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:

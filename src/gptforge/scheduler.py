@@ -154,7 +154,7 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._abort_at: float | None = None  # set by `drain`
-        self.stats = collections.Counter()  # decode_steps, prefills, finished, cancelled
+        self.stats = collections.Counter(decode_steps=0, prefills=0, finished=0, cancelled=0)
 
     # ------------------------------------------------------------------ the API for other threads
 

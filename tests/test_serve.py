@@ -16,15 +16,17 @@ import time
 from pathlib import Path
 
 import httpx
+import hypothesis
+import openai
 import pytest
 import torch
+from hypothesis import strategies as st
 
-openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
-
-from gptforge import GPTModel, generate  # noqa: E402
-from gptforge.cli import build_parser, main  # noqa: E402
-from gptforge.generation import prompt_ids  # noqa: E402
-from gptforge.serve import is_loopback  # noqa: E402
+from gptforge import GPTModel, generate
+from gptforge.cli import build_parser, main
+from gptforge.generation import prompt_ids
+from gptforge.serve import is_loopback
+from gptforge.tokenizer import get_tokenizer
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = {"vocab_size": 50257, "context_length": 128, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
@@ -106,8 +108,6 @@ def alone(model, prompt, max_tokens, **options) -> str:
     """The library's completion of one prompt (the reference for what the server returns)."""
     ids = prompt_ids(prompt)
     out = generate(model, torch.tensor([ids]), max_tokens, **options)[0, len(ids):].tolist()
-    from gptforge.tokenizer import get_tokenizer
-
     return get_tokenizer().decode([t for t in out if t != 50256])
 
 
@@ -251,8 +251,6 @@ def test_raw_bad_bodies(server):
 
 
 def test_random_bodies_never_crash_the_server(server):
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
     scalars = st.none() | st.booleans() | st.integers(-5, 200) | st.floats(-3, 3) | st.text(max_size=20)
     values = scalars | st.lists(scalars, max_size=4) | st.lists(st.integers(-1, 60000), max_size=4)
     fields = st.sampled_from(["prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",

@@ -13,9 +13,9 @@ The batch KV cache (`max_batch_size` rows, `context_length` columns) is laid out
     row 2:  c c c c c c c c c
                             ^ column: every row writes its next token here
 
-Active sequences occupy rows 0..n-1, so a step runs on the first n rows only. A newcomer is
-prefilled alone in its own small cache and copied in, right-aligned to the column (left padding);
-if its prompt is longer than the column, the existing rows are shifted right first. When the
+Active sequences occupy rows 0..n-1, so a step runs on the first n rows only. Newcomers are
+prefilled together (one left-padded forward pass into a small cache of their own) and copied in,
+right-aligned to the column (left padding); if a prompt is longer than the column, the existing rows are shifted right first. When the
 column reaches the end of the cache, all rows are shifted left by their common padding. A finished
 sequence's row is overwritten by the last row. Position ids are per row (each sequence counts its
 own tokens), so padding changes nothing but the attention mask.
@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from .generation import GenerationConfig, TextStream, next_tokens
+from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
 from .model import KVCache
 from .tokenizer import Tokenizer, get_tokenizer
 
@@ -234,42 +234,58 @@ class BatchScheduler:
             self._decode()
 
     def _admit(self) -> None:
-        while len(self._rows) < self.max_batch_size:
+        """Move waiting sequences into free rows, prefilling the newcomers together."""
+        newcomers = []
+        while len(self._rows) + len(newcomers) < self.max_batch_size:
             with self._wakeup:
                 if not self._waiting:
-                    return
+                    break
                 seq = self._waiting.popleft()
             if seq.cancelled:
                 self.stats["cancelled"] += 1
-                continue
-            self._prefill(seq)
+            elif seq.max_tokens == 0 and not seq.prompt_logprobs:
+                self._emit(seq, None, None)  # nothing to compute
+            else:
+                newcomers.append(seq)
+        # Prompt logprobs need the logits of every position: those prompts run alone.
+        for seq in [s for s in newcomers if s.prompt_logprobs]:
+            self._prefill([seq], every_position=True)
+        rest = [s for s in newcomers if not s.prompt_logprobs]
+        if rest:
+            self._prefill(rest)
 
-    def _prefill(self, seq: Sequence) -> None:
-        """Run the prompt alone, pick the first token, and give the sequence a row if it goes on."""
+    def _prefill(self, seqs: list[Sequence], every_position: bool = False) -> None:
+        """Run the prompts as one left-padded batch, pick each one's first token, and give a row
+        to each sequence that goes on."""
         self.stats["prefills"] += 1
-        prompt = torch.tensor([seq.prompt_ids], device=self.device)  # (1, P)
-        if seq.max_tokens == 0:
-            prompt_lp = self._prompt_logprobs(seq, self.model(prompt)[0]) if seq.prompt_logprobs else None
-            self._emit(seq, None, None, prompt_lp)
-            return
-        cache = self.model.new_cache(1, max_len=prompt.shape[1])
-        logits = self.model(prompt, cache=cache, last_only=not seq.prompt_logprobs)[0]  # (P or 1, V)
-        prompt_lp = self._prompt_logprobs(seq, logits) if seq.prompt_logprobs else None
-        token = self._pick(seq, logits[-1:])
-        if not self._emit(seq, token, logits[-1], prompt_lp):
-            self._insert(seq, cache, token)
+        ids, mask = left_pad([s.prompt_ids for s in seqs], device=self.device)  # (k, W) each
+        padded = not bool(mask.all())
+        cache = self.model.new_cache(len(seqs), max_len=ids.shape[1])
+        logits = self.model(
+            ids, cache=cache, positions=positions_from_mask(mask) if padded else None,
+            attention_mask=mask if padded else None, last_only=not every_position,
+        )  # (k, W or 1, V)
+        for j, seq in enumerate(seqs):
+            prompt_lp = self._prompt_logprobs(seq, logits[j]) if every_position else None
+            if seq.max_tokens == 0:
+                self._emit(seq, None, None, prompt_lp)
+                continue
+            token = self._pick(seq, logits[j, -1:])
+            if not self._emit(seq, token, logits[j, -1], prompt_lp):
+                self._insert(seq, cache, j, token)
 
-    def _insert(self, seq: Sequence, prefilled: KVCache, token: int) -> None:
+    def _insert(self, seq: Sequence, prefilled: KVCache, j: int, token: int) -> None:
+        """Copy row j of a prefill cache (prompt right-aligned) into a free batch row."""
         if self._cache is None:
             self._cache = self.model.new_cache(self.max_batch_size)
         if not self._rows:
             self._column = 0
-        p = len(seq.prompt_ids)
+        p, width = len(seq.prompt_ids), prefilled.max_len
         if p > self._column:
             self._shift(p - self._column)
         row, start = len(self._rows), self._column - p
-        self._cache.keys[:, row, :, start:self._column] = prefilled.keys[:, 0]
-        self._cache.values[:, row, :, start:self._column] = prefilled.values[:, 0]
+        self._cache.keys[:, row, :, start:self._column] = prefilled.keys[:, j, :, width - p:]
+        self._cache.values[:, row, :, start:self._column] = prefilled.values[:, j, :, width - p:]
         self._mask[row] = 0
         self._mask[row, start:self._column] = 1
         self._positions[row] = p
@@ -393,7 +409,7 @@ class BatchScheduler:
         return TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), alternatives, offset)
 
     def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob]:
-        """Logprobs of each prompt token given the ones before it; logits: (P, V)."""
+        """Logprobs of each prompt token given the ones before it; logits: (P, V) (the prompt ran alone)."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         out, offset = [], 0
         for i, token in enumerate(seq.prompt_ids):

@@ -324,3 +324,21 @@ def test_cli_serve_rejects_bad_options(capsys):
     assert "no-such-model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "--port", "70000"])
+
+
+def test_cli_serve_end_to_end_with_the_default_model():
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", "--port", str(port), "--max-batch-size", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(proc, port, timeout=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["book-124m"]
+        r = client.completions.create(model="book-124m", prompt="Hello, I am", max_tokens=2, temperature=0)
+        # The seed's untrained model (torch.manual_seed(123), the CLI's default seed) continues the
+        # seed's prompt with the seed's first two tokens.
+        assert r.choices[0].text == " Featureiman"
+    finally:
+        stop_server(proc)
+    assert "Uvicorn running on http://127.0.0.1:" in proc.stdout.read()

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # per stop string: each generated token is checked against every one
 MAX_LOGPROBS = 5  # as OpenAI's completions API
 
 
@@ -164,6 +165,8 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
         raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
     if not all(stops):
         raise APIError(400, "stop strings must not be empty", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop strings may be at most {MAX_STOP_CHARS} characters long", param="stop")
     return tuple(stops)
 
 
@@ -226,6 +229,107 @@ class _Choice:
         return text, lp
 
 
+def _plan(req: CompletionRequest, settings: ServeSettings, tokenizer: Tokenizer, vocab_size: int,
+          context_length: int) -> tuple[list[_Prompt], int, GenerationConfig]:
+    """Check a request against the server's limits: its prompts, max_tokens and decoding config."""
+    _check_unsupported(req)
+    n = req.n or 1
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    cap = settings.max_tokens_cap or context_length
+    if max_tokens > cap:
+        raise APIError(400, f"max_tokens is {max_tokens}, above this server's cap of {cap}", param="max_tokens")
+    prompts = _prompts(req, tokenizer, vocab_size)
+    if len(prompts) * n > settings.max_choices:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices; this server "
+                            f"allows {settings.max_choices} per request", param="n")
+    for p in prompts:
+        if len(p.ids) + max_tokens > context_length:
+            raise APIError(
+                400, f"This model's maximum context length is {context_length} tokens, however you requested "
+                     f"{len(p.ids) + max_tokens} tokens ({len(p.ids)} in your prompt; {max_tokens} for the "
+                     f"completion). Please reduce your prompt or completion length.",
+                param="prompt", code="context_length_exceeded")
+    if req.seed is not None and req.seed + len(prompts) * n - 1 > MAX_SEED:
+        raise APIError(400, f"seed must be at most {MAX_SEED - len(prompts) * n + 1}", param="seed")
+    try:
+        config = GenerationConfig(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            stop_strings=_stop_strings(req.stop), stop_token_ids=(ENDOFTEXT_ID,),
+        )
+    except ValueError as err:
+        raise APIError(400, str(err)) from None
+    return prompts, max_tokens, config
+
+
+class _Completion:
+    """One request in flight: a Sequence per choice, whose outputs arrive on `queue` (the scheduler
+    thread hands them to the event loop), folded into choices for the JSON body or SSE chunks."""
+
+    def __init__(self, req: CompletionRequest, prompts: list[_Prompt], max_tokens: int,
+                 config: GenerationConfig, model_name: str, loop: asyncio.AbstractEventLoop):
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.prompts = prompts
+        self.include_usage = req.stream_options is not None and req.stream_options.include_usage
+        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                     "model": model_name}
+        self.choices: list[_Choice] = []
+        self.seqs: list[Sequence] = []
+        for p in prompts:
+            for _ in range(req.n or 1):
+                index = len(self.choices)
+                # Choice i of a request with seed s samples as a lone request with seed s + i would.
+                seed = None if req.seed is None else req.seed + index
+                self.choices.append(_Choice(p, bool(req.echo), req.logprobs is not None))
+                self.seqs.append(Sequence(
+                    p.ids, max_tokens, config.replace(seed=seed),
+                    on_output=lambda out, i=index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, out)),
+                    logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
+                ))
+
+    def cancel(self, scheduler: BatchScheduler) -> None:
+        """Free every sequence still running (a no-op for finished ones)."""
+        for seq in self.seqs:
+            scheduler.cancel(seq)
+
+    def usage(self) -> dict[str, int]:
+        prompt_tokens = sum(len(p.ids) for p in self.prompts)
+        completion_tokens = sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    async def collect(self, outputs: AsyncIterator[tuple[int, Output]]) -> dict[str, Any]:
+        """The whole completion, as one JSON body."""
+        async for index, out in outputs:
+            if out.finish_reason == FINISH_ERROR:
+                raise APIError(500, out.error or "generation failed")
+            self.choices[index].add(out)
+        return {**self.head, "choices": [
+            {"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            for i, c in enumerate(self.choices)
+        ], "usage": self.usage()}
+
+    async def events(self, outputs: AsyncIterator[tuple[int, Output]],
+                     scheduler: BatchScheduler) -> AsyncIterator[str]:
+        """The completion as server-sent events: a chunk per step and choice, then [DONE]."""
+        try:
+            async for index, out in outputs:
+                if out.finish_reason == FINISH_ERROR:
+                    yield _sse(APIError(500, out.error or "generation failed").body())
+                    return
+                text, lp = self.choices[index].add(out)
+                if not text and lp is None and out.finish_reason is None:
+                    continue  # text held back (a partial character or a possible stop string)
+                yield _sse({**self.head, "choices": [
+                    {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}]})
+            if self.include_usage:
+                yield _sse({**self.head, "choices": [], "usage": self.usage()})
+            yield _sse("[DONE]")
+        finally:
+            self.cancel(scheduler)
+
+
 # --------------------------------------------------------------------------- the app
 
 class _ClientGone(Exception):
@@ -252,7 +356,6 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
     tokenizer = scheduler.tokenizer
     context_length = scheduler.context_length
     vocab_size = scheduler.model.cfg.vocab_size
-    max_tokens_cap = settings.max_tokens_cap or context_length
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -303,107 +406,24 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
         req = _parse_request(await _read_json(request, settings.max_body_bytes))
         if req.model != settings.model_name:
             raise _unknown_model(req.model)
-        _check_unsupported(req)
-        n = req.n or 1
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        if max_tokens > max_tokens_cap:
-            raise APIError(400, f"max_tokens is {max_tokens}, above this server's cap of {max_tokens_cap}",
-                           param="max_tokens")
-        prompts = _prompts(req, tokenizer, vocab_size)
-        if len(prompts) * n > settings.max_choices:
-            raise APIError(400, f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices; this server "
-                                f"allows {settings.max_choices} per request", param="n")
-        for p in prompts:
-            if len(p.ids) + max_tokens > context_length:
-                raise APIError(
-                    400, f"This model's maximum context length is {context_length} tokens, however you requested "
-                         f"{len(p.ids) + max_tokens} tokens ({len(p.ids)} in your prompt; {max_tokens} for the "
-                         f"completion). Please reduce your prompt or completion length.",
-                    param="prompt", code="context_length_exceeded")
-        if req.seed is not None and req.seed + len(prompts) * n - 1 > MAX_SEED:
-            raise APIError(400, f"seed must be at most {MAX_SEED - len(prompts) * n + 1}", param="seed")
+        prompts, max_tokens, config = _plan(req, settings, tokenizer, vocab_size, context_length)
+        job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop())
         try:
-            base = GenerationConfig(
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                stop_strings=_stop_strings(req.stop), stop_token_ids=(ENDOFTEXT_ID,),
-            )
-        except ValueError as err:
-            raise APIError(400, str(err)) from None
-
-        queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        choices: list[_Choice] = []
-        seqs: list[Sequence] = []
-        for p in prompts:
-            for _ in range(n):
-                index = len(choices)
-                # Choice i of a request with seed s samples as a lone request with seed s + i would.
-                seed = None if req.seed is None else req.seed + index
-                choices.append(_Choice(p, bool(req.echo), req.logprobs is not None))
-                seqs.append(Sequence(
-                    p.ids, max_tokens, base.replace(seed=seed),
-                    on_output=lambda out, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, out)),
-                    logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
-                ))
-        try:
-            for seq in seqs:
+            for seq in job.seqs:
                 scheduler.submit(seq)
-        except (SchedulerClosed, SchedulerFull, ValueError) as err:
-            for seq in seqs:
-                scheduler.cancel(seq)
-            status = 400 if isinstance(err, ValueError) else 503
-            raise APIError(status, str(err)) from None
-
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
-        head = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
-                "model": settings.model_name}
-        usage = lambda: {  # noqa: E731
-            "prompt_tokens": sum(len(p.ids) for p in prompts),
-            "completion_tokens": sum(c.tokens for c in choices),
-            "total_tokens": sum(len(p.ids) for p in prompts) + sum(c.tokens for c in choices),
-        }
-        outputs = _outputs(queue, request, len(seqs))
-
+        except (SchedulerClosed, SchedulerFull) as err:
+            job.cancel(scheduler)
+            raise APIError(503, str(err)) from None
+        outputs = _outputs(job.queue, request, len(job.seqs))
         if req.stream:
-            include_usage = req.stream_options is not None and req.stream_options.include_usage
-
-            async def events() -> AsyncIterator[str]:
-                try:
-                    async for index, out in outputs:
-                        if out.finish_reason == FINISH_ERROR:
-                            yield _sse(APIError(500, out.error or "generation failed").body())
-                            return
-                        text, lp = choices[index].add(out)
-                        if not text and lp is None and out.finish_reason is None:
-                            continue  # text held back (a partial character or stop string)
-                        yield _sse({**head, "choices": [
-                            {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}]})
-                    if include_usage:
-                        yield _sse({**head, "choices": [], "usage": usage()})
-                    yield _sse("[DONE]")
-                finally:
-                    for seq in seqs:
-                        scheduler.cancel(seq)
-
-            return _EventStream(events(), media_type="text/event-stream",
+            return _EventStream(job.events(outputs, scheduler), media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
         try:
-            async for index, out in outputs:
-                if out.finish_reason == FINISH_ERROR:
-                    raise APIError(500, out.error or "generation failed")
-                choices[index].add(out)
+            return JSONResponse(await job.collect(outputs))
         except _ClientGone:
             return Response(status_code=499)
         finally:
-            for seq in seqs:
-                scheduler.cancel(seq)
-        return JSONResponse({**head, "choices": [
-            {"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
-            for i, c in enumerate(choices)
-        ], "usage": usage()})
+            job.cancel(scheduler)
 
     return app
 

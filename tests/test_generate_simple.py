@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from gptforge import GPTModel, generate_text, generate_text_simple
+from gptforge import GPTModel, generate_text, generate_text_simple, get_tokenizer
 
 
 @pytest.fixture
@@ -43,6 +43,10 @@ def test_text_helper_and_empty_prompt():
     torch.manual_seed(0)
     model = GPTModel(tiny_config(vocab_size=50257, context_length=8))
     model.train()
-    text = generate_text(model, "", max_new_tokens=3)
-    assert text.startswith("<|endoftext|>")
+    text = generate_text(model, "", max_new_tokens=3, stop_token_ids=[])
+    model.eval()
+    from_eot = generate_text_simple(model, torch.tensor([[50256]]), max_new_tokens=3, context_size=8)
+    model.train()
+    # An empty prompt starts from <|endoftext|>; the text is the continuation of it.
+    assert text == get_tokenizer().decode(from_eot[0, 1:].tolist())
     assert model.training  # the helper restores the mode it found

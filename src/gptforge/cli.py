@@ -30,17 +30,38 @@ def _format_count(n: int) -> str:
     return f"{n:,}"
 
 
+MODEL_HELP = ("preset (e.g. gpt2-124m, book-124m), checkpoint (gptforge or Hugging Face directory, book "
+              "state dict .pth) or Hugging Face hub id (e.g. gpt2, openai-community/gpt2-medium)")
+CONFIG_HELP = ("GPTConfig JSON (the book's config keys) for a book state dict whose width is not one of "
+               "GPT-2's four (its number of heads is not in the tensors)")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """info takes its model as a positional argument or --model (not both)."""
+    if args.model_pos and args.model and args.model_pos != args.model:
+        raise UsageError(f"two models given ({args.model_pos!r} and --model {args.model!r}); give one")
+    name = args.model_pos or args.model
+    if not name:
+        raise UsageError("no model given: gptforge info MODEL (or --model MODEL)")
+    return name
+
+
+def _book_config_arg(args: argparse.Namespace):
+    """The --config JSON (a GPTConfig) for a book state dict, or None."""
+    from .config import GPTConfig
+
+    return GPTConfig.from_json(args.config) if args.config else None
+
+
 def cmd_info(args: argparse.Namespace) -> None:
-    """Print the parameter counts by component and the weights' memory, without building the model."""
-    from .config import PRESETS
+    """Print the parameter counts by component and the weights' memory, without building the model
+    (a checkpoint's config.json is read, not its weights)."""
+    from .checkpoint import load_config
     from .model import count_parameters
 
-    if args.model.lower() in PRESETS:
-        cfg = PRESETS[args.model.lower()]
-    else:
-        from .checkpoint import load
-
-        cfg = load(args.model).cfg
+    args.model = _model_name(args)
+    cfg = load_config(args.model, config=_book_config_arg(args))
     counts = count_parameters(cfg)
     rows = [
         ("embeddings (token + position)", counts.embeddings),
@@ -66,8 +87,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .generation import generate_text
 
     torch.manual_seed(args.seed)
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=args.device, config=_book_config_arg(args))
     print(generate_text(model, args.prompt, args.max_new_tokens))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Read a checkpoint in any format and write it as a gptforge or Hugging Face directory."""
+    from .checkpoint import load, save
+
+    model = load(args.src, dtype=DTYPES[args.dtype] if args.dtype else None, config=_book_config_arg(args))
+    out = save(model, args.out, format=args.to)
+    print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, "
+          f"{str(model.tok_emb.weight.dtype).removeprefix('torch.')})")
 
 
 def _positive_int(text: str) -> int:
@@ -100,7 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .serve import ServeSettings, run_server
 
     torch.manual_seed(args.seed)
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
+                 config=_book_config_arg(args))
     if args.max_tokens_cap is not None and args.max_tokens_cap > model.cfg.context_length:
         raise UsageError(f"--max-tokens-cap {args.max_tokens_cap} exceeds the model's context length "
                          f"{model.cfg.context_length}")
@@ -117,24 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
     info = verbs.add_parser("info", help="parameter counts and memory of a model")
-    info.add_argument("model", metavar="MODEL", help="preset name (e.g. gpt2-124m, book-124m)")
+    info.add_argument("model_pos", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    info.add_argument("--model", default=None, help="the same as MODEL")
     info.set_defaults(func=cmd_info)
 
     gen = verbs.add_parser("generate", help="continue a prompt")
     gen.add_argument("prompt", metavar="PROMPT", help="text to continue; empty starts from <|endoftext|>")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name (default: {DEFAULT_MODEL})")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     gen.add_argument("--max-new-tokens", type=_non_negative_int, default=50, help="tokens to generate (default: 50)")
     gen.add_argument("--seed", type=_non_negative_int, default=123, help="torch seed, also for a preset's random weights (default: 123)")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
 
     srv = verbs.add_parser("serve", help="OpenAI-compatible completions server (loopback by default)")
-    srv.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name (default: {DEFAULT_MODEL})")
+    srv.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     srv.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     srv.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    srv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="weights' dtype (default: as stored)")
     srv.add_argument("--seed", type=_non_negative_int, default=123, help="torch seed for a preset's random weights (default: 123)")
     srv.add_argument("--max-batch-size", type=_positive_int, default=16, help="sequences decoded together (default: 16)")
     srv.add_argument("--max-tokens-cap", type=_positive_int, default=None, help="largest max_tokens a request may ask (default: the context length)")
@@ -142,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-grace", type=_non_negative_float, default=10.0,
                      help="seconds in-flight requests may still run after SIGTERM (default: 10)")
     srv.set_defaults(func=cmd_serve)
+
+    conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge or Hugging Face format")
+    conv.add_argument("src", metavar="SRC", help="checkpoint directory, book state dict file or hub id")
+    conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
+    conv.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically if it exists)")
+    conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
+    conv.set_defaults(func=cmd_convert)
+    for verb in (info, gen, conv, srv):
+        verb.add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
     return parser
 
 

@@ -1,6 +1,6 @@
-"""The HTTP server, end to end: a real `uvicorn` server process on loopback serving a tiny random
-model, driven by the official `openai` client (and httpx for what the client cannot send). Results
-are checked against the library's own `generate` on the same weights."""
+"""The HTTP server, end to end: `gptforge serve` in a real process on loopback, serving a tiny random
+model from a checkpoint, driven by the official `openai` client (and httpx for what the client
+cannot send). Results are checked against the library's own `generate` on the same weights."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from hypothesis import strategies as st
 
 from gptforge import GPTModel, generate
+from gptforge.checkpoint import save
 from gptforge.cli import build_parser, main
 from gptforge.generation import prompt_ids
 from gptforge.serve import is_loopback
@@ -43,19 +43,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, grace: float = 10.0) -> subprocess.Popen:
-    script = textwrap.dedent(f"""
-        import torch
-        from gptforge import GPTModel
-        from gptforge.serve import ServeSettings, run_server
-        torch.manual_seed(0)
-        model = GPTModel({TINY!r})
-        settings = ServeSettings("tiny", max_tokens_cap={CAP}, max_body_bytes={BODY_LIMIT}, max_batch_size=8,
-                                 shutdown_grace_s={grace})
-        run_server(model, settings, port={port}, log_level="warning")
-    """)
-    env = {**os.environ, "PYTHONPATH": SRC}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+@pytest.fixture(scope="module")
+def model() -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory) -> Path:
+    """The tiny model saved as a gptforge checkpoint: what the server subprocess loads."""
+    return save(model, tmp_path_factory.mktemp("serve") / "tiny")
+
+
+def start_server(checkpoint: Path, port: int, grace: float = 10.0) -> subprocess.Popen:
+    """`gptforge serve` in a subprocess, on loopback, serving the tiny checkpoint as "tiny"."""
+    cmd = [sys.executable, "-m", "gptforge", "serve", "--model", str(checkpoint), "--served-model-name", "tiny",
+           "--port", str(port), "--max-tokens-cap", str(CAP), "--max-body-bytes", str(BODY_LIMIT),
+           "--max-batch-size", "8", "--shutdown-grace", str(grace)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_healthy(proc, port)
     return proc
@@ -86,9 +91,9 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(checkpoint):
     port = free_port()
-    proc = start_server(port)
+    proc = start_server(checkpoint, port)
     yield f"http://127.0.0.1:{port}"
     stop_server(proc)
 
@@ -96,12 +101,6 @@ def server():
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model() -> GPTModel:
-    torch.manual_seed(0)
-    return GPTModel(TINY).eval()  # the server's weights: same seed, same config
 
 
 def alone(model, prompt, max_tokens, **options) -> str:
@@ -288,9 +287,9 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server):
     assert state["cancelled"] == before + 1  # it was freed, not run to its end
 
 
-def test_sigterm_ends_in_flight_streams_cleanly():
+def test_sigterm_ends_in_flight_streams_cleanly(checkpoint):
     port = free_port()
-    proc = start_server(port, grace=0.0)
+    proc = start_server(checkpoint, port, grace=0.0)
     try:
         body = {"model": "tiny", "prompt": "Hello", "max_tokens": CAP, "temperature": 0, "stream": True}
         events = []

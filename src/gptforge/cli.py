@@ -139,6 +139,49 @@ def cmd_convert(args: argparse.Namespace) -> None:
           f"{str(model.tok_emb.weight.dtype).removeprefix('torch.')})")
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve the model over HTTP with OpenAI's completions API until SIGINT/SIGTERM."""
+    from .checkpoint import load
+    from .serve import ServeSettings, run_server
+
+    torch.manual_seed(args.seed)
+    model = load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
+                 config=_book_config_arg(args))
+    if args.max_tokens_cap is not None and args.max_tokens_cap > model.cfg.context_length:
+        raise UsageError(f"--max-tokens-cap {args.max_tokens_cap} exceeds the model's context length "
+                         f"{model.cfg.context_length}")
+    settings = ServeSettings(
+        model_name=args.served_model_name or args.model, max_tokens_cap=args.max_tokens_cap,
+        max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size,
+        shutdown_grace_s=args.shutdown_grace,
+    )
+    run_server(model, settings, host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptforge", description="GPT-2 from scratch: inspect, generate, train, serve.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
@@ -173,13 +216,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
 
+    srv = verbs.add_parser("serve", help="OpenAI-compatible completions server (loopback by default)")
+    srv.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    srv.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    srv.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    srv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="weights' dtype (default: as stored)")
+    srv.add_argument("--seed", type=_non_negative_int, default=123, help="torch seed for a preset's random weights (default: 123)")
+    srv.add_argument("--max-batch-size", type=_positive_int, default=16, help="sequences decoded together (default: 16)")
+    srv.add_argument("--max-tokens-cap", type=_positive_int, default=None, help="largest max_tokens a request may ask (default: the context length)")
+    srv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
+    srv.add_argument("--shutdown-grace", type=_non_negative_float, default=10.0,
+                     help="seconds in-flight requests may still run after SIGTERM (default: 10)")
+    srv.set_defaults(func=cmd_serve)
+
     conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge or Hugging Face format")
     conv.add_argument("src", metavar="SRC", help="checkpoint directory, book state dict file or hub id")
     conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
     conv.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically if it exists)")
     conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
     conv.set_defaults(func=cmd_convert)
-    for verb in (info, gen, conv):
+    for verb in (info, gen, conv, srv):
         verb.add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
     return parser
 

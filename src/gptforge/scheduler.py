@@ -103,7 +103,7 @@ class Sequence:
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:
-        self.generator = self.config.make_generator()
+        self.generator: torch.Generator | None = None  # made on the model's device at admission
         self._text: TextStream | None = None
         self._chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._offset = 0  # characters decoded so far, for token offsets
@@ -223,8 +223,8 @@ class BatchScheduler:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One round: drop cancelled rows, admit waiting sequences into free rows (prefilling each),
-        then decode one token for every active row in a single forward pass."""
+        """One round: drop cancelled rows, admit waiting sequences into free rows (prefilled
+        together), then decode one token for every active row in a single forward pass."""
         if self._abort_due():
             self._end_all(FINISH_ABORT)
             return
@@ -266,6 +266,7 @@ class BatchScheduler:
             attention_mask=mask if padded else None, last_only=not every_position,
         )  # (k, W or 1, V)
         for j, seq in enumerate(seqs):
+            seq.generator = seq.config.make_generator(self.device)
             prompt_lp = self._prompt_logprobs(seq, logits[j]) if every_position else None
             if seq.max_tokens == 0:
                 self._emit(seq, None, None, prompt_lp)
@@ -318,12 +319,12 @@ class BatchScheduler:
         self.stats["decode_steps"] += 1
         self._column += 1
         self._positions[:n] += 1
-        finished = []
+        tokens, finished = [], []
         for i, seq in enumerate(self._rows):
-            token = self._pick(seq, logits[i:i + 1])
-            self._next[i] = token
-            if self._emit(seq, token, logits[i]):
+            tokens.append(self._pick(seq, logits[i:i + 1]))
+            if self._emit(seq, tokens[-1], logits[i]):
                 finished.append(i)
+        self._next[:n] = torch.tensor(tokens, device=self.device)
         self._remove(finished)
 
     def _remove(self, rows: list[int], cancelled: bool = False) -> None:

@@ -258,7 +258,8 @@ class BatchScheduler:
         """Run the prompts as one left-padded batch, pick each one's first token, and give a row
         to each sequence that goes on."""
         self.stats["prefills"] += 1
-        ids, mask = left_pad([s.prompt_ids for s in seqs], device=self.device)  # (k, W) each
+        # Padding is masked out; id 0 exists in every vocabulary (50256 may not).
+        ids, mask = left_pad([s.prompt_ids for s in seqs], pad_token_id=0, device=self.device)  # (k, W) each
         padded = not bool(mask.all())
         cache = self.model.new_cache(len(seqs), max_len=ids.shape[1])
         logits = self.model(
@@ -356,6 +357,7 @@ class BatchScheduler:
 
     def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
         """The next token of one sequence from its (1, V) logits, with its own config and generator."""
+        logits = logits[:, :self.tokenizer.vocab_size]  # a padded vocabulary's extra ids have no text
         context = None
         if seq.config.needs_context:
             context = torch.tensor([seq.prompt_ids + seq.generated], device=logits.device)
@@ -405,7 +407,7 @@ class BatchScheduler:
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
         alternatives = None
         if top > 0:
-            values, ids = torch.topk(logprobs, top)
+            values, ids = torch.topk(logprobs[:self.tokenizer.vocab_size], top)
             alternatives = {self.tokenizer.decode([i]): v for i, v in zip(ids.tolist(), values.tolist())}
         return TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), alternatives, offset)
 

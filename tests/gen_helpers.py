@@ -42,33 +42,15 @@ class ScriptedModel(nn.Module):
 
 
 def hf_twin(model: GPTModel):
-    """The same weights in transformers' GPT2LMHeadModel (sdpa attention), mapped by hand: Conv1D
-    weights are (in, out), ours (out, in); c_attn holds query, key and value side by side."""
+    """The same weights in transformers' GPT2LMHeadModel (sdpa attention), through gptforge's
+    Hugging Face export (Conv1D layout, fused c_attn)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = model.cfg
-    assert cfg.qkv_bias and cfg.tie_weights, "GPT-2's layout needs qkv_bias and a tied head"
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-        n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=None, eos_token_id=None, attn_implementation="sdpa",
-    ))
-    sd = model.state_dict()
-    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
-           "transformer.ln_f.weight": sd["final_norm.scale"], "transformer.ln_f.bias": sd["final_norm.shift"],
-           "lm_head.weight": sd["tok_emb.weight"]}
-    for i in range(cfg.n_layers):
-        p, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
-        out[h + "ln_1.weight"], out[h + "ln_1.bias"] = sd[p + "norm1.scale"], sd[p + "norm1.shift"]
-        out[h + "ln_2.weight"], out[h + "ln_2.bias"] = sd[p + "norm2.scale"], sd[p + "norm2.shift"]
-        qkv = [p + f"att.W_{n}" for n in ("query", "key", "value")]
-        out[h + "attn.c_attn.weight"] = torch.cat([sd[k + ".weight"] for k in qkv]).t()
-        out[h + "attn.c_attn.bias"] = torch.cat([sd[k + ".bias"] for k in qkv])
-        out[h + "attn.c_proj.weight"] = sd[p + "att.out_proj.weight"].t()
-        out[h + "attn.c_proj.bias"] = sd[p + "att.out_proj.bias"]
-        out[h + "mlp.c_fc.weight"] = sd[p + "ff.layers.0.weight"].t()
-        out[h + "mlp.c_fc.bias"] = sd[p + "ff.layers.0.bias"]
-        out[h + "mlp.c_proj.weight"] = sd[p + "ff.layers.2.weight"].t()
-        out[h + "mlp.c_proj.bias"] = sd[p + "ff.layers.2.bias"]
-    hf.load_state_dict({k: v.contiguous() for k, v in out.items()}, strict=False)
+    from gptforge.checkpoint import config_to_hf, state_to_hf
+
+    hf_cfg = config_to_hf(model.cfg)
+    hf_cfg.update(bos_token_id=None, eos_token_id=None)
+    hf = GPT2LMHeadModel(GPT2Config(**hf_cfg, attn_implementation="sdpa"))
+    missing, unexpected = hf.load_state_dict(state_to_hf(model), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing), missing
     return hf.eval()

@@ -269,7 +269,8 @@ def save(model: GPTModel, out_dir: str | Path, format: str = "gptforge",
     format "gptforge": model.safetensors + config.json (GPTConfig fields, format version, sha256 of
         each file) + training_state.pt when `training_state` is given (a dict of optimizer and
         scheduler state dicts, RNG state tensors and plain numbers/strings: whatever
-        `torch.load(weights_only=True)` can read back).
+        `torch.load(weights_only=True)` can read back: tensors, numbers, strings, lists, dicts;
+        anything else is a ValueError before a byte is written).
     format "hf": a Hugging Face GPT-2 directory (config.json + model.safetensors) that
         `transformers.GPT2LMHeadModel.from_pretrained` loads.
     Weights are written in the model's dtype. Returns `out_dir` as a Path.
@@ -283,12 +284,12 @@ def save(model: GPTModel, out_dir: str | Path, format: str = "gptforge",
             raise ValueError("the Hugging Face format holds no training state; save with format='gptforge'")
         return save_hf(model, out_dir)
     out_dir = Path(out_dir)
+    if training_state is not None:
+        _check_weights_only(training_state, "training_state")
     with atomic_directory(out_dir) as tmp:
         _write_safetensors(_model_state(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         files = [WEIGHTS_FILE]
         if training_state is not None:
-            if not isinstance(training_state, dict):
-                raise ValueError(f"training_state must be a dict, got {type(training_state).__name__}")
             torch.save(training_state, tmp / TRAINING_STATE_FILE)
             files.append(TRAINING_STATE_FILE)
         meta = {
@@ -300,6 +301,27 @@ def save(model: GPTModel, out_dir: str | Path, format: str = "gptforge",
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
+
+
+_PLAIN = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _check_weights_only(obj: Any, where: str) -> None:
+    """Refuse, at save time, what `torch.load(weights_only=True)` would refuse at load time."""
+    if where == "training_state" and not isinstance(obj, dict):
+        raise ValueError(f"training_state must be a dict, got {type(obj).__name__}")
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise ValueError(f"{where} has a key of type {type(key).__name__}; use str or int keys")
+            _check_weights_only(value, f"{where}[{key!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _check_weights_only(value, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise ValueError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which a weights-only "
+                         f"load cannot read back; store tensors, numbers, strings, lists and dicts "
+                         f"(e.g. torch.from_numpy(array) for a numpy RNG state)")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

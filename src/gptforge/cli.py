@@ -81,14 +81,52 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{'weights in ' + name:<{width}}  {counts.weight_bytes(dtype) / 2**20:>12,.1f} MiB")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    """Print the prompt's continuation."""
-    from .checkpoint import load
-    from .generation import generate_text
+def _generation_options(args: argparse.Namespace) -> dict:
+    """The GenerationConfig fields given on the command line (validated by GenerationConfig)."""
+    options = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        num_return_sequences=args.num_return_sequences, seed=args.seed,
+        stop_strings=tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop),
+    )
+    if args.stop_token_ids is not None:
+        options["stop_token_ids"] = _parse_ids(args.stop_token_ids)
+    return options
 
-    torch.manual_seed(args.seed)
+
+def _parse_ids(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--stop-token-ids expects comma-separated integers or 'none', got {text!r}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Continue the prompt: streamed to the terminal as it is produced, unless --no-stream or
+    several sequences are asked for."""
+    from .checkpoint import load
+    from .generation import GenerationConfig, generate_text, stream_text
+    from .quant import prepare_for_inference
+
+    config = GenerationConfig(**_generation_options(args))  # bad values fail before the model loads
+    torch.manual_seed(args.seed)  # a preset's random weights
     model = load(args.model, device=args.device, config=_book_config_arg(args))
-    print(generate_text(model, args.prompt, args.max_new_tokens))
+    prepare_for_inference(model, args.dtype, args.quantize)
+    if args.no_stream or config.num_return_sequences > 1:
+        texts = generate_text(model, args.prompt, config=config)
+        texts = [texts] if isinstance(texts, str) else texts
+        print("\n\n".join(texts) if len(texts) == 1 else "\n".join(
+            f"--- sequence {i + 1} ---\n{t}" for i, t in enumerate(texts)))
+        return
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for chunk in stream_text(model, args.prompt, config=config):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -153,11 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", default=None, help="the same as MODEL")
     info.set_defaults(func=cmd_info)
 
-    gen = verbs.add_parser("generate", help="continue a prompt")
+    gen = verbs.add_parser("generate", help="continue a prompt (streams by default)")
     gen.add_argument("prompt", metavar="PROMPT", help="text to continue; empty starts from <|endoftext|>")
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     gen.add_argument("--max-new-tokens", type=_non_negative_int, default=50, help="tokens to generate (default: 50)")
-    gen.add_argument("--seed", type=_non_negative_int, default=123, help="torch seed, also for a preset's random weights (default: 123)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among exactly the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1 = off)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (default: 0)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1 = off)")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2] (default: 0)")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2] (default: 0)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="stop when the generated text contains TEXT (repeatable; \\n escapes allowed)")
+    gen.add_argument("--stop-token-ids", default=None, metavar="IDS",
+                     help="comma-separated ids that end generation (default: 50256 = <|endoftext|>; 'none' for none)")
+    gen.add_argument("--num-return-sequences", type=int, default=1, help="samples to draw (needs --temperature > 0)")
+    gen.add_argument("--seed", type=_non_negative_int, default=123,
+                     help="seeds sampling and a preset's random weights (default: 123)")
+    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default: float32)")
+    gen.add_argument("--quantize", choices=("none", "int8"), default="none",
+                     help="int8: weight-only int8 linears with bf16 activations (CPU)")
+    gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
 

@@ -290,25 +290,32 @@ def evaluate(model: nn.Module, windows: TokenWindows, batch_size: int, num_batch
              order: Sequence[int] | None = None, drop_last: bool = False, device: torch.device | str = "cpu",
              autocast: torch.dtype | None = None, rank: int = 0, world_size: int = 1) -> float:
     """Mean over batches of each batch's mean cross-entropy (nats per token), as the book's
-    `calc_loss_loader`: the first `num_batches` batches (all when None) of the windows in `order`.
-    Under torchrun each rank computes every world_size-th batch and the mean is all-reduced.
-    The caller chooses train/eval mode."""
+    `calc_loss_loader`: the first `num_batches` batches (all when None) of `batch_size` windows in
+    `order`. Under torchrun each rank computes its share of every batch and the shares are
+    all-reduced, so the result is the same as in one process. The caller chooses train/eval mode."""
     batches = batch_indices(len(windows), batch_size, order=order, drop_last=drop_last)
     if not batches:
         return float("nan")
     if num_batches:
         batches = batches[:num_batches]
     device = torch.device(device)
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for indices in batches[rank::world_size]:
-        x, y = windows.batch(indices)
-        with _autocast(device, autocast):
-            logits = model(x.to(device))
-        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten()).item()
-        total[1] += 1
-    if world_size > 1:
-        dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    total = 0.0
+    for indices in batches:
+        share = math.ceil(len(indices) / world_size)
+        mine = indices[rank * share:(rank + 1) * share]
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+        if mine:
+            x, y = windows.batch(mine)
+            with _autocast(device, autocast):
+                logits = model(x.to(device))  # (b, T, vocab)
+            if world_size == 1:  # exactly the book's per-batch mean
+                total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten()).item()
+                continue
+            loss_sum[0] = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
+            loss_sum[1] = y.numel()
+        dist.all_reduce(loss_sum)
+        total += (loss_sum[0] / loss_sum[1]).item()
+    return total / len(batches)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -415,6 +422,7 @@ class _Metrics:
         self.plot_path = out / PLOT_FILE
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []
+        self._plotted = -math.inf
         if not enabled:
             return
         if keep_before_step is not None and self.path.exists():  # resuming: drop what came after the checkpoint
@@ -431,9 +439,11 @@ class _Metrics:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def plot(self) -> None:
-        if not self.enabled:
+    def plot(self, force: bool = False) -> None:
+        """Redraw the loss curve (at most once a minute unless forced: drawing takes a while)."""
+        if not self.enabled or (not force and time.monotonic() - self._plotted < 60):
             return
+        self._plotted = time.monotonic()
         import matplotlib
 
         matplotlib.use("Agg")
@@ -617,13 +627,14 @@ def _run(cfg: TrainConfig, saved_state: dict | None, dctx: _Dist, stop: _StopReq
             order = permutation(len(train_windows), draw_loader_seed(shuffle=True))
         else:
             order = eval_order
-        train_loss = evaluate(eval_model, train_windows, cfg.batch_size, n, order=order, drop_last=True,
+        eval_batch = cfg.batch_size * dctx.world_size
+        train_loss = evaluate(eval_model, train_windows, eval_batch, n, order=order, drop_last=True,
                               device=device, autocast=amp, **_shard_args(dctx))
         val_loss = None
         if val_windows is not None:
             if cfg.data_order == "book":
                 draw_loader_seed(shuffle=False)
-            val_loss = evaluate(eval_model, val_windows, cfg.batch_size, n, device=device, autocast=amp,
+            val_loss = evaluate(eval_model, val_windows, eval_batch, n, device=device, autocast=amp,
                                 **_shard_args(dctx))
         raw_model.train()
         return train_loss, val_loss
@@ -715,6 +726,7 @@ def _run(cfg: TrainConfig, saved_state: dict | None, dctx: _Dist, stop: _StopReq
             interrupted = True
             save()
             if dctx.main:
+                metrics.plot(force=True)
                 progress.write(f"gptforge: interrupted after step {step - 1}; checkpoint saved to "
                                f"{out / CHECKPOINT_DIR}; continue with --resume --out {out}")
             break
@@ -724,7 +736,7 @@ def _run(cfg: TrainConfig, saved_state: dict | None, dctx: _Dist, stop: _StopReq
     else:
         ckpt = save()
         if dctx.main:
-            metrics.plot()
+            metrics.plot(force=True)
     progress.close()
     return TrainResult(out=out, checkpoint=out / CHECKPOINT_DIR, steps=step, tokens_seen=tokens_seen,
                        interrupted=interrupted, train_loss=last_train_loss, val_loss=last_val_loss)

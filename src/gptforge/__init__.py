@@ -2,7 +2,10 @@
 
 from .checkpoint import load, load_training_state, save
 from .config import PRESETS, GPTConfig, preset
-from .generation import generate_text, generate_text_simple
+from .generation import (
+    GenerationConfig, TextStream, generate, generate_text, generate_text_simple, left_pad, next_tokens,
+    stream_text,
+)
 from .model import (
     GELU, FeedForward, GPTModel, KVCache, LayerNorm, MultiHeadAttention, ParameterCounts,
     TransformerBlock, count_parameters,
@@ -13,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GELU", "FeedForward", "GPTConfig", "GPTModel", "KVCache", "LayerNorm", "MultiHeadAttention",
-    "PRESETS", "ParameterCounts", "Tokenizer", "TransformerBlock", "count_parameters",
-    "generate_text", "generate_text_simple", "get_tokenizer", "load", "load_training_state", "preset", "save",
+    "GenerationConfig", "PRESETS", "ParameterCounts", "TextStream", "Tokenizer", "TransformerBlock",
+    "count_parameters", "generate", "generate_text", "generate_text_simple", "get_tokenizer", "left_pad",
+    "load", "load_training_state", "next_tokens", "preset", "save", "stream_text",
 ]

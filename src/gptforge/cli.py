@@ -11,7 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
-DEFAULT_MODEL = "book-124m"
+# A small GPT-2-tokenizer model trained on Tiny Shakespeare, shipped in gptforge/assets (see README).
+DEFAULT_MODEL = "gptforge-shakespeare"
+# The server keeps the seed's untrained model as its default (its tests check the seed's tokens).
+SERVE_DEFAULT_MODEL = "book-124m"
 
 
 class UsageError(Exception):
@@ -32,17 +35,38 @@ def _format_count(n: int) -> str:
     return f"{n:,}"
 
 
+MODEL_HELP = ("preset (e.g. gpt2-124m, book-124m), checkpoint (gptforge or Hugging Face directory, book "
+              "state dict .pth) or Hugging Face hub id (e.g. gpt2, openai-community/gpt2-medium)")
+CONFIG_HELP = ("GPTConfig JSON (the book's config keys) for a book state dict whose width is not one of "
+               "GPT-2's four (its number of heads is not in the tensors)")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """info takes its model as a positional argument or --model (not both)."""
+    if args.model_pos and args.model and args.model_pos != args.model:
+        raise UsageError(f"two models given ({args.model_pos!r} and --model {args.model!r}); give one")
+    name = args.model_pos or args.model
+    if not name:
+        raise UsageError("no model given: gptforge info MODEL (or --model MODEL)")
+    return name
+
+
+def _book_config_arg(args: argparse.Namespace):
+    """The --config JSON (a GPTConfig) for a book state dict, or None."""
+    from .config import GPTConfig
+
+    return GPTConfig.from_json(args.config) if args.config else None
+
+
 def cmd_info(args: argparse.Namespace) -> None:
-    """Print the parameter counts by component and the weights' memory, without building the model."""
-    from .config import PRESETS
+    """Print the parameter counts by component and the weights' memory, without building the model
+    (a checkpoint's config.json is read, not its weights)."""
+    from .checkpoint import load_config
     from .model import count_parameters
 
-    if args.model.lower() in PRESETS:
-        cfg = PRESETS[args.model.lower()]
-    else:
-        from .checkpoint import load
-
-        cfg = load(args.model).cfg
+    args.model = _model_name(args)
+    cfg = load_config(args.model, config=_book_config_arg(args))
     counts = count_parameters(cfg)
     rows = [
         ("embeddings (token + position)", counts.embeddings),
@@ -62,14 +86,105 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{'weights in ' + name:<{width}}  {counts.weight_bytes(dtype) / 2**20:>12,.1f} MiB")
 
 
+def _generation_options(args: argparse.Namespace) -> dict:
+    """The GenerationConfig fields given on the command line (validated by GenerationConfig)."""
+    options = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        num_return_sequences=args.num_return_sequences, seed=args.seed,
+        stop_strings=tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop),
+    )
+    if args.stop_token_ids is not None:
+        options["stop_token_ids"] = _parse_ids(args.stop_token_ids)
+    return options
+
+
+def _parse_ids(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--stop-token-ids expects comma-separated integers or 'none', got {text!r}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    """Print the prompt's continuation."""
+    """Continue the prompt: streamed to the terminal as it is produced, unless --no-stream or
+    several sequences are asked for."""
     from .checkpoint import load
-    from .generation import generate_text
+    from .generation import GenerationConfig, generate_text, stream_text
+    from .quant import prepare_for_inference
+
+    config = GenerationConfig(**_generation_options(args))  # bad values fail before the model loads
+    torch.manual_seed(args.seed)  # a preset's random weights
+    model = load(args.model, device=args.device, config=_book_config_arg(args))
+    prepare_for_inference(model, args.dtype, args.quantize)
+    if args.no_stream or config.num_return_sequences > 1:
+        texts = generate_text(model, args.prompt, config=config)
+        texts = [texts] if isinstance(texts, str) else texts
+        print("\n\n".join(texts) if len(texts) == 1 else "\n".join(
+            f"--- sequence {i + 1} ---\n{t}" for i, t in enumerate(texts)))
+        return
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for chunk in stream_text(model, args.prompt, config=config):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Read a checkpoint in any format and write it as a gptforge or Hugging Face directory."""
+    from .checkpoint import load, save
+
+    model = load(args.src, dtype=DTYPES[args.dtype] if args.dtype else None, config=_book_config_arg(args))
+    out = save(model, args.out, format=args.to)
+    print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, "
+          f"{str(model.tok_emb.weight.dtype).removeprefix('torch.')})")
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve the model over HTTP with OpenAI's completions API until SIGINT/SIGTERM."""
+    from .checkpoint import load
+    from .serve import ServeSettings, run_server
 
     torch.manual_seed(args.seed)
-    model = load(args.model, device=args.device)
-    print(generate_text(model, args.prompt, args.max_new_tokens))
+    model = load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
+                 config=_book_config_arg(args))
+    if args.max_tokens_cap is not None and args.max_tokens_cap > model.cfg.context_length:
+        raise UsageError(f"--max-tokens-cap {args.max_tokens_cap} exceeds the model's context length "
+                         f"{model.cfg.context_length}")
+    settings = ServeSettings(
+        model_name=args.served_model_name or args.model, max_tokens_cap=args.max_tokens_cap,
+        max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size,
+        shutdown_grace_s=args.shutdown_grace,
+    )
+    run_server(model, settings, host=args.host, port=args.port)
 
 
 def _train_options(args: argparse.Namespace) -> dict:
@@ -141,16 +256,59 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
     info = verbs.add_parser("info", help="parameter counts and memory of a model")
-    info.add_argument("model", metavar="MODEL", help="preset name (e.g. gpt2-124m, book-124m)")
+    info.add_argument("model_pos", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    info.add_argument("--model", default=None, help="the same as MODEL")
     info.set_defaults(func=cmd_info)
 
-    gen = verbs.add_parser("generate", help="continue a prompt")
+    gen = verbs.add_parser("generate", help="continue a prompt (streams by default)")
     gen.add_argument("prompt", metavar="PROMPT", help="text to continue; empty starts from <|endoftext|>")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name (default: {DEFAULT_MODEL})")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     gen.add_argument("--max-new-tokens", type=_non_negative_int, default=50, help="tokens to generate (default: 50)")
-    gen.add_argument("--seed", type=_non_negative_int, default=123, help="torch seed, also for a preset's random weights (default: 123)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among exactly the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1 = off)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (default: 0)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1 = off)")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2] (default: 0)")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2] (default: 0)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="stop when the generated text contains TEXT (repeatable; \\n escapes allowed)")
+    gen.add_argument("--stop-token-ids", default=None, metavar="IDS",
+                     help="comma-separated ids that end generation (default: 50256 = <|endoftext|>; 'none' for none)")
+    gen.add_argument("--num-return-sequences", type=int, default=1, help="samples to draw (needs --temperature > 0)")
+    gen.add_argument("--seed", type=_non_negative_int, default=123,
+                     help="seeds sampling and a preset's random weights (default: 123)")
+    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default: float32)")
+    gen.add_argument("--quantize", choices=("none", "int8"), default="none",
+                     help="int8: weight-only int8 linears with bf16 activations (CPU)")
+    gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
+
+    srv = verbs.add_parser("serve", help="OpenAI-compatible completions server (loopback by default)")
+    srv.add_argument("--model", default=SERVE_DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {SERVE_DEFAULT_MODEL})")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    srv.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    srv.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    srv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="weights' dtype (default: as stored)")
+    srv.add_argument("--seed", type=_non_negative_int, default=123, help="torch seed for a preset's random weights (default: 123)")
+    srv.add_argument("--max-batch-size", type=_positive_int, default=16, help="sequences decoded together (default: 16)")
+    srv.add_argument("--max-tokens-cap", type=_positive_int, default=None, help="largest max_tokens a request may ask (default: the context length)")
+    srv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
+    srv.add_argument("--shutdown-grace", type=_non_negative_float, default=10.0,
+                     help="seconds in-flight requests may still run after SIGTERM (default: 10)")
+    srv.set_defaults(func=cmd_serve)
+
+    conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge or Hugging Face format")
+    conv.add_argument("src", metavar="SRC", help="checkpoint directory, book state dict file or hub id")
+    conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
+    conv.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically if it exists)")
+    conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
+    conv.set_defaults(func=cmd_convert)
+    for verb in (info, gen, conv, srv):
+        verb.add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
 
     _add_train_parser(verbs)
     return parser

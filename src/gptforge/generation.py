@@ -1,12 +1,27 @@
-"""Text generation. `generate_text_simple` is the seed's greedy loop, kept exactly as the book
-defines it; `generate_text` is the text-in, text-out helper."""
+"""Text generation: the seed's greedy loop, and a KV-cached engine with sampling, stopping,
+batching and streaming.
+
+- `generate_text_simple` is the seed's loop, kept exactly as the book defines it.
+- `GenerationConfig` holds every decoding option, validated; `config.processors` is the pipeline of
+  small logits processors it implies (penalties, temperature, top-k, top-p, min-p).
+- `next_tokens(logits, ids, config, generator)` is one decoding step on a (B, V) logits tensor:
+  the function a server calls per request.
+- `generate(model, idx, max_new_tokens, **options)` returns ids shaped like `generate_text_simple`'s;
+  `generate_text` is text in, text out; `stream_text` yields text as it is produced.
+"""
 
 from __future__ import annotations
+
+import codecs
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .tokenizer import Tokenizer, get_tokenizer
+from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
 
 
 def _check_ids(idx: torch.Tensor) -> None:
@@ -49,17 +64,558 @@ def prompt_ids(prompt: str, tokenizer: Tokenizer | None = None) -> list[int]:
     return tokenizer.encode(prompt) or [tokenizer.eot_id]
 
 
+# --------------------------------------------------------------------------- logits processors
+# Each processor maps (logits (B, V) float32, ids (B, T) int64) -> logits (B, V). `ids` are the
+# tokens so far (prompt and generated); negative entries are padding and are ignored.
+
+def _token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, T) ids -> (B, V) float32 occurrence counts, ignoring negative (padding) ids."""
+    index = torch.where(ids < 0, vocab_size, ids)  # padding goes to an extra column, dropped below
+    counts = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.float32, device=ids.device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+@dataclasses.dataclass(frozen=True)
+class RepetitionPenalty:
+    """CTRL's / Hugging Face's repetition penalty: a token already present has its logit divided
+    by `penalty` if positive, multiplied if negative (penalty > 1 discourages repeats)."""
+
+    penalty: float
+
+    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        seen = _token_counts(ids, logits.shape[-1]) > 0
+        penalized = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+        return torch.where(seen, penalized, logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class PresenceFrequencyPenalty:
+    """OpenAI's penalties: logit -= presence * [count > 0] + frequency * count."""
+
+    presence: float
+    frequency: float
+
+    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        counts = _token_counts(ids, logits.shape[-1])
+        return logits - self.presence * (counts > 0).float() - self.frequency * counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Temperature:
+    """Divide logits by the temperature (> 0): below 1 sharpens, above 1 flattens."""
+
+    temperature: float
+
+    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return logits / self.temperature
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """Keep exactly the `k` highest logits; the rest become -inf. Ties at the k-th value are
+    broken towards the lower token id, so exactly k survive (nanoGPT's `logits < v[-1]` keeps
+    every tied token instead)."""
+
+    k: int
+
+    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.k >= logits.shape[-1]:
+            return logits
+        kth = torch.topk(logits, self.k, dim=-1).values[:, -1:]  # (B, 1)
+        above = logits > kth
+        tied = logits == kth
+        room = self.k - above.sum(-1, keepdim=True)  # (B, 1) slots left for tied tokens
+        keep = above | (tied & (tied.cumsum(-1) <= room))
+        return logits.masked_fill(~keep, float("-inf"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TopP:
+    """Nucleus sampling: keep the smallest set of most probable tokens whose probability sums to
+    at least `p` (the most probable token always survives)."""
+
+    p: float
+
+    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of the more likely tokens
+        drop_sorted = mass_before >= self.p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        return logits.masked_fill(drop, float("-inf"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MinP:
+    """Keep tokens whose probability is at least `p` times the most probable token's."""
+
+    p: float
+
+    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        probs = logits.softmax(-1)
+        floor = self.p * probs.max(-1, keepdim=True).values
+        return logits.masked_fill(probs < floor, float("-inf"))
+
+
+# --------------------------------------------------------------------------- configuration
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Every decoding option, validated on construction (a bad value is a ValueError naming it).
+
+    max_new_tokens: tokens to generate at most (stopping may end a row earlier).
+    temperature: 0 is greedy (argmax, the default); > 0 samples from softmax(logits / temperature).
+    top_k: sample among exactly the k most likely tokens (None: all).
+    top_p: nucleus sampling, keep the most likely tokens up to this total probability (1: all).
+    min_p: drop tokens less likely than min_p times the most likely one (0: none).
+    repetition_penalty: > 1 discourages tokens already in the context (prompt included); 1: off.
+    presence_penalty, frequency_penalty: OpenAI-style additive penalties over the context.
+    stop_token_ids: generation of a row ends after one of these ids (kept in the ids, not in the
+        text); `<|endoftext|>` (50256) by default, () to never stop on a token.
+    stop_strings: generation ends when the generated text contains one of these, also across
+        token boundaries; the text output ends just before it.
+    num_return_sequences: samples per prompt (needs temperature > 0).
+    seed: makes sampling repeatable through a private torch.Generator (global RNG untouched);
+        None draws from torch's global generator.
+    pad_token_id: fills finished rows and left padding in returned ids.
+
+    The penalties apply in greedy mode too (as in Hugging Face); the others only when sampling.
+    """
+
+    max_new_tokens: int = 50
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_token_ids: tuple[int, ...] = (ENDOFTEXT_ID,)
+    stop_strings: tuple[str, ...] = ()
+    num_return_sequences: int = 1
+    seed: int | None = None
+    pad_token_id: int = ENDOFTEXT_ID
+
+    def __post_init__(self) -> None:
+        _check_count("GenerationConfig.max_new_tokens", self.max_new_tokens, 0)
+        if not _is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"GenerationConfig.temperature must be a number >= 0 (0 = greedy), "
+                             f"got {self.temperature!r}")
+        if self.top_k is not None:
+            _check_count("GenerationConfig.top_k", self.top_k, 1)
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"GenerationConfig.min_p must be in [0, 1], got {self.min_p!r}")
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"GenerationConfig.repetition_penalty must be a number > 0 (1 = off), "
+                             f"got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"GenerationConfig.{name} must be a number in [-2, 2], got {value!r}")
+        object.__setattr__(self, "stop_token_ids", self._id_tuple("stop_token_ids", self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", self._string_tuple(self.stop_strings))
+        _check_count("GenerationConfig.num_return_sequences", self.num_return_sequences, 1)
+        if self.num_return_sequences > 1 and self.temperature == 0:
+            raise ValueError("GenerationConfig.num_return_sequences > 1 needs sampling: set temperature > 0 "
+                             "(greedy decoding would return identical sequences)")
+        if self.seed is not None:
+            _check_count("GenerationConfig.seed", self.seed, 0)
+        _check_count("GenerationConfig.pad_token_id", self.pad_token_id, 0)
+
+    @staticmethod
+    def _id_tuple(name: str, value: Any) -> tuple[int, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = (value,)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, set, frozenset)):
+            raise ValueError(f"GenerationConfig.{name} must be a list of token ids, got {value!r}")
+        for v in value:
+            _check_count(f"each of GenerationConfig.{name}", v, 0)
+        return tuple(value)
+
+    @staticmethod
+    def _string_tuple(value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, Sequence) or not all(isinstance(s, str) and s for s in value):
+            raise ValueError(f"GenerationConfig.stop_strings must be a list of non-empty strings, got {value!r}")
+        return tuple(value)
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+    @functools.cached_property
+    def processors(self) -> tuple[Any, ...]:
+        """The logits processors these options imply, in the order they apply."""
+        steps: list[Any] = []
+        if self.repetition_penalty != 1:
+            steps.append(RepetitionPenalty(self.repetition_penalty))
+        if self.presence_penalty or self.frequency_penalty:
+            steps.append(PresenceFrequencyPenalty(self.presence_penalty, self.frequency_penalty))
+        if self.do_sample:
+            if self.temperature != 1:
+                steps.append(Temperature(self.temperature))
+            if self.top_k is not None:
+                steps.append(TopK(self.top_k))
+            if self.top_p < 1:
+                steps.append(TopP(self.top_p))
+            if self.min_p > 0:
+                steps.append(MinP(self.min_p))
+        return tuple(steps)
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether a processor reads the ids so far (the penalties do)."""
+        return self.repetition_penalty != 1 or bool(self.presence_penalty or self.frequency_penalty)
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        return dataclasses.replace(self, **changes)
+
+    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """A private generator seeded with `seed`, or None (torch's global one) without a seed."""
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    @classmethod
+    def from_options(cls, config: GenerationConfig | None = None, **options: Any) -> GenerationConfig:
+        """`config` (or the defaults) with `options` applied; an unknown option is a ValueError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown generation options {unknown}; known options are {sorted(known)}")
+        base = config or cls()
+        return dataclasses.replace(base, **options) if options else base
+
+
+def next_tokens(logits: torch.Tensor, ids: torch.Tensor | None, config: GenerationConfig,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One decoding step: the next token of each row.
+
+    logits: (B, V) scores of the next position, any float dtype (processed in float32).
+    ids: (B, T) int64 tokens so far (prompt and generated), read by the penalties only; negative
+        entries count as padding and are ignored. May be None when `config.needs_context` is False.
+    config: the decoding options; greedy (argmax) when `config.temperature == 0`.
+    generator: the torch.Generator to sample from (e.g. `config.make_generator()`, kept across the
+        steps of one request); None uses torch's global generator.
+    Returns (B,) int64 token ids. Stopping is the caller's business (see `StopChecker`).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}")
+    processors = config.processors
+    if not processors and not config.do_sample:
+        return logits.argmax(-1)
+    if config.needs_context and ids is None:
+        raise ValueError("the penalties need the ids so far: pass ids of shape (batch, tokens)")
+    scores = logits.float()
+    for process in processors:
+        scores = process(scores, ids)
+    if not config.do_sample:
+        return scores.argmax(-1)
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# --------------------------------------------------------------------------- text and stopping
+
+class TextStream:
+    """Turns generated token ids into text incrementally, for one sequence.
+
+    `push(token_id)` returns the text that is now safe to show: never half of a UTF-8 character
+    spanning tokens, and never text that might turn out to be the start of a stop string. When a
+    stop string appears (also across token boundaries) the text before it is returned, `stopped`
+    becomes True and later pushes return "". `finish()` returns what was held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None = None, stop_strings: Sequence[str] = ()):
+        self.tokenizer = tokenizer or get_tokenizer()
+        self.stop_strings = tuple(stop_strings)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+        self.text = ""  # everything returned so far
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self._held += self._decoder.decode(self.tokenizer.decode_bytes([token_id]))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The text still held back (an unfinished character becomes U+FFFD)."""
+        if self.stopped:
+            return ""
+        self._held += self._decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        held = self._held
+        hits = [i for i in (held.find(s) for s in self.stop_strings) if i >= 0]
+        if hits:
+            out, self._held, self.stopped = held[:min(hits)], "", True
+        else:
+            keep = 0 if final else self._partial_stop_length(held)
+            out, self._held = held[:len(held) - keep], held[len(held) - keep:]
+        self.text += out
+        return out
+
+    def _partial_stop_length(self, text: str) -> int:
+        """Length of the longest end of `text` that begins some stop string."""
+        best = 0
+        for stop in self.stop_strings:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+# --------------------------------------------------------------------------- batching
+
+def left_pad(sequences: Sequence[Sequence[int]] | Sequence[torch.Tensor], pad_token_id: int = ENDOFTEXT_ID,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (ids (B, T_max) int64, attention_mask (B, T_max) int64),
+    padded on the left so every prompt ends at the last column; the mask is 1 on real tokens."""
+    rows = [torch.as_tensor(s, dtype=torch.int64).flatten().tolist() for s in sequences]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("each prompt needs at least one token id (an empty text prompt is [50256])")
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B, T) position ids counting real tokens from 0 (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# --------------------------------------------------------------------------- the engine
+
+@dataclasses.dataclass
+class _Step:
+    tokens: torch.Tensor  # (B,) this step's token per row (pad_token_id for rows already finished)
+    done: torch.Tensor  # (B,) bool, rows finished after this step
+    texts: list[str] | None  # per row, text released by this step (with `detokenize` or stop strings)
+
+
+def _check_model(model: nn.Module) -> None:
+    if not hasattr(model, "new_cache") or not hasattr(model, "cfg"):
+        raise ValueError(f"generation needs a gptforge GPTModel, got {type(model).__name__}")
+
+
 @torch.no_grad()
-def generate_text(model: nn.Module, prompt: str, max_new_tokens: int,
-                  tokenizer: Tokenizer | None = None) -> str:
-    """Greedy continuation of `prompt` (text in, prompt plus continuation out), in eval mode."""
-    tokenizer = tokenizer or get_tokenizer()
+def _forward(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """The model's last-position logits (B, V), without autograd. (No-grad per call, not around
+    the whole generator: a suspended generator must not leak grad mode to its caller.)"""
+    return model(ids, last_only=True, **kwargs)[:, -1]
+
+
+def _decode_steps(model: nn.Module, idx: torch.Tensor, attention_mask: torch.Tensor | None,
+                  config: GenerationConfig, generator: torch.Generator | None,
+                  tokenizer: Tokenizer | None, detokenize: bool = False) -> Iterator[_Step]:
+    """Prefill once, then decode one token per step against the KV cache.
+
+    Past `context_length` the seed's crop semantics apply: the model sees the last
+    `context_length` tokens at positions 0..context_length-1, so every such step recomputes that
+    window (absolute position embeddings leave no cache to reuse).
+    """
+    b, t = idx.shape
+    ctx = model.cfg.context_length
+    device = idx.device
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    mask = attention_mask.long() if padded else None
+    seq = idx
+    # Penalties see the context with padding marked -1.
+    context = (torch.where(mask.bool(), idx, -1) if padded else idx.clone()) if config.needs_context else None
+    streams = ([TextStream(tokenizer, config.stop_strings) for _ in range(b)]
+               if detokenize or config.stop_strings else None)
+    stop_ids = torch.tensor(config.stop_token_ids, dtype=idx.dtype, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    pad = torch.full((b,), config.pad_token_id, dtype=idx.dtype, device=device)
+
+    cache = None
+    next_pos = None
+    if t <= ctx:
+        cache = model.new_cache(b, min(ctx, t + config.max_new_tokens))
+        positions = positions_from_mask(mask) if padded else None
+        logits = _forward(model, seq, cache=cache, positions=positions, attention_mask=mask)
+        if padded:
+            next_pos = mask.sum(-1, keepdim=True)  # (B, 1) position of each row's next token
+    else:
+        logits = _window_logits(model, seq, mask)
+
+    for step in range(config.max_new_tokens):
+        tok = next_tokens(logits, context, config, generator).to(idx.dtype)
+        tok = torch.where(done, pad, tok)
+        finished = done | torch.isin(tok, stop_ids)
+        texts = None
+        if streams is not None:
+            texts = []
+            rows, was_done, ended = tok.tolist(), done.tolist(), finished.tolist()
+            last = step == config.max_new_tokens - 1
+            for row, stream in enumerate(streams):
+                text = "" if ended[row] else stream.push(rows[row])
+                if not was_done[row] and (ended[row] or stream.stopped or last):
+                    text += stream.finish()
+                if stream.stopped:
+                    finished[row] = True
+                texts.append(text)
+        done = finished
+        yield _Step(tok, done.clone(), texts)
+        if step == config.max_new_tokens - 1 or bool(done.all()):
+            return
+        seq = torch.cat((seq, tok[:, None]), dim=1)  # (B, T + step + 1)
+        if mask is not None:
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        if context is not None:
+            context = torch.cat((context, tok[:, None]), dim=1)
+        if seq.shape[1] <= ctx:
+            positions = next_pos if padded else None
+            logits = _forward(model, tok[:, None], cache=cache, positions=positions, attention_mask=mask)
+            if padded:
+                next_pos = next_pos + 1
+        else:
+            logits = _window_logits(model, seq, mask)
+
+
+def _window_logits(model: nn.Module, seq: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The seed's crop: the last context_length tokens, positions from 0, no cache. (B, V)."""
+    ctx = model.cfg.context_length
+    window = seq[:, -ctx:]
+    if mask is None or bool(mask[:, -ctx:].all()):
+        return _forward(model, window)
+    wmask = mask[:, -ctx:]
+    return _forward(model, window, positions=positions_from_mask(wmask), attention_mask=wmask)
+
+
+def _prepare(model: nn.Module, idx: Any, attention_mask: torch.Tensor | None,
+             config: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate the prompt(s); a list of id lists is left-padded. Rows repeat num_return_sequences times."""
+    _check_model(model)
     device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids(prompt, tokenizer)], device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        out = generate_text_simple(model, idx, max_new_tokens, model.cfg.context_length)
-    finally:
-        model.train(was_training)
-    return tokenizer.decode(out[0].tolist())
+    if isinstance(idx, torch.Tensor):
+        _check_ids(idx)
+        idx = idx.to(device=device, dtype=torch.int64)
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
+                raise ValueError(f"attention_mask must be a tensor shaped like idx {tuple(idx.shape)}")
+            attention_mask = attention_mask.to(device)
+            if not bool(attention_mask[:, -1].all()):
+                raise ValueError("attention_mask must use left padding: every row's last token must be real")
+    else:
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with a padded tensor idx; a list of prompts is padded for you")
+        if not isinstance(idx, Sequence) or not idx:
+            raise ValueError("idx must be a (B, T) tensor of token ids or a list of id lists")
+        idx, attention_mask = left_pad(idx, config.pad_token_id, device)
+    vocab = model.cfg.vocab_size
+    if int(idx.min()) < 0 or int(idx.max()) >= vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab}), got values in [{int(idx.min())}, {int(idx.max())}]")
+    n = config.num_return_sequences
+    if n > 1:
+        idx = idx.repeat_interleave(n, dim=0)
+        attention_mask = attention_mask.repeat_interleave(n, dim=0) if attention_mask is not None else None
+    return idx, attention_mask
+
+
+class _EvalMode:
+    """Run a model in eval mode for a block (dropout off), restoring its training flag after."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model.train(self.was_training)
+
+
+def generate(model: nn.Module, idx: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int | None = None,
+             config: GenerationConfig | None = None, *, attention_mask: torch.Tensor | None = None,
+             tokenizer: Tokenizer | None = None, **options: Any) -> torch.Tensor:
+    """Generate with a KV cache. Greedy by default, so it returns what `generate_text_simple` does.
+
+    idx: (B, T) int64 prompt ids, or a list of id lists of different lengths (left-padded here).
+    max_new_tokens: overrides `config.max_new_tokens`.
+    config / options: a GenerationConfig and/or its fields as keywords (`temperature=0.8, top_k=50`).
+    attention_mask: (B, T) 1/0 for an idx that is already left-padded.
+    tokenizer: decodes text for stop strings (default: GPT-2's).
+    Returns (B * num_return_sequences, T + n) int64 with n <= max_new_tokens (fewer when every row
+    stopped): each prompt, then its tokens; a row that stopped early is filled with
+    `pad_token_id`, and shorter prompts of a list are left-padded with it.
+    """
+    if max_new_tokens is not None:
+        options["max_new_tokens"] = max_new_tokens
+    config = GenerationConfig.from_options(config, **options)
+    idx, attention_mask = _prepare(model, idx, attention_mask, config)
+    if config.max_new_tokens == 0:
+        return idx
+    generator = config.make_generator(idx.device)
+    with _EvalMode(model):
+        new = [step.tokens for step in _decode_steps(model, idx, attention_mask, config, generator, tokenizer)]
+    return torch.cat((idx, torch.stack(new, dim=1)), dim=1)
+
+
+def generate_text(model: nn.Module, prompt: str | Sequence[str], max_new_tokens: int | None = None,
+                  tokenizer: Tokenizer | None = None, config: GenerationConfig | None = None,
+                  **options: Any) -> str | list[str]:
+    """Text in, text out: each prompt followed by its continuation (stop ids and stop strings cut
+    the continuation and are not included). One prompt and one sequence give a str, otherwise a
+    list of B * num_return_sequences strings, in prompt order."""
+    tokenizer = tokenizer or get_tokenizer()
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    if max_new_tokens is not None:
+        options["max_new_tokens"] = max_new_tokens
+    config = GenerationConfig.from_options(config, **options)
+    idx, mask = _prepare(model, [prompt_ids(p, tokenizer) for p in prompts], None, config)
+    generator = config.make_generator(idx.device)
+    texts = ["" for _ in range(idx.shape[0])]
+    if config.max_new_tokens > 0:
+        with _EvalMode(model):
+            for step in _decode_steps(model, idx, mask, config, generator, tokenizer, detokenize=True):
+                texts = [t + s for t, s in zip(texts, step.texts)]
+    heads = [p for p in prompts for _ in range(config.num_return_sequences)]
+    out = [h + t for h, t in zip(heads, texts)]
+    return out[0] if isinstance(prompt, str) and len(out) == 1 else out
+
+
+def stream_text(model: nn.Module, prompt: str | Sequence[int], max_new_tokens: int | None = None,
+                tokenizer: Tokenizer | None = None, config: GenerationConfig | None = None,
+                **options: Any) -> Iterator[str]:
+    """Yield the continuation of one prompt (text or ids) as it is produced, chunk by chunk.
+
+    A chunk never ends inside a UTF-8 character that spans tokens, and text that could begin a stop
+    string is held until it is clear; the stop string itself is never yielded. The prompt is not
+    repeated. `num_return_sequences` must be 1.
+    """
+    tokenizer = tokenizer or get_tokenizer()
+    if max_new_tokens is not None:
+        options["max_new_tokens"] = max_new_tokens
+    config = GenerationConfig.from_options(config, **options)
+    if config.num_return_sequences != 1:
+        raise ValueError("stream_text streams one sequence: num_return_sequences must be 1")
+    ids = prompt_ids(prompt, tokenizer) if isinstance(prompt, str) else list(prompt)
+    idx, mask = _prepare(model, [ids], None, config)
+    if config.max_new_tokens == 0:
+        return
+    generator = config.make_generator(idx.device)
+    with _EvalMode(model):
+        for step in _decode_steps(model, idx, mask, config, generator, tokenizer, detokenize=True):
+            if step.texts[0]:
+                yield step.texts[0]

@@ -1,0 +1,138 @@
+"""Faster CPU inference: weight layouts and weight-only int8 for decoding.
+
+`prepare_for_inference(model, dtype, quantize)` turns a trained or random GPTModel into an
+inference model, in place, and returns it:
+
+- float32: each linear weight is re-laid out in memory as (in, out) contiguous while keeping its
+  (out, in) shape, so the state dict and training are unchanged. At batch 1 a matrix-vector product
+  is memory-bound, and MKL reads the (in, out) layout ~1.3x faster here (it is also what
+  transformers' Conv1D uses).
+- bfloat16: the model is cast to bf16 and every nn.Linear becomes a `PackedLinear`, whose weight is
+  pre-packed once in oneDNN's blocked layout (PyTorch's plain bf16 matrix-vector kernel is no faster
+  than fp32 on CPU; the packed one reads half the bytes).
+- int8 (weight-only): bf16 activations, and every nn.Linear becomes an `Int8Linear` with per-output
+  -channel symmetric int8 weights, multiplied through `torch._weight_int8pack_mm`.
+
+Packed and int8 models are for inference only (no autograd through the weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUANTIZATIONS = ("none", "int8")
+# Above this many rows (a prefill), dequantizing the weights and running a bf16 matmul is faster
+# than the int8 matrix-vector kernel.
+INT8_MAX_ROWS = 16
+
+
+def _packed_bf16_available() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class PackedLinear(nn.Module):
+    """A bf16 nn.Linear whose weight is pre-packed for oneDNN (CPU). x: (..., in) bf16 -> (..., out)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().to(torch.bfloat16)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 oneDNN-packed"
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear: w ~= int8 (out, in) * scale (out,), per output channel, symmetric.
+    x: (..., in) bf16 -> (..., out) bf16."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
+        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (M, in)
+        if x2.shape[0] <= INT8_MAX_ROWS:
+            out = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)  # (M, out)
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            out = F.linear(x2, self.dequantized(), self.bias)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The bf16 weight (out, in) these int8 values and scales stand for."""
+        return self.weight_int8.to(torch.bfloat16) * self.scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+def _swap_linears(module: nn.Module, make: type[nn.Module]) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, make(child))
+        else:
+            _swap_linears(child, make)
+
+
+def _relayout_in_out(model: nn.Module) -> None:
+    """Store each Linear weight (out, in) as the transpose of a contiguous (in, out) tensor."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
+            module.weight.data = module.weight.data.t().contiguous().t()
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'float32' or 'bfloat16' (or the torch dtype itself) -> torch dtype; others are a ValueError."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(f"dtype must be float32 or bfloat16, got {name}")
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+
+
+@torch.no_grad()
+def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32",
+                          quantize: str = "none") -> nn.Module:
+    """Make `model` (a GPTModel) fast for generation on CPU, in place; returns it in eval mode.
+
+    dtype: 'float32' or 'bfloat16', the activations' (and unquantized weights') type.
+    quantize: 'none' or 'int8' (weight-only int8; activations are then bf16 whatever `dtype` says).
+    On a non-CPU device only the dtype changes.
+    """
+    torch_dtype = parse_dtype(dtype)
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if quantize == "int8":
+        torch_dtype = torch.bfloat16
+    model.eval()
+    model.to(torch_dtype)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if not on_cpu:
+        return model
+    if quantize == "int8":
+        _swap_linears(model, Int8Linear)
+    elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
+        _swap_linears(model, PackedLinear)
+    elif torch_dtype == torch.float32:
+        _relayout_in_out(model)
+    return model

@@ -1,0 +1,56 @@
+"""Shared helpers for the generation tests: tiny models, a scripted model, and a Hugging Face twin."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from gptforge import GPTConfig, GPTModel, KVCache
+
+TINY = GPTConfig(vocab_size=256, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
+TINY_GPT2 = TINY.replace(qkv_bias=True, tie_weights=True, init="gpt2")
+
+
+def tiny_model(cfg: GPTConfig = TINY, seed: int = 0) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(cfg).eval()
+
+
+class ScriptedModel(nn.Module):
+    """Emits a fixed token sequence (whatever the prompt), through the same interface as GPTModel:
+    lets tests pick the exact tokens that cross a UTF-8 character or a stop string."""
+
+    def __init__(self, script: list[int], vocab_size: int = 50257):
+        super().__init__()
+        self.cfg = GPTConfig(vocab_size=vocab_size, context_length=1024, emb_dim=8, n_heads=1, n_layers=1)
+        self.script = script
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.prompt_len = None
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.cfg, batch_size, max_len)
+
+    def forward(self, idx, *, cache=None, positions=None, attention_mask=None, last_only=False):
+        start = cache.length
+        if start == 0:
+            self.prompt_len = idx.shape[1]
+        cache.length = start + idx.shape[1]
+        step = cache.length - self.prompt_len
+        logits = torch.zeros(idx.shape[0], 1, self.cfg.vocab_size)
+        logits[:, :, self.script[min(step, len(self.script) - 1)]] = 10.0
+        return logits
+
+
+def hf_twin(model: GPTModel):
+    """The same weights in transformers' GPT2LMHeadModel (sdpa attention), through gptforge's
+    Hugging Face export (Conv1D layout, fused c_attn)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptforge.checkpoint import config_to_hf, state_to_hf
+
+    hf_cfg = config_to_hf(model.cfg)
+    hf_cfg.update(bos_token_id=None, eos_token_id=None)
+    hf = GPT2LMHeadModel(GPT2Config(**hf_cfg, attn_implementation="sdpa"))
+    missing, unexpected = hf.load_state_dict(state_to_hf(model), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing), missing
+    return hf.eval()

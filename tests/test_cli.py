@@ -1,0 +1,48 @@
+"""The command line: the seed's sentence, the counts table, and clear errors with exit code 2."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SEED_TEXT
+from gptforge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, "-m", "gptforge", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_generate_prints_the_seed_sentence():
+    result = run_cli("generate", "Hello, I am", "--model", "book-124m", "--seed", "123", "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == SEED_TEXT
+
+
+def test_info_prints_counts_and_memory(capsys):
+    assert main(["info", "book-124m"]) == 0
+    out = capsys.readouterr().out
+    assert "163,009,536" in out and "124,412,160" in out
+    assert "621.8 MiB" in out and "310.9 MiB" in out  # 163,009,536 params x 4 and x 2 bytes
+    assert main(["info", "gpt2-1558m"]) == 0
+    assert "1,557,611,200" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "gpt5"], "no preset or file named 'gpt5'"),
+    (["generate", "hi", "--model", "nope"], "no preset or file named 'nope'"),
+    (["generate", "hi", "--model", "/no/such/checkpoint"], "/no/such/checkpoint"),
+    (["generate", "hi", "--max-new-tokens", "many"], "expected an integer"),
+    (["generate", "hi", "--max-new-tokens", "-4"], ">= 0"),
+    (["generate", "hi", "--seed", "x"], "expected an integer"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,43 @@
+"""`gptforge generate`: streaming by default, every decoding option as a flag, errors as one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptforge.cli import build_parser, main
+
+
+def test_cli_streams_the_seed_sentence(capsys):
+    assert main(["generate", "Hello, I am", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == "Hello, I am Featureiman Byeswickattribute argue\n"
+
+
+def test_cli_flags_reach_the_generation_config():
+    from gptforge.cli import _generation_options
+    from gptforge.generation import GenerationConfig
+
+    args = build_parser().parse_args([
+        "generate", "x", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--min-p", "0.05",
+        "--repetition-penalty", "1.2", "--presence-penalty", "0.5", "--frequency-penalty", "0.25",
+        "--stop", "\\nUser:", "--stop", "END", "--stop-token-ids", "13,50256", "--num-return-sequences", "2",
+        "--seed", "9", "--max-new-tokens", "7", "--dtype", "bfloat16", "--quantize", "int8", "--no-stream",
+    ])
+    cfg = GenerationConfig(**_generation_options(args))
+    assert cfg == GenerationConfig(
+        max_new_tokens=7, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.2,
+        presence_penalty=0.5, frequency_penalty=0.25, stop_strings=("\nUser:", "END"),
+        stop_token_ids=(13, 50256), num_return_sequences=2, seed=9,
+    )
+    assert args.dtype == "bfloat16" and args.quantize == "int8" and args.no_stream
+    none = build_parser().parse_args(["generate", "x", "--stop-token-ids", "none"])
+    assert GenerationConfig(**_generation_options(none)).stop_token_ids == ()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-p", "3"], "top_p"), (["--num-return-sequences", "2"], "num_return_sequences"),
+    (["--stop-token-ids", "a,b"], "--stop-token-ids"), (["--model", "nope"], "nope"),
+])
+def test_cli_bad_values_are_one_line_exit_2(capsys, argv, message):
+    assert main(["generate", "x", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

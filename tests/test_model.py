@@ -1,0 +1,141 @@
+"""The model's parts against the book's (llms-from-scratch) and counting against transformers."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from gptforge import GPTConfig, GPTModel, count_parameters
+from gptforge.model import GELU, LayerNorm, MultiHeadAttention
+
+
+def _book_model_with_our_weights(book, cfg, ours):
+    theirs = book.GPTModel(cfg)
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith(".att.mask") for k in missing)
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_same_weights_same_logits_as_the_books_model(book, qkv_bias):
+    cfg = tiny_config(qkv_bias=qkv_bias, vocab_size=50257, context_length=32)
+    torch.manual_seed(0)
+    ours = GPTModel(cfg).eval()
+    theirs = _book_model_with_our_weights(book, cfg, ours)
+    idx = torch.randint(0, cfg["vocab_size"], (3, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), theirs(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_attention_equals_the_books_masked_softmax():
+    ch03 = pytest.importorskip("llms_from_scratch.ch03")
+    torch.manual_seed(1)
+    ours = MultiHeadAttention(d_in=48, d_out=48, context_length=20, dropout=0.0, num_heads=6, qkv_bias=True)
+    theirs = ch03.MultiHeadAttention(d_in=48, d_out=48, context_length=20, dropout=0.0, num_heads=6, qkv_bias=True)
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    x = torch.randn(2, 20, 48)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_and_layernorm_are_the_books(book):
+    x = torch.randn(4, 10, 32) * 3
+    torch.testing.assert_close(GELU()(x), book.GELU()(x), rtol=1e-5, atol=1e-6)
+    ours, theirs = LayerNorm(32), book.LayerNorm(32)
+    with torch.no_grad():
+        ours.scale.normal_(), ours.shift.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.eps == theirs.eps == 1e-5
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_in_training_mode():
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(drop_rate=0.5))
+    idx = torch.randint(0, 97, (2, 16))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_weight_tying_shares_one_tensor_and_one_gradient():
+    model = GPTModel(tiny_config(tie_weights=True))
+    assert model.out_head.weight is model.tok_emb.weight
+    assert model.out_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+    untied = GPTModel(tiny_config(tie_weights=False))
+    assert model.num_parameters() == untied.num_parameters() - 97 * 32
+    model(torch.randint(0, 97, (2, 16))).sum().backward()
+    grads = [p for p in model.parameters() if p.shape == (97, 32)]
+    assert len(grads) == 1 and grads[0].grad is not None
+    # The one gradient includes the head's contribution: rows of unseen tokens still get gradient.
+    assert model.tok_emb.weight.grad.abs().sum(dim=1).gt(0).all()
+
+
+def test_gpt2_initialisation_is_a_separate_option():
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=5000, emb_dim=128, n_heads=4, n_layers=8, init="gpt2")
+    model = GPTModel(cfg)
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.trf_blocks[0].att.W_query.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    residual = 0.02 / math.sqrt(2 * 8)
+    assert model.trf_blocks[0].att.out_proj.weight.std().item() == pytest.approx(residual, rel=0.1)
+    assert model.trf_blocks[0].ff.layers[2].weight.std().item() == pytest.approx(residual, rel=0.1)
+    assert model.trf_blocks[0].ff.layers[0].bias.abs().max().item() == 0.0
+    # The default is PyTorch's initialisers: the embedding is N(0, 1).
+    torch.manual_seed(0)
+    assert GPTModel({**cfg, "init": "torch"}).tok_emb.weight.std().item() == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"qkv_bias": False}, {"tie_weights": True}, {"n_layers": 3, "emb_dim": 48, "n_heads": 3},
+])
+def test_counting_without_building_equals_the_built_model(changes):
+    cfg = GPTConfig.from_dict(tiny_config(**changes))
+    counts = count_parameters(cfg)
+    model = GPTModel(cfg)
+    assert counts.total == model.num_parameters()
+    assert counts.total_head_once == model.num_parameters(exclude_head=True)
+    by_part = {
+        "embeddings": [model.tok_emb, model.pos_emb],
+        "attention": [b.att for b in model.trf_blocks],
+        "feed_forward": [b.ff for b in model.trf_blocks],
+        "norms": [m for b in model.trf_blocks for m in (b.norm1, b.norm2)] + [model.final_norm],
+    }
+    for part, modules in by_part.items():
+        assert getattr(counts, part) == sum(p.numel() for m in modules for p in m.parameters()), part
+    assert counts.weight_bytes(torch.bfloat16) * 2 == counts.weight_bytes(torch.float32) == 4 * counts.total
+
+
+def test_preset_counts_match_transformers():
+    transformers = pytest.importorskip("transformers")
+    shapes = {"gpt2-124m": (768, 12, 12), "gpt2-355m": (1024, 24, 16),
+              "gpt2-774m": (1280, 36, 20), "gpt2-1558m": (1600, 48, 25)}
+    for name, (d, layers, heads) in shapes.items():
+        with torch.device("meta"):
+            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=d, n_layer=layers, n_head=heads))
+        assert count_parameters(name).total == hf.num_parameters(), name
+    assert count_parameters("gpt2-124m").total == 124_439_808  # the published "124M"
+
+
+def test_kv_cache_and_left_padding_give_the_full_forward_logits():
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config()).eval()
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(batch_size=2)
+        steps = [model(idx[:, :5], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(5, 12)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+        # Row 0 left-padded by 3: positions from the mask, padding masked out.
+        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), idx[:1, :9]], dim=1)
+        mask = torch.tensor([[0, 0, 0] + [1] * 9])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(padded, positions=positions, attention_mask=mask)
+        torch.testing.assert_close(out[:, 3:], full[:1, :9], rtol=1e-5, atol=1e-5)
+
+
+def test_too_long_input_is_a_clear_error():
+    model = GPTModel(tiny_config())
+    with pytest.raises(ValueError, match="exceeds the model's 16 positions"):
+        model(torch.zeros(1, 17, dtype=torch.long))

@@ -180,13 +180,14 @@ train(**json.loads(sys.argv[1]))
 """
 
 
-def test_torchrun_two_cpu_processes_match_one_process(corpus, tiny_json, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_two_cpu_processes_match_one_process(corpus, tiny_json, tmp_path, sharding):
     common = dict(max_steps=4, eval_every=2, sample_tokens=0, grad_clip=1.0, warmup_steps=1,
                   model_overrides={"drop_rate": 0.0})  # dropout masks differ per rank by design
-    single = train(**_options(corpus, tiny_json, tmp_path / "one", batch_size=4, **common))
+    train(**_options(corpus, tiny_json, tmp_path / "one", batch_size=4, **common))
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    opts = _options(corpus, tiny_json, tmp_path / "two", batch_size=2, **common)
+    opts = _options(corpus, tiny_json, tmp_path / "two", batch_size=2, fsdp=sharding == "fsdp", **common)
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

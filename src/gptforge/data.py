@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_bytes
 from .tokenizer import Tokenizer, get_tokenizer
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the bytes of int32
@@ -250,9 +251,7 @@ def tokenize_corpus(source: str | Path | Sequence[str | Path], folder: str | Pat
     os.replace(val.path, folder / "val.bin")
     meta = {"fingerprint": fingerprint, "train_tokens": train.count, "val_tokens": val.count,
             "characters": total}
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
     return TokenizedCorpus(folder, train.count, val.count)
 
 

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint
-from .config import PRESETS, GPTConfig, preset
+from .config import PRESETS, GPTConfig, known_fields, preset
 from .data import (
     TokenizedCorpus, TokenWindows, batch_indices, corpus_digest, draw_loader_seed, permutation,
     tokenize_corpus,
@@ -139,11 +139,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}; known options are {sorted(known)}")
-        return cls(**dict(data))
+        return cls(**known_fields(cls, data, "training options"))
 
     @classmethod
     def from_file(cls, path: str | Path, **changes: Any) -> TrainConfig:
@@ -462,10 +458,8 @@ class _Metrics:
         ax.set_ylabel("cross-entropy loss (nats/token)")
         ax.legend(loc="upper right")
         fig.tight_layout()
-        tmp = self.plot_path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110)
+        checkpoint.atomic_write(self.plot_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
-        os.replace(tmp, self.plot_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -791,6 +791,16 @@ def detect_format(path: str | Path) -> str:
     raise FileNotFoundError(f"{path} does not exist")
 
 
+# Models shipped inside the package (gptforge checkpoint directories under gptforge/assets/).
+BUILTIN_MODELS = {"gptforge-shakespeare": "assets/gptforge-shakespeare"}
+
+
+def builtin_model_path(name: str) -> Path | None:
+    """The directory of a model shipped with gptforge, or None when `name` is not one."""
+    relative = BUILTIN_MODELS.get(str(name).lower())
+    return Path(__file__).parent / relative if relative else None
+
+
 def resolve(name_or_path: str | Path, weights: bool = True) -> tuple[str, Path | None]:
     """What a model name means: ('preset', None), or (format, local path) for a checkpoint on disk
     or a hub id (downloaded into, or found in, the Hugging Face cache; only its config.json when
@@ -799,6 +809,10 @@ def resolve(name_or_path: str | Path, weights: bool = True) -> tuple[str, Path |
     path = Path(name)
     if name.lower() in PRESETS:
         return "preset", None
+    if (builtin := builtin_model_path(name)) is not None:
+        if not (builtin / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"the built-in model {name!r} is missing from this installation ({builtin})")
+        return "gptforge", builtin
     if path.exists():
         return detect_format(path), path
     if _HUB_ID.match(name) and not name.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")):

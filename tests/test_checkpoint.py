@@ -167,3 +167,68 @@ def test_dtype_on_load(tmp_path):
     model = gptforge.load(tmp_path / "ckpt", dtype=torch.bfloat16)
     assert model.tok_emb.weight.dtype == torch.bfloat16
     assert model.out_head.weight is model.tok_emb.weight
+
+
+PEAK_RSS = r"""
+import sys, gptforge
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+gptforge.load(sys.argv[2])  # warm up: lazy imports and one-off allocations
+open("/proc/self/clear_refs", "w").write("5")  # reset the RSS high-water mark
+before = status("VmRSS")
+model = gptforge.load(sys.argv[1])
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure RSS")
+def test_loading_peak_memory_stays_within_1_5x_the_weights(tmp_path):
+    """Hugging Face safetensors, the route with transposes and splits (ours only reads)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = GPTConfig(vocab_size=50257, context_length=256, emb_dim=256, n_heads=4, n_layers=6, qkv_bias=True,
+                    tie_weights=True)
+    torch.manual_seed(0)
+    model = gptforge.GPTModel(cfg)
+    weights = model.num_parameters() * 4  # ~68 MiB
+    gptforge.save(model, tmp_path / "big", format="hf")
+    gptforge.save(gptforge.GPTModel(cfg.replace(n_layers=1, vocab_size=64)), tmp_path / "small", format="hf")
+    del model
+    src = Path(__file__).resolve().parents[1] / "src"
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / "big"), str(tmp_path / "small")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(src)})
+    assert out.returncode == 0, out.stderr
+    peak = int(out.stdout.split()[-1])
+    assert weights * 0.9 < peak < weights * 1.5, (peak, weights)
+
+
+def test_training_state_that_weights_only_cannot_read_is_refused_at_save(tmp_path):
+    import random
+
+    import numpy as np
+
+    model = _tiny()
+    sched = torch.optim.lr_scheduler.LinearLR(torch.optim.SGD(model.parameters(), lr=0.1))
+    ok = {"scheduler": sched.state_dict(), "python_rng": random.getstate(), "dtype": torch.float32}
+    gptforge.save(model, tmp_path / "ok", training_state=ok)
+    assert gptforge.load_training_state(tmp_path / "ok")["python_rng"] == random.getstate()
+    with pytest.raises(ValueError, match=r"training_state\['rng'\]\['numpy'\] is a numpy.ndarray"):
+        gptforge.save(model, tmp_path / "bad", training_state={"rng": {"numpy": np.zeros(3)}})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_save_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match=r"holds other things than a checkpoint \(notes.txt\); refusing"):
+        gptforge.save(_tiny(), project)
+    assert (project / "notes.txt").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
+    gptforge.save(_tiny(), tmp_path / "empty", format="hf")  # an empty directory is fine
+    gptforge.save(_tiny(), tmp_path / "empty")  # and so is a checkpoint, in either format
+    assert gptforge.load(tmp_path / "empty").cfg == TINY

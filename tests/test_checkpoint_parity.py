@@ -14,6 +14,7 @@ import torch
 
 import gptforge
 from gptforge.checkpoint import read_safetensors
+from gptforge.generation import positions_from_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,16 +61,19 @@ def _route(name: str, ref, tmp_path) -> gptforge.GPTModel:
         ref.save_pretrained(hf_dir)
     if name == "hf-safetensors":
         return gptforge.load(hf_dir)
-    if name == "hf-bare-GPT2Model":
+    if name == "hf-bare-GPT2Model":  # the layout of the hub's gpt2 model.safetensors
         bare = tmp_path / "bare"
         ref.transformer.save_pretrained(bare)
+        tensors = read_safetensors(bare / "model.safetensors")
+        assert not any(k.startswith("transformer.") for k in tensors)
+        n = ref.config.n_positions
+        for i in range(ref.config.n_layer):  # the hub files still carry the causal-mask buffers
+            tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
         if not ref.config.tie_word_embeddings:  # a bare model has no head: keep the head in the file
-            tensors = read_safetensors(bare / "model.safetensors")
             tensors["lm_head.weight"] = ref.lm_head.weight.detach()
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(bare / "model.safetensors"),
-                      metadata={"format": "pt"})
-        assert not any(k.startswith("transformer.") for k in read_safetensors(bare / "model.safetensors"))
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(bare / "model.safetensors"),
+                  metadata={"format": "pt"})
         return gptforge.load(bare)
     if name == "hf-pytorch_model.bin":
         _write_bin(ref, tmp_path / "bin")
@@ -106,35 +110,51 @@ def _greedy_with_cache(model, prompt: torch.Tensor, new_tokens: int) -> tuple[to
     return ids, torch.cat(logits, dim=1)
 
 
-@torch.no_grad()
-def _left_padded_greedy(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Batched greedy decoding of left-padded prompts: positions count real tokens only, padding
-    keys are masked, one cache for the batch. Returns (B, new_tokens) generated ids."""
-    b, t = ids.shape
-    cache = model.new_cache(b, t + new_tokens)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    logits = model(ids, cache=cache, positions=positions, attention_mask=mask, last_only=True)
-    out = []
-    for step in range(new_tokens):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        out.append(nxt)
-        if step == new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        positions = positions[:, -1:] + 1
-        logits = model(nxt, cache=cache, positions=positions, attention_mask=mask)
-    return torch.cat(out, dim=1)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_every_route_gives_transformers_logits_and_identical_weights(shape, tmp_path):
+    ref = _reference(SHAPES[shape])
+    x = torch.randint(0, ref.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ref(x).logits
+    first = None
+    for route in ROUTES:
+        model = _route(route, ref, tmp_path / route)
+        assert model.cfg.tie_weights == ref.config.tie_word_embeddings, route
+        assert model.num_parameters() == ref.num_parameters(), route
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=ATOL, msg=lambda m: f"{route}: {m}")
+        state = model.state_dict()
+        first = first or state
+        assert list(state) == list(first), route
+        for key in first:
+            assert torch.equal(state[key], first[key]), f"{route}: {key} differs"
 
 
-@pytest.fixture(scope="module", params=list(SHAPES))
-def reference(request):
-    """(reference model, its greedy continuation, its left-padded batch and continuation)."""
-    ref = _reference(SHAPES[request.param])
+# Generation through every route, each route on one of the shapes (all shapes covered): the
+# weights are bit-identical across routes (above), so this covers every route on every shape.
+BEHAVIOUR_CASES = [(route, list(SHAPES)[i % len(SHAPES)]) for i, route in enumerate(ROUTES)]
+
+
+@pytest.mark.parametrize("route, shape", BEHAVIOUR_CASES)
+def test_route_generates_like_transformers(route, shape, tmp_path):
+    ref = _reference(SHAPES[shape])
     vocab = ref.config.vocab_size
+    model = _route(route, ref, tmp_path)
     gen = torch.Generator().manual_seed(1)
+
+    # 64 greedy tokens, identical to transformers' generate: gptforge.generate, and a plain loop
+    # through the KV cache one token per forward, whose logits equal transformers' full forward.
     prompt = torch.randint(1, vocab, (1, 9), generator=gen)
     greedy = ref.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                           max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+    assert gptforge.generate(model, prompt, NEW_TOKENS, stop_token_ids=()).tolist() == greedy.tolist()
+    ours, cached_logits = _greedy_with_cache(model, prompt, NEW_TOKENS)
+    assert ours.tolist() == greedy.tolist()
+    with torch.no_grad():
+        full = ref(greedy[:, :-1]).logits
+    torch.testing.assert_close(cached_logits, full, rtol=0, atol=ATOL)
+
+    # Left-padded batch: same tokens as transformers' left-padded generate...
     lengths = [12, 5, 9]
     ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)  # pad id 0, on the left
     mask = torch.zeros_like(ids)
@@ -142,48 +162,16 @@ def reference(request):
         ids[row, -n:] = torch.randint(1, vocab, (n,), generator=gen)
         mask[row, -n:] = 1
     padded = ref.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20,
-                          min_new_tokens=20, pad_token_id=0)[:, ids.shape[1]:]
-    return ref, prompt, greedy, ids, mask, padded
-
-
-@pytest.mark.parametrize("route", ROUTES)
-def test_route_matches_transformers(reference, route, tmp_path):
-    ref, prompt, greedy, ids, mask, padded = reference
-    model = _route(route, ref, tmp_path)
-    assert model.cfg.tie_weights == ref.config.tie_word_embeddings
-    assert model.num_parameters() == ref.num_parameters()
-
-    # Logits of a full forward.
-    x = torch.randint(0, ref.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x).logits, rtol=0, atol=ATOL)
-
-    # 64 greedy tokens through our KV cache, identical to transformers' generate; the cached
-    # logits equal transformers' full forward over the same sequence.
-    ours, cached_logits = _greedy_with_cache(model, prompt, NEW_TOKENS)
-    assert ours.tolist() == greedy.tolist()
-    with torch.no_grad():
-        full = ref(greedy[:, :-1]).logits
-    torch.testing.assert_close(cached_logits, full, rtol=0, atol=ATOL)
-
-    # Left-padded batch: same tokens as transformers' left-padded generate.
-    assert _left_padded_greedy(model, ids, mask, padded.shape[1]).tolist() == padded.tolist()
-    # and the same logits at the real positions of the prefill
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                          min_new_tokens=20, pad_token_id=0)
+    ours = gptforge.generate(model, ids, 20, attention_mask=mask, stop_token_ids=(), pad_token_id=0)
+    assert ours.tolist() == padded.tolist()
+    # ...and the same logits at the real positions of the prefill.
+    positions = positions_from_mask(mask)
     with torch.no_grad():
         ours_logits = model(ids, positions=positions, attention_mask=mask)
         theirs = ref(ids, attention_mask=mask, position_ids=positions).logits
     real = mask.bool()
     torch.testing.assert_close(ours_logits[real], theirs[real], rtol=0, atol=ATOL)
-
-
-def test_all_routes_give_bit_identical_weights(tmp_path):
-    ref = _reference(SHAPES["d48-L3-h4"])
-    weights = [_route(r, ref, tmp_path / r).state_dict() for r in ROUTES]
-    for other in weights[1:]:
-        assert list(other) == list(weights[0])
-        for key in weights[0]:
-            assert torch.equal(other[key], weights[0][key]), key
 
 
 def test_hf_export_is_a_plain_gpt2_directory(tmp_path):
@@ -218,7 +206,7 @@ def test_gpt2_124m_shaped_round_trip(tmp_path):
     with torch.no_grad():
         expected = ref(ids).logits
         torch.testing.assert_close(model(ids), expected, rtol=0, atol=ATOL)
-    ours, _ = _greedy_with_cache(model, ids, 8)
+    ours = gptforge.generate(model, ids, 8, stop_token_ids=())
     theirs = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
                           min_new_tokens=8, pad_token_id=50256)
     assert ours.tolist() == theirs.tolist()

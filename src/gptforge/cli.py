@@ -4,12 +4,17 @@ Bad input ends with one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 
 import torch
 
-DEFAULT_MODEL = "book-124m"
+# A small GPT-2-tokenizer model trained on Tiny Shakespeare, shipped in gptforge/assets (see README).
+DEFAULT_MODEL = "gptforge-shakespeare"
+# The server keeps the seed's untrained model as its default (its tests check the seed's tokens).
+SERVE_DEFAULT_MODEL = "book-124m"
 
 
 class UsageError(Exception):
@@ -139,6 +144,113 @@ def cmd_convert(args: argparse.Namespace) -> None:
           f"{str(model.tok_emb.weight.dtype).removeprefix('torch.')})")
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve the model over HTTP with OpenAI's completions API until SIGINT/SIGTERM."""
+    from .checkpoint import load
+    from .serve import ServeSettings, run_server
+
+    torch.manual_seed(args.seed)
+    model = load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
+                 config=_book_config_arg(args))
+    if args.max_tokens_cap is not None and args.max_tokens_cap > model.cfg.context_length:
+        raise UsageError(f"--max-tokens-cap {args.max_tokens_cap} exceeds the model's context length "
+                         f"{model.cfg.context_length}")
+    settings = ServeSettings(
+        model_name=args.served_model_name or args.model, max_tokens_cap=args.max_tokens_cap,
+        max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size,
+        shutdown_grace_s=args.shutdown_grace,
+    )
+    run_server(model, settings, host=args.host, port=args.port)
+
+
+def _train_options(args: argparse.Namespace) -> dict:
+    """TrainConfig options from a config file and the flags given (flags win)."""
+    from .train import TrainConfig, read_config_file
+
+    options = read_config_file(args.config) if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            options[f.name] = value
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE (a GPTConfig field), got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        options.setdefault("model_overrides", {})
+        options["model_overrides"] = {**options["model_overrides"], key.strip(): value}
+    return options
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or finetune, or resume) a model; exit code 130 when stopped by Ctrl-C after saving."""
+    from .train import train
+
+    result = train(**_train_options(args))
+    val = f", val loss {result.val_loss:.4f} (perplexity {result.val_perplexity:,.2f})" if result.val_loss is not None else ""
+    train_loss = f", train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
+    print(f"{'stopped' if result.interrupted else 'done'} after {result.steps} steps, "
+          f"{result.tokens_seen:,} tokens{train_loss}{val}; checkpoint: {result.checkpoint}")
+    return 130 if result.interrupted else 0
+
+
+def _add_train_parser(verbs: argparse._SubParsersAction) -> None:
+    from .train import TrainConfig
+
+    tr = verbs.add_parser(
+        "train", help="train, finetune or resume a model on text",
+        description="Train on a text file, folder or glob. Flags are TrainConfig fields; a --config "
+                    "JSON/TOML file holds the same keys (flags win). Launch with torchrun for several processes.",
+    )
+    tr.add_argument("--config", metavar="FILE", help="JSON or TOML file of training options")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="change a model config field, e.g. --set context_length=256 (repeatable)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_overrides":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        kw: dict = {"dest": f.name, "default": None, "help": f.metadata["help"]}
+        if kind == "bool":
+            tr.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if kind.startswith("int"):
+            kw["type"] = _non_negative_int
+        elif kind.startswith("float"):
+            kw["type"] = float
+        tr.add_argument(flag, **kw)
+    tr.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptforge", description="GPT-2 from scratch: inspect, generate, train, serve.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
@@ -173,14 +285,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
 
+    srv = verbs.add_parser("serve", help="OpenAI-compatible completions server (loopback by default)")
+    srv.add_argument("--model", default=SERVE_DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {SERVE_DEFAULT_MODEL})")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    srv.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    srv.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    srv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="weights' dtype (default: as stored)")
+    srv.add_argument("--seed", type=_non_negative_int, default=123, help="torch seed for a preset's random weights (default: 123)")
+    srv.add_argument("--max-batch-size", type=_positive_int, default=16, help="sequences decoded together (default: 16)")
+    srv.add_argument("--max-tokens-cap", type=_positive_int, default=None, help="largest max_tokens a request may ask (default: the context length)")
+    srv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
+    srv.add_argument("--shutdown-grace", type=_non_negative_float, default=10.0,
+                     help="seconds in-flight requests may still run after SIGTERM (default: 10)")
+    srv.set_defaults(func=cmd_serve)
+
     conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge or Hugging Face format")
     conv.add_argument("src", metavar="SRC", help="checkpoint directory, book state dict file or hub id")
     conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
-    conv.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically if it exists)")
+    conv.add_argument("--out", required=True, metavar="DIR", help="output directory (an existing checkpoint there is replaced atomically; other contents are refused)")
     conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
     conv.set_defaults(func=cmd_convert)
-    for verb in (info, gen, conv):
+    for verb in (info, gen, conv, srv):
         verb.add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
+
+    _add_train_parser(verbs)
     return parser
 
 
@@ -188,14 +318,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except (UsageError, ValueError, FileNotFoundError) as err:
         print(f"gptforge: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptforge: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

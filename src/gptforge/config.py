@@ -74,11 +74,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GPTConfig:
         """Build from a dict with the seed's keys (others are rejected, naming them)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig keys {unknown}; known keys are {sorted(known)}")
-        return cls(**dict(data))
+        return cls(**known_fields(cls, data, "GPTConfig keys"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> GPTConfig:
@@ -92,6 +88,16 @@ class GPTConfig:
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a JSON object")
         return cls.from_dict(data)
+
+
+def known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """`data` as keyword arguments for the dataclass `cls`; unknown keys raise ValueError naming
+    them and the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known {what} are {sorted(known)}")
+    return dict(data)
 
 
 def as_config(cfg: GPTConfig | Mapping[str, Any] | str) -> GPTConfig:

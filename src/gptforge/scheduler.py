@@ -1,0 +1,424 @@
+"""Continuous batching: many generation requests decoded together, one batched forward step per token.
+
+A `Sequence` is one request to continue one prompt (an OpenAI "choice"). The `BatchScheduler` keeps
+up to `max_batch_size` active sequences and, at each step, runs them through the model as one batch
+of one token each. Sequences join and leave between steps; each keeps its own `GenerationConfig`
+(temperature, top-p, penalties, stop strings) and its own seeded `torch.Generator`, and each token
+goes through `generation.next_tokens` exactly as it would alone.
+
+The batch KV cache (`max_batch_size` rows, `context_length` columns) is laid out like this:
+
+    row 0:  . . . a a a a a a    . = padding (masked out), a/b/c = a sequence's cached positions
+    row 1:  . . . . . . b b b
+    row 2:  c c c c c c c c c
+                            ^ column: every row writes its next token here
+
+Active sequences occupy rows 0..n-1, so a step runs on the first n rows only. Newcomers are
+prefilled together (one left-padded forward pass into a small cache of their own) and copied in,
+right-aligned to the column (left padding); if a prompt is longer than the column, the existing rows are shifted right first. When the
+column reaches the end of the cache, all rows are shifted left by their common padding. A finished
+sequence's row is overwritten by the last row. Position ids are per row (each sequence counts its
+own tokens), so padding changes nothing but the attention mask.
+
+The scheduler runs in its own thread (`start`/`stop`); `submit` and `cancel` may be called from any
+thread, and each sequence's `on_output` callback is called from the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
+from .model import KVCache
+from .tokenizer import Tokenizer, get_tokenizer
+
+log = logging.getLogger(__name__)
+
+FINISH_STOP = "stop"  # a stop token or stop string
+FINISH_LENGTH = "length"  # max_tokens reached
+FINISH_ABORT = "abort"  # ended by a shutdown
+FINISH_ERROR = "error"  # the model step failed
+
+
+class SchedulerClosed(RuntimeError):
+    """The scheduler is shutting down and takes no new sequences."""
+
+
+class SchedulerFull(RuntimeError):
+    """Too many sequences are waiting; try again later."""
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """One token with its log-probability (natural log) under the model's raw distribution."""
+
+    token: str
+    logprob: float | None  # None for a prompt's first token (nothing predicts it)
+    top: dict[str, float] | None  # the most likely alternatives at that position
+    offset: int  # character offset of the token in its text (prompt or completion)
+
+
+@dataclasses.dataclass
+class Output:
+    """What one step of a sequence produced, passed to its `on_output` callback."""
+
+    text: str  # text released by this step (may be "" while a character or stop string is pending)
+    logprobs: list[TokenLogprob]  # this step's tokens, when the sequence asked for logprobs
+    finish_reason: str | None  # None while running; then FINISH_STOP, _LENGTH, _ABORT or _ERROR
+    num_tokens: int  # tokens generated so far (stop tokens included)
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output, when asked for
+    error: str | None = None  # the message, with FINISH_ERROR
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One prompt to continue.
+
+    prompt_ids: the prompt's token ids (at least one).
+    max_tokens: tokens to generate at most; prompt + max_tokens must fit the model's context.
+    config: decoding options (its max_new_tokens and num_return_sequences are ignored: max_tokens
+        counts here, and one Sequence is one continuation). Its seed seeds this sequence's generator.
+    on_output: called from the scheduler thread after each step, last with a finish_reason.
+    logprobs: None for no logprobs, else how many top alternatives to report per token (0..).
+    prompt_logprobs: also report the prompt's tokens' logprobs (OpenAI's echo with logprobs).
+    """
+
+    prompt_ids: list[int]
+    max_tokens: int
+    config: GenerationConfig
+    on_output: Callable[[Output], None]
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    cancelled: bool = False
+    generated: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.generator: torch.Generator | None = None  # made on the model's device at admission
+        self._text: TextStream | None = None
+        self._chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._offset = 0  # characters decoded so far, for token offsets
+
+
+class _RowsView:
+    """The first `n` rows of the batch cache, as `GPTModel.forward` uses a KVCache (views: the
+    model's writes land in the batch cache)."""
+
+    def __init__(self, cache: KVCache, n: int, length: int):
+        self.keys = cache.keys[:, :n]
+        self.values = cache.values[:, :n]
+        self.max_len = cache.max_len
+        self.length = length
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[i], self.values[i]
+
+
+class BatchScheduler:
+    """Decodes many sequences as one batch; see the module docstring for the cache layout.
+
+    model: a GPTModel (put in eval mode here). tokenizer: for stop strings and logprob tokens.
+    max_batch_size: sequences decoded together; more wait their turn, in arrival order.
+    max_waiting: sequences allowed to wait; `submit` raises SchedulerFull beyond it.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, *, max_batch_size: int = 16,
+                 max_waiting: int = 1024):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer or get_tokenizer()
+        self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        self.context_length = model.cfg.context_length
+        self.device = next(model.parameters()).device
+
+        self._cache: KVCache | None = None  # allocated at the first admission
+        self._mask = torch.zeros(max_batch_size, self.context_length, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # cached tokens per row
+        self._next = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # each row's pending token
+        self._column = 0  # the write column shared by all rows
+        self._rows: list[Sequence] = []  # active sequences; index = row
+
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._abort_at: float | None = None  # set by `drain`
+        self.stats = collections.Counter(decode_steps=0, prefills=0, finished=0, cancelled=0)
+
+    # ------------------------------------------------------------------ the API for other threads
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence. Raises ValueError if it cannot fit the context, SchedulerClosed while
+        draining or stopped, SchedulerFull if too many are waiting."""
+        need = len(seq.prompt_ids) + seq.max_tokens
+        if not seq.prompt_ids or need > self.context_length:
+            raise ValueError(f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.max_tokens}) must be "
+                             f"between 1 and the context length {self.context_length}")
+        with self._wakeup:
+            if self._stopping or self._abort_at is not None:
+                raise SchedulerClosed("the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise SchedulerFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(seq)
+            self._wakeup.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence (e.g. its client went away); its row is freed before the next step."""
+        seq.cancelled = True
+
+    def drain(self, grace_s: float) -> None:
+        """Take no new sequences; end the remaining ones with FINISH_ABORT after `grace_s` seconds."""
+        with self._wakeup:
+            self._abort_at = time.monotonic() + grace_s
+            self._wakeup.notify()
+
+    def load(self) -> dict[str, int]:
+        """Active and waiting sequences, and the counters in `stats`."""
+        return {"active": len(self._rows), "waiting": len(self._waiting), **self.stats}
+
+    def start(self) -> None:
+        """Run the scheduler in a daemon thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gptforge-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End every sequence (FINISH_ABORT) and stop the thread."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._end_all(FINISH_ABORT)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._stopping or self._waiting or self._rows):
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as err:  # a failed step must not take the server down: fail its sequences
+                log.exception("generation step failed")
+                self._end_all(FINISH_ERROR, f"generation failed: {type(err).__name__}: {err}")
+
+    def _abort_due(self) -> bool:
+        return self._abort_at is not None and time.monotonic() >= self._abort_at
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One round: drop cancelled rows, admit waiting sequences into free rows (prefilled
+        together), then decode one token for every active row in a single forward pass."""
+        if self._abort_due():
+            self._end_all(FINISH_ABORT)
+            return
+        self._remove([i for i, seq in enumerate(self._rows) if seq.cancelled], cancelled=True)
+        self._admit()
+        if self._rows:
+            self._decode()
+
+    def _admit(self) -> None:
+        """Move waiting sequences into free rows, prefilling the newcomers together."""
+        newcomers = []
+        while len(self._rows) + len(newcomers) < self.max_batch_size:
+            with self._wakeup:
+                if not self._waiting:
+                    break
+                seq = self._waiting.popleft()
+            if seq.cancelled:
+                self.stats["cancelled"] += 1
+            elif seq.max_tokens == 0 and not seq.prompt_logprobs:
+                self._emit(seq, None, None)  # nothing to compute
+            else:
+                newcomers.append(seq)
+        # Prompt logprobs need the logits of every position: those prompts run alone.
+        for seq in [s for s in newcomers if s.prompt_logprobs]:
+            self._prefill([seq], every_position=True)
+        rest = [s for s in newcomers if not s.prompt_logprobs]
+        if rest:
+            self._prefill(rest)
+
+    def _prefill(self, seqs: list[Sequence], every_position: bool = False) -> None:
+        """Run the prompts as one left-padded batch, pick each one's first token, and give a row
+        to each sequence that goes on."""
+        self.stats["prefills"] += 1
+        # Padding is masked out; id 0 exists in every vocabulary (50256 may not).
+        ids, mask = left_pad([s.prompt_ids for s in seqs], pad_token_id=0, device=self.device)  # (k, W) each
+        padded = not bool(mask.all())
+        cache = self.model.new_cache(len(seqs), max_len=ids.shape[1])
+        logits = self.model(
+            ids, cache=cache, positions=positions_from_mask(mask) if padded else None,
+            attention_mask=mask if padded else None, last_only=not every_position,
+        )  # (k, W or 1, V)
+        for j, seq in enumerate(seqs):
+            seq.generator = seq.config.make_generator(self.device)
+            prompt_lp = self._prompt_logprobs(seq, logits[j]) if every_position else None
+            if seq.max_tokens == 0:
+                self._emit(seq, None, None, prompt_lp)
+                continue
+            token = self._pick(seq, logits[j, -1:])
+            if not self._emit(seq, token, logits[j, -1], prompt_lp):
+                self._insert(seq, cache, j, token)
+
+    def _insert(self, seq: Sequence, prefilled: KVCache, j: int, token: int) -> None:
+        """Copy row j of a prefill cache (prompt right-aligned) into a free batch row."""
+        if self._cache is None:
+            self._cache = self.model.new_cache(self.max_batch_size)
+        if not self._rows:
+            self._column = 0
+        p, width = len(seq.prompt_ids), prefilled.max_len
+        if p > self._column:
+            self._shift(p - self._column)
+        row, start = len(self._rows), self._column - p
+        self._cache.keys[:, row, :, start:self._column] = prefilled.keys[:, j, :, width - p:]
+        self._cache.values[:, row, :, start:self._column] = prefilled.values[:, j, :, width - p:]
+        self._mask[row] = 0
+        self._mask[row, start:self._column] = 1
+        self._positions[row] = p
+        self._next[row] = token
+        self._rows.append(seq)
+
+    def _shift(self, delta: int) -> None:
+        """Move every active row's cached positions `delta` columns (right > 0, left < 0)."""
+        n, end = len(self._rows), self._column
+        begin = end - int(self._positions[:n].max()) if n else end  # the leftmost real column
+        if n:
+            for buf in (self._cache.keys, self._cache.values):
+                buf[:, :n, :, begin + delta:end + delta] = buf[:, :n, :, begin:end].clone()
+            kept = self._mask[:n, begin:end].clone()
+            self._mask[:n] = 0
+            self._mask[:n, begin + delta:end + delta] = kept
+        self._column = end + delta
+
+    def _decode(self) -> None:
+        if self._column == self.context_length:
+            # Full: drop the padding that all rows share. Some room is always left, because
+            # prompt + max_tokens <= context and the last token never needs a cache slot.
+            self._shift(-(self._column - int(self._positions[:len(self._rows)].max())))
+        n, col = len(self._rows), self._column
+        self._mask[:n, col] = 1
+        logits = self.model(
+            self._next[:n, None], cache=_RowsView(self._cache, n, col),
+            positions=self._positions[:n, None], attention_mask=self._mask[:n, :col + 1], last_only=True,
+        )[:, 0]  # (n, V)
+        self.stats["decode_steps"] += 1
+        self._column += 1
+        self._positions[:n] += 1
+        tokens, finished = [], []
+        for i, seq in enumerate(self._rows):
+            tokens.append(self._pick(seq, logits[i:i + 1]))
+            if self._emit(seq, tokens[-1], logits[i]):
+                finished.append(i)
+        self._next[:n] = torch.tensor(tokens, device=self.device)
+        self._remove(finished)
+
+    def _remove(self, rows: list[int], cancelled: bool = False) -> None:
+        """Free rows, moving the last active row into each freed one."""
+        for i in sorted(rows, reverse=True):
+            last = len(self._rows) - 1
+            if i != last:
+                col = self._column
+                self._cache.keys[:, i, :, :col] = self._cache.keys[:, last, :, :col]
+                self._cache.values[:, i, :, :col] = self._cache.values[:, last, :, :col]
+                for per_row in (self._mask, self._positions, self._next):
+                    per_row[i] = per_row[last]
+                self._rows[i] = self._rows[last]
+            self._rows.pop()
+            if cancelled:
+                self.stats["cancelled"] += 1
+
+    def _end_all(self, reason: str, error: str | None = None) -> None:
+        """Finish every active and waiting sequence with `reason` (shutdown, or a failed step)."""
+        with self._wakeup:
+            ended = self._rows + list(self._waiting)
+            self._waiting.clear()
+        self._rows = []
+        for seq in ended:
+            if not seq.cancelled and seq.finish_reason is None:
+                self._finish(seq, reason, error)
+
+    # ------------------------------------------------------------------ per-sequence work
+
+    def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """The next token of one sequence from its (1, V) logits, with its own config and generator."""
+        logits = logits[:, :self.tokenizer.vocab_size]  # a padded vocabulary's extra ids have no text
+        context = None
+        if seq.config.needs_context:
+            context = torch.tensor([seq.prompt_ids + seq.generated], device=logits.device)
+        return int(next_tokens(logits, context, seq.config, seq.generator)[0])
+
+    def _emit(self, seq: Sequence, token: int | None, logits: torch.Tensor | None,
+              prompt_lp: list[TokenLogprob] | None = None) -> bool:
+        """Record a sequence's new token and report it; returns whether the sequence is finished."""
+        if seq._text is None:
+            seq._text = TextStream(self.tokenizer, seq.config.stop_strings)
+        text, logprobs, finish = "", [], None
+        if token is None:  # max_tokens == 0
+            finish = FINISH_LENGTH
+        else:
+            seq.generated.append(token)
+            if token in seq.config.stop_token_ids:
+                text, finish = seq._text.finish(), FINISH_STOP
+            else:
+                offset = seq._offset
+                seq._offset += len(seq._chars.decode(self.tokenizer.decode_bytes([token])))
+                text = seq._text.push(token)
+                if seq._text.stopped:
+                    finish = FINISH_STOP
+                elif len(seq.generated) == seq.max_tokens:
+                    text, finish = text + seq._text.finish(), FINISH_LENGTH
+                if seq.logprobs is not None and (not seq._text.stopped or offset < len(seq._text.text)):
+                    logprobs.append(self._token_logprob(token, logits, seq.logprobs, offset))
+        self._deliver(seq, Output(text, logprobs, finish, len(seq.generated), prompt_lp))
+        if finish is not None:
+            seq.finish_reason = finish
+            self.stats["finished"] += 1
+        return finish is not None
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        text = seq._text.finish() if seq._text is not None and reason == FINISH_ABORT else ""
+        seq.finish_reason = reason
+        self._deliver(seq, Output(text, [], reason, len(seq.generated), error=error))
+
+    def _deliver(self, seq: Sequence, output: Output) -> None:
+        try:
+            seq.on_output(output)
+        except Exception:  # a broken receiver cancels its own sequence, nothing else
+            log.exception("on_output failed; cancelling the sequence")
+            seq.cancelled = True
+
+    def _token_logprob(self, token: int, logits: torch.Tensor, top: int, offset: int) -> TokenLogprob:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+        alternatives = None
+        if top > 0:
+            values, ids = torch.topk(logprobs[:self.tokenizer.vocab_size], top)
+            alternatives = {self.tokenizer.decode([i]): v for i, v in zip(ids.tolist(), values.tolist())}
+        return TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), alternatives, offset)
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob]:
+        """Logprobs of each prompt token given the ones before it; logits: (P, V) (the prompt ran alone)."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out, offset = [], 0
+        for i, token in enumerate(seq.prompt_ids):
+            if i == 0:
+                out.append(TokenLogprob(self.tokenizer.decode([token]), None, None, 0))
+            else:
+                out.append(self._token_logprob(token, logits[i - 1], seq.logprobs or 0, offset))
+            offset += len(decoder.decode(self.tokenizer.decode_bytes([token])))
+        return out

@@ -1,0 +1,502 @@
+"""An OpenAI-compatible completions server (FastAPI + uvicorn) over the batching scheduler.
+
+    POST /v1/completions   prompt(s) -> completions, plain JSON or server-sent events (`stream`)
+    GET  /v1/models        the one model served; GET /v1/models/{id} for it alone
+    GET  /health           liveness and load: active and waiting sequences, counters
+
+GPT-2 is a base model, so this is the completions API (not chat). Every choice of every request
+becomes a `scheduler.Sequence`; the `BatchScheduler` decodes all active ones together. Errors use
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 400 for bad parameters,
+404 for an unknown model or route, 413 for an oversized body, 503 while shutting down or full.
+On SIGTERM the server stops accepting connections, lets in-flight requests run for
+`shutdown_grace_s`, then ends the rest with `finish_reason: "abort"` and a proper end of stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch.nn as nn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .generation import GenerationConfig, prompt_ids
+from .scheduler import (
+    FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, Sequence, TokenLogprob,
+)
+from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # per stop string: each generated token is checked against every one
+MAX_LOGPROBS = 5  # as OpenAI's completions API
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """What the server accepts and how it batches.
+
+    model_name: the id clients put in `model` (and that /v1/models lists).
+    max_tokens_cap: the largest `max_tokens` a request may ask for (None: the context length).
+    max_body_bytes: larger request bodies get 413.
+    max_choices: prompts x n per request.
+    max_batch_size: sequences decoded together; max_waiting: sequences queued behind them.
+    shutdown_grace_s: on SIGTERM, how long in-flight requests may still run before being ended.
+    """
+
+    model_name: str
+    max_tokens_cap: int | None = None
+    max_body_bytes: int = 1 << 20
+    max_choices: int = 64
+    max_batch_size: int = 16
+    max_waiting: int = 1024
+    shutdown_grace_s: float = 10.0
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+# --------------------------------------------------------------------------- the request
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions: OpenAI's fields; null means the default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    temperature: float | None = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    n: int | None = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    best_of: int | None = Field(None, ge=1)
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    user: str | None = None
+
+
+@dataclasses.dataclass
+class _Prompt:
+    text: str | None  # what `echo` repeats (decoded from the ids for a token-id prompt)
+    ids: list[int]
+
+
+def _parse_request(data: Any) -> CompletionRequest:
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return CompletionRequest.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        if param == "prompt":
+            message = "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+        elif first["type"] == "extra_forbidden":
+            message = f"unrecognized request argument supplied: {param}"
+        else:
+            message = f"{param}: {first['msg']}"
+        raise APIError(400, message, param=param) from None
+
+
+def _prompts(req: CompletionRequest, tokenizer: Tokenizer, vocab_size: int) -> list[_Prompt]:
+    raw = req.prompt
+    if isinstance(raw, str):
+        raw = [raw]
+    elif raw and isinstance(raw[0], int):
+        raw = [raw]  # one prompt given as token ids
+    if not raw:
+        raise APIError(400, "prompt must not be an empty list", param="prompt")
+    prompts = []
+    for item in raw:
+        if isinstance(item, str):
+            prompt = _Prompt(item, prompt_ids(item, tokenizer))
+        elif not item:
+            raise APIError(400, "a token-id prompt must hold at least one id", param="prompt")
+        else:
+            prompt = _Prompt(None, list(item))
+        # Ids must be readable by the model and writable by the tokenizer (a model's vocabulary may
+        # be smaller, e.g. a toy model, or larger, e.g. padded to 50304).
+        bad = [i for i in prompt.ids if not 0 <= i < min(vocab_size, tokenizer.vocab_size)]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary "
+                                f"[0, {min(vocab_size, tokenizer.vocab_size)})",
+                           param="prompt")
+        if prompt.text is None:
+            prompt.text = tokenizer.decode(prompt.ids)
+        prompts.append(prompt)
+    return prompts
+
+
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
+    if not all(stops):
+        raise APIError(400, "stop strings must not be empty", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop strings may be at most {MAX_STOP_CHARS} characters long", param="stop")
+    return tuple(stops)
+
+
+def _check_unsupported(req: CompletionRequest) -> None:
+    n = req.n or 1
+    if req.best_of is not None and req.best_of != n:
+        raise APIError(400, "best_of is not supported (leave it out or set it equal to n)", param="best_of")
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if req.suffix:
+        raise APIError(400, "suffix is not supported: GPT-2 only continues text", param="suffix")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+
+
+# --------------------------------------------------------------------------- the response
+
+def _logprobs_json(entries: list[TokenLogprob], shift: int = 0) -> dict[str, list[Any]]:
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [e.top for e in entries],
+        "text_offset": [e.offset + shift for e in entries],
+    }
+
+
+def _merge_logprobs(a: dict[str, list[Any]] | None, b: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return b if a is None else {k: a[k] + b[k] for k in a}
+
+
+@dataclasses.dataclass
+class _Choice:
+    """One choice's progress: its prompt, the text so far and, with logprobs, the entries so far."""
+
+    prompt: _Prompt
+    echo: bool
+    want_logprobs: bool
+    text: str = ""
+    logprobs: dict[str, list[Any]] | None = None
+    finish_reason: str | None = None
+    tokens: int = 0
+    started: bool = False
+
+    def add(self, out: Output) -> tuple[str, dict[str, list[Any]] | None]:
+        """Fold in one output; returns its text and logprobs as a stream chunk shows them."""
+        text, lp = out.text, None
+        if not self.started:
+            self.started = True
+            if self.echo:
+                text = self.prompt.text + text
+                if self.want_logprobs and out.prompt_logprobs is not None:
+                    lp = _logprobs_json(out.prompt_logprobs)
+        if self.want_logprobs:
+            shift = len(self.prompt.text) if self.echo else 0  # offsets count from the choice's text start
+            lp = _merge_logprobs(lp, _logprobs_json(out.logprobs, shift))
+            self.logprobs = _merge_logprobs(self.logprobs, lp)
+        self.text += text
+        self.tokens = out.num_tokens
+        self.finish_reason = out.finish_reason
+        return text, lp
+
+
+def _plan(req: CompletionRequest, settings: ServeSettings, tokenizer: Tokenizer, vocab_size: int,
+          context_length: int) -> tuple[list[_Prompt], int, GenerationConfig]:
+    """Check a request against the server's limits: its prompts, max_tokens and decoding config."""
+    _check_unsupported(req)
+    n = req.n or 1
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    cap = settings.max_tokens_cap or context_length
+    if max_tokens > cap:
+        raise APIError(400, f"max_tokens is {max_tokens}, above this server's cap of {cap}", param="max_tokens")
+    prompts = _prompts(req, tokenizer, vocab_size)
+    if len(prompts) * n > settings.max_choices:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices; this server "
+                            f"allows {settings.max_choices} per request", param="n")
+    for p in prompts:
+        if len(p.ids) + max_tokens > context_length:
+            raise APIError(
+                400, f"This model's maximum context length is {context_length} tokens, however you requested "
+                     f"{len(p.ids) + max_tokens} tokens ({len(p.ids)} in your prompt; {max_tokens} for the "
+                     f"completion). Please reduce your prompt or completion length.",
+                param="prompt", code="context_length_exceeded")
+    if req.seed is not None and req.seed + len(prompts) * n - 1 > MAX_SEED:
+        raise APIError(400, f"seed must be at most {MAX_SEED - len(prompts) * n + 1}", param="seed")
+    try:
+        config = GenerationConfig(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            stop_strings=_stop_strings(req.stop), stop_token_ids=(ENDOFTEXT_ID,),
+        )
+    except ValueError as err:
+        raise APIError(400, str(err)) from None
+    return prompts, max_tokens, config
+
+
+class _Completion:
+    """One request in flight: a Sequence per choice, whose outputs arrive on `queue` (the scheduler
+    thread hands them to the event loop), folded into choices for the JSON body or SSE chunks."""
+
+    def __init__(self, req: CompletionRequest, prompts: list[_Prompt], max_tokens: int,
+                 config: GenerationConfig, model_name: str, loop: asyncio.AbstractEventLoop):
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.prompts = prompts
+        self.include_usage = req.stream_options is not None and req.stream_options.include_usage
+        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                     "model": model_name}
+        self.choices: list[_Choice] = []
+        self.seqs: list[Sequence] = []
+        for p in prompts:
+            for _ in range(req.n or 1):
+                index = len(self.choices)
+                # Choice i of a request with seed s samples as a lone request with seed s + i would.
+                seed = None if req.seed is None else req.seed + index
+                self.choices.append(_Choice(p, bool(req.echo), req.logprobs is not None))
+                self.seqs.append(Sequence(
+                    p.ids, max_tokens, config.replace(seed=seed),
+                    on_output=lambda out, i=index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, out)),
+                    logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
+                ))
+
+    def cancel(self, scheduler: BatchScheduler) -> None:
+        """Free every sequence still running (a no-op for finished ones)."""
+        for seq in self.seqs:
+            scheduler.cancel(seq)
+
+    def usage(self) -> dict[str, int]:
+        prompt_tokens = sum(len(p.ids) for p in self.prompts)
+        completion_tokens = sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    async def collect(self, outputs: AsyncIterator[tuple[int, Output]]) -> dict[str, Any]:
+        """The whole completion, as one JSON body."""
+        async for index, out in outputs:
+            if out.finish_reason == FINISH_ERROR:
+                raise APIError(500, out.error or "generation failed")
+            self.choices[index].add(out)
+        return {**self.head, "choices": [
+            {"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            for i, c in enumerate(self.choices)
+        ], "usage": self.usage()}
+
+    async def events(self, outputs: AsyncIterator[tuple[int, Output]],
+                     scheduler: BatchScheduler) -> AsyncIterator[str]:
+        """The completion as server-sent events: a chunk per step and choice, then [DONE]."""
+        try:
+            async for index, out in outputs:
+                if out.finish_reason == FINISH_ERROR:
+                    yield _sse(APIError(500, out.error or "generation failed").body())
+                    return
+                text, lp = self.choices[index].add(out)
+                if not text and lp is None and out.finish_reason is None:
+                    continue  # text held back (a partial character or a possible stop string)
+                yield _sse({**self.head, "choices": [
+                    {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}]})
+            if self.include_usage:
+                yield _sse({**self.head, "choices": [], "usage": self.usage()})
+            yield _sse("[DONE]")
+        finally:
+            self.cancel(scheduler)
+
+
+# --------------------------------------------------------------------------- the app
+
+class _ClientGone(Exception):
+    pass
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events whose generator is always closed, also when the client goes away
+    mid-stream (Starlette only stops iterating), so its `finally` frees the sequences at once."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
+    """The FastAPI app: starts the scheduler's thread on startup and stops it on shutdown."""
+    tokenizer = scheduler.tokenizer
+    context_length = scheduler.context_length
+    vocab_size = scheduler.model.cfg.vocab_size
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="gptforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if err.status_code == 404 else None
+        return APIError(err.status_code, str(err.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return APIError(500, "internal server error").response()
+
+    def model_card() -> dict[str, Any]:
+        return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "gptforge"}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": settings.model_name, **scheduler.load()}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != settings.model_name:
+            raise _unknown_model(model_id)
+        return model_card()
+
+    def _unknown_model(name: str) -> APIError:
+        return APIError(404, f"The model '{name}' does not exist; this server serves '{settings.model_name}'",
+                        param="model", code="model_not_found")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = _parse_request(await _read_json(request, settings.max_body_bytes))
+        if req.model != settings.model_name:
+            raise _unknown_model(req.model)
+        prompts, max_tokens, config = _plan(req, settings, tokenizer, vocab_size, context_length)
+        job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop())
+        try:
+            for seq in job.seqs:
+                scheduler.submit(seq)
+        except (SchedulerClosed, SchedulerFull) as err:
+            job.cancel(scheduler)
+            raise APIError(503, str(err)) from None
+        outputs = _outputs(job.queue, request, len(job.seqs))
+        if req.stream:
+            return _EventStream(job.events(outputs, scheduler), media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            return JSONResponse(await job.collect(outputs))
+        except _ClientGone:
+            return Response(status_code=499)
+        finally:
+            job.cancel(scheduler)
+
+    return app
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON, refusing more than `limit` bytes (413) before reading them all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                       code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise APIError(400, "the request body is not valid JSON") from None
+
+
+async def _outputs(queue: asyncio.Queue, request: Request, count: int) -> AsyncIterator[tuple[int, Output]]:
+    """The outputs of `count` sequences as they arrive, until each has finished; raises _ClientGone
+    when the client disconnects while waiting."""
+    remaining = count
+    while remaining:
+        try:
+            index, out = await asyncio.wait_for(queue.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise _ClientGone from None
+            continue
+        if out.finish_reason is not None:
+            remaining -= 1
+        yield index, out
+
+
+# --------------------------------------------------------------------------- running it
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine (127.0.0.0/8, ::1 or localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_server(model: nn.Module, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
+               tokenizer: Tokenizer | None = None, log_level: str = "info") -> None:
+    """Serve `model` until SIGINT/SIGTERM. Binds loopback unless `host` says otherwise."""
+    import uvicorn
+
+    if not is_loopback(host):
+        log.warning("binding %s: the server is reachable from other machines", host)
+    scheduler = BatchScheduler(model, tokenizer or get_tokenizer(), max_batch_size=settings.max_batch_size,
+                               max_waiting=settings.max_waiting)
+    app = create_app(scheduler, settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=settings.shutdown_grace_s + 5)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Before uvicorn waits for open connections: bound how long in-flight streams may run.
+            scheduler.drain(settings.shutdown_grace_s)
+            super().handle_exit(sig, frame)
+
+    DrainingServer(config).run()

@@ -1,0 +1,140 @@
+"""Data: streaming tokenization into uint16 token files, the book's split and sliding windows,
+the DataLoader's use of the global RNG, and clear errors for bad data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptforge import data
+from gptforge.data import TokenWindows, batch_indices, draw_loader_seed, permutation, tokenize_corpus
+from gptforge.tokenizer import get_tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VERDICT = DATA / "the-verdict.txt"
+SHAKESPEARE = DATA / "tinyshakespeare.txt"
+needs_verdict = pytest.mark.skipif(not VERDICT.exists(), reason=f"{VERDICT} is not available")
+needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is not available")
+
+
+def _encode(text: str) -> list[int]:
+    return get_tokenizer().encode(text)
+
+
+@needs_verdict
+def test_split_and_tokens_match_the_book(tmp_path):
+    text = VERDICT.read_text(encoding="utf-8")
+    split = int(0.9 * len(text))  # the book's chapter-5 split, by characters
+    corpus = tokenize_corpus(VERDICT, tmp_path, val_fraction=0.1)
+    assert corpus.train().dtype == np.uint16
+    assert corpus.train().tolist() == _encode(text[:split])
+    assert corpus.val().tolist() == _encode(text[split:])
+    assert len(_encode(text)) == 5145  # the seed's figure for the whole story
+
+
+@needs_shakespeare
+def test_streaming_in_small_chunks_gives_the_same_tokens_as_the_whole_text(tmp_path, monkeypatch):
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
+    src = tmp_path / "part.txt"
+    src.write_text(text + "  \n\n  trailing   spaces and\n\n\nnewlines   ")
+    monkeypatch.setattr(data, "CHUNK_CHARS", 997)  # hundreds of chunk boundaries
+    corpus = tokenize_corpus(src, tmp_path / "tok", val_fraction=0.0)
+    assert corpus.train().tolist() == _encode(src.read_text())
+    assert corpus.val() is None
+
+
+def test_folder_and_glob_join_documents_with_endoftext(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("First document.")
+    (folder / "sub" / "b.txt").write_text("Second one here.")
+    (folder / ".hidden.txt").write_text("not read")
+    eot = get_tokenizer().eot_id
+    expected = _encode("First document.") + [eot] + _encode("Second one here.")
+    assert tokenize_corpus(folder, tmp_path / "t1", val_fraction=0).train().tolist() == expected
+    assert tokenize_corpus(str(folder / "**" / "*.txt"), tmp_path / "t2", val_fraction=0).train().tolist() == expected
+
+
+def test_token_files_are_reused_and_rebuilt_when_the_text_changes(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text("one two three four five six seven")
+    tokenize_corpus(src, tmp_path / "tok", val_fraction=0)
+    stamp = (tmp_path / "tok" / "train.bin").stat().st_mtime_ns
+    tokenize_corpus(src, tmp_path / "tok", val_fraction=0)
+    assert (tmp_path / "tok" / "train.bin").stat().st_mtime_ns == stamp
+    src.write_text("something else entirely, and longer than before")
+    corpus = tokenize_corpus(src, tmp_path / "tok", val_fraction=0)
+    assert corpus.train().tolist() == _encode(src.read_text())
+
+
+@needs_verdict
+def test_windows_and_loader_match_the_books_dataloader():
+    from llms_from_scratch.ch02 import GPTDatasetV1
+
+    text = VERDICT.read_text(encoding="utf-8")
+    tokens = np.array(_encode(text), dtype=np.uint16)
+    for max_length, stride in ((256, 256), (8, 3), (4, 1)):
+        book = GPTDatasetV1(text, get_tokenizer().encoding, max_length, stride)
+        ours = TokenWindows(tokens, max_length, stride)
+        assert len(ours) == len(book)
+        for i in (0, 1, len(book) // 2, len(book) - 1):
+            x, y = ours[i]
+            assert torch.equal(x, book[i][0]) and torch.equal(y, book[i][1])
+
+    # The book's shuffled, drop_last DataLoader: same batches, and the same global RNG afterwards.
+    book = GPTDatasetV1(text, get_tokenizer().encoding, 256, 256)
+    ours = TokenWindows(tokens, 256)
+    torch.manual_seed(123)
+    loader = torch.utils.data.DataLoader(book, batch_size=2, shuffle=True, drop_last=True)
+    book_batches = [x for x, _ in loader]
+    book_after = torch.rand(3)
+    torch.manual_seed(123)
+    seed = draw_loader_seed(shuffle=True)
+    ours_batches = [ours.batch(b)[0] for b in batch_indices(len(ours), 2, order=permutation(len(ours), seed), drop_last=True)]
+    assert torch.equal(torch.rand(3), book_after)
+    assert len(ours_batches) == len(book_batches) == 10  # 20 windows of the whole story
+    assert all(torch.equal(a, b) for a, b in zip(ours_batches, book_batches))
+    # An unshuffled loader draws one number (its base seed).
+    torch.manual_seed(5)
+    list(torch.utils.data.DataLoader(book, batch_size=2))
+    after = torch.rand(2)
+    torch.manual_seed(5)
+    assert draw_loader_seed(shuffle=False) is None
+    assert torch.equal(torch.rand(2), after)
+
+
+def test_batch_indices_keep_or_drop_the_last_batch():
+    assert batch_indices(5, 2) == [[0, 1], [2, 3], [4]]
+    assert batch_indices(5, 2, drop_last=True) == [[0, 1], [2, 3]]
+    assert batch_indices(3, 2, order=[2, 0, 1]) == [[2, 0], [1]]
+
+
+def test_bad_data_gets_clear_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        tokenize_corpus(empty, tmp_path / "a")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"abc\x00\x01\x02def")
+    with pytest.raises(ValueError, match="binary"):
+        tokenize_corpus(binary, tmp_path / "b")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        tokenize_corpus(latin1, tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        tokenize_corpus(tmp_path / "missing.txt", tmp_path / "d")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(FileNotFoundError, match="no files"):
+        tokenize_corpus(tmp_path / "nothing", tmp_path / "e")
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        tokenize_corpus(str(tmp_path / "*.md"), tmp_path / "f")
+    with pytest.raises(ValueError, match="val_fraction"):
+        tokenize_corpus(latin1, tmp_path / "g", val_fraction=1.0)
+    with pytest.raises(ValueError, match="shorter than one window"):
+        TokenWindows(np.arange(10, dtype=np.uint16), context_length=10)
+    with pytest.raises(ValueError, match="stride"):
+        TokenWindows(np.arange(100, dtype=np.uint16), context_length=10, stride=0)

@@ -1,0 +1,198 @@
+"""The batching scheduler, in process: every sequence decoded in a shared batch must equal what the
+library's own `generate` gives it alone, and the batch must take one forward step per token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptforge import GPTModel, generate
+from gptforge.generation import GenerationConfig, prompt_ids
+from gptforge.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, BatchScheduler, Sequence
+
+# A 512-token vocabulary (GPT-2's first 512 ids: bytes and early merges) keeps sampling over the
+# vocabulary cheap; the HTTP tests use the full one.
+TINY = {"vocab_size": 512, "context_length": 32, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
+        "drop_rate": 0.0, "qkv_bias": True}
+PROMPTS = ["Hello, I am", "The quick brown fox jumps over the lazy dog", "A", "Once upon a time there was",
+           "x y z", "In 1999, the", "Every effort moves you", "import torch"]
+
+
+def ids_of(text: str) -> list[int]:
+    return [i % TINY["vocab_size"] for i in prompt_ids(text)]
+
+
+@pytest.fixture(scope="module")
+def model() -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(TINY).eval()
+
+
+def alone(model, ids, max_tokens, **options):
+    """The reference: the library's KV-cached generate on this prompt alone."""
+    out = generate(model, torch.tensor([ids]), max_tokens, stop_token_ids=(), **options)
+    return out[0, len(ids):].tolist()
+
+
+def make_seq(ids, max_tokens, outputs, **options):
+    config = GenerationConfig(stop_token_ids=(), **options)
+    return Sequence(ids, max_tokens, config, on_output=outputs.append)
+
+
+def run_to_end(scheduler, limit=1000):
+    steps = 0
+    while scheduler.load()["active"] or scheduler.load()["waiting"]:
+        scheduler.step()
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+def test_concurrent_greedy_sequences_equal_alone_in_one_step_per_token(model):
+    scheduler = BatchScheduler(model, max_batch_size=8)
+    seqs, outputs = [], []
+    for i, prompt in enumerate(PROMPTS):
+        out: list = []
+        seqs.append(make_seq(ids_of(prompt), 6 + i, out))
+        outputs.append(out)
+        scheduler.submit(seqs[-1])
+    run_to_end(scheduler)
+    # Batched: the longest sequence's tokens, minus the one its prefill picks; alone would be sum(...).
+    assert scheduler.stats["decode_steps"] == max(s.max_tokens for s in seqs) - 1
+    for seq, out in zip(seqs, outputs):
+        assert seq.generated == alone(model, seq.prompt_ids, seq.max_tokens)
+        assert out[-1].finish_reason == FINISH_LENGTH and out[-1].num_tokens == seq.max_tokens
+        assert sum(len(o.text) for o in out) > 0
+
+
+def test_joining_leaving_shifting_and_compacting_keep_results_exact(model):
+    # A 32-position context and newcomers of every length force each layout move: a prompt longer
+    # than the column joins (existing rows shift right), the column reaches the end (rows shift
+    # left), rows leave mid-batch (the last row moves into the gap).
+    scheduler = BatchScheduler(model, max_batch_size=3)
+    shifts = []
+    shift = scheduler._shift
+    scheduler._shift = lambda delta: (shifts.append((delta, scheduler.load()["active"])), shift(delta))
+    plan = [(2, 20), (14, 6), (5, 12), (22, 4), (1, 9), (9, 14), (3, 3)]  # (prompt tokens, max_tokens)
+    words = ids_of(" ".join(PROMPTS))
+    seqs = []
+    for i, (length, max_tokens) in enumerate(plan):
+        seqs.append(make_seq(words[i:i + length], max_tokens, []))
+        scheduler.submit(seqs[-1])
+        scheduler.step()  # one joins per step, while others run
+        scheduler.step()
+    run_to_end(scheduler)
+    assert any(d > 0 and active > 0 for d, active in shifts), shifts
+    assert any(d < 0 and active > 0 for d, active in shifts), shifts
+    for seq in seqs:
+        assert seq.generated == alone(model, seq.prompt_ids, seq.max_tokens), seq.prompt_ids
+
+
+def test_each_sequence_samples_with_its_own_settings_and_seed(model):
+    scheduler = BatchScheduler(model, max_batch_size=4)
+    settings = [dict(temperature=0.8, top_p=0.9, seed=1), dict(temperature=1.5, seed=2),
+                dict(), dict(temperature=1.0, top_k=5, seed=3)]
+    seqs = [make_seq(ids_of(PROMPTS[i]), 10, [], **s) for i, s in enumerate(settings)]
+    for seq in seqs:
+        scheduler.submit(seq)
+    run_to_end(scheduler)
+    for seq, s in zip(seqs, settings):
+        assert seq.generated == alone(model, seq.prompt_ids, 10, **s)
+
+
+def test_stop_strings_and_logprobs(model):
+    ids = ids_of(PROMPTS[0])
+    greedy = alone(model, ids, 12)
+    scheduler = BatchScheduler(model)
+    full_text = scheduler.tokenizer.decode(greedy)
+    stop = full_text[len(full_text) // 2:len(full_text) // 2 + 3]
+    out: list = []
+    seq = Sequence(ids, 12, GenerationConfig(stop_strings=(stop,), stop_token_ids=()), out.append, logprobs=2)
+    scheduler.submit(seq)
+    run_to_end(scheduler)
+    text = "".join(o.text for o in out)
+    assert text == full_text[:full_text.index(stop)] and out[-1].finish_reason == "stop"
+    logits = model(torch.tensor([ids + greedy]))[0]  # (T, V)
+    expected = torch.log_softmax(logits, -1)[len(ids) - 1:-1].gather(1, torch.tensor(greedy)[:, None])[:, 0]
+    got = [lp.logprob for o in out for lp in o.logprobs]
+    torch.testing.assert_close(torch.tensor(got), expected[:len(got)], atol=1e-4, rtol=1e-4)
+    assert all(len(lp.top) == 2 and max(lp.top.values()) == pytest.approx(lp.logprob, abs=1e-5)
+               for o in out for lp in o.logprobs)  # greedy: the chosen token is the most likely
+
+
+def test_cancel_frees_the_row_and_drain_aborts(model):
+    scheduler = BatchScheduler(model, max_batch_size=2)
+    outs = [[], [], []]
+    seqs = [make_seq(ids_of(PROMPTS[i]), 20, outs[i]) for i in range(3)]
+    for seq in seqs:
+        scheduler.submit(seq)
+    scheduler.step()
+    assert scheduler.load()["active"] == 2 and scheduler.load()["waiting"] == 1
+    scheduler.cancel(seqs[0])
+    scheduler.step()
+    assert scheduler.stats["cancelled"] == 1 and seqs[2] in scheduler._rows
+    scheduler.drain(0.0)
+    scheduler.step()
+    assert scheduler.load()["active"] == 0
+    assert outs[1][-1].finish_reason == FINISH_ABORT and outs[2][-1].finish_reason == FINISH_ABORT
+    with pytest.raises(RuntimeError, match="shutting down"):
+        scheduler.submit(make_seq([1], 1, []))
+
+
+def test_a_failing_step_fails_its_sequences_and_the_thread_carries_on(model, monkeypatch):
+    scheduler = BatchScheduler(model)
+    forward = model.forward
+    calls = {"n": 0}
+
+    def broken_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return forward(*args, **kwargs)
+
+    import threading
+
+    done = threading.Event()
+    out1: list = []
+    monkeypatch.setattr(model, "forward", broken_once)
+    scheduler.start()
+    try:
+        scheduler.submit(make_seq([1, 2, 3], 5, out1))
+        for _ in range(200):
+            if out1 and out1[-1].finish_reason:
+                break
+            done.wait(0.01)
+        assert out1[-1].finish_reason == FINISH_ERROR and "boom" in out1[-1].error
+        out2: list = []
+        scheduler.submit(make_seq([1, 2, 3], 5, out2))
+        for _ in range(500):
+            if out2 and out2[-1].finish_reason:
+                break
+            done.wait(0.01)
+        assert out2[-1].finish_reason == FINISH_LENGTH and out2[-1].num_tokens == 5
+    finally:
+        scheduler.stop()
+
+
+def test_submit_rejects_what_cannot_fit(model):
+    scheduler = BatchScheduler(model)
+    with pytest.raises(ValueError, match="context length 32"):
+        scheduler.submit(make_seq(list(range(30)), 3, []))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        BatchScheduler(model, max_batch_size=0)
+
+
+def test_a_padded_vocabulary_never_yields_ids_without_text():
+    # nanoGPT-style vocabularies are padded to 50304; ids >= 50257 have no text, so they are never
+    # picked, even when the model prefers them.
+    torch.manual_seed(0)
+    model = GPTModel({**TINY, "vocab_size": 50304}).eval()
+    with torch.no_grad():
+        model.out_head.weight[50257:] = model.out_head.weight[:47] * 100  # make the padding ids win
+    assert int(model(torch.tensor([[1, 2, 3]]))[0, -1].argmax()) >= 50257
+    scheduler = BatchScheduler(model)
+    out: list = []
+    seq = Sequence([1, 2, 3], 5, GenerationConfig(stop_token_ids=()), out.append, logprobs=3)
+    scheduler.submit(seq)
+    run_to_end(scheduler)
+    assert out[-1].finish_reason == FINISH_LENGTH and all(t < 50257 for t in seq.generated)

@@ -236,8 +236,7 @@ class GPTModel(nn.Module):
         if attention_mask is not None or (start > 0 and t > 1):
             attn_mask = _attention_mask(t, start, attention_mask, in_idx.device)
         for i, block in enumerate(self.trf_blocks):
-            kv = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x = block(x, kv, start, attention_mask, attn_mask)
+            x = block(x, cache.layer(i) if cache is not None else None, start, attention_mask, attn_mask)
         if cache is not None:
             cache.length = start + t
         if last_only:

@@ -8,7 +8,7 @@ from gptforge.cli import build_parser, main
 
 
 def test_cli_streams_the_seed_sentence(capsys):
-    assert main(["generate", "Hello, I am", "--max-new-tokens", "6"]) == 0
+    assert main(["generate", "Hello, I am", "--model", "book-124m", "--seed", "123", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == "Hello, I am Featureiman Byeswickattribute argue\n"
 
 
@@ -38,6 +38,6 @@ def test_cli_flags_reach_the_generation_config():
     (["--stop-token-ids", "a,b"], "--stop-token-ids"), (["--model", "nope"], "nope"),
 ])
 def test_cli_bad_values_are_one_line_exit_2(capsys, argv, message):
-    assert main(["generate", "x", *argv]) == 2
+    assert main(["generate", "x", "--model", "book-124m", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -163,9 +163,10 @@ class KVCache:
         if not 0 < max_len <= cfg.context_length:
             raise ValueError(f"max_len must be in [1, {cfg.context_length}], got {max_len}")
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
-        # Uninitialised: attention only reads positions [0, length), which are always written first.
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        # Zeros, not torch.empty: a padded slot is read under a zero attention weight, and 0 * NaN
+        # from uninitialised memory would poison the row.
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
 

@@ -164,8 +164,8 @@ class KVCache:
         if not 0 < max_len <= cfg.context_length:
             raise ValueError(f"max_len must be in [1, {cfg.context_length}], got {max_len}")
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
-        # Zeros, not torch.empty: a masked (never written) slot must still be finite, since a NaN
-        # key or value poisons attention even where the mask gives it zero weight.
+        # Zeros, not torch.empty: a padded slot is read under a zero attention weight, and 0 * NaN
+        # from uninitialised memory would poison the row.
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len

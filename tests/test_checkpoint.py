@@ -219,3 +219,16 @@ def test_training_state_that_weights_only_cannot_read_is_refused_at_save(tmp_pat
     with pytest.raises(ValueError, match=r"training_state\['rng'\]\['numpy'\] is a numpy.ndarray"):
         gptforge.save(model, tmp_path / "bad", training_state={"rng": {"numpy": np.zeros(3)}})
     assert not (tmp_path / "bad").exists()
+
+
+def test_save_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match=r"holds other things than a checkpoint \(notes.txt\); refusing"):
+        gptforge.save(_tiny(), project)
+    assert (project / "notes.txt").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
+    gptforge.save(_tiny(), tmp_path / "empty", format="hf")  # an empty directory is fine
+    gptforge.save(_tiny(), tmp_path / "empty")  # and so is a checkpoint, in either format
+    assert gptforge.load(tmp_path / "empty").cfg == TINY

@@ -171,7 +171,7 @@ def test_directory_that_is_no_checkpoint(tmp_path):
 # Hub ids, through a hub cache prepared here; HF_HUB_OFFLINE=1 so nothing touches the network.
 
 
-def _hub_cache(tmp_path, hf_dir, repo_id="tiny-org/tiny-gpt2"):
+def _hub_cache(tmp_path, hf_dir, repo_id="tiny-org/tiny-gpt2", files=("config.json", "model.safetensors")):
     """The huggingface_hub cache layout: models--ORG--NAME/{refs/main, snapshots/COMMIT/...}."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))
@@ -179,7 +179,7 @@ def _hub_cache(tmp_path, hf_dir, repo_id="tiny-org/tiny-gpt2"):
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    for name in ("config.json", "model.safetensors"):
+    for name in files:
         (snapshot / name).write_bytes((hf_dir / name).read_bytes())
     return tmp_path / "hub"
 
@@ -196,6 +196,11 @@ def test_hub_id_from_the_cache_offline(tmp_path, hf_dir, monkeypatch):
         assert torch.equal(model.state_dict()[key], value)
     with pytest.raises(FileNotFoundError, match=r"no preset or file named 'gpt2'.*offline.*pass its directory"):
         gptforge.load("gpt2")
+    # Only the config cached: enough for its shape, not for the model.
+    _hub_cache(tmp_path, hf_dir, "tiny-org/config-only", files=("config.json",))
+    assert gptforge.checkpoint.load_config("tiny-org/config-only") == direct.cfg
+    with pytest.raises(FileNotFoundError, match="offline"):
+        gptforge.load("tiny-org/config-only")
 
 
 def test_cli_hub_id_offline_and_missing(tmp_path, hf_dir):

@@ -61,16 +61,19 @@ def _route(name: str, ref, tmp_path) -> gptforge.GPTModel:
         ref.save_pretrained(hf_dir)
     if name == "hf-safetensors":
         return gptforge.load(hf_dir)
-    if name == "hf-bare-GPT2Model":
+    if name == "hf-bare-GPT2Model":  # the layout of the hub's gpt2 model.safetensors
         bare = tmp_path / "bare"
         ref.transformer.save_pretrained(bare)
+        tensors = read_safetensors(bare / "model.safetensors")
+        assert not any(k.startswith("transformer.") for k in tensors)
+        n = ref.config.n_positions
+        for i in range(ref.config.n_layer):  # the hub files still carry the causal-mask buffers
+            tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
         if not ref.config.tie_word_embeddings:  # a bare model has no head: keep the head in the file
-            tensors = read_safetensors(bare / "model.safetensors")
             tensors["lm_head.weight"] = ref.lm_head.weight.detach()
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(bare / "model.safetensors"),
-                      metadata={"format": "pt"})
-        assert not any(k.startswith("transformer.") for k in read_safetensors(bare / "model.safetensors"))
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(bare / "model.safetensors"),
+                  metadata={"format": "pt"})
         return gptforge.load(bare)
     if name == "hf-pytorch_model.bin":
         _write_bin(ref, tmp_path / "bin")

@@ -229,3 +229,14 @@ def test_generation_restores_training_mode():
     model.train()
     generate(model, torch.tensor([[1]]), 3)
     assert model.training and torch.is_grad_enabled()
+
+
+def test_only_the_last_position_reaches_the_head():
+    model = tiny_model()
+    seen = []
+    hook = model.out_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        generate(model, torch.tensor([[1, 2, 3, 4, 5]]), 4, stop_token_ids=())
+    finally:
+        hook.remove()
+    assert seen == [(1, 1, TINY.emb_dim)] * 4  # the prefill's 5 positions included: only the last

@@ -29,6 +29,9 @@ def test_float32_relayout_keeps_state_dict_and_results():
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert not model.trf_blocks[0].ff.layers[0].weight.is_contiguous()  # stored as (in, out)
+    att = model.trf_blocks[0].att
+    assert att.fused_qkv is not None and att.W_key.weight.data_ptr() == att.W_query.weight.data_ptr() + 64 * 4
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_model().parameters())
     torch.testing.assert_close(model(idx).detach(), expected_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(generate(model, idx, 20, stop_token_ids=()), expected)
 
@@ -55,7 +58,7 @@ def test_low_precision_models_track_float32(dtype, quantize, kind):
     fast = prepare_for_inference(copy.deepcopy(model), dtype, quantize)
     if kind is PackedLinear and not any(isinstance(m, PackedLinear) for m in fast.modules()):
         pytest.skip("this CPU's oneDNN has no bf16 support")
-    assert isinstance(fast.out_head, kind) and isinstance(fast.trf_blocks[1].att.W_query, kind)
+    assert isinstance(fast.out_head, kind) and isinstance(fast.trf_blocks[1].att.fused_qkv, kind)
     assert fast.new_cache(1, 4).keys.dtype == torch.bfloat16
     logits = fast(idx).float()
     assert (logits - ref_logits).abs().max() < 0.1 * ref_logits.abs().max()

@@ -60,9 +60,17 @@ def start_server(checkpoint: Path, port: int, grace: float = 10.0) -> subprocess
     cmd = [sys.executable, "-m", "gptforge", "serve", "--model", str(checkpoint), "--served-model-name", "tiny",
            "--port", str(port), "--max-tokens-cap", str(CAP), "--max-body-bytes", str(BODY_LIMIT),
            "--max-batch-size", "8", "--shutdown-grace", str(grace)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    wait_healthy(proc, port)
+    return launch(cmd, checkpoint.parent / f"server-{port}.log")
+
+
+def launch(cmd: list[str], log: Path, timeout: float = 60.0) -> subprocess.Popen:
+    """Start a server command with its output in `log` (a file, so a chatty server never blocks on a
+    full pipe) and wait until /health answers."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
+                                stdout=out, stderr=subprocess.STDOUT)
+    proc.log = log
+    wait_healthy(proc, int(cmd[cmd.index("--port") + 1]), timeout)
     return proc
 
 
@@ -70,7 +78,7 @@ def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 60.0) -> No
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.log.read_text()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return
@@ -306,8 +314,7 @@ def test_sigterm_ends_in_flight_streams_cleanly(checkpoint):
         proc.wait(timeout=20)
     finally:
         stop_server(proc)
-        out = proc.stdout.read()
-    assert "Traceback" not in out, out
+    assert "Traceback" not in proc.log.read_text(), proc.log.read_text()
 
 
 # --------------------------------------------------------------------------- the command line
@@ -326,13 +333,11 @@ def test_cli_serve_rejects_bad_options(capsys):
         main(["serve", "--port", "70000"])
 
 
-def test_cli_serve_end_to_end_with_the_default_model():
+def test_cli_serve_end_to_end_with_the_default_model(tmp_path):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", "--port", str(port), "--max-batch-size", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = launch([sys.executable, "-m", "gptforge", "serve", "--port", str(port), "--max-batch-size", "1"],
+                  tmp_path / "server.log", timeout=120)
     try:
-        wait_healthy(proc, port, timeout=120)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == ["book-124m"]
         r = client.completions.create(model="book-124m", prompt="Hello, I am", max_tokens=2, temperature=0)
@@ -341,4 +346,4 @@ def test_cli_serve_end_to_end_with_the_default_model():
         assert r.choices[0].text == " Featureiman"
     finally:
         stop_server(proc)
-    assert "Uvicorn running on http://127.0.0.1:" in proc.stdout.read()
+    assert "Uvicorn running on http://127.0.0.1:" in proc.log.read_text()

@@ -10,10 +10,16 @@ from gptforge import GPTModel, generate
 from gptforge.generation import GenerationConfig, prompt_ids
 from gptforge.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, BatchScheduler, Sequence
 
-TINY = {"vocab_size": 50257, "context_length": 32, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
+# A 512-token vocabulary (GPT-2's first 512 ids: bytes and early merges) keeps sampling over the
+# vocabulary cheap; the HTTP tests use the full one.
+TINY = {"vocab_size": 512, "context_length": 32, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
         "drop_rate": 0.0, "qkv_bias": True}
 PROMPTS = ["Hello, I am", "The quick brown fox jumps over the lazy dog", "A", "Once upon a time there was",
            "x y z", "In 1999, the", "Every effort moves you", "import torch"]
+
+
+def ids_of(text: str) -> list[int]:
+    return [i % TINY["vocab_size"] for i in prompt_ids(text)]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,7 @@ def test_concurrent_greedy_sequences_equal_alone_in_one_step_per_token(model):
     seqs, outputs = [], []
     for i, prompt in enumerate(PROMPTS):
         out: list = []
-        seqs.append(make_seq(prompt_ids(prompt), 6 + i, out))
+        seqs.append(make_seq(ids_of(prompt), 6 + i, out))
         outputs.append(out)
         scheduler.submit(seqs[-1])
     run_to_end(scheduler)
@@ -68,7 +74,7 @@ def test_joining_leaving_shifting_and_compacting_keep_results_exact(model):
     shift = scheduler._shift
     scheduler._shift = lambda delta: (shifts.append((delta, scheduler.load()["active"])), shift(delta))
     plan = [(2, 20), (14, 6), (5, 12), (22, 4), (1, 9), (9, 14), (3, 3)]  # (prompt tokens, max_tokens)
-    words = prompt_ids(" ".join(PROMPTS))
+    words = ids_of(" ".join(PROMPTS))
     seqs = []
     for i, (length, max_tokens) in enumerate(plan):
         seqs.append(make_seq(words[i:i + length], max_tokens, []))
@@ -86,7 +92,7 @@ def test_each_sequence_samples_with_its_own_settings_and_seed(model):
     scheduler = BatchScheduler(model, max_batch_size=4)
     settings = [dict(temperature=0.8, top_p=0.9, seed=1), dict(temperature=1.5, seed=2),
                 dict(), dict(temperature=1.0, top_k=5, seed=3)]
-    seqs = [make_seq(prompt_ids(PROMPTS[i]), 10, [], **s) for i, s in enumerate(settings)]
+    seqs = [make_seq(ids_of(PROMPTS[i]), 10, [], **s) for i, s in enumerate(settings)]
     for seq in seqs:
         scheduler.submit(seq)
     run_to_end(scheduler)
@@ -95,7 +101,7 @@ def test_each_sequence_samples_with_its_own_settings_and_seed(model):
 
 
 def test_stop_strings_and_logprobs(model):
-    ids = prompt_ids(PROMPTS[0])
+    ids = ids_of(PROMPTS[0])
     greedy = alone(model, ids, 12)
     scheduler = BatchScheduler(model)
     full_text = scheduler.tokenizer.decode(greedy)
@@ -117,7 +123,7 @@ def test_stop_strings_and_logprobs(model):
 def test_cancel_frees_the_row_and_drain_aborts(model):
     scheduler = BatchScheduler(model, max_batch_size=2)
     outs = [[], [], []]
-    seqs = [make_seq(prompt_ids(PROMPTS[i]), 20, outs[i]) for i in range(3)]
+    seqs = [make_seq(ids_of(PROMPTS[i]), 20, outs[i]) for i in range(3)]
     for seq in seqs:
         scheduler.submit(seq)
     scheduler.step()
@@ -174,3 +180,19 @@ def test_submit_rejects_what_cannot_fit(model):
         scheduler.submit(make_seq(list(range(30)), 3, []))
     with pytest.raises(ValueError, match="max_batch_size"):
         BatchScheduler(model, max_batch_size=0)
+
+
+def test_a_padded_vocabulary_never_yields_ids_without_text():
+    # nanoGPT-style vocabularies are padded to 50304; ids >= 50257 have no text, so they are never
+    # picked, even when the model prefers them.
+    torch.manual_seed(0)
+    model = GPTModel({**TINY, "vocab_size": 50304}).eval()
+    with torch.no_grad():
+        model.out_head.weight[50257:] = model.out_head.weight[:47] * 100  # make the padding ids win
+    assert int(model(torch.tensor([[1, 2, 3]]))[0, -1].argmax()) >= 50257
+    scheduler = BatchScheduler(model)
+    out: list = []
+    seq = Sequence([1, 2, 3], 5, GenerationConfig(stop_token_ids=()), out.append, logprobs=3)
+    scheduler.submit(seq)
+    run_to_end(scheduler)
+    assert out[-1].finish_reason == FINISH_LENGTH and all(t < 50257 for t in seq.generated)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -89,14 +90,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+# What an existing output directory may hold for a save to replace it (ours and Hugging Face's).
+CHECKPOINT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, TRAINING_STATE_FILE, HF_BIN_FILE,
+                              "generation_config.json"})
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+def atomic_directory(out_dir: str | Path, replaceable: frozenset[str] = CHECKPOINT_FILES) -> Iterator[Path]:
     """Build a directory atomically: yields an empty temporary directory beside `out_dir`; when
     the block ends without error its files are fsynced and it replaces `out_dir` (an existing
-    `out_dir` is moved aside first and deleted last, so a crash leaves one complete copy)."""
+    `out_dir` is moved aside first and deleted last, so a crash leaves one complete copy).
+    An existing `out_dir` is only replaced when it holds nothing but files named in
+    `replaceable`, so a mistyped path never deletes a project directory."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory; choose another output path")
+    if out_dir.is_dir():
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in replaceable or not p.is_file())
+        if others:
+            raise ValueError(f"{out_dir} exists and holds other things than a checkpoint ({_short(others)}); "
+                             f"refusing to replace it: choose a new or empty directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
@@ -119,10 +132,15 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
+        return _sha256_of(f, chunk_bytes)
+
+
+def _sha256_of(f: BinaryIO, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    f.seek(0)
+    while chunk := f.read(chunk_bytes):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -142,48 +160,54 @@ def read_safetensors(path: str | Path, keep: Callable[[str], bool] = lambda name
     """Tensors of a safetensors file whose names pass `keep`, on the CPU, converted to `dtype`
     (floating tensors only) when given. Raises ValueError for a truncated or malformed file."""
     path = Path(path)
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise ValueError(f"{path} is truncated or not a safetensors file: its header claims "
-                             f"{header_len} bytes but the file has {size}")
+        return _read_safetensors(f, path, keep, dtype)
+
+
+def _read_safetensors(f: BinaryIO, path: Path, keep: Callable[[str], bool],
+                      dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > size - 8:
+        raise ValueError(f"{path} is truncated or not a safetensors file: its header claims "
+                         f"{header_len} bytes but the file has {size}")
+    try:
+        header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupted: its safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is corrupted: its safetensors header is not a JSON object")
+    base = 8 + header_len
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__" or not keep(name):
+            continue
         try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is corrupted: its safetensors header is not valid JSON ({err})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path} is corrupted: its safetensors header is not a JSON object")
-        base = 8 + header_len
-        tensors: dict[str, torch.Tensor] = {}
-        for name, info in header.items():
-            if name == "__metadata__" or not keep(name):
-                continue
-            try:
-                file_dtype = _ST_DTYPES[info["dtype"]]
-                shape = [int(n) for n in info["shape"]]
-                begin, end = (int(n) for n in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path} is corrupted: bad header entry for tensor {name!r}") from None
-            if base + end > size:
-                raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} "
-                                 f"but the file has {size} bytes; save or download it again")
-            tensor = torch.empty(shape, dtype=file_dtype)
-            nbytes = tensor.numel() * tensor.element_size()
-            if nbytes != end - begin:
-                raise ValueError(f"{path} is corrupted: tensor {name!r} of shape {shape} needs "
-                                 f"{nbytes} bytes, its header gives {end - begin}")
-            if nbytes:
-                f.seek(base + begin)
-                view = tensor.view(-1).view(torch.uint8).numpy()
-                if f.readinto(memoryview(view)) != nbytes:
-                    raise ValueError(f"{path} is truncated in tensor {name!r}")
-            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                tensor = tensor.to(dtype)
-            tensors[name] = tensor
+            file_dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(n) for n in info["shape"]]
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path} is corrupted: bad header entry for tensor {name!r}") from None
+        if base + end > size:
+            raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} "
+                             f"but the file has {size} bytes; save or download it again")
+        nbytes = math.prod(shape) * torch.empty((), dtype=file_dtype).element_size()
+        if nbytes != end - begin or begin < 0:
+            raise ValueError(f"{path} is corrupted: tensor {name!r} of shape {shape} needs "
+                             f"{nbytes} bytes, its header gives {end - begin}")
+        tensor = torch.empty(shape, dtype=file_dtype)
+        if nbytes:
+            f.seek(base + begin)
+            view = tensor.view(-1).view(torch.uint8).numpy()
+            if f.readinto(memoryview(view)) != nbytes:
+                raise ValueError(f"{path} is truncated in tensor {name!r}")
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor
     return tensors
 
 
@@ -206,17 +230,13 @@ def _model_state(model: GPTModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    return {k: tuple(v.shape) for k, v in _model_state(model).items()}
-
-
 def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) -> GPTModel:
     """A GPTModel (eval mode, on the CPU) that takes ownership of `state`'s tensors (book keys; a
     tied model needs no `out_head.weight`) without allocating a second copy. Missing, unexpected
     or wrongly shaped tensors raise ValueError naming them and `source`."""
-    expected = _expected_shapes(cfg)
+    with torch.device("meta"):  # shapes only: no memory until the state's tensors are assigned
+        model = GPTModel(cfg)
+    expected = {k: tuple(v.shape) for k, v in _model_state(model).items()}
     state = dict(state)
     if cfg.tie_weights:
         head = state.pop("out_head.weight", None)
@@ -243,8 +263,6 @@ def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) 
     if len(dtypes) > 1:  # mixed precision on disk: one model dtype, the widest
         wide = max(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
         state = {k: v.to(wide) for k, v in state.items()}
-    with torch.device("meta"):
-        model = GPTModel(cfg)
     if cfg.tie_weights:
         state["out_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -350,25 +368,32 @@ def _read_gptforge_meta(ckpt_dir: Path) -> tuple[dict[str, Any], GPTConfig]:
     return meta, cfg
 
 
-def _verify(ckpt_dir: Path, meta: Mapping[str, Any], name: str) -> Path:
+def _open_verified(ckpt_dir: Path, meta: Mapping[str, Any], name: str) -> BinaryIO:
+    """The checkpoint file `name`, open for reading, its sha256 checked against config.json. The
+    caller reads from this same handle, so what it reads is what was verified, even if the
+    directory is replaced meanwhile."""
     path = ckpt_dir / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{ckpt_dir}: {name} is missing; the checkpoint is incomplete")
     expected = meta["sha256"].get(name)
     if expected is None:
         raise ValueError(f"{ckpt_dir / CONFIG_FILE} lists no sha256 for {name}; the checkpoint is corrupted")
-    actual = sha256_file(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{ckpt_dir}: {name} is missing; the checkpoint is incomplete") from None
+    actual = _sha256_of(f)
     if actual != expected:
+        f.close()
         raise ValueError(f"{path} fails its checksum (sha256 {actual[:12]}..., config.json says "
                          f"{expected[:12]}...): the file is truncated or corrupted; restore or re-save it")
-    return path
+    f.seek(0)
+    return f
 
 
 def _load_gptforge(ckpt_dir: Path, dtype: torch.dtype | None) -> GPTModel:
     meta, cfg = _read_gptforge_meta(ckpt_dir)
-    weights = _verify(ckpt_dir, meta, WEIGHTS_FILE)
-    state = read_safetensors(weights, dtype=dtype)
-    return build_model(cfg, state, str(weights))
+    with _open_verified(ckpt_dir, meta, WEIGHTS_FILE) as f:
+        state = _read_safetensors(f, ckpt_dir / WEIGHTS_FILE, lambda name: True, dtype)
+    return build_model(cfg, state, str(ckpt_dir / WEIGHTS_FILE))
 
 
 def load_training_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
@@ -380,11 +405,11 @@ def load_training_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
     meta, _ = _read_gptforge_meta(ckpt_dir)
     if TRAINING_STATE_FILE not in meta["sha256"]:
         return None
-    path = _verify(ckpt_dir, meta, TRAINING_STATE_FILE)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"{path} cannot be read as a training state: {err}") from None
+    with _open_verified(ckpt_dir, meta, TRAINING_STATE_FILE) as f:
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors come in many types
+            raise ValueError(f"{ckpt_dir / TRAINING_STATE_FILE} cannot be read as a training state: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,10 +698,10 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _hub_download(repo_id: str) -> Path:
-    """The local snapshot directory of a Hugging Face model repo (config.json + weights), from the
-    hub cache, downloading into it when online. Offline and not cached: FileNotFoundError saying
-    how to use a local directory instead."""
+def _hub_download(repo_id: str, weights: bool = True) -> Path:
+    """The local snapshot directory of a Hugging Face model repo (config.json, and the weights
+    unless `weights` is False), from the hub cache, downloading into it when online. Offline and
+    not cached: FileNotFoundError saying how to use a local directory instead."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
@@ -686,9 +711,11 @@ def _hub_download(repo_id: str) -> Path:
 
     def fetch(local_only: bool) -> Path:
         config = hf_hub_download(repo_id, CONFIG_FILE, local_files_only=local_only)
-        for weights in (WEIGHTS_FILE, HF_BIN_FILE):
+        if not weights:
+            return Path(config).parent
+        for name in (WEIGHTS_FILE, HF_BIN_FILE):
             try:
-                hf_hub_download(repo_id, weights, local_files_only=local_only)
+                hf_hub_download(repo_id, name, local_files_only=local_only)
                 return Path(config).parent
             except EntryNotFoundError:
                 continue
@@ -774,9 +801,10 @@ def builtin_model_path(name: str) -> Path | None:
     return Path(__file__).parent / relative if relative else None
 
 
-def resolve(name_or_path: str | Path) -> tuple[str, Path | None]:
+def resolve(name_or_path: str | Path, weights: bool = True) -> tuple[str, Path | None]:
     """What a model name means: ('preset', None), or (format, local path) for a checkpoint on disk
-    or a hub id (downloaded into, or found in, the Hugging Face cache)."""
+    or a hub id (downloaded into, or found in, the Hugging Face cache; only its config.json when
+    `weights` is False)."""
     name = str(name_or_path)
     path = Path(name)
     if name.lower() in PRESETS:
@@ -788,7 +816,7 @@ def resolve(name_or_path: str | Path) -> tuple[str, Path | None]:
     if path.exists():
         return detect_format(path), path
     if _HUB_ID.match(name) and not name.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")):
-        snapshot = _hub_download(name)
+        snapshot = _hub_download(name, weights)
         return detect_format(snapshot), snapshot
     raise FileNotFoundError(f"no preset or file named {name!r}; presets are {', '.join(PRESETS)}")
 
@@ -827,7 +855,7 @@ def load_config(name_or_path: str | Path,
                 config: GPTConfig | Mapping[str, Any] | str | None = None) -> GPTConfig:
     """The GPTConfig of a preset or checkpoint, reading only config.json where there is one
     (`config` as in `load`, for book state dicts)."""
-    fmt, path = resolve(name_or_path)
+    fmt, path = resolve(name_or_path, weights=False)
     if config is not None and fmt != "book":
         raise ValueError(f"config= is only for the book's state dicts; {name_or_path} carries its own config")
     if fmt == "preset":

@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge or Hugging Face format")
     conv.add_argument("src", metavar="SRC", help="checkpoint directory, book state dict file or hub id")
     conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
-    conv.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically if it exists)")
+    conv.add_argument("--out", required=True, metavar="DIR", help="output directory (an existing checkpoint there is replaced atomically; other contents are refused)")
     conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
     conv.set_defaults(func=cmd_convert)
     for verb in (info, gen, conv, srv):

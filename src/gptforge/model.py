@@ -62,24 +62,34 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
+        # Set by gptforge.quant.prepare_for_inference: one (d_in -> 3 * d_out) projection computing
+        # query, key and value in a single matmul (decoding is dominated by per-call costs).
+        self.fused_qkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                start: int = 0, key_mask: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, d_in). kv: this layer's cache buffers, each (B, nh, max_len, hs), written at
-        [start, start + T). key_mask: (B, start + T) bool, False for padding keys. Returns (B, T, d_out)."""
+        [start, start + T). key_mask: (B, start + T) bool, False for padding keys. attn_mask: the
+        (B or 1, 1, T, start + T) boolean mask already built from them (GPTModel builds it once for
+        all layers). Returns (B, T, d_out)."""
         b, t, _ = x.shape
-        q = self.W_query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.W_key(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if self.fused_qkv is not None:
+            qkv = self.fused_qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, nh, hs)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        else:
+            q = self.W_query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+            k = self.W_key(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+            v = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if kv is not None:
             k_cache, v_cache = kv
             k_cache[:, :, start:start + t] = k
             v_cache[:, :, start:start + t] = v
             k, v = k_cache[:, :, :start + t], v_cache[:, :, :start + t]  # (B, nh, S, hs), S = start + T
 
-        mask = None
-        causal = key_mask is None and start == 0 and t > 1
-        if key_mask is not None or (start > 0 and t > 1):
+        mask = attn_mask
+        causal = mask is None and key_mask is None and start == 0 and t > 1
+        if mask is None and (key_mask is not None or (start > 0 and t > 1)):
             mask = _attention_mask(t, start, key_mask, x.device)
         context = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
@@ -131,9 +141,12 @@ class TransformerBlock(nn.Module):
         self.drop_resid = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_resid(self.att(self.norm1(x), kv, start, key_mask))
-        x = x + self.drop_resid(self.ff(self.norm2(x)))
+                start: int = 0, key_mask: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        attended = self.att(self.norm1(x), kv, start, key_mask, attn_mask)
+        x = x + (self.drop_resid(attended) if self.training else attended)  # eval: skip the no-op call
+        fed = self.ff(self.norm2(x))
+        x = x + (self.drop_resid(fed) if self.training else fed)
         return x
 
 
@@ -150,8 +163,9 @@ class KVCache:
         if not 0 < max_len <= cfg.context_length:
             raise ValueError(f"max_len must be in [1, {cfg.context_length}], got {max_len}")
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # Uninitialised: attention only reads positions [0, length), which are always written first.
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
 
@@ -214,9 +228,14 @@ class GPTModel(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + t, device=in_idx.device)
         x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (B, T, d)
-        x = self.drop_emb(x)
+        if self.training:
+            x = self.drop_emb(x)
+        attn_mask = None  # built once here rather than in every layer
+        if attention_mask is not None or (start > 0 and t > 1):
+            attn_mask = _attention_mask(t, start, attention_mask, in_idx.device)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cache.layer(i) if cache is not None else None, start, attention_mask)
+            kv = (cache.keys[i], cache.values[i]) if cache is not None else None
+            x = block(x, kv, start, attention_mask, attn_mask)
         if cache is not None:
             cache.length = start + t
         if last_only:

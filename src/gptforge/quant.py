@@ -6,12 +6,17 @@ inference model, in place, and returns it:
 - float32: each linear weight is re-laid out in memory as (in, out) contiguous while keeping its
   (out, in) shape, so the state dict and training are unchanged. At batch 1 a matrix-vector product
   is memory-bound, and MKL reads the (in, out) layout ~1.3x faster here (it is also what
-  transformers' Conv1D uses).
+  transformers' Conv1D uses). Query, key and value become views of one (in, 3 * out) matrix, so
+  one matmul computes all three (`SharedQKV`).
 - bfloat16: the model is cast to bf16 and every nn.Linear becomes a `PackedLinear`, whose weight is
   pre-packed once in oneDNN's blocked layout (PyTorch's plain bf16 matrix-vector kernel is no faster
-  than fp32 on CPU; the packed one reads half the bytes).
-- int8 (weight-only): bf16 activations, and every nn.Linear becomes an `Int8Linear` with per-output
-  -channel symmetric int8 weights, multiplied through `torch._weight_int8pack_mm`.
+  than fp32 on CPU; the packed one reads half the bytes); query/key/value are one packed matrix and
+  the feed-forward's GELU is fused into its first matmul.
+- int8 (weight-only): bf16 activations, and every nn.Linear (query/key/value fused) becomes an
+  `Int8Linear` with per-output-channel symmetric int8 weights, multiplied through
+  `torch._weight_int8pack_mm`.
+
+Prepare a model last: moving or casting it afterwards (`.to(...)`) is not supported.
 
 Packed and int8 models are for inference only (no autograd through the weights).
 """
@@ -34,20 +39,23 @@ def _packed_bf16_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """A bf16 nn.Linear whose weight is pre-packed for oneDNN (CPU). x: (..., in) bf16 -> (..., out)."""
+    """A bf16 nn.Linear whose weight is pre-packed for oneDNN (CPU). x: (..., in) bf16 -> (..., out).
+    `gelu_tanh=True` fuses the tanh-approximated GELU that follows it into the same kernel."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, gelu_tanh: bool = False):
         super().__init__()
         weight = linear.weight.detach().to(torch.bfloat16)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.activation, self.algorithm = ("gelu", "tanh") if gelu_tanh else ("none", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation, [], self.algorithm)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 oneDNN-packed"
+        fused = ", fused GELU(tanh)" if self.activation == "gelu" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 oneDNN-packed{fused}"
 
 
 class Int8Linear(nn.Module):
@@ -91,11 +99,56 @@ def _swap_linears(module: nn.Module, make: type[nn.Module]) -> None:
             _swap_linears(child, make)
 
 
+class SharedQKV(nn.Module):
+    """float32 fused projection whose weight is one contiguous (in, 3 * out) matrix that the three
+    separate W_query / W_key / W_value parameters are views of: one matmul, and the state dict,
+    the parameters and training stay exactly as they were. (Holds no parameters of its own.)"""
+
+    def __init__(self, att: nn.Module):
+        super().__init__()
+        linears = (att.W_query, att.W_key, att.W_value)
+        fused_t = torch.cat([lin.weight.detach().t() for lin in linears], dim=1).contiguous()  # (in, 3*out)
+        n = att.d_out
+        for i, lin in enumerate(linears):
+            lin.weight.data = fused_t[:, i * n:(i + 1) * n].t()  # (out, in) view into the fused matrix
+        self._weight = (fused_t.t(),)  # a tuple, so the view is not registered as a parameter again
+        self._bias = None
+        if att.W_query.bias is not None:
+            fused_b = torch.cat([lin.bias.detach() for lin in linears])
+            for i, lin in enumerate(linears):
+                lin.bias.data = fused_b[i * n:(i + 1) * n]
+            self._bias = (fused_b,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._weight[0], self._bias[0] if self._bias else None)
+
+
+def _fuse_qkv(model: nn.Module, make) -> None:
+    """Give each attention layer one fused query/key/value projection built by `make`."""
+    for block in getattr(model, "trf_blocks", []):
+        block.att.fused_qkv = make(block.att)
+
+
+def _concat_qkv(att: nn.Module) -> nn.Linear:
+    linears = (att.W_query, att.W_key, att.W_value)
+    fused = nn.Linear(att.W_query.in_features, 3 * att.d_out, bias=att.W_query.bias is not None)
+    fused.weight.data = torch.cat([lin.weight.detach() for lin in linears]).to(att.W_query.weight.dtype)
+    if fused.bias is not None:
+        fused.bias.data = torch.cat([lin.bias.detach() for lin in linears]).to(att.W_query.weight.dtype)
+    return fused
+
+
 def _relayout_in_out(model: nn.Module) -> None:
     """Store each Linear weight (out, in) as the transpose of a contiguous (in, out) tensor."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
             module.weight.data = module.weight.data.t().contiguous().t()
+
+
+def _drop_separate_qkv(model: nn.Module) -> None:
+    """Inference-only models keep just the fused projection (no second copy of the weights)."""
+    for block in getattr(model, "trf_blocks", []):
+        block.att.W_query = block.att.W_key = block.att.W_value = None
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -130,9 +183,17 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     if not on_cpu:
         return model
     if quantize == "int8":
+        _fuse_qkv(model, lambda att: Int8Linear(_concat_qkv(att)))
+        _drop_separate_qkv(model)
         _swap_linears(model, Int8Linear)
     elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
+        _fuse_qkv(model, lambda att: PackedLinear(_concat_qkv(att)))
+        _drop_separate_qkv(model)
+        for block in getattr(model, "trf_blocks", []):  # Linear -> GELU becomes one fused kernel
+            layers = block.ff.layers
+            layers[0], layers[1] = PackedLinear(layers[0], gelu_tanh=True), nn.Identity()
         _swap_linears(model, PackedLinear)
     elif torch_dtype == torch.float32:
         _relayout_in_out(model)
+        _fuse_qkv(model, SharedQKV)
     return model

@@ -103,7 +103,7 @@ class Sequence:
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:
-        self.generator = self.config.make_generator()
+        self.generator: torch.Generator | None = None  # made on the model's device at admission
         self._text: TextStream | None = None
         self._chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._offset = 0  # characters decoded so far, for token offsets
@@ -223,8 +223,8 @@ class BatchScheduler:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One round: drop cancelled rows, admit waiting sequences into free rows (prefilling each),
-        then decode one token for every active row in a single forward pass."""
+        """One round: drop cancelled rows, admit waiting sequences into free rows (prefilled
+        together), then decode one token for every active row in a single forward pass."""
         if self._abort_due():
             self._end_all(FINISH_ABORT)
             return
@@ -258,7 +258,8 @@ class BatchScheduler:
         """Run the prompts as one left-padded batch, pick each one's first token, and give a row
         to each sequence that goes on."""
         self.stats["prefills"] += 1
-        ids, mask = left_pad([s.prompt_ids for s in seqs], device=self.device)  # (k, W) each
+        # Padding is masked out; id 0 exists in every vocabulary (50256 may not).
+        ids, mask = left_pad([s.prompt_ids for s in seqs], pad_token_id=0, device=self.device)  # (k, W) each
         padded = not bool(mask.all())
         cache = self.model.new_cache(len(seqs), max_len=ids.shape[1])
         logits = self.model(
@@ -266,6 +267,7 @@ class BatchScheduler:
             attention_mask=mask if padded else None, last_only=not every_position,
         )  # (k, W or 1, V)
         for j, seq in enumerate(seqs):
+            seq.generator = seq.config.make_generator(self.device)
             prompt_lp = self._prompt_logprobs(seq, logits[j]) if every_position else None
             if seq.max_tokens == 0:
                 self._emit(seq, None, None, prompt_lp)
@@ -318,12 +320,12 @@ class BatchScheduler:
         self.stats["decode_steps"] += 1
         self._column += 1
         self._positions[:n] += 1
-        finished = []
+        tokens, finished = [], []
         for i, seq in enumerate(self._rows):
-            token = self._pick(seq, logits[i:i + 1])
-            self._next[i] = token
-            if self._emit(seq, token, logits[i]):
+            tokens.append(self._pick(seq, logits[i:i + 1]))
+            if self._emit(seq, tokens[-1], logits[i]):
                 finished.append(i)
+        self._next[:n] = torch.tensor(tokens, device=self.device)
         self._remove(finished)
 
     def _remove(self, rows: list[int], cancelled: bool = False) -> None:
@@ -355,6 +357,7 @@ class BatchScheduler:
 
     def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
         """The next token of one sequence from its (1, V) logits, with its own config and generator."""
+        logits = logits[:, :self.tokenizer.vocab_size]  # a padded vocabulary's extra ids have no text
         context = None
         if seq.config.needs_context:
             context = torch.tensor([seq.prompt_ids + seq.generated], device=logits.device)
@@ -404,7 +407,7 @@ class BatchScheduler:
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
         alternatives = None
         if top > 0:
-            values, ids = torch.topk(logprobs, top)
+            values, ids = torch.topk(logprobs[:self.tokenizer.vocab_size], top)
             alternatives = {self.tokenizer.decode([i]): v for i, v in zip(ids.tolist(), values.tolist())}
         return TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), alternatives, offset)
 

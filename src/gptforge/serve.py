@@ -116,7 +116,7 @@ class CompletionRequest(BaseModel):
 
 @dataclasses.dataclass
 class _Prompt:
-    text: str  # what `echo` repeats
+    text: str | None  # what `echo` repeats (decoded from the ids for a token-id prompt)
     ids: list[int]
 
 
@@ -148,14 +148,21 @@ def _prompts(req: CompletionRequest, tokenizer: Tokenizer, vocab_size: int) -> l
     prompts = []
     for item in raw:
         if isinstance(item, str):
-            prompts.append(_Prompt(item, prompt_ids(item, tokenizer)))
-            continue
-        if not item:
+            prompt = _Prompt(item, prompt_ids(item, tokenizer))
+        elif not item:
             raise APIError(400, "a token-id prompt must hold at least one id", param="prompt")
-        bad = [i for i in item if not 0 <= i < vocab_size]
+        else:
+            prompt = _Prompt(None, list(item))
+        # Ids must be readable by the model and writable by the tokenizer (a model's vocabulary may
+        # be smaller, e.g. a toy model, or larger, e.g. padded to 50304).
+        bad = [i for i in prompt.ids if not 0 <= i < min(vocab_size, tokenizer.vocab_size)]
         if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", param="prompt")
-        prompts.append(_Prompt(tokenizer.decode(item), list(item)))
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary "
+                                f"[0, {min(vocab_size, tokenizer.vocab_size)})",
+                           param="prompt")
+        if prompt.text is None:
+            prompt.text = tokenizer.decode(prompt.ids)
+        prompts.append(prompt)
     return prompts
 
 

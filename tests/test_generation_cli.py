@@ -8,7 +8,7 @@ from gptforge.cli import build_parser, main
 
 
 def test_cli_streams_the_seed_sentence(capsys):
-    assert main(["generate", "Hello, I am", "--max-new-tokens", "6"]) == 0
+    assert main(["generate", "Hello, I am", "--model", "book-124m", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == "Hello, I am Featureiman Byeswickattribute argue\n"
 
 

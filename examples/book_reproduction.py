@@ -8,7 +8,7 @@ step 5: 8.111 / 8.339, ... step 80: 0.541 / 6.393; this script checks every one 
 
     python examples/book_reproduction.py [--steps N] [--out runs/book]
 
-It takes about 10 minutes on 2 CPU cores. `tests/test_train_book.py` runs the first 6 steps.
+It takes about 10 minutes on 2 idle CPU cores (about an hour on the busy shared machine). `tests/test_train_book.py` runs the first 6 steps.
 """
 
 from __future__ import annotations

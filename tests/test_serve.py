@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from gptforge import GPTModel, generate
 from gptforge.checkpoint import save
-from gptforge.cli import build_parser, main
+from gptforge.cli import DEFAULT_MODEL, build_parser, main
 from gptforge.generation import prompt_ids
 from gptforge.serve import is_loopback
 from gptforge.tokenizer import get_tokenizer
@@ -321,7 +321,7 @@ def test_sigterm_ends_in_flight_streams_cleanly(checkpoint):
 
 def test_cli_serve_binds_loopback_by_default():
     args = build_parser().parse_args(["serve"])
-    assert args.host == "127.0.0.1" and args.port == 8000 and args.model == "book-124m"
+    assert args.host == "127.0.0.1" and args.port == 8000 and args.model == DEFAULT_MODEL
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
 
@@ -333,9 +333,10 @@ def test_cli_serve_rejects_bad_options(capsys):
         main(["serve", "--port", "70000"])
 
 
-def test_cli_serve_end_to_end_with_the_default_model(tmp_path):
+def test_cli_serve_end_to_end_with_the_seed_model(tmp_path):
     port = free_port()
-    proc = launch([sys.executable, "-m", "gptforge", "serve", "--port", str(port), "--max-batch-size", "1"],
+    proc = launch([sys.executable, "-m", "gptforge", "serve", "--model", "book-124m", "--port", str(port),
+                   "--max-batch-size", "1"],
                   tmp_path / "server.log", timeout=120)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -14,7 +14,6 @@ import torch
 # A small GPT-2-tokenizer model trained on Tiny Shakespeare, shipped in gptforge/assets (see README).
 DEFAULT_MODEL = "gptforge-shakespeare"
 # The server keeps the seed's untrained model as its default (its tests check the seed's tokens).
-SERVE_DEFAULT_MODEL = "book-124m"
 
 
 class UsageError(Exception):
@@ -286,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     srv = verbs.add_parser("serve", help="OpenAI-compatible completions server (loopback by default)")
-    srv.add_argument("--model", default=SERVE_DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {SERVE_DEFAULT_MODEL})")
+    srv.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     srv.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")

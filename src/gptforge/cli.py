@@ -13,7 +13,6 @@ import torch
 
 # A small GPT-2-tokenizer model trained on Tiny Shakespeare, shipped in gptforge/assets (see README).
 DEFAULT_MODEL = "gptforge-shakespeare"
-# The server keeps the seed's untrained model as its default (its tests check the seed's tokens).
 
 
 class UsageError(Exception):

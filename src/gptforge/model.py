@@ -8,6 +8,7 @@ order with PyTorch's default initialisers, which is what reproduces the seed's f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -67,12 +68,11 @@ class MultiHeadAttention(nn.Module):
         self.fused_qkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0, key_mask: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                start: int = 0, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, d_in). kv: this layer's cache buffers, each (B, nh, max_len, hs), written at
-        [start, start + T). key_mask: (B, start + T) bool, False for padding keys. attn_mask: the
-        (B or 1, 1, T, start + T) boolean mask already built from them (GPTModel builds it once for
-        all layers). Returns (B, T, d_out)."""
+        [start, start + T). attn_mask: (B or 1, 1, T, start + T) boolean, from `_attention_mask`
+        (GPTModel builds it once for all layers); None means plain causal attention over positions
+        0..T-1, or a single query that sees every cached key. Returns (B, T, d_out)."""
         b, t, _ = x.shape
         if self.fused_qkv is not None:
             qkv = self.fused_qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, nh, hs)
@@ -88,12 +88,11 @@ class MultiHeadAttention(nn.Module):
             k, v = k_cache[:, :, :start + t], v_cache[:, :, :start + t]  # (B, nh, S, hs), S = start + T
             q = q.to(k.dtype)  # a bf16 model on CPU attends in the cache's float32
 
-        mask = attn_mask
-        causal = mask is None and key_mask is None and start == 0 and t > 1
-        if mask is None and (key_mask is not None or (start > 0 and t > 1)):
-            mask = _attention_mask(t, start, key_mask, x.device)
+        if attn_mask is None and start > 0 and t > 1:
+            attn_mask = _attention_mask(t, start, None, x.device)
+        causal = attn_mask is None and t > 1
         context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
+            q, k, v, attn_mask=attn_mask, is_causal=causal,
             dropout_p=self.dropout.p if self.training else 0.0,
         ).to(x.dtype)  # (B, nh, T, hs)
         context = context.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
@@ -142,9 +141,8 @@ class TransformerBlock(nn.Module):
         self.drop_resid = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0, key_mask: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        attended = self.att(self.norm1(x), kv, start, key_mask, attn_mask)
+                start: int = 0, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        attended = self.att(self.norm1(x), kv, start, attn_mask)
         x = x + (self.drop_resid(attended) if self.training else attended)  # eval: skip the no-op call
         fed = self.ff(self.norm2(x))
         x = x + (self.drop_resid(fed) if self.training else fed)
@@ -173,6 +171,13 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[i], self.values[i]
+
+    def rows(self, n: int, length: int) -> KVCache:
+        """A view of the first `n` batch rows, positioned at `length` (the model's writes through
+        it land in this cache): lets a scheduler run a step on only its active rows."""
+        view = copy.copy(self)
+        view.keys, view.values, view.length = self.keys[:, :n], self.values[:, :n], length
+        return view
 
     def reset(self) -> None:
         self.length = 0
@@ -236,7 +241,7 @@ class GPTModel(nn.Module):
         if attention_mask is not None or (start > 0 and t > 1):
             attn_mask = _attention_mask(t, start, attention_mask, in_idx.device)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cache.layer(i) if cache is not None else None, start, attention_mask, attn_mask)
+            x = block(x, cache.layer(i) if cache is not None else None, start, attn_mask)
         if cache is not None:
             cache.length = start + t
         if last_only:

@@ -109,20 +109,6 @@ class Sequence:
         self._offset = 0  # characters decoded so far, for token offsets
 
 
-class _RowsView:
-    """The first `n` rows of the batch cache, as `GPTModel.forward` uses a KVCache (views: the
-    model's writes land in the batch cache)."""
-
-    def __init__(self, cache: KVCache, n: int, length: int):
-        self.keys = cache.keys[:, :n]
-        self.values = cache.values[:, :n]
-        self.max_len = cache.max_len
-        self.length = length
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[i], self.values[i]
-
-
 class BatchScheduler:
     """Decodes many sequences as one batch; see the module docstring for the cache layout.
 
@@ -314,7 +300,7 @@ class BatchScheduler:
         n, col = len(self._rows), self._column
         self._mask[:n, col] = 1
         logits = self.model(
-            self._next[:n, None], cache=_RowsView(self._cache, n, col),
+            self._next[:n, None], cache=self._cache.rows(n, col),
             positions=self._positions[:n, None], attention_mask=self._mask[:n, :col + 1], last_only=True,
         )[:, 0]  # (n, V)
         self.stats["decode_steps"] += 1

@@ -139,3 +139,48 @@ def test_too_long_input_is_a_clear_error():
     model = GPTModel(tiny_config())
     with pytest.raises(ValueError, match="exceeds the model's 16 positions"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_fused_loss_equals_cross_entropy_of_the_logits(tie, autocast):
+    """model(x, targets=y) (LinearCrossEntropy, chunked, logits never kept) gives the loss and the
+    gradients of the book's F.cross_entropy(logits.flatten(0, 1), y.flatten())."""
+    import torch.nn.functional as F
+
+    from gptforge.model import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(vocab_size=300, context_length=16, tie_weights=tie, drop_rate=0.0))
+    x, y = torch.randint(0, 300, (3, 16)), torch.randint(0, 300, (3, 16))
+    tol = {"rtol": 1e-2, "atol": 1e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def reference():
+        return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+
+    def fused_in_chunks_of_7():  # 48 rows: 6 full chunks and a partial one
+        hidden = model.final_norm(_hidden_states(model, x))
+        return LinearCrossEntropy.apply(hidden.flatten(0, 1), model.out_head.weight, y.flatten(), 7)
+
+    ref_loss, ref_grads = loss_and_grads(reference)
+    for fused in (lambda: model(x, targets=y), fused_in_chunks_of_7):
+        loss, grads = loss_and_grads(fused)
+        torch.testing.assert_close(loss, ref_loss, **tol)
+        flat, ref_flat = (torch.cat([g.flatten() for g in gs.values()]) for gs in (grads, ref_grads))
+        assert ((flat - ref_flat).norm() / ref_flat.norm()).item() < tol["rtol"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        torch.testing.assert_close(model(x, targets=y), ref_loss, **tol)  # evaluation: the loss alone
+
+
+def _hidden_states(model, x):
+    h = model.tok_emb(x) + model.pos_emb(torch.arange(x.shape[1]))
+    for block in model.trf_blocks:
+        h = block(h)
+    return h

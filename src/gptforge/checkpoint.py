@@ -41,6 +41,11 @@ TRAINING_STATE_FILE = "training_state.pt"
 HF_BIN_FILE = "pytorch_model.bin"
 SAVE_FORMATS = ("gptforge", "hf")
 
+# mkstemp/mkdtemp create private (0600/0700) files and folders; what we publish by renaming them
+# gets the permissions an ordinary open()/mkdir() would have: 0666/0777 less the process umask.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
@@ -74,6 +79,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         write(tmp)
         _fsync_file(tmp)
@@ -112,9 +118,11 @@ def atomic_directory(out_dir: str | Path, replaceable: frozenset[str] = CHECKPOI
                              f"refusing to replace it: choose a new or empty directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         for file in tmp.iterdir():
+            os.chmod(file, 0o666 & ~_UMASK)  # safetensors, like mkstemp, writes 0600 files
             _fsync_file(file)
         _fsync_dir(tmp)
         old = None

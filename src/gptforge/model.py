@@ -177,11 +177,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 log_probs = torch.log_softmax(h[rows] @ w.T, dim=-1, dtype=torch.float32)  # (c, V)
                 t = targets[rows]
                 picked = torch.arange(t.shape[0], device=h.device), t
-                loss -= log_probs[picked].sum()
-                if need_grad:
-                    probs = log_probs.exp_()
-                    probs[picked] -= 1  # d(-log p_t)/d(logits) = softmax - one_hot
-                    grad_logits[rows] = probs
+                target_log_probs = log_probs[picked]  # (c,)
+                loss -= target_log_probs.sum()
+                if need_grad:  # d(-log p_t)/d(logits) = softmax - one_hot
+                    grad = grad_logits[rows]
+                    torch.exp(log_probs, out=grad)  # the softmax, rounded once to the compute dtype
+                    grad[picked] = (target_log_probs.exp() - 1).to(dtype)  # p_t - 1 from float32
         ctx.save_for_backward(h, w, grad_logits)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss / n

@@ -829,6 +829,14 @@ def resolve(name_or_path: str | Path, weights: bool = True) -> tuple[str, Path |
     raise FileNotFoundError(f"no preset or file named {name!r}; presets are {', '.join(PRESETS)}")
 
 
+def _resolve_with_config(name_or_path: str | Path, config: Any, weights: bool = True) -> tuple[str, Path | None]:
+    """`resolve`, refusing a `config` for anything but a book state dict (the others carry theirs)."""
+    fmt, path = resolve(name_or_path, weights)
+    if config is not None and fmt != "book":
+        raise ValueError(f"config= is only for the book's state dicts; {name_or_path} carries its own config")
+    return fmt, path
+
+
 def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None,
          config: GPTConfig | Mapping[str, Any] | str | None = None) -> GPTModel:
@@ -844,9 +852,7 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
     config: the shape of a book state dict, needed only when its width is not one of GPT-2's four
         (n_heads cannot be read from the tensors); other formats carry their own config.
     """
-    fmt, path = resolve(name_or_path)
-    if config is not None and fmt != "book":
-        raise ValueError(f"config= is only for the book's state dicts; {name_or_path} carries its own config")
+    fmt, path = _resolve_with_config(name_or_path, config)
     if fmt == "preset":
         model = GPTModel(preset(str(name_or_path)))
     elif fmt == "gptforge":
@@ -863,9 +869,7 @@ def load_config(name_or_path: str | Path,
                 config: GPTConfig | Mapping[str, Any] | str | None = None) -> GPTConfig:
     """The GPTConfig of a preset or checkpoint, reading only config.json where there is one
     (`config` as in `load`, for book state dicts)."""
-    fmt, path = resolve(name_or_path, weights=False)
-    if config is not None and fmt != "book":
-        raise ValueError(f"config= is only for the book's state dicts; {name_or_path} carries its own config")
+    fmt, path = _resolve_with_config(name_or_path, config, weights=False)
     if fmt == "preset":
         return preset(str(name_or_path))
     if fmt == "gptforge":

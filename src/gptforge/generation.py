@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .config import known_fields
 from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
 
 
@@ -291,12 +292,8 @@ class GenerationConfig:
     @classmethod
     def from_options(cls, config: GenerationConfig | None = None, **options: Any) -> GenerationConfig:
         """`config` (or the defaults) with `options` applied; an unknown option is a ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown generation options {unknown}; known options are {sorted(known)}")
         base = config or cls()
-        return dataclasses.replace(base, **options) if options else base
+        return dataclasses.replace(base, **known_fields(cls, options, "generation options")) if options else base
 
 
 def next_tokens(logits: torch.Tensor, ids: torch.Tensor | None, config: GenerationConfig,

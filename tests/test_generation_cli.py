@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from gptforge.cli import build_parser, main
 
@@ -36,6 +37,9 @@ def test_cli_flags_reach_the_generation_config():
 @pytest.mark.parametrize("argv, message", [
     (["--top-p", "3"], "top_p"), (["--num-return-sequences", "2"], "num_return_sequences"),
     (["--stop-token-ids", "a,b"], "--stop-token-ids"), (["--model", "nope"], "nope"),
+    (["--device", "gpu0"], "unknown device"),
+    pytest.param(["--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_cli_bad_values_are_one_line_exit_2(capsys, argv, message):
     assert main(["generate", "x", "--model", "book-124m", *argv]) == 2

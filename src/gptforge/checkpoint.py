@@ -829,6 +829,28 @@ def resolve(name_or_path: str | Path, weights: bool = True) -> tuple[str, Path |
     raise FileNotFoundError(f"no preset or file named {name!r}; presets are {', '.join(PRESETS)}")
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """A device name (`--device`) checked against this machine: `auto` picks CUDA (this process's
+    GPU under torchrun), then MPS, then the CPU; an unknown or absent device is a ValueError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps was asked for but MPS is not available; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
 def _resolve_with_config(name_or_path: str | Path, config: Any, weights: bool = True) -> tuple[str, Path | None]:
     """`resolve`, refusing a `config` for anything but a book state dict (the others carry theirs)."""
     fmt, path = resolve(name_or_path, weights)
@@ -852,6 +874,7 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
     config: the shape of a book state dict, needed only when its width is not one of GPT-2's four
         (n_heads cannot be read from the tensors); other formats carry their own config.
     """
+    device = resolve_device(device) if isinstance(device, str) else device  # a bad one fails first
     fmt, path = _resolve_with_config(name_or_path, config)
     if fmt == "preset":
         model = GPTModel(preset(str(name_or_path)))

@@ -285,25 +285,6 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks CUDA (this process's GPU under torchrun), then MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: TokenWindows, batch_size: int, num_batches: int | None = None, *,
              order: Sequence[int] | None = None, drop_last: bool = False, device: torch.device | str = "cpu",
@@ -393,7 +374,7 @@ def _init_distributed(device_name: str) -> _Dist:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     owns = not dist.is_initialized()
     if owns:
-        device = resolve_device(device_name, local_rank)
+        device = checkpoint.resolve_device(device_name, local_rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -532,7 +513,7 @@ def train(config: TrainConfig | None = None, /, *, on_step: Callable[[dict[str, 
 def _run(cfg: TrainConfig, saved_state: dict | None, dctx: _Dist, stop: _StopRequest,
          on_step: Callable[[dict[str, Any]], None] | None) -> TrainResult:
     out = Path(cfg.out)
-    device = resolve_device(cfg.device, dctx.local_rank)
+    device = checkpoint.resolve_device(cfg.device, dctx.local_rank)
     amp = autocast_dtype(cfg.precision, device)
     if device.type == "cpu":
         keep_freed_memory()

@@ -32,6 +32,7 @@ import torch
 
 from .config import PRESETS, GPTConfig, as_config, preset
 from .model import GPTModel
+from .errors import GptforgeError
 
 FORMAT_NAME = "gptforge"
 FORMAT_VERSION = 1
@@ -110,11 +111,11 @@ def atomic_directory(out_dir: str | Path, replaceable: frozenset[str] = CHECKPOI
     `replaceable`, so a mistyped path never deletes a project directory."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir} exists and is not a directory; choose another output path")
+        raise GptforgeError(f"{out_dir} exists and is not a directory; choose another output path")
     if out_dir.is_dir():
         others = sorted(p.name for p in out_dir.iterdir() if p.name not in replaceable or not p.is_file())
         if others:
-            raise ValueError(f"{out_dir} exists and holds other things than a checkpoint ({_short(others)}); "
+            raise GptforgeError(f"{out_dir} exists and holds other things than a checkpoint ({_short(others)}); "
                              f"refusing to replace it: choose a new or empty directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -178,17 +179,17 @@ def _read_safetensors(f: BinaryIO, path: Path, keep: Callable[[str], bool],
     f.seek(0)
     head = f.read(8)
     if len(head) < 8:
-        raise ValueError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
+        raise GptforgeError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
     (header_len,) = struct.unpack("<Q", head)
     if header_len > size - 8:
-        raise ValueError(f"{path} is truncated or not a safetensors file: its header claims "
+        raise GptforgeError(f"{path} is truncated or not a safetensors file: its header claims "
                          f"{header_len} bytes but the file has {size}")
     try:
         header = json.loads(f.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is corrupted: its safetensors header is not valid JSON ({err})") from None
+        raise GptforgeError(f"{path} is corrupted: its safetensors header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path} is corrupted: its safetensors header is not a JSON object")
+        raise GptforgeError(f"{path} is corrupted: its safetensors header is not a JSON object")
     base = 8 + header_len
     tensors: dict[str, torch.Tensor] = {}
     for name, info in header.items():
@@ -199,20 +200,20 @@ def _read_safetensors(f: BinaryIO, path: Path, keep: Callable[[str], bool],
             shape = [int(n) for n in info["shape"]]
             begin, end = (int(n) for n in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path} is corrupted: bad header entry for tensor {name!r}") from None
+            raise GptforgeError(f"{path} is corrupted: bad header entry for tensor {name!r}") from None
         if base + end > size:
-            raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} "
+            raise GptforgeError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} "
                              f"but the file has {size} bytes; save or download it again")
         nbytes = math.prod(shape) * torch.empty((), dtype=file_dtype).element_size()
         if nbytes != end - begin or begin < 0:
-            raise ValueError(f"{path} is corrupted: tensor {name!r} of shape {shape} needs "
+            raise GptforgeError(f"{path} is corrupted: tensor {name!r} of shape {shape} needs "
                              f"{nbytes} bytes, its header gives {end - begin}")
         tensor = torch.empty(shape, dtype=file_dtype)
         if nbytes:
             f.seek(base + begin)
             view = tensor.view(-1).view(torch.uint8).numpy()
             if f.readinto(memoryview(view)) != nbytes:
-                raise ValueError(f"{path} is truncated in tensor {name!r}")
+                raise GptforgeError(f"{path} is truncated in tensor {name!r}")
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         tensors[name] = tensor
@@ -249,7 +250,7 @@ def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) 
     if cfg.tie_weights:
         head = state.pop("out_head.weight", None)
         if head is not None and head.shape != state.get("tok_emb.weight", head).shape:
-            raise ValueError(f"{source}: tied output head has shape {tuple(head.shape)}, expected "
+            raise GptforgeError(f"{source}: tied output head has shape {tuple(head.shape)}, expected "
                              f"{expected['tok_emb.weight']}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -259,14 +260,14 @@ def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) 
             parts.append(f"missing tensors {_short(missing)}")
         if unexpected:
             parts.append(f"unexpected tensors {_short(unexpected)}")
-        raise ValueError(f"{source}: {'; '.join(parts)} (is the file from another model or config?)")
+        raise GptforgeError(f"{source}: {'; '.join(parts)} (is the file from another model or config?)")
     for name, shape in expected.items():
         got = tuple(state[name].shape)
         if got != shape:
             hint = ""
             if name in ("tok_emb.weight", "out_head.weight") and got[1:] == shape[1:]:
                 hint = f" (the file has vocab_size {got[0]}, the config {cfg.vocab_size})"
-            raise ValueError(f"{source}: tensor {name} has shape {got}, the config expects {shape}{hint}")
+            raise GptforgeError(f"{source}: tensor {name} has shape {got}, the config expects {shape}{hint}")
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) > 1:  # mixed precision on disk: one model dtype, the widest
         wide = max(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
@@ -302,12 +303,12 @@ def save(model: GPTModel, out_dir: str | Path, format: str = "gptforge",
     Weights are written in the model's dtype. Returns `out_dir` as a Path.
     """
     if format not in SAVE_FORMATS:
-        raise ValueError(f"unknown checkpoint format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
+        raise GptforgeError(f"unknown checkpoint format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
     if not isinstance(model, GPTModel):
-        raise ValueError(f"save expects a gptforge GPTModel, got {type(model).__name__}")
+        raise GptforgeError(f"save expects a gptforge GPTModel, got {type(model).__name__}")
     if format == "hf":
         if training_state is not None:
-            raise ValueError("the Hugging Face format holds no training state; save with format='gptforge'")
+            raise GptforgeError("the Hugging Face format holds no training state; save with format='gptforge'")
         return save_hf(model, out_dir)
     out_dir = Path(out_dir)
     if training_state is not None:
@@ -335,17 +336,17 @@ _PLAIN = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, t
 def _check_weights_only(obj: Any, where: str) -> None:
     """Refuse, at save time, what `torch.load(weights_only=True)` would refuse at load time."""
     if where == "training_state" and not isinstance(obj, dict):
-        raise ValueError(f"training_state must be a dict, got {type(obj).__name__}")
+        raise GptforgeError(f"training_state must be a dict, got {type(obj).__name__}")
     if isinstance(obj, dict):
         for key, value in obj.items():
             if not isinstance(key, (str, int)):
-                raise ValueError(f"{where} has a key of type {type(key).__name__}; use str or int keys")
+                raise GptforgeError(f"{where} has a key of type {type(key).__name__}; use str or int keys")
             _check_weights_only(value, f"{where}[{key!r}]")
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
             _check_weights_only(value, f"{where}[{i}]")
     elif not isinstance(obj, _PLAIN):
-        raise ValueError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which a weights-only "
+        raise GptforgeError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which a weights-only "
                          f"load cannot read back; store tensors, numbers, strings, lists and dicts "
                          f"(e.g. torch.from_numpy(array) for a numpy RNG state)")
 
@@ -354,9 +355,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the checkpoint is corrupted") from None
+        raise GptforgeError(f"{path} is not valid JSON ({err}); the checkpoint is corrupted") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+        raise GptforgeError(f"{path} must hold a JSON object")
     return data
 
 
@@ -364,15 +365,15 @@ def _read_gptforge_meta(ckpt_dir: Path) -> tuple[dict[str, Any], GPTConfig]:
     meta = _read_json(ckpt_dir / CONFIG_FILE)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{ckpt_dir}: gptforge checkpoint format version {version!r} is not supported "
+        raise GptforgeError(f"{ckpt_dir}: gptforge checkpoint format version {version!r} is not supported "
                          f"(this gptforge reads version {FORMAT_VERSION}); upgrade gptforge")
     fields = {k: v for k, v in meta.items() if k not in ("format", "format_version", "dtype", "sha256")}
     try:
         cfg = GPTConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{ckpt_dir / CONFIG_FILE}: bad model config: {err}") from None
+        raise GptforgeError(f"{ckpt_dir / CONFIG_FILE}: bad model config: {err}") from None
     if not isinstance(meta.get("sha256"), dict):
-        raise ValueError(f"{ckpt_dir / CONFIG_FILE} has no sha256 table; the checkpoint is corrupted")
+        raise GptforgeError(f"{ckpt_dir / CONFIG_FILE} has no sha256 table; the checkpoint is corrupted")
     return meta, cfg
 
 
@@ -383,7 +384,7 @@ def _open_verified(ckpt_dir: Path, meta: Mapping[str, Any], name: str) -> Binary
     path = ckpt_dir / name
     expected = meta["sha256"].get(name)
     if expected is None:
-        raise ValueError(f"{ckpt_dir / CONFIG_FILE} lists no sha256 for {name}; the checkpoint is corrupted")
+        raise GptforgeError(f"{ckpt_dir / CONFIG_FILE} lists no sha256 for {name}; the checkpoint is corrupted")
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -391,7 +392,7 @@ def _open_verified(ckpt_dir: Path, meta: Mapping[str, Any], name: str) -> Binary
     actual = _sha256_of(f)
     if actual != expected:
         f.close()
-        raise ValueError(f"{path} fails its checksum (sha256 {actual[:12]}..., config.json says "
+        raise GptforgeError(f"{path} fails its checksum (sha256 {actual[:12]}..., config.json says "
                          f"{expected[:12]}...): the file is truncated or corrupted; restore or re-save it")
     f.seek(0)
     return f
@@ -409,7 +410,7 @@ def load_training_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
     `torch.load(weights_only=True)`), or None when the checkpoint has none."""
     ckpt_dir = Path(ckpt_dir)
     if detect_format(ckpt_dir) != "gptforge":
-        raise ValueError(f"{ckpt_dir} is not a gptforge checkpoint directory; only those hold training state")
+        raise GptforgeError(f"{ckpt_dir} is not a gptforge checkpoint directory; only those hold training state")
     meta, _ = _read_gptforge_meta(ckpt_dir)
     if TRAINING_STATE_FILE not in meta["sha256"]:
         return None
@@ -417,7 +418,7 @@ def load_training_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except Exception as err:  # unpickling errors come in many types
-            raise ValueError(f"{ckpt_dir / TRAINING_STATE_FILE} cannot be read as a training state: {err}") from None
+            raise GptforgeError(f"{ckpt_dir / TRAINING_STATE_FILE} cannot be read as a training state: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,10 +434,10 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> GPTCon
 
     eps = get("layer_norm_epsilon", 1e-5)
     if abs(float(eps) - 1e-5) > 1e-12:
-        raise ValueError(f"{source}: layer_norm_epsilon {eps} is not supported; gptforge's LayerNorm uses 1e-5 (GPT-2's)")
+        raise GptforgeError(f"{source}: layer_norm_epsilon {eps} is not supported; gptforge's LayerNorm uses 1e-5 (GPT-2's)")
     act = get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{source}: activation_function {act!r} is not supported; gptforge uses GPT-2's "
+        raise GptforgeError(f"{source}: activation_function {act!r} is not supported; gptforge uses GPT-2's "
                          f"tanh-approximated GELU ('gelu_new')")
     unsupported = {
         "n_inner": (None, 4 * int(get("n_embd", 768))),
@@ -445,7 +446,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> GPTCon
     }
     for key, allowed in unsupported.items():
         if key in hf and hf[key] not in allowed:
-            raise ValueError(f"{source}: {key}={hf[key]!r} is not supported by gptforge's GPT-2")
+            raise GptforgeError(f"{source}: {key}={hf[key]!r} is not supported by gptforge's GPT-2")
     try:
         return GPTConfig(
             vocab_size=get("vocab_size", 50257),
@@ -458,7 +459,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> GPTCon
             tie_weights=bool(get("tie_word_embeddings", True)),
         )
     except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
+        raise GptforgeError(f"{source}: {err}") from None
 
 
 def config_to_hf(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -528,19 +529,19 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], source: str) -> dict[str, t
             continue
         match = _HF_BLOCK.match(name)
         if match is None:
-            raise ValueError(f"{source}: unexpected tensor {key!r}; is this a GPT-2 checkpoint?")
+            raise GptforgeError(f"{source}: unexpected tensor {key!r}; is this a GPT-2 checkpoint?")
         layer, rest = match.groups()
         prefix = f"trf_blocks.{layer}."
         if rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
             if tensor.shape[-1] % 3:
-                raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, whose last dimension "
+                raise GptforgeError(f"{source}: {key} has shape {tuple(tensor.shape)}, whose last dimension "
                                  f"is not 3 x emb_dim")
             kind = rest.rsplit(".", 1)[1]
             for part, chunk in zip(("W_query", "W_key", "W_value"), tensor.chunk(3, dim=-1)):
                 state[prefix + f"att.{part}.{kind}"] = chunk.t().contiguous() if kind == "weight" else chunk.clone()
             continue
         if rest not in _HF_BLOCK_KEYS:
-            raise ValueError(f"{source}: unexpected tensor {key!r}; is this a GPT-2 checkpoint?")
+            raise GptforgeError(f"{source}: unexpected tensor {key!r}; is this a GPT-2 checkpoint?")
         ours, transpose = _HF_BLOCK_KEYS[rest]
         state[prefix + ours] = tensor.t().contiguous() if transpose else tensor
     return state
@@ -591,7 +592,7 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zips, foreign pickles and more come as different types
-        raise ValueError(f"{path} cannot be read as a PyTorch state dict ({type(err).__name__}: "
+        raise GptforgeError(f"{path} cannot be read as a PyTorch state dict ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); is it truncated or not a "
                          f"checkpoint? (only weights-only pickles are accepted)") from None
 
@@ -619,13 +620,13 @@ def _load_hf(hf_dir: Path, dtype: torch.dtype | None) -> GPTModel:
         else:
             loaded = _torch_load(file)
             if not isinstance(loaded, dict):
-                raise ValueError(f"{file} does not hold a state dict")
+                raise GptforgeError(f"{file} does not hold a state dict")
             hf_state.update({k: v if dtype is None or not v.is_floating_point() else v.to(dtype)
                              for k, v in loaded.items() if _keep_hf(k)})
     if cfg.tie_weights:
         hf_state.pop("lm_head.weight", None)  # transformers ties it to wte whatever the file holds
     elif "lm_head.weight" not in hf_state:
-        raise ValueError(f"{hf_dir}: config.json says tie_word_embeddings=false but the weights have no "
+        raise GptforgeError(f"{hf_dir}: config.json says tie_word_embeddings=false but the weights have no "
                          f"lm_head.weight (a bare GPT2Model has no head of its own)")
     return build_model(cfg, state_from_hf(hf_state, str(hf_dir)), str(hf_dir))
 
@@ -645,7 +646,7 @@ def _book_state(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(loaded, dict) and isinstance(loaded.get("model_state_dict"), dict):
         loaded = loaded["model_state_dict"]  # the book's chapter 5 saves model and optimizer together
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ValueError(f"{path} does not hold a state dict (a dict of tensors)")
+        raise GptforgeError(f"{path} does not hold a state dict (a dict of tensors)")
     state = {}
     for key, tensor in loaded.items():
         key = key.removeprefix("_orig_mod.").removeprefix("module.")  # torch.compile / DDP wrappers
@@ -659,7 +660,7 @@ def _book_config(state: Mapping[str, torch.Tensor], source: str,
     emb = state.get("tok_emb.weight")
     pos = state.get("pos_emb.weight")
     if emb is None or pos is None:
-        raise ValueError(f"{source}: no tok_emb.weight/pos_emb.weight: not a state dict of the book's "
+        raise GptforgeError(f"{source}: no tok_emb.weight/pos_emb.weight: not a state dict of the book's "
                          f"GPTModel (for Hugging Face weights pass their directory with config.json)")
     vocab_size, emb_dim = emb.shape
     n_layers = len({k.split(".")[1] for k in state if k.startswith("trf_blocks.")})
@@ -671,11 +672,11 @@ def _book_config(state: Mapping[str, torch.Tensor], source: str,
         cfg = as_config(config)
         diffs = {k: (getattr(cfg, k), v) for k, v in inferred.items() if getattr(cfg, k) != v}
         if diffs:
-            raise ValueError(f"{source} does not match the given config: " + ", ".join(
+            raise GptforgeError(f"{source} does not match the given config: " + ", ".join(
                 f"{k} is {got} in the file, {want} in the config" for k, (want, got) in diffs.items()))
         return cfg
     if emb_dim not in _BOOK_HEADS:
-        raise ValueError(f"{source}: a state dict of width {emb_dim} does not say its number of heads; "
+        raise GptforgeError(f"{source}: a state dict of width {emb_dim} does not say its number of heads; "
                          f"pass config= to gptforge.load (e.g. the book's GPT_CONFIG dict) or --config "
                          f"CONFIG.json (a GPTConfig as JSON) on the command line")
     return GPTConfig(**inferred, n_heads=_BOOK_HEADS[emb_dim])
@@ -714,7 +715,7 @@ def _hub_download(repo_id: str, weights: bool = True) -> Path:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
     except ImportError:
-        raise ValueError(f"{repo_id!r} looks like a Hugging Face hub id, but huggingface_hub is not "
+        raise GptforgeError(f"{repo_id!r} looks like a Hugging Face hub id, but huggingface_hub is not "
                          f"installed; pip install huggingface_hub, or pass a local directory") from None
 
     def fetch(local_only: bool) -> Path:
@@ -738,7 +739,7 @@ def _hub_download(repo_id: str, weights: bool = True) -> Path:
     except (EntryNotFoundError, _NoHubWeights):
         pass  # not (fully) in the cache
     except ValueError as err:  # huggingface_hub's id validation
-        raise ValueError(f"{missing}, and it is not a valid hub id ({err})") from None
+        raise GptforgeError(f"{missing}, and it is not a valid hub id ({err})") from None
     if _hub_offline():
         raise FileNotFoundError(f"{missing}, and the Hugging Face hub is offline (HF_HUB_OFFLINE) with "
                                 f"no cached copy of it; {how}")
@@ -785,14 +786,14 @@ def detect_format(path: str | Path) -> str:
     if path.is_dir():
         config = path / CONFIG_FILE
         if not config.is_file():
-            raise ValueError(f"{path} is a directory without {CONFIG_FILE}: not a gptforge or "
+            raise GptforgeError(f"{path} is a directory without {CONFIG_FILE}: not a gptforge or "
                              f"Hugging Face checkpoint")
         meta = _read_json(config)
         if meta.get("format") == FORMAT_NAME:
             return "gptforge"
         if meta.get("model_type") == "gpt2" or "n_embd" in meta:
             return "hf"
-        raise ValueError(f"{config} is neither a gptforge config (\"format\": \"gptforge\") nor a "
+        raise GptforgeError(f"{config} is neither a gptforge config (\"format\": \"gptforge\") nor a "
                          f"Hugging Face GPT-2 config (\"model_type\": \"gpt2\")")
     if path.is_file():
         return "book"
@@ -841,11 +842,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise GptforgeError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        raise GptforgeError("--device cuda was asked for but CUDA is not available; use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was asked for but MPS is not available; use --device cpu")
+        raise GptforgeError("--device mps was asked for but MPS is not available; use --device cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -855,7 +856,7 @@ def _resolve_with_config(name_or_path: str | Path, config: Any, weights: bool = 
     """`resolve`, refusing a `config` for anything but a book state dict (the others carry theirs)."""
     fmt, path = resolve(name_or_path, weights)
     if config is not None and fmt != "book":
-        raise ValueError(f"config= is only for the book's state dicts; {name_or_path} carries its own config")
+        raise GptforgeError(f"config= is only for the book's state dicts; {name_or_path} carries its own config")
     return fmt, path
 
 

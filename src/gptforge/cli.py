@@ -11,12 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import GptforgeError
+
 # A small GPT-2-tokenizer model trained on Tiny Shakespeare, shipped in gptforge/assets (see README).
 DEFAULT_MODEL = "gptforge-shakespeare"
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
 def _non_negative_int(text: str) -> int:
@@ -43,10 +41,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _model_name(args: argparse.Namespace) -> str:
     """info takes its model as a positional argument or --model (not both)."""
     if args.model_pos and args.model and args.model_pos != args.model:
-        raise UsageError(f"two models given ({args.model_pos!r} and --model {args.model!r}); give one")
+        raise GptforgeError(f"two models given ({args.model_pos!r} and --model {args.model!r}); give one")
     name = args.model_pos or args.model
     if not name:
-        raise UsageError("no model given: gptforge info MODEL (or --model MODEL)")
+        raise GptforgeError("no model given: gptforge info MODEL (or --model MODEL)")
     return name
 
 
@@ -104,7 +102,7 @@ def _parse_ids(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise UsageError(f"--stop-token-ids expects comma-separated integers or 'none', got {text!r}") from None
+        raise GptforgeError(f"--stop-token-ids expects comma-separated integers or 'none', got {text!r}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -175,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model = load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
                  config=_book_config_arg(args))
     if args.max_tokens_cap is not None and args.max_tokens_cap > model.cfg.context_length:
-        raise UsageError(f"--max-tokens-cap {args.max_tokens_cap} exceeds the model's context length "
+        raise GptforgeError(f"--max-tokens-cap {args.max_tokens_cap} exceeds the model's context length "
                          f"{model.cfg.context_length}")
     settings = ServeSettings(
         model_name=args.served_model_name or args.model, max_tokens_cap=args.max_tokens_cap,
@@ -197,7 +195,7 @@ def _train_options(args: argparse.Namespace) -> dict:
     for item in args.set or []:
         key, sep, text = item.partition("=")
         if not sep:
-            raise UsageError(f"--set expects KEY=VALUE (a GPTConfig field), got {item!r}")
+            raise GptforgeError(f"--set expects KEY=VALUE (a GPTConfig field), got {item!r}")
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
@@ -317,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code = args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as err:
+    except (GptforgeError, FileNotFoundError) as err:
         print(f"gptforge: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from .errors import GptforgeError
 
 # The seed's dict keys (llms-from-scratch, ch04 `GPT_CONFIG_124M`) plus our two extensions.
 SEED_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
@@ -40,20 +41,20 @@ class GPTConfig:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise GptforgeError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.emb_dim % self.n_heads != 0:
-            raise ValueError(
+            raise GptforgeError(
                 f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
             )
         if isinstance(self.drop_rate, bool) or not isinstance(self.drop_rate, (int, float)) or not (
             0.0 <= self.drop_rate < 1.0
         ):
-            raise ValueError(f"GPTConfig.drop_rate must satisfy 0 <= drop_rate < 1, got {self.drop_rate!r}")
+            raise GptforgeError(f"GPTConfig.drop_rate must satisfy 0 <= drop_rate < 1, got {self.drop_rate!r}")
         for name in ("qkv_bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise GptforgeError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.init not in INIT_SCHEMES:
-            raise ValueError(f"GPTConfig.init must be one of {INIT_SCHEMES}, got {self.init!r}")
+            raise GptforgeError(f"GPTConfig.init must be one of {INIT_SCHEMES}, got {self.init!r}")
 
     @property
     def head_dim(self) -> int:
@@ -84,9 +85,9 @@ class GPTConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path}") from None
         except json.JSONDecodeError as err:
-            raise ValueError(f"config file {path} is not valid JSON: {err}") from None
+            raise GptforgeError(f"config file {path} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a JSON object")
+            raise GptforgeError(f"config file {path} must hold a JSON object")
         return cls.from_dict(data)
 
 
@@ -96,7 +97,7 @@ def known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown {what} {unknown}; known {what} are {sorted(known)}")
+        raise GptforgeError(f"unknown {what} {unknown}; known {what} are {sorted(known)}")
     return dict(data)
 
 
@@ -134,4 +135,4 @@ def preset(name: str) -> GPTConfig:
     try:
         return PRESETS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise GptforgeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

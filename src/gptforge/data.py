@@ -26,6 +26,7 @@ import torch
 
 from .checkpoint import atomic_write_bytes
 from .tokenizer import Tokenizer, get_tokenizer
+from .errors import GptforgeError
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the bytes of int32
 CHUNK_CHARS = 1 << 20  # characters read per step of the streaming pass
@@ -71,16 +72,16 @@ def _read_chunks(path: Path, chunk_chars: int) -> Iterator[str]:
         with open(path, encoding="utf-8") as f:  # universal newlines, as the book reads it
             while chunk := f.read(chunk_chars):
                 if "\x00" in chunk:
-                    raise ValueError(f"{path} looks like a binary file (it contains NUL bytes); "
+                    raise GptforgeError(f"{path} looks like a binary file (it contains NUL bytes); "
                                      "training data must be UTF-8 text")
                 yield chunk
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start} of a chunk: {err.reason}); "
+        raise GptforgeError(f"{path} is not UTF-8 text (byte {err.start} of a chunk: {err.reason}); "
                          "convert it to UTF-8 or leave it out") from None
     except PermissionError:
-        raise ValueError(f"{path} is not readable (permission denied)") from None
+        raise GptforgeError(f"{path} is not readable (permission denied)") from None
     except IsADirectoryError:
-        raise ValueError(f"{path} is a folder, not a text file") from None
+        raise GptforgeError(f"{path} is a folder, not a text file") from None
 
 
 def _count_chars(files: Sequence[Path]) -> list[int]:
@@ -205,10 +206,10 @@ def tokenize_corpus(source: str | Path | Sequence[str | Path], folder: str | Pat
     (0 for none). Raises ValueError for empty, unreadable or non-text files.
     """
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        raise GptforgeError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     tokenizer = tokenizer or get_tokenizer()
     if tokenizer.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
-        raise ValueError(f"a vocabulary of {tokenizer.vocab_size} ids does not fit uint16 token files")
+        raise GptforgeError(f"a vocabulary of {tokenizer.vocab_size} ids does not fit uint16 token files")
     files = find_text_files(source)
     folder = Path(folder)
     fingerprint = _fingerprint(files, float(val_fraction))
@@ -222,7 +223,7 @@ def tokenize_corpus(source: str | Path | Sequence[str | Path], folder: str | Pat
     total = sum(counts)
     if total == 0:
         names = ", ".join(str(p) for p in files[:3])
-        raise ValueError(f"the training data is empty ({names}{', ...' if len(files) > 3 else ''})")
+        raise GptforgeError(f"the training data is empty ({names}{', ...' if len(files) > 3 else ''})")
     split_at = int((1 - val_fraction) * total)  # the book: text[:int(0.9 * len(text))] trains
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -270,9 +271,9 @@ class TokenWindows(torch.utils.data.Dataset):
         stride = context_length if stride is None else stride
         for label, value in (("context_length", context_length), ("stride", stride)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+                raise GptforgeError(f"{label} must be a positive integer, got {value!r}")
         if len(tokens) < context_length + 1:
-            raise ValueError(
+            raise GptforgeError(
                 f"the {name} has {len(tokens):,} tokens, shorter than one window of context_length + 1 "
                 f"= {context_length + 1} tokens; use more text or a smaller context_length"
             )

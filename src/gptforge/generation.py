@@ -23,20 +23,21 @@ import torch.nn as nn
 
 from .config import known_fields
 from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
+from .errors import GptforgeError
 
 
 def _check_ids(idx: torch.Tensor) -> None:
     if not isinstance(idx, torch.Tensor):
-        raise ValueError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+        raise GptforgeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
     if idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"idx must hold integer token ids (int64 or int32), got dtype {idx.dtype}")
+        raise GptforgeError(f"idx must hold integer token ids (int64 or int32), got dtype {idx.dtype}")
     if idx.dim() != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
-        raise ValueError(f"idx must have shape (batch, tokens) with both > 0, got {tuple(idx.shape)}")
+        raise GptforgeError(f"idx must have shape (batch, tokens) with both > 0, got {tuple(idx.shape)}")
 
 
 def _check_count(name: str, value: int, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise GptforgeError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
@@ -205,26 +206,26 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         _check_count("GenerationConfig.max_new_tokens", self.max_new_tokens, 0)
         if not _is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
-            raise ValueError(f"GenerationConfig.temperature must be a number >= 0 (0 = greedy), "
+            raise GptforgeError(f"GenerationConfig.temperature must be a number >= 0 (0 = greedy), "
                              f"got {self.temperature!r}")
         if self.top_k is not None:
             _check_count("GenerationConfig.top_k", self.top_k, 1)
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p!r}")
+            raise GptforgeError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
-            raise ValueError(f"GenerationConfig.min_p must be in [0, 1], got {self.min_p!r}")
+            raise GptforgeError(f"GenerationConfig.min_p must be in [0, 1], got {self.min_p!r}")
         if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"GenerationConfig.repetition_penalty must be a number > 0 (1 = off), "
+            raise GptforgeError(f"GenerationConfig.repetition_penalty must be a number > 0 (1 = off), "
                              f"got {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
-                raise ValueError(f"GenerationConfig.{name} must be a number in [-2, 2], got {value!r}")
+                raise GptforgeError(f"GenerationConfig.{name} must be a number in [-2, 2], got {value!r}")
         object.__setattr__(self, "stop_token_ids", self._id_tuple("stop_token_ids", self.stop_token_ids))
         object.__setattr__(self, "stop_strings", self._string_tuple(self.stop_strings))
         _check_count("GenerationConfig.num_return_sequences", self.num_return_sequences, 1)
         if self.num_return_sequences > 1 and self.temperature == 0:
-            raise ValueError("GenerationConfig.num_return_sequences > 1 needs sampling: set temperature > 0 "
+            raise GptforgeError("GenerationConfig.num_return_sequences > 1 needs sampling: set temperature > 0 "
                              "(greedy decoding would return identical sequences)")
         if self.seed is not None:
             _check_count("GenerationConfig.seed", self.seed, 0)
@@ -237,7 +238,7 @@ class GenerationConfig:
         if isinstance(value, int) and not isinstance(value, bool):
             value = (value,)
         if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, set, frozenset)):
-            raise ValueError(f"GenerationConfig.{name} must be a list of token ids, got {value!r}")
+            raise GptforgeError(f"GenerationConfig.{name} must be a list of token ids, got {value!r}")
         for v in value:
             _check_count(f"each of GenerationConfig.{name}", v, 0)
         return tuple(value)
@@ -249,7 +250,7 @@ class GenerationConfig:
         if isinstance(value, str):
             value = (value,)
         if not isinstance(value, Sequence) or not all(isinstance(s, str) and s for s in value):
-            raise ValueError(f"GenerationConfig.stop_strings must be a list of non-empty strings, got {value!r}")
+            raise GptforgeError(f"GenerationConfig.stop_strings must be a list of non-empty strings, got {value!r}")
         return tuple(value)
 
     @property
@@ -309,12 +310,12 @@ def next_tokens(logits: torch.Tensor, ids: torch.Tensor | None, config: Generati
     Returns (B,) int64 token ids. Stopping is the caller's business (see `StopChecker`).
     """
     if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}")
+        raise GptforgeError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}")
     processors = config.processors
     if not processors and not config.do_sample:
         return logits.argmax(-1)
     if config.needs_context and ids is None:
-        raise ValueError("the penalties need the ids so far: pass ids of shape (batch, tokens)")
+        raise GptforgeError("the penalties need the ids so far: pass ids of shape (batch, tokens)")
     scores = logits.float()
     for process in processors:
         scores = process(scores, ids)
@@ -386,7 +387,7 @@ def left_pad(sequences: Sequence[Sequence[int]] | Sequence[torch.Tensor], pad_to
     padded on the left so every prompt ends at the last column; the mask is 1 on real tokens."""
     rows = [torch.as_tensor(s, dtype=torch.int64).flatten().tolist() for s in sequences]
     if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("each prompt needs at least one token id (an empty text prompt is [50256])")
+        raise GptforgeError("each prompt needs at least one token id (an empty text prompt is [50256])")
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
@@ -409,7 +410,7 @@ class _Step:
 
 def _check_model(model: nn.Module) -> None:
     if not hasattr(model, "new_cache") or not hasattr(model, "cfg"):
-        raise ValueError(f"generation needs a gptforge GPTModel, got {type(model).__name__}")
+        raise GptforgeError(f"generation needs a gptforge GPTModel, got {type(model).__name__}")
 
 
 @torch.no_grad()
@@ -507,19 +508,19 @@ def _prepare(model: nn.Module, idx: Any, attention_mask: torch.Tensor | None,
         idx = idx.to(device=device, dtype=torch.int64)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
-                raise ValueError(f"attention_mask must be a tensor shaped like idx {tuple(idx.shape)}")
+                raise GptforgeError(f"attention_mask must be a tensor shaped like idx {tuple(idx.shape)}")
             attention_mask = attention_mask.to(device)
             if not bool(attention_mask[:, -1].all()):
-                raise ValueError("attention_mask must use left padding: every row's last token must be real")
+                raise GptforgeError("attention_mask must use left padding: every row's last token must be real")
     else:
         if attention_mask is not None:
-            raise ValueError("attention_mask goes with a padded tensor idx; a list of prompts is padded for you")
+            raise GptforgeError("attention_mask goes with a padded tensor idx; a list of prompts is padded for you")
         if not isinstance(idx, Sequence) or not idx:
-            raise ValueError("idx must be a (B, T) tensor of token ids or a list of id lists")
+            raise GptforgeError("idx must be a (B, T) tensor of token ids or a list of id lists")
         idx, attention_mask = left_pad(idx, config.pad_token_id, device)
     vocab = model.cfg.vocab_size
     if int(idx.min()) < 0 or int(idx.max()) >= vocab:
-        raise ValueError(f"token ids must lie in [0, {vocab}), got values in [{int(idx.min())}, {int(idx.max())}]")
+        raise GptforgeError(f"token ids must lie in [0, {vocab}), got values in [{int(idx.min())}, {int(idx.max())}]")
     n = config.num_return_sequences
     if n > 1:
         idx = idx.repeat_interleave(n, dim=0)
@@ -576,7 +577,7 @@ def generate_text(model: nn.Module, prompt: str | Sequence[str], max_new_tokens:
     tokenizer = tokenizer or get_tokenizer()
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompt must be a string or a non-empty list of strings")
+        raise GptforgeError("prompt must be a string or a non-empty list of strings")
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
     config = GenerationConfig.from_options(config, **options)
@@ -606,7 +607,7 @@ def stream_text(model: nn.Module, prompt: str | Sequence[int], max_new_tokens: i
         options["max_new_tokens"] = max_new_tokens
     config = GenerationConfig.from_options(config, **options)
     if config.num_return_sequences != 1:
-        raise ValueError("stream_text streams one sequence: num_return_sequences must be 1")
+        raise GptforgeError("stream_text streams one sequence: num_return_sequences must be 1")
     ids = prompt_ids(prompt, tokenizer) if isinstance(prompt, str) else list(prompt)
     idx, mask = _prepare(model, [ids], None, config)
     if config.max_new_tokens == 0:

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig, as_config
+from .errors import GptforgeError
 
 
 class LayerNorm(nn.Module):
@@ -53,7 +54,7 @@ class MultiHeadAttention(nn.Module):
                  qkv_bias: bool = False):
         super().__init__()
         if d_out % num_heads != 0:
-            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+            raise GptforgeError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
         self.d_out = d_out
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
@@ -211,7 +212,7 @@ class KVCache:
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         max_len = cfg.context_length if max_len is None else max_len
         if not 0 < max_len <= cfg.context_length:
-            raise ValueError(f"max_len must be in [1, {cfg.context_length}], got {max_len}")
+            raise GptforgeError(f"max_len must be in [1, {cfg.context_length}], got {max_len}")
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
         # Zeros, not torch.empty: a padded slot is read under a zero attention weight, and 0 * NaN
         # from uninitialised memory would poison the row.
@@ -285,7 +286,7 @@ class GPTModel(nn.Module):
         start = cache.length if cache is not None else 0
         if start + t > (cache.max_len if cache is not None else self.cfg.context_length):
             limit = cache.max_len if cache is not None else self.cfg.context_length
-            raise ValueError(f"sequence of {start + t} tokens exceeds the model's {limit} positions")
+            raise GptforgeError(f"sequence of {start + t} tokens exceeds the model's {limit} positions")
         if positions is None:
             positions = torch.arange(start, start + t, device=in_idx.device)
         x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (B, T, d)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .errors import GptforgeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("none", "int8")
@@ -155,12 +156,12 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """'float32' or 'bfloat16' (or the torch dtype itself) -> torch dtype; others are a ValueError."""
     if isinstance(name, torch.dtype):
         if name not in DTYPES.values():
-            raise ValueError(f"dtype must be float32 or bfloat16, got {name}")
+            raise GptforgeError(f"dtype must be float32 or bfloat16, got {name}")
         return name
     try:
         return DTYPES[str(name).lower()]
     except KeyError:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+        raise GptforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
 
 
 @torch.no_grad()
@@ -174,7 +175,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     """
     torch_dtype = parse_dtype(dtype)
     if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+        raise GptforgeError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
     if quantize == "int8":
         torch_dtype = torch.bfloat16
     model.eval()

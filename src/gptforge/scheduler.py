@@ -40,6 +40,7 @@ import torch.nn as nn
 from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
 from .model import KVCache
 from .tokenizer import Tokenizer, get_tokenizer
+from .errors import GptforgeError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class BatchScheduler:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, *, max_batch_size: int = 16,
                  max_waiting: int = 1024):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+            raise GptforgeError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer or get_tokenizer()
         self.max_batch_size = max_batch_size
@@ -149,7 +150,7 @@ class BatchScheduler:
         draining or stopped, SchedulerFull if too many are waiting."""
         need = len(seq.prompt_ids) + seq.max_tokens
         if not seq.prompt_ids or need > self.context_length:
-            raise ValueError(f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.max_tokens}) must be "
+            raise GptforgeError(f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.max_tokens}) must be "
                              f"between 1 and the context length {self.context_length}")
         with self._wakeup:
             if self._stopping or self._abort_at is not None:

@@ -10,6 +10,7 @@ from importlib import resources
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
+from .errors import GptforgeError
 
 ENDOFTEXT = "<|endoftext|>"
 ENDOFTEXT_ID = 50256
@@ -53,7 +54,7 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside GPT-2's vocabulary [0, {self.vocab_size})")
+            raise GptforgeError(f"token ids {bad[:5]} are outside GPT-2's vocabulary [0, {self.vocab_size})")
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:

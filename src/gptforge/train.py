@@ -41,6 +41,7 @@ from .data import (
 from .generation import generate_text
 from .model import GPTModel
 from .tokenizer import get_tokenizer
+from .errors import GptforgeError
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
@@ -105,7 +106,7 @@ class TrainConfig:
             if value is None and allow_none:
                 return
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-                raise ValueError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
+                raise GptforgeError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
 
         for name in ("epochs", "batch_size", "grad_accum_steps"):
             positive(name)
@@ -117,21 +118,21 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "grad_clip", "beta1", "beta2", "val_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise GptforgeError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise GptforgeError(f"lr must be > 0, got {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+            raise GptforgeError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if not (self.beta1 < 1 and self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must be < 1, got {self.beta1}, {self.beta2}")
+            raise GptforgeError(f"beta1 and beta2 must be < 1, got {self.beta1}, {self.beta2}")
         if not self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise GptforgeError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+                raise GptforgeError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if not isinstance(self.model_overrides, dict):
-            raise ValueError(f"model_overrides must be a dict of GPTConfig fields, got {self.model_overrides!r}")
+            raise GptforgeError(f"model_overrides must be a dict of GPTConfig fields, got {self.model_overrides!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,9 +162,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as err:  # json and toml raise their own decode errors
-        raise ValueError(f"{path} is not a valid {'TOML' if path.suffix == '.toml' else 'JSON'} file: {err}") from None
+        raise GptforgeError(f"{path} is not a valid {'TOML' if path.suffix == '.toml' else 'JSON'} file: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a table/object of training options")
+        raise GptforgeError(f"{path} must hold a table/object of training options")
     return data
 
 
@@ -206,7 +207,7 @@ def model_from_spec(spec: str, overrides: Mapping[str, Any] | None = None) -> GP
         model = checkpoint.load(path)
         shape_changes = sorted(set(overrides) - {"drop_rate"})
         if shape_changes:
-            raise ValueError(f"cannot override {shape_changes} of the checkpoint {spec}: only drop_rate "
+            raise GptforgeError(f"cannot override {shape_changes} of the checkpoint {spec}: only drop_rate "
                              "can change when finetuning")
         if overrides:
             model.cfg = model.cfg.replace(**overrides)
@@ -255,7 +256,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     else:
         supported = False
     if precision == "bf16" and device.type not in ("cuda", "cpu"):
-        raise ValueError(f"bf16 autocast is not available on {device.type}; use --precision fp32")
+        raise GptforgeError(f"bf16 autocast is not available on {device.type}; use --precision fp32")
     if precision == "bf16":
         return torch.bfloat16
     return torch.bfloat16 if supported else None
@@ -468,7 +469,7 @@ def _resolve_config(config: TrainConfig | None, options: Mapping[str, Any]) -> t
         config = TrainConfig(**options)
     if not config.resume:
         if config.data is None:
-            raise ValueError("no training data given: pass data= (--data) a text file, a folder or a glob")
+            raise GptforgeError("no training data given: pass data= (--data) a text file, a folder or a glob")
         return config, None
     ckpt = Path(config.out) / CHECKPOINT_DIR
     if not (ckpt / checkpoint.CONFIG_FILE).exists():
@@ -476,7 +477,7 @@ def _resolve_config(config: TrainConfig | None, options: Mapping[str, Any]) -> t
                                 "start the run without --resume")
     state = checkpoint.load_training_state(ckpt)
     if state is None or state.get("version") != STATE_VERSION:
-        raise ValueError(f"{ckpt} holds no gptforge training state to resume from")
+        raise GptforgeError(f"{ckpt} holds no gptforge training state to resume from")
     saved = TrainConfig.from_dict({**state["train_config"], "resume": True})
     changes = {}
     for name, value in given.items():
@@ -485,7 +486,7 @@ def _resolve_config(config: TrainConfig | None, options: Mapping[str, Any]) -> t
         if name in RESUMABLE_CHANGES:
             changes[name] = value
         elif value != getattr(saved, name):
-            raise ValueError(f"{name} cannot change on --resume (the saved run has {getattr(saved, name)!r}, "
+            raise GptforgeError(f"{name} cannot change on --resume (the saved run has {getattr(saved, name)!r}, "
                              f"not {value!r}); only {', '.join(sorted(RESUMABLE_CHANGES))} can, or start a new "
                              "run in another --out")
     return dataclasses.replace(saved, out=str(config.out), **changes), state
@@ -527,7 +528,7 @@ def _run(cfg: TrainConfig, saved_state: dict | None, dctx: _Dist, stop: _StopReq
     if not dctx.main:
         corpus = tokenize_corpus(cfg.data, out / "data", val_fraction=cfg.val_fraction)
     if saved_state is not None and saved_state["data"]["digest"] != corpus_digest(corpus):
-        raise ValueError(f"the data {cfg.data} changed since the checkpoint was saved; resume with the same files")
+        raise GptforgeError(f"the data {cfg.data} changed since the checkpoint was saved; resume with the same files")
 
     # Model: seeded right before it is built, as the book does.
     torch.manual_seed(cfg.seed)
@@ -538,7 +539,7 @@ def _run(cfg: TrainConfig, saved_state: dict | None, dctx: _Dist, stop: _StopReq
     model.to(device).train()
     ctx_len = model.cfg.context_length
     if corpus.train_tokens and model.cfg.vocab_size < get_tokenizer().vocab_size:
-        raise ValueError(f"the model's vocab_size {model.cfg.vocab_size} is smaller than GPT-2's "
+        raise GptforgeError(f"the model's vocab_size {model.cfg.vocab_size} is smaller than GPT-2's "
                          f"{get_tokenizer().vocab_size} token ids; use vocab_size >= 50257")
     train_windows = TokenWindows(corpus.train(), ctx_len, cfg.stride, name="training text")
     val_windows = None
@@ -547,7 +548,7 @@ def _run(cfg: TrainConfig, saved_state: dict | None, dctx: _Dist, stop: _StopReq
     global_batch = cfg.batch_size * cfg.grad_accum_steps * dctx.world_size
     steps_per_epoch = len(train_windows) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"the training text gives {len(train_windows)} windows of {ctx_len + 1} tokens, "
+        raise GptforgeError(f"the training text gives {len(train_windows)} windows of {ctx_len + 1} tokens, "
                          f"fewer than one global batch of {global_batch}; lower batch_size/grad_accum_steps "
                          "or stride, or use more text")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -772,7 +773,7 @@ def _shard(model: nn.Module, raw_model: GPTModel, dctx: _Dist) -> nn.Module:
     """FSDP2: each transformer block is a unit, the embeddings/head the root (a tied head stays one
     tensor). Parameters, gradients and optimizer state are split across the ranks."""
     if dctx.world_size == 1:
-        raise ValueError("--fsdp shards across processes: launch with torchrun --nproc-per-node N (N >= 2)")
+        raise GptforgeError("--fsdp shards across processes: launch with torchrun --nproc-per-node N (N >= 2)")
     from torch.distributed.fsdp import fully_shard
 
     for block in raw_model.trf_blocks:

@@ -1,0 +1,8 @@
+"""The project's own error type: bad input from the user (a flag, a file, a request, a config).
+
+The command line turns it into one line on stderr and exit code 2; anything else is a bug and keeps
+its traceback. It subclasses ValueError so `except ValueError` in callers keeps working."""
+
+
+class GptforgeError(ValueError):
+    """Something the user asked for is wrong: the message says what and how to fix it."""

@@ -17,11 +17,22 @@ SEED_TEXT = "Hello, I am Featureiman Byeswickattribute argue"
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def tiny_config(**changes):
+def _tiny_config(**changes) -> dict:
+    """A model small enough for any test, in the book's dict keys (97 tokens; pass vocab_size=50257 for GPT-2 text)."""
     cfg = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
            "drop_rate": 0.0, "qkv_bias": True}
     cfg.update(changes)
     return cfg
+
+
+@pytest.fixture
+def tiny_config():
+    """The one tiny config, as a factory: `tiny_config(vocab_size=97, context_length=16)`."""
+    return _tiny_config
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end tests that start subprocesses (deselect with -m 'not slow')")
 
 
 @pytest.fixture

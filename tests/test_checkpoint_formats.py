@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gptforge
-from conftest import tiny_config
+from conftest import _tiny_config as tiny_config  # TODO(restructure): use the fixture
 from gptforge.checkpoint import read_safetensors
 from gptforge.cli import main
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import _tiny_config as tiny_config  # TODO(restructure): use the fixture
 from gptforge import GPTModel, generate_text, generate_text_simple, get_tokenizer
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import _tiny_config as tiny_config  # TODO(restructure): use the fixture
 from gptforge import GPTConfig, GPTModel, count_parameters
 from gptforge.model import GELU, LayerNorm, MultiHeadAttention
 

@@ -1,0 +1,150 @@
+"""Instruction data against the book's own chapter-7 code (llms-from-scratch ch07): the prompt,
+the tokenized texts, the collate function, the loss; and the errors for bad records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gptforge import GPTModel
+from gptforge.errors import GptforgeError
+from gptforge.instruct import (
+    ALPACA, InstructionData, PromptTemplate, collate, format_input, instruction_loss, read_records,
+    respond, training_text,
+)
+from gptforge.tokenizer import get_tokenizer
+
+ch07 = pytest.importorskip("llms_from_scratch.ch07")
+ch05 = pytest.importorskip("llms_from_scratch.ch05")
+
+RECORDS = [
+    {"instruction": "Rewrite the sentence in passive voice.", "input": "The cat chased the mouse.",
+     "output": "The mouse was chased by the cat."},
+    {"instruction": "Name the capital of France.", "input": "", "output": "The capital of France is Paris."},
+    {"instruction": "Convert 5 kilometers to meters.", "input": "", "output": "5 kilometers is 5000 meters."},
+    {"instruction": "Give a synonym for 'happy'.", "input": "", "output": "Joyful."},
+    {"instruction": "Sort the numbers ascending.", "input": "9, 2, 7, 4",
+     "output": "2, 4, 7, 9"},
+]
+
+
+def book_ids(records):
+    return ch07.InstructionDataset(records, get_tokenizer().encoding).encoded_texts
+
+
+def test_format_input_equals_the_books():
+    for rec in RECORDS:  # with and without input
+        assert format_input(rec) == ch07.format_input(rec)
+        assert ALPACA.prompt(rec["instruction"], rec["input"]) == ch07.format_input(rec) + "\n\n### Response:\n"
+    assert format_input({"instruction": "x", "output": "y"}) == ch07.format_input({"instruction": "x", "input": ""})
+
+
+def test_tokenized_texts_equal_the_books_dataset():
+    data = InstructionData(RECORDS, context_length=1024)
+    assert data.ids == book_ids(RECORDS)
+    assert [get_tokenizer().decode(i) for i in data.ids] == [training_text(r) for r in RECORDS]
+
+
+@pytest.mark.parametrize("allowed_max_length", [None, 1024, 20])
+def test_collate_equals_the_books_custom_collate_fn(allowed_max_length):
+    ids = book_ids(RECORDS)
+    ids[3] = ids[3][:5] + [50256] + ids[3][5:]  # an end token inside a text: the book ignores it as padding
+    ours = collate(ids, allowed_max_length=allowed_max_length)
+    book = ch07.custom_collate_fn(ids, allowed_max_length=allowed_max_length)
+    for a, b in zip(ours, book):
+        assert torch.equal(a, b)
+
+
+def test_collate_keeps_the_first_end_token_as_target():
+    inputs, targets = collate([[1, 2, 3], [4]])
+    assert inputs.tolist() == [[1, 2, 3], [4, 50256, 50256]]
+    assert targets.tolist() == [[2, 3, 50256], [50256, -100, -100]]
+
+
+def test_mask_prompt_equals_the_books_exercise_7_2():
+    """The book's exercise solution: targets[:instruction_length - 1] = -100 after its collate."""
+    data = InstructionData(RECORDS, context_length=1024, mask_prompt=True)
+    enc = get_tokenizer().encoding
+    lengths = [len(enc.encode(ch07.format_input(r))) for r in RECORDS]
+    inputs, targets = ch07.custom_collate_fn(book_ids(RECORDS))
+    for row, length in enumerate(lengths):
+        targets[row, :length - 1] = -100
+    ours = data.batch(range(len(RECORDS)))
+    assert torch.equal(ours[0], inputs) and torch.equal(ours[1], targets)
+    # what stays is the response header and the output (and the first end token)
+    first = targets[1][targets[1] != -100].tolist()
+    assert get_tokenizer().decode(first) == "\n\n### Response:\n" + RECORDS[1]["output"] + "<|endoftext|>"
+
+
+def test_loss_equals_the_books_calc_loss_batch(tiny_config):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(vocab_size=50257, context_length=128)).eval()
+    batch = InstructionData(RECORDS, 128).batch([0, 1, 2])
+    book = ch05.calc_loss_batch(*batch, model, "cpu")
+    assert instruction_loss(model, batch).item() == pytest.approx(book.item(), abs=1e-6)
+
+
+def test_json_and_jsonl_read_the_same(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(RECORDS))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    assert read_records(tmp_path / "a.json") == read_records(tmp_path / "b.jsonl") == RECORDS
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("[]", "holds no records"),
+    ('[{"input": "x", "output": "y"}]', "no 'instruction'"),
+    ('{"instruction": "x"}\n', "no 'output'"),
+    ('{"instruction": "x", "output": "y"}\nnot json\n', "line 2 is not JSON"),
+    ('[1]', "not a JSON object"),
+])
+def test_bad_records_are_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(GptforgeError, match=message):
+        read_records(path)
+
+
+def test_records_longer_than_the_context_need_max_length():
+    with pytest.raises(GptforgeError, match="record 1 is .* longer than the model's context of 16; pass --max-length"):
+        InstructionData(RECORDS, context_length=16)
+    data = InstructionData(RECORDS, context_length=16, max_length=16)
+    assert data.batch([0, 1])[0].shape == (2, 16)
+    with pytest.raises(GptforgeError, match="--max-length 17"):
+        InstructionData(RECORDS, context_length=16, max_length=17)
+
+
+def test_template_round_trips_through_a_dict():
+    assert PromptTemplate.from_dict(json.loads(json.dumps(ALPACA.to_dict()))) == ALPACA
+    with pytest.raises(GptforgeError):
+        PromptTemplate.from_dict({"bogus": 1})
+
+
+def scripted_model(script: list[int], start: int, context_length: int = 256) -> GPTModel:
+    """A GPTModel whose greedy output is `script` when the prompt is `start` tokens long: token
+    embeddings and blocks are zero, so position p alone picks the logit of script[p - start + 1]."""
+    model = GPTModel({"vocab_size": 50257, "context_length": context_length, "emb_dim": 32, "n_heads": 4,
+                      "n_layers": 1, "drop_rate": 0.0, "qkv_bias": True}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.final_norm.scale.fill_(1.0)
+        for block in model.trf_blocks:
+            block.norm1.scale.fill_(1.0)
+            block.norm2.scale.fill_(1.0)
+        for i, token in enumerate(script):
+            model.pos_emb.weight[start - 1 + i, i] = 1.0
+            model.out_head.weight[token, i] += 10.0 * (i + 1)
+    return model
+
+
+def test_respond_stops_at_the_next_section():
+    enc = get_tokenizer()
+    script = enc.encode(" Paris is it.\n\n### Instruction:\nMore") + [50256]
+    start = len(enc.encode(ALPACA.prompt(RECORDS[1]["instruction"])))
+    model = scripted_model(script, start)
+    assert respond(model, [RECORDS[1]], max_new_tokens=20) == ["Paris is it."]
+    script = enc.encode(" Paris") + [50256] + enc.encode(" more")
+    assert respond(scripted_model(script, start), [RECORDS[1]], max_new_tokens=20) == ["Paris"]

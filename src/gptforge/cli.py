@@ -247,6 +247,42 @@ def _add_train_parser(verbs: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=cmd_train)
 
 
+def cmd_judge(args: argparse.Namespace) -> None:
+    """Score responses 0-100 with a judge model behind an OpenAI-compatible endpoint (the book's ch. 7)."""
+    from .instruct import read_records
+    from .judge import default_scores_path, judge
+
+    records = read_records(args.data)
+    out = args.out or default_scores_path(args.data)
+    result = judge(records, url=args.url, model=args.model, out=out, key=args.key, timeout=args.timeout,
+                   max_tokens=args.max_tokens, skip_invalid=args.skip_invalid, source=args.data)
+    scored = [s for s in result.scores if s is not None]
+    mean = f"{result.mean:.2f}" if result.mean is not None else "n/a"
+    skipped = len(result.scores) - len(scored)
+    print(f"mean score {mean} over {len(scored)} responses"
+          + (f" ({skipped} replies were not numbers)" if skipped else "") + f"; scores: {out}")
+
+
+def _add_judge_parser(verbs: argparse._SubParsersAction) -> None:
+    jd = verbs.add_parser(
+        "judge", help="score responses 0-100 with a judge model (any OpenAI-compatible chat endpoint)",
+        description="The book's chapter-7 evaluation: each record's response is scored by a judge model "
+                    "asked with the book's prompt (temperature 0, seed 123).")
+    jd.add_argument("--data", required=True, metavar="FILE",
+                    help="JSON/JSONL records with instruction, input, output and the response (--key)")
+    jd.add_argument("--url", required=True, help="the endpoint's base URL, e.g. http://127.0.0.1:11434/v1")
+    jd.add_argument("--model", required=True, help="the judge model's name at the endpoint")
+    jd.add_argument("--key", default="model_response", help="the field holding the response (default: model_response)")
+    jd.add_argument("--out", default=None, metavar="FILE",
+                    help="scores as JSONL, written as they arrive (default: DATA-scores.jsonl beside the data)")
+    jd.add_argument("--timeout", type=_non_negative_float, default=60.0, help="seconds per request (default: 60)")
+    jd.add_argument("--max-tokens", type=_positive_int, default=None, help="cap the judge's reply (default: none sent)")
+    jd.add_argument("--skip-invalid", action="store_true",
+                    help="a reply that is not an integer 0-100 is recorded as null and skipped, as the book "
+                         "does (default: stop there)")
+    jd.set_defaults(func=cmd_judge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptforge", description="GPT-2 from scratch: inspect, generate, train, serve.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
@@ -307,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         verb.add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
 
     _add_train_parser(verbs)
+    _add_judge_parser(verbs)
     return parser
 
 

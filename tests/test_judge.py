@@ -1,0 +1,146 @@
+"""`gptforge judge` against a fake OpenAI-compatible chat server: the book's prompt exactly (taken
+from the book's own `generate_model_scores`), the mean, the scores file, and the failures (a reply
+that is not a number, an unreachable endpoint, a timeout) as one line and exit 2, scores kept."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from gptforge.cli import main
+from gptforge.judge import parse_score
+
+ch07 = pytest.importorskip("llms_from_scratch.ch07")
+
+RECORDS = [
+    {"instruction": "Name the capital of France.", "input": "", "output": "Paris.", "model_response": "Paris."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "model_response": "6"},
+    {"instruction": "Give a synonym for 'fast'.", "input": "", "output": "Quick.", "model_response": "Rapid."},
+]
+
+
+class FakeJudge:
+    """An OpenAI-compatible /v1/chat/completions answering `replies` in turn (after `delay` s)."""
+
+    def __init__(self, replies, delay=0.0):
+        self.replies, self.delay, self.requests = list(replies), delay, []
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                judge.requests.append((self.path, body))
+                time.sleep(judge.delay)
+                reply = judge.replies[min(len(judge.requests), len(judge.replies)) - 1]
+                data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                   "choices": [{"index": 0, "finish_reason": "stop",
+                                                "message": {"role": "assistant", "content": reply}}]}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except BrokenPipeError:
+                    pass  # the client gave up (the timeout test)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(RECORDS))
+    return path
+
+
+def book_prompts():
+    prompts = []
+    original = ch07.query_model
+    ch07.query_model = lambda prompt, model="llama3", url=None: prompts.append(prompt) or "0"
+    try:
+        ch07.generate_model_scores(RECORDS, "model_response")
+    finally:
+        ch07.query_model = original
+    return prompts
+
+
+def test_scores_with_the_books_prompt(data, capsys):
+    fake = FakeJudge(["90", " 20\n", "70."])
+    try:
+        assert main(["judge", "--data", str(data), "--url", fake.url, "--model", "llama3"]) == 0
+    finally:
+        fake.close()
+    assert [r[0] for r in fake.requests] == ["/v1/chat/completions"] * 3
+    assert [r[1]["messages"] for r in fake.requests] == [[{"role": "user", "content": p}] for p in book_prompts()]
+    assert all(r[1]["temperature"] == 0 and r[1]["seed"] == 123 and r[1]["model"] == "llama3" for r in fake.requests)
+    assert "mean score 60.00 over 3 responses" in capsys.readouterr().out
+    lines = [json.loads(l) for l in (data.parent / "responses-scores.jsonl").read_text().splitlines()]
+    assert [l["score"] for l in lines] == [90, 20, 70]
+
+
+def test_a_reply_that_is_not_a_number_stops_and_keeps_the_scores(data, tmp_path, capsys):
+    fake = FakeJudge(["80", "I would say eighty", "50"])
+    out = tmp_path / "s.jsonl"
+    try:
+        assert main(["judge", "--data", str(data), "--url", fake.url, "--model", "m", "--out", str(out)]) == 2
+    finally:
+        fake.close()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "record 2 is not an integer 0-100" in err
+    assert [json.loads(l)["score"] for l in out.read_text().splitlines()] == [80]
+
+
+def test_skip_invalid_goes_on_as_the_book_does(data, tmp_path, capsys):
+    fake = FakeJudge(["80", "eighty", "50"])
+    try:
+        assert main(["judge", "--data", str(data), "--url", fake.url, "--model", "m", "--skip-invalid",
+                     "--out", str(tmp_path / "s.jsonl")]) == 0
+    finally:
+        fake.close()
+    assert "mean score 65.00 over 2 responses (1 replies were not numbers)" in capsys.readouterr().out
+
+
+def test_unreachable_endpoint_is_one_line(data, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    assert main(["judge", "--data", str(data), "--url", f"http://127.0.0.1:{port}/v1", "--model", "m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot reach the judge" in err and "0 scores so far" in err
+
+
+def test_timeout_is_one_line(data, capsys):
+    fake = FakeJudge(["80"], delay=3.0)
+    try:
+        assert main(["judge", "--data", str(data), "--url", fake.url, "--model", "m", "--timeout", "0.5"]) == 2
+    finally:
+        fake.close()
+    assert "did not answer in time" in capsys.readouterr().err
+
+
+def test_records_without_responses_are_refused(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    assert main(["judge", "--data", str(path), "--url", "http://127.0.0.1:9/v1", "--model", "m"]) == 2
+    assert "no 'model_response'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reply, score", [("85", 85), (" 100\n", 100), ("7.", 7), ("101", None), ("85 points", None),
+                                          ("", None), ("-3", None)])
+def test_parse_score(reply, score):
+    assert parse_score(reply) == score

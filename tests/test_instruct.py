@@ -11,7 +11,7 @@ import torch
 from gptforge import GPTModel
 from gptforge.errors import GptforgeError
 from gptforge.instruct import (
-    ALPACA, InstructionData, PromptTemplate, collate, format_input, instruction_loss, read_records,
+    ALPACA, InstructionData, collate, format_input, instruction_loss, read_records,
     respond, training_text,
 )
 from gptforge.tokenizer import get_tokenizer
@@ -116,10 +116,18 @@ def test_records_longer_than_the_context_need_max_length():
         InstructionData(RECORDS, context_length=16, max_length=17)
 
 
-def test_template_round_trips_through_a_dict():
-    assert PromptTemplate.from_dict(json.loads(json.dumps(ALPACA.to_dict()))) == ALPACA
-    with pytest.raises(GptforgeError):
-        PromptTemplate.from_dict({"bogus": 1})
+def test_template_is_saved_with_the_model(tiny_config, tmp_path):
+    from gptforge import load, save
+    from gptforge.config import GPTConfig
+
+    model = GPTModel(tiny_config())
+    model.cfg = model.cfg.replace(prompt_template=ALPACA)
+    assert load(save(model, tmp_path / "m")).cfg.prompt_template == ALPACA
+    assert load(save(GPTModel(tiny_config()), tmp_path / "base")).cfg.prompt_template is None
+    with pytest.raises(GptforgeError, match="prompt_template keys"):
+        GPTConfig.from_dict({**tiny_config(), "prompt_template": {"bogus": "x"}})
+    with pytest.raises(GptforgeError, match="bad prompt template"):
+        GPTConfig.from_dict({**tiny_config(), "prompt_template": {"stop": [""]}})
 
 
 def scripted_model(script: list[int], start: int, context_length: int = 256) -> GPTModel:

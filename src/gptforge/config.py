@@ -15,6 +15,42 @@ INIT_SCHEMES = ("torch", "gpt2")
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+    """How an instruction (and optional input) becomes a prompt, saved with an instruction-tuned
+    model (config.json key "prompt_template") so that responses, `serve`'s chat endpoint and
+    `judge` format prompts as its training did.
+
+    The default is the book's Alpaca template (llms-from-scratch ch07): `prompt(i, x)` equals the
+    book's `format_input({"instruction": i, "input": x}) + "\\n\\n### Response:\\n"`. Generation
+    stops at the end token or at any of `stop` (the next `###` section)."""
+
+    preamble: str = ("Below is an instruction that describes a task. "
+                     "Write a response that appropriately completes the request.")
+    instruction: str = "\n\n### Instruction:\n"
+    input: str = "\n\n### Input:\n"
+    response: str = "\n\n### Response:\n"
+    stop: tuple[str, ...] = ("###",)
+    name: str = "alpaca"
+
+    def __post_init__(self) -> None:
+        stop = tuple(self.stop) if isinstance(self.stop, (list, tuple)) else self.stop
+        strings = [getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "stop"]
+        if not all(isinstance(v, str) for v in strings) or not isinstance(stop, tuple) or not all(
+                isinstance(v, str) and v for v in stop):
+            raise GptforgeError(f"bad prompt template {self!r}: its fields are strings and 'stop' a list of "
+                                f"non-empty strings")
+        object.__setattr__(self, "stop", stop)
+
+    def format_input(self, instruction: str, input: str = "") -> str:
+        """The instruction part of the prompt: the book's `format_input`."""
+        return self.preamble + self.instruction + instruction + (self.input + input if input else "")
+
+    def prompt(self, instruction: str, input: str = "") -> str:
+        """The whole prompt a response follows."""
+        return self.format_input(instruction, input) + self.response
+
+
+@dataclasses.dataclass(frozen=True)
 class GPTConfig:
     """The shape of a GPT-2 model.
 
@@ -25,6 +61,8 @@ class GPTConfig:
     init: "torch" keeps PyTorch's default initialisers in the book's construction order (this is
         what reproduces the seed's figures); "gpt2" is GPT-2's scheme for training from scratch
         (normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)).
+    prompt_template: None for a base model; the PromptTemplate an instruction-tuned model was
+        trained with (what `serve` applies to chat messages).
     """
 
     vocab_size: int = 50257
@@ -36,8 +74,15 @@ class GPTConfig:
     qkv_bias: bool = False
     tie_weights: bool = False
     init: str = "torch"
+    prompt_template: PromptTemplate | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompt_template, Mapping):  # from config.json
+            object.__setattr__(self, "prompt_template", PromptTemplate(**known_fields(
+                PromptTemplate, self.prompt_template, "prompt_template keys")))
+        if self.prompt_template is not None and not isinstance(self.prompt_template, PromptTemplate):
+            raise GptforgeError(f"GPTConfig.prompt_template must be a PromptTemplate or None, "
+                                f"got {self.prompt_template!r}")
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

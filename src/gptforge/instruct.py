@@ -22,7 +22,6 @@ is ignored (-100). `mask_prompt` also ignores the prompt's tokens, as the book's
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,50 +30,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .config import PromptTemplate
 from .errors import GptforgeError
 from .generation import generate_text
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, get_tokenizer
 
 IGNORE_INDEX = -100  # torch's cross_entropy default ignore_index, as the book uses it
 RESPONSE_KEY = "model_response"  # the field the book writes generated responses to
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptTemplate:
-    """How an instruction (and optional input) becomes a prompt; saved with an instruction-tuned
-    model so that `generate`, `serve`'s chat endpoint and `judge` format prompts as training did.
-
-    The default is the book's Alpaca template: `prompt(i, x)` equals the book's
-    `format_input({"instruction": i, "input": x}) + "\\n\\n### Response:\\n"`. Generation stops at
-    the end token or at any of `stop` (the next `###` section)."""
-
-    preamble: str = ("Below is an instruction that describes a task. "
-                     "Write a response that appropriately completes the request.")
-    instruction: str = "\n\n### Instruction:\n"
-    input: str = "\n\n### Input:\n"
-    response: str = "\n\n### Response:\n"
-    stop: tuple[str, ...] = ("###",)
-    name: str = "alpaca"
-
-    def format_input(self, instruction: str, input: str = "") -> str:
-        """The instruction part of the prompt: the book's `format_input`."""
-        return self.preamble + self.instruction + instruction + (self.input + input if input else "")
-
-    def prompt(self, instruction: str, input: str = "") -> str:
-        """The whole prompt a response follows."""
-        return self.format_input(instruction, input) + self.response
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "stop": list(self.stop)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PromptTemplate:
-        """A template saved by `to_dict` (a checkpoint's metadata); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown or not all(isinstance(data.get(k, ""), str) for k in names - {"stop"}):
-            raise GptforgeError(f"bad prompt template {dict(data)!r}: expected string fields {sorted(names)}")
-        return cls(**{**data, "stop": tuple(data.get("stop", ()))})
 
 
 ALPACA = PromptTemplate()

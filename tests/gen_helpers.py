@@ -54,3 +54,24 @@ def hf_twin(model: GPTModel):
     missing, unexpected = hf.load_state_dict(state_to_hf(model), strict=False)
     assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing), missing
     return hf.eval()
+
+
+def positional_model(scripts: dict[int, list[int]], context_length: int = 256, emb_dim: int = 64) -> GPTModel:
+    """A real GPTModel (it saves, loads and serves) whose greedy continuation of any prompt of
+    `start` tokens is `scripts[start]`: token embeddings and blocks are zero, so the position alone
+    picks the next token. Scripts must not overlap in positions; emb_dim bounds their total length."""
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=context_length, emb_dim=emb_dim, n_heads=4,
+                               n_layers=1, drop_rate=0.0, qkv_bias=True)).eval()
+    dim = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for norm in (model.final_norm, model.trf_blocks[0].norm1, model.trf_blocks[0].norm2):
+            norm.scale.fill_(1.0)
+        for start, script in scripts.items():
+            for i, token in enumerate(script):
+                model.pos_emb.weight[start - 1 + i, dim] = 1.0  # the position that predicts script[i]
+                model.out_head.weight[token, dim] = 10.0
+                dim += 1
+    assert dim <= emb_dim, "scripts too long for emb_dim"
+    return model

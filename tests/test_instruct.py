@@ -15,6 +15,7 @@ from gptforge.instruct import (
     respond, training_text,
 )
 from gptforge.tokenizer import get_tokenizer
+from gen_helpers import positional_model
 
 ch07 = pytest.importorskip("llms_from_scratch.ch07")
 ch05 = pytest.importorskip("llms_from_scratch.ch05")
@@ -130,29 +131,27 @@ def test_template_is_saved_with_the_model(tiny_config, tmp_path):
         GPTConfig.from_dict({**tiny_config(), "prompt_template": {"stop": [""]}})
 
 
-def scripted_model(script: list[int], start: int, context_length: int = 256) -> GPTModel:
-    """A GPTModel whose greedy output is `script` when the prompt is `start` tokens long: token
-    embeddings and blocks are zero, so position p alone picks the logit of script[p - start + 1]."""
-    model = GPTModel({"vocab_size": 50257, "context_length": context_length, "emb_dim": 32, "n_heads": 4,
-                      "n_layers": 1, "drop_rate": 0.0, "qkv_bias": True}).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.final_norm.scale.fill_(1.0)
-        for block in model.trf_blocks:
-            block.norm1.scale.fill_(1.0)
-            block.norm2.scale.fill_(1.0)
-        for i, token in enumerate(script):
-            model.pos_emb.weight[start - 1 + i, i] = 1.0
-            model.out_head.weight[token, i] += 10.0 * (i + 1)
-    return model
-
-
 def test_respond_stops_at_the_next_section():
     enc = get_tokenizer()
-    script = enc.encode(" Paris is it.\n\n### Instruction:\nMore") + [50256]
     start = len(enc.encode(ALPACA.prompt(RECORDS[1]["instruction"])))
-    model = scripted_model(script, start)
+    model = positional_model({start: enc.encode("Paris is it.\n\n### Instruction:\nMore") + [50256]})
     assert respond(model, [RECORDS[1]], max_new_tokens=20) == ["Paris is it."]
-    script = enc.encode(" Paris") + [50256] + enc.encode(" more")
-    assert respond(scripted_model(script, start), [RECORDS[1]], max_new_tokens=20) == ["Paris"]
+    model = positional_model({start: enc.encode(" Paris") + [50256] + enc.encode(" more")})
+    assert respond(model, [RECORDS[1]], max_new_tokens=20) == ["Paris"]
+
+
+def test_chat_prompt_is_the_training_format():
+    from gptforge.instruct import chat_prompt
+
+    rec = RECORDS[1]
+    assert chat_prompt([{"role": "user", "content": rec["instruction"]}]) == \
+        ch07.format_input(rec) + "\n\n### Response:\n"
+    two = chat_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                       {"role": "user", "content": [{"type": "text", "text": "c"}]}])
+    assert two == ALPACA.prompt("a") + "b<|endoftext|>" + ALPACA.prompt("c")
+    system = chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"}])
+    assert system == "Be brief.\n\n### Instruction:\na\n\n### Response:\n"
+    for bad in ([], [{"role": "assistant", "content": "x"}], [{"role": "user", "content": 3}],
+                [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]):
+        with pytest.raises(GptforgeError):
+            chat_prompt(bad)

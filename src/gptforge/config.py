@@ -22,14 +22,14 @@ class PromptTemplate:
 
     The default is the book's Alpaca template (llms-from-scratch ch07): `prompt(i, x)` equals the
     book's `format_input({"instruction": i, "input": x}) + "\\n\\n### Response:\\n"`. Generation
-    stops at the end token or at any of `stop` (the next `###` section)."""
+    stops at the end token or at the first of `stop` (the next `###` section)."""
 
     preamble: str = ("Below is an instruction that describes a task. "
                      "Write a response that appropriately completes the request.")
     instruction: str = "\n\n### Instruction:\n"
     input: str = "\n\n### Input:\n"
     response: str = "\n\n### Response:\n"
-    stop: tuple[str, ...] = ("###",)
+    stop: tuple[str, ...] = ("\n\n###", "###")  # the first keeps the blank line out of the response
     name: str = "alpaca"
 
     def __post_init__(self) -> None:

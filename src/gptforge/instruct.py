@@ -22,6 +22,7 @@ is ignored (-100). `mask_prompt` also ignores the prompt's tokens, as the book's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -208,3 +209,48 @@ def with_responses(records: Sequence[Mapping[str, str]], responses: Sequence[str
                    key: str = RESPONSE_KEY) -> list[dict[str, str]]:
     """The records, each with its response under `key` (the book's `model_response`)."""
     return [{**r, key: text} for r, text in zip(records, responses, strict=True)]
+
+
+# --------------------------------------------------------------------------- chat
+
+def _content(message: Mapping[str, Any], n: int) -> str:
+    content = message.get("content")
+    if isinstance(content, list):  # OpenAI's content parts: only text ones here
+        if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise GptforgeError(f"messages[{n}]: only text content parts are supported")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise GptforgeError(f"messages[{n}].content must be a string")
+    return content
+
+
+def chat_prompt(messages: Sequence[Mapping[str, Any]], template: PromptTemplate = ALPACA) -> str:
+    """OpenAI chat messages -> one prompt in `template`'s format, ending where the response starts.
+
+    Each user message is an instruction; an assistant message is the response to the user message
+    before it, and a finished exchange ends with <|endoftext|>, as every training text did. A first
+    system (or developer) message replaces the template's preamble. The last message must be the
+    user's; roles must alternate user/assistant."""
+    if not isinstance(messages, Sequence) or not messages:
+        raise GptforgeError("messages must be a non-empty list")
+    if not all(isinstance(m, Mapping) for m in messages):
+        raise GptforgeError("each message must be an object with 'role' and 'content'")
+    preamble, turns = template.preamble, list(enumerate(messages))
+    if turns[0][1].get("role") in ("system", "developer"):
+        preamble, turns = _content(turns[0][1], 0), turns[1:]
+    template = dataclasses.replace(template, preamble=preamble)
+    text, expect = "", "user"
+    for n, message in turns:
+        role = message.get("role")
+        if role != expect:
+            raise GptforgeError(f"messages[{n}] has role {role!r}; after an optional first system message, "
+                                f"roles alternate user, assistant, ... and end with user")
+        if role == "user":
+            text += template.prompt(_content(message, n))
+        else:
+            text += _content(message, n) + ENDOFTEXT
+        expect = "assistant" if role == "user" else "user"
+    if expect != "assistant":
+        raise GptforgeError("the last message must be the user's (the model answers it)")
+    return text

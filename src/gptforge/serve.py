@@ -1,10 +1,14 @@
 """An OpenAI-compatible completions server (FastAPI + uvicorn) over the batching scheduler.
 
     POST /v1/completions   prompt(s) -> completions, plain JSON or server-sent events (`stream`)
+    POST /v1/chat/completions   messages -> chat completions, for a model saved with a prompt
+                           template (`gptforge finetune instruct`); the same path underneath
     GET  /v1/models        the one model served; GET /v1/models/{id} for it alone
     GET  /health           liveness and load: active and waiting sequences, counters
 
-GPT-2 is a base model, so this is the completions API (not chat). Every choice of every request
+A base GPT-2 answers the completions API only; chat needs the model's prompt template, which
+renders the messages into one prompt (`instruct.chat_prompt`) that then runs exactly as a
+completion, stopping also at the template's next section. Every choice of every request
 becomes a `scheduler.Sequence`; the `BatchScheduler` decodes all active ones together. Errors use
 OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 400 for bad parameters,
 404 for an unknown model or route, 413 for an oversized body, 503 while shutting down or full.
@@ -31,7 +35,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .errors import GptforgeError
 from .generation import GenerationConfig, prompt_ids
+from .instruct import chat_prompt
 from .scheduler import (
     FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, Sequence, TokenLogprob,
 )
@@ -89,14 +95,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions: OpenAI's fields; null means the default."""
+class _Sampling(BaseModel):
+    """The fields completions and chat completions share: OpenAI's; null means the default."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
     n: int | None = Field(1, ge=1)
@@ -104,14 +108,31 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool | None = False
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    best_of: int | None = Field(None, ge=1)
     logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
     user: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    """The body of POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    """The body of POST /v1/chat/completions (messages are checked by `instruct.chat_prompt`)."""
+
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
 
 
 @dataclasses.dataclass
@@ -120,11 +141,11 @@ class _Prompt:
     ids: list[int]
 
 
-def _parse_request(data: Any) -> CompletionRequest:
+def _parse_request(data: Any, kind: type[BaseModel] = CompletionRequest) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        return CompletionRequest.model_validate(data)
+        return kind.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
@@ -187,6 +208,28 @@ def _check_unsupported(req: CompletionRequest) -> None:
         raise APIError(400, "suffix is not supported: GPT-2 only continues text", param="suffix")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+
+
+def _chat_as_completion(req: ChatCompletionRequest, model_cfg: Any, settings: ServeSettings,
+                        tokenizer: Tokenizer) -> CompletionRequest:
+    """A chat request as the completion request of its rendered prompt (checked by `_plan` next)."""
+    template = model_cfg.prompt_template
+    if template is None:
+        raise APIError(400, f"the model '{settings.model_name}' has no prompt template (it is a base model), so "
+                            f"it cannot chat; use /v1/completions, or serve a model trained with "
+                            f"`gptforge finetune instruct`", param="messages", code="no_chat_template")
+    if req.logprobs or req.top_logprobs is not None:
+        raise APIError(400, "logprobs is not supported on chat completions", param="logprobs")
+    try:
+        text = chat_prompt(req.messages, template)
+    except GptforgeError as err:
+        raise APIError(400, str(err), param="messages") from None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:  # OpenAI's chat default: as much as the context leaves
+        context = model_cfg.context_length
+        max_tokens = max(1, min(settings.max_tokens_cap or context, context - len(prompt_ids(text, tokenizer))))
+    shared = {name: getattr(req, name) for name in _Sampling.model_fields}
+    return CompletionRequest.model_construct(**shared, prompt=text, max_tokens=max_tokens)
 
 
 # --------------------------------------------------------------------------- the response
@@ -275,11 +318,14 @@ class _Completion:
     thread hands them to the event loop), folded into choices for the JSON body or SSE chunks."""
 
     def __init__(self, req: CompletionRequest, prompts: list[_Prompt], max_tokens: int,
-                 config: GenerationConfig, model_name: str, loop: asyncio.AbstractEventLoop):
+                 config: GenerationConfig, model_name: str, loop: asyncio.AbstractEventLoop, chat: bool = False):
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         self.prompts = prompts
         self.include_usage = req.stream_options is not None and req.stream_options.include_usage
-        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        self.chat = chat
+        self.roles_sent: set[int] = set()  # chat streams name the role in each choice's first chunk
+        self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                     "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                      "model": model_name}
         self.choices: list[_Choice] = []
         self.seqs: list[Sequence] = []
@@ -300,6 +346,25 @@ class _Completion:
         for seq in self.seqs:
             scheduler.cancel(seq)
 
+    def choice_body(self, index: int, choice: _Choice) -> dict[str, Any]:
+        """One finished choice as the JSON body shows it."""
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": choice.text}, "logprobs": None,
+                    "finish_reason": choice.finish_reason}
+        return {"index": index, "text": choice.text, "logprobs": choice.logprobs,
+                "finish_reason": choice.finish_reason}
+
+    def chunk(self, index: int, text: str, lp: dict[str, list[Any]] | None, finish: str | None) -> dict[str, Any]:
+        """One streamed piece of one choice."""
+        if not self.chat:
+            return {**self.head, "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]}
+        delta: dict[str, Any] = {} if index in self.roles_sent else {"role": "assistant"}
+        self.roles_sent.add(index)
+        if text or not finish:
+            delta["content"] = text
+        return {**self.head, "object": "chat.completion.chunk",
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
     def usage(self) -> dict[str, int]:
         prompt_tokens = sum(len(p.ids) for p in self.prompts)
         completion_tokens = sum(c.tokens for c in self.choices)
@@ -312,10 +377,8 @@ class _Completion:
             if out.finish_reason == FINISH_ERROR:
                 raise APIError(500, out.error or "generation failed")
             self.choices[index].add(out)
-        return {**self.head, "choices": [
-            {"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
-            for i, c in enumerate(self.choices)
-        ], "usage": self.usage()}
+        return {**self.head, "choices": [self.choice_body(i, c) for i, c in enumerate(self.choices)],
+                "usage": self.usage()}
 
     async def events(self, outputs: AsyncIterator[tuple[int, Output]],
                      scheduler: BatchScheduler) -> AsyncIterator[str]:
@@ -328,10 +391,10 @@ class _Completion:
                 text, lp = self.choices[index].add(out)
                 if not text and lp is None and out.finish_reason is None:
                     continue  # text held back (a partial character or a possible stop string)
-                yield _sse({**self.head, "choices": [
-                    {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}]})
+                yield _sse(self.chunk(index, text, lp, out.finish_reason))
             if self.include_usage:
-                yield _sse({**self.head, "choices": [], "usage": self.usage()})
+                kind = {"object": "chat.completion.chunk"} if self.chat else {}
+                yield _sse({**self.head, **kind, "choices": [], "usage": self.usage()})
             yield _sse("[DONE]")
         finally:
             self.cancel(scheduler)
@@ -415,6 +478,22 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
             raise _unknown_model(req.model)
         prompts, max_tokens, config = _plan(req, settings, tokenizer, vocab_size, context_length)
         job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop())
+        return await run(job, request, bool(req.stream))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        chat = _parse_request(await _read_json(request, settings.max_body_bytes), ChatCompletionRequest)
+        if chat.model != settings.model_name:
+            raise _unknown_model(chat.model)
+        req = _chat_as_completion(chat, scheduler.model.cfg, settings, tokenizer)
+        prompts, max_tokens, config = _plan(req, settings, tokenizer, vocab_size, context_length)
+        config = config.replace(stop_strings=config.stop_strings + scheduler.model.cfg.prompt_template.stop)
+        job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop(),
+                          chat=True)
+        return await run(job, request, bool(req.stream))
+
+    async def run(job: _Completion, request: Request, stream: bool) -> Response:
+        """Submit a request's sequences; answer with their events or, when done, one JSON body."""
         try:
             for seq in job.seqs:
                 scheduler.submit(seq)
@@ -422,7 +501,7 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
             job.cancel(scheduler)
             raise APIError(503, str(err)) from None
         outputs = _outputs(job.queue, request, len(job.seqs))
-        if req.stream:
+        if stream:
             return _EventStream(job.events(outputs, scheduler), media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:

@@ -141,9 +141,10 @@ def test_too_long_input_is_a_clear_error():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
+@pytest.mark.parametrize("ignored", [False, True], ids=["all-targets", "some-ignored"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_fused_loss_equals_cross_entropy_of_the_logits(tie, autocast):
+def test_fused_loss_equals_cross_entropy_of_the_logits(tie, autocast, ignored):
     """model(x, targets=y) (LinearCrossEntropy, chunked, logits never kept) gives the loss and the
     gradients of the book's F.cross_entropy(logits.flatten(0, 1), y.flatten())."""
     import torch.nn.functional as F
@@ -153,6 +154,8 @@ def test_fused_loss_equals_cross_entropy_of_the_logits(tie, autocast):
     torch.manual_seed(0)
     model = GPTModel(tiny_config(vocab_size=300, context_length=16, tie_weights=tie, drop_rate=0.0))
     x, y = torch.randint(0, 300, (3, 16)), torch.randint(0, 300, (3, 16))
+    if ignored:  # instruction batches: padding (and masked prompts) are -100, left out of the mean
+        y[0, 9:], y[2, :4] = -100, -100
     tol = {"rtol": 1e-2, "atol": 1e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
 
     def loss_and_grads(loss_fn):

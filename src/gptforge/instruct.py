@@ -178,12 +178,11 @@ class InstructionData:
 
 
 def instruction_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The book's `calc_loss_batch`: mean cross-entropy over the targets that are not -100."""
+    """The book's `calc_loss_batch`: mean cross-entropy over the targets that are not -100 (the
+    model's fused loss leaves them out, as F.cross_entropy does)."""
     inputs, targets = batch
     device = next(model.parameters()).device
-    logits = model(inputs.to(device))  # (B, T, V)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(),
-                                             ignore_index=IGNORE_INDEX)
+    return model(inputs.to(device), targets=targets.to(device))
 
 
 # --------------------------------------------------------------------------- responses

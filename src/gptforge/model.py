@@ -150,6 +150,9 @@ class TransformerBlock(nn.Module):
         return x
 
 
+IGNORE_INDEX = -100  # targets left out of the loss (F.cross_entropy's default ignore_index)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits `hidden @ weight.T` against `targets`, without keeping the
     logits: the training loss of the output head, fused.
@@ -159,39 +162,44 @@ class LinearCrossEntropy(torch.autograd.Function):
     time; each chunk's loss is summed and its gradient (softmax - one_hot) is kept, in the compute
     dtype, for backward, which turns it into the gradients of `hidden` and `weight` with two
     matmuls. Same arithmetic as `F.cross_entropy(out_head(hidden).float(), targets)`, including
-    under bf16 autocast (bf16 matmuls, float32 softmax)."""
+    under bf16 autocast (bf16 matmuls, float32 softmax), and, as it, targets of -100 are left out
+    (padding in instruction batches): the mean is over the others."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk: int = 1024) -> torch.Tensor:
-        # hidden (N, d), weight (V, d), targets (N,) in [0, V)
+        # hidden (N, d), weight (V, d), targets (N,) in [0, V) or IGNORE_INDEX
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n = h.shape[0]
+        counted = targets != IGNORE_INDEX  # (N,)
         grad_logits = torch.empty(n, w.shape[0], dtype=dtype, device=h.device) if need_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(device_type, enabled=False):
             for start in range(0, n, chunk):
                 rows = slice(start, start + chunk)
                 log_probs = torch.log_softmax(h[rows] @ w.T, dim=-1, dtype=torch.float32)  # (c, V)
-                t = targets[rows]
+                keep = counted[rows]
+                t = targets[rows].where(keep, 0)  # an ignored row picks id 0, then counts 0
                 picked = torch.arange(t.shape[0], device=h.device), t
-                target_log_probs = log_probs[picked]  # (c,)
+                target_log_probs = log_probs[picked].where(keep, 0.0)  # (c,)
                 loss -= target_log_probs.sum()
                 if need_grad:  # d(-log p_t)/d(logits) = softmax - one_hot
                     grad = grad_logits[rows]
                     torch.exp(log_probs, out=grad)  # the softmax, rounded once to the compute dtype
                     grad[picked] = (target_log_probs.exp() - 1).to(dtype)  # p_t - 1 from float32
-        ctx.save_for_backward(h, w, grad_logits)
+                    grad[~keep] = 0
+        count = counted.sum()
+        ctx.save_for_backward(h, w, grad_logits, count)
         ctx.dtypes = hidden.dtype, weight.dtype
-        return loss / n
+        return loss / count  # nan when every target is ignored, as F.cross_entropy
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h, w, grad_logits = ctx.saved_tensors
-        scale = grad_loss.float() / h.shape[0]
+        h, w, grad_logits, count = ctx.saved_tensors
+        scale = grad_loss.float() / count
         grad_hidden = grad_weight = None
         with torch.autocast(h.device.type, enabled=False):
             if ctx.needs_input_grad[0]:

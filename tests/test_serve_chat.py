@@ -19,7 +19,7 @@ from gptforge.judge import judge_prompt
 from gptforge.scheduler import BatchScheduler
 from gptforge.serve import ServeSettings, create_app
 from gptforge.tokenizer import get_tokenizer
-from test_serve import free_port, start_server, stop_server
+from test_serve import client, free_port, start_server, stop_server  # noqa: F401 (client: a fixture on our server)
 
 INSTRUCTION = "Name the capital of France."
 ANSWER = "Paris is the capital.\n\n### Instruction:\nMore"
@@ -47,11 +47,6 @@ def server(model, tmp_path_factory):
     proc = start_server(save(model, tmp_path_factory.mktemp("chat") / "instruct"), port)
     yield f"http://127.0.0.1:{port}"
     stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def library(model, messages, max_tokens, **options) -> str:

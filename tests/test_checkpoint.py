@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gptforge
-from gptforge.checkpoint import atomic_directory, atomic_write_bytes, read_safetensors
+from gptforge.checkpoint import CHECKPOINT_FILES, atomic_directory, atomic_write_bytes, read_safetensors
 from gptforge.config import GPTConfig
 
 TINY = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, qkv_bias=True,
@@ -81,7 +81,7 @@ def test_failed_write_leaves_old_checkpoint_intact(tmp_path):
     gptforge.save(_tiny(seed=0), tmp_path / "ckpt")
     before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
     with pytest.raises(RuntimeError, match="crash"):
-        with atomic_directory(tmp_path / "ckpt") as tmp:
+        with atomic_directory(tmp_path / "ckpt", CHECKPOINT_FILES) as tmp:
             (tmp / "model.safetensors").write_bytes(b"partial")
             raise RuntimeError("crash")
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before

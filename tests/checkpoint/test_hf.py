@@ -162,6 +162,9 @@ def test_hf_export_tokenizer_gives_our_ids_on_the_verdict(tmp_path, tiny_config,
     # tokenizer.json on its own (what vLLM and the `tokenizers` library read), not vocab.json + merges.txt
     fast = tokenizers.Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
     assert fast.encode(text).ids == ours and fast.decode(ours, skip_special_tokens=False) == text
+    # vocab.json + merges.txt on their own (what readers without `tokenizers` use)
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"] == ours
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert generation == {"bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 50256}
     assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == 50256

@@ -30,7 +30,7 @@ from ..model import GPTModel
 from . import book, hf, hub, native
 from .base import (
     CHECKPOINT_FILES, CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, HF_BIN_FILE, TRAINING_STATE_FILE,
-    WEIGHTS_FILE, CheckpointFormat, build_model,
+    WEIGHTS_FILE, CheckpointFormat, build_model, model_state,
 )
 from .hf import config_from_hf, config_to_hf, save_hf, state_from_hf, state_to_hf
 from .native import load_training_state
@@ -44,8 +44,8 @@ __all__ = [
     "HF_BIN_FILE", "SAVE_FORMATS", "TRAINING_STATE_FILE", "WEIGHTS_FILE", "CheckpointFormat",
     "atomic_directory", "atomic_write", "atomic_write_bytes", "build_model", "builtin_model_path",
     "config_from_hf", "config_to_hf", "detect_format", "load", "load_config", "load_training_state",
-    "read_safetensors", "resolve", "resolve_device", "save", "save_hf", "sha256_file", "state_from_hf",
-    "state_to_hf",
+    "model_state", "read_safetensors", "resolve", "resolve_device", "save", "save_hf", "sha256_file",
+    "state_from_hf", "state_to_hf",
 ]
 
 

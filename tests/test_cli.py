@@ -46,3 +46,29 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("bug", [ValueError("an internal bug"), TypeError("an internal bug")])
+def test_an_internal_error_keeps_its_traceback(monkeypatch, bug):
+    """Only GptforgeError and FileNotFoundError are the user's mistake; a plain ValueError or
+    TypeError raised inside a verb is a bug and must propagate, not become exit 2."""
+    import gptforge.checkpoint
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(gptforge.checkpoint, "load_config", broken)
+    with pytest.raises(type(bug), match="an internal bug"):
+        main(["info", "book-124m"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--top-k", "0"], "--top-k"),
+    (["generate", "x", "--temperature", "hot"], "expected a number"),
+    (["serve", "--port", "70000"], "--port"),
+    (["train", "--batch-size", "-1"], "--batch-size"),
+])
+def test_a_bad_flag_value_is_exit_2_and_one_line(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

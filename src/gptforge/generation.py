@@ -13,6 +13,7 @@ batching and streaming.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ from .logits_processors import (  # noqa: F401  (re-exported: they were defined 
     MinP, PresenceFrequencyPenalty, RepetitionPenalty, Temperature, TopK, TopP,
 )
 from .options import check_fields, check_value, option
+from .quant import inference_view
 from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
 
 
@@ -408,24 +410,26 @@ def _prepare(model: nn.Module, idx: Any, attention_mask: torch.Tensor | None,
     return idx, attention_mask
 
 
-class _EvalMode:
-    """Run a model in eval mode for a block (dropout off), restoring its training flag after."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.model.train(self.was_training)
+@contextlib.contextmanager
+def _decoding(model: nn.Module) -> Iterator[nn.Module]:
+    """The module to decode with: `model`'s fast float32 layout (`quant.inference_view`, which leaves
+    `model` and its state dict untouched) when it has one, else `model`; in eval mode (dropout off)
+    for the block, its training flag restored after."""
+    fast = inference_view(model)
+    was_training = fast.training
+    fast.eval()
+    try:
+        yield fast
+    finally:
+        fast.train(was_training)
 
 
 def generate(model: nn.Module, idx: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int | None = None,
              config: GenerationConfig | None = None, *, attention_mask: torch.Tensor | None = None,
              tokenizer: Tokenizer | None = None, **options: Any) -> torch.Tensor:
     """Generate with a KV cache. Greedy by default, so it returns what `generate_text_simple` does.
+    A plain float32 CPU model decodes through its cached fast layout (`quant.inference_view`):
+    `model`, its state dict and its training are left as they are.
 
     idx: (B, T) int64 prompt ids, or a list of id lists of different lengths (left-padded here).
     max_new_tokens: overrides `config.max_new_tokens`.
@@ -443,8 +447,8 @@ def generate(model: nn.Module, idx: torch.Tensor | Sequence[Sequence[int]], max_
     if config.max_new_tokens == 0:
         return idx
     generator = config.make_generator(idx.device)
-    with _EvalMode(model):
-        new = [step.tokens for step in _decode_steps(model, idx, attention_mask, config, generator, tokenizer)]
+    with _decoding(model) as fast:
+        new = [step.tokens for step in _decode_steps(fast, idx, attention_mask, config, generator, tokenizer)]
     return torch.cat((idx, torch.stack(new, dim=1)), dim=1)
 
 
@@ -465,8 +469,8 @@ def generate_text(model: nn.Module, prompt: str | Sequence[str], max_new_tokens:
     generator = config.make_generator(idx.device)
     texts = ["" for _ in range(idx.shape[0])]
     if config.max_new_tokens > 0:
-        with _EvalMode(model):
-            for step in _decode_steps(model, idx, mask, config, generator, tokenizer, detokenize=True):
+        with _decoding(model) as fast:
+            for step in _decode_steps(fast, idx, mask, config, generator, tokenizer, detokenize=True):
                 texts = [t + s for t, s in zip(texts, step.texts)]
     heads = [p for p in prompts for _ in range(config.num_return_sequences)]
     out = [h + t for h, t in zip(heads, texts)]
@@ -493,7 +497,7 @@ def stream_text(model: nn.Module, prompt: str | Sequence[int], max_new_tokens: i
     if config.max_new_tokens == 0:
         return
     generator = config.make_generator(idx.device)
-    with _EvalMode(model):
-        for step in _decode_steps(model, idx, mask, config, generator, tokenizer, detokenize=True):
+    with _decoding(model) as fast:
+        for step in _decode_steps(fast, idx, mask, config, generator, tokenizer, detokenize=True):
             if step.texts[0]:
                 yield step.texts[0]

@@ -19,7 +19,7 @@ def _model(tiny_config, **changes) -> GPTModel:
 
 
 def test_generate_uses_the_view_and_matches_the_references(tiny_config):
-    model = _model(tiny_config, vocab_size=256, qkv_bias=True)
+    model = _model(tiny_config, vocab_size=256, qkv_bias=True).eval()
     idx = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
     view = inference_view(model)
     assert view is not model and view.trf_blocks[0].att.fused_qkv is not None
@@ -32,7 +32,7 @@ def test_generate_uses_the_view_and_matches_the_references(tiny_config):
 
 
 def test_state_dict_and_training_are_untouched(tiny_config):
-    model = _model(tiny_config, vocab_size=256).train()
+    model = _model(tiny_config, vocab_size=256).eval()
     before = copy.deepcopy(model.state_dict())
     layout = {k: (v.data_ptr(), v.stride()) for k, v in model.state_dict().items()}
     idx = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(4))
@@ -40,13 +40,20 @@ def test_state_dict_and_training_are_untouched(tiny_config):
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert {k: (v.data_ptr(), v.stride()) for k, v in after.items()} == layout
-    assert model.training and all(m.fused_qkv is None for m in (b.att for b in model.trf_blocks))
+    assert inference_view(model) is not model and not model.training
+    assert all(m.fused_qkv is None for m in (b.att for b in model.trf_blocks))
 
     # A training step after generate still works, and the next generate sees the new weights.
+    view = inference_view(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
     loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
     loss.backward()
     optimizer.step()
-    second = generate(model, idx, 8, stop_token_ids=())
+    second = generate(model, idx, 8, stop_token_ids=())  # in training mode: the model as it is
+    assert model.training
+    model.eval()
+    assert inference_view(model) is not view  # the weights changed: a new view
+    assert torch.equal(generate(model, idx, 8, stop_token_ids=()), second)
     assert torch.equal(second, generate_text_simple(copy.deepcopy(model).eval(), idx, 8, 32))
     assert not torch.equal(first, second)

@@ -414,8 +414,10 @@ def _prepare(model: nn.Module, idx: Any, attention_mask: torch.Tensor | None,
 def _decoding(model: nn.Module) -> Iterator[nn.Module]:
     """The module to decode with: `model`'s fast float32 layout (`quant.inference_view`, which leaves
     `model` and its state dict untouched) when it has one, else `model`; in eval mode (dropout off)
-    for the block, its training flag restored after."""
-    fast = inference_view(model)
+    for the block, its training flag restored after. Only a model in eval mode gets the view: a
+    sample during training decodes the model as it is (no second copy of the weights to build
+    after every step, none to hold)."""
+    fast = model if model.training else inference_view(model)
     was_training = fast.training
     fast.eval()
     try:
@@ -428,8 +430,8 @@ def generate(model: nn.Module, idx: torch.Tensor | Sequence[Sequence[int]], max_
              config: GenerationConfig | None = None, *, attention_mask: torch.Tensor | None = None,
              tokenizer: Tokenizer | None = None, **options: Any) -> torch.Tensor:
     """Generate with a KV cache. Greedy by default, so it returns what `generate_text_simple` does.
-    A plain float32 CPU model decodes through its cached fast layout (`quant.inference_view`):
-    `model`, its state dict and its training are left as they are.
+    A plain float32 CPU model in eval mode decodes through its cached fast layout
+    (`quant.inference_view`): `model`, its state dict and its training are left as they are.
 
     idx: (B, T) int64 prompt ids, or a list of id lists of different lengths (left-padded here).
     max_new_tokens: overrides `config.max_new_tokens`.

@@ -202,8 +202,8 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
             layers[0], layers[1] = PackedLinear(layers[0], gelu_tanh=True), nn.Identity()
         _swap_linears(model, PackedLinear)
     elif torch_dtype == torch.float32:
+        _fuse_qkv(model, SharedQKV)  # first, so the relayout skips query/key/value (already views)
         _relayout_in_out(model)
-        _fuse_qkv(model, SharedQKV)
     return model
 
 

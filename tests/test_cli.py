@@ -18,6 +18,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "gptforge", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_prints_the_seed_sentence():
     result = run_cli("generate", "Hello, I am", "--model", "book-124m", "--seed", "123", "--max-new-tokens", "6")
     assert result.returncode == 0, result.stderr
@@ -33,6 +34,7 @@ def test_info_prints_counts_and_memory(capsys):
     assert "1,557,611,200" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["info", "gpt5"], "no preset or file named 'gpt5'"),
     (["generate", "hi", "--model", "nope"], "no preset or file named 'nope'"),

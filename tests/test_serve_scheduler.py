@@ -12,20 +12,19 @@ from gptforge.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, BatchS
 
 # A 512-token vocabulary (GPT-2's first 512 ids: bytes and early merges) keeps sampling over the
 # vocabulary cheap; the HTTP tests use the full one.
-TINY = {"vocab_size": 512, "context_length": 32, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
-        "drop_rate": 0.0, "qkv_bias": True}
+VOCAB = 512
 PROMPTS = ["Hello, I am", "The quick brown fox jumps over the lazy dog", "A", "Once upon a time there was",
            "x y z", "In 1999, the", "Every effort moves you", "import torch"]
 
 
 def ids_of(text: str) -> list[int]:
-    return [i % TINY["vocab_size"] for i in prompt_ids(text)]
+    return [i % VOCAB for i in prompt_ids(text)]
 
 
 @pytest.fixture(scope="module")
-def model() -> GPTModel:
+def model(tiny_config) -> GPTModel:
     torch.manual_seed(0)
-    return GPTModel(TINY).eval()
+    return GPTModel(tiny_config(vocab_size=VOCAB, context_length=32, emb_dim=64)).eval()
 
 
 def alone(model, ids, max_tokens, **options):
@@ -182,11 +181,11 @@ def test_submit_rejects_what_cannot_fit(model):
         BatchScheduler(model, max_batch_size=0)
 
 
-def test_a_padded_vocabulary_never_yields_ids_without_text():
+def test_a_padded_vocabulary_never_yields_ids_without_text(tiny_config):
     # nanoGPT-style vocabularies are padded to 50304; ids >= 50257 have no text, so they are never
     # picked, even when the model prefers them.
     torch.manual_seed(0)
-    model = GPTModel({**TINY, "vocab_size": 50304}).eval()
+    model = GPTModel(tiny_config(vocab_size=50304, context_length=32, emb_dim=64)).eval()
     with torch.no_grad():
         model.out_head.weight[50257:] = model.out_head.weight[:47] * 100  # make the padding ids win
     assert int(model(torch.tensor([[1, 2, 3]]))[0, -1].argmax()) >= 50257

@@ -9,7 +9,7 @@
 A base GPT-2 answers the completions API only; chat needs the model's prompt template, which
 renders the messages into one prompt (`instruct.chat_prompt`) that then runs exactly as a
 completion, stopping also at the template's next section. Every choice of every request
-becomes a `scheduler.Sequence`; the `BatchScheduler` decodes all active ones together. Errors use
+becomes a `scheduler.SequenceState`; the `BatchScheduler` decodes all active ones together. Errors use
 OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 400 for bad parameters,
 404 for an unknown model or route, 413 for an oversized body, 503 while shutting down or full.
 On SIGTERM the server stops accepting connections, lets in-flight requests run for
@@ -39,7 +39,7 @@ from .errors import GptforgeError
 from .generation import GenerationConfig, prompt_ids
 from .instruct import chat_prompt
 from .scheduler import (
-    FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, Sequence, TokenLogprob,
+    FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, SequenceState, TokenLogprob,
 )
 from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
 
@@ -314,7 +314,7 @@ def _plan(req: CompletionRequest, settings: ServeSettings, tokenizer: Tokenizer,
 
 
 class _Completion:
-    """One request in flight: a Sequence per choice, whose outputs arrive on `queue` (the scheduler
+    """One request in flight: a SequenceState per choice, whose outputs arrive on `queue` (the scheduler
     thread hands them to the event loop), folded into choices for the JSON body or SSE chunks."""
 
     def __init__(self, req: CompletionRequest, prompts: list[_Prompt], max_tokens: int,
@@ -328,14 +328,14 @@ class _Completion:
                      "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                      "model": model_name}
         self.choices: list[_Choice] = []
-        self.seqs: list[Sequence] = []
+        self.seqs: list[SequenceState] = []
         for p in prompts:
             for _ in range(req.n or 1):
                 index = len(self.choices)
                 # Choice i of a request with seed s samples as a lone request with seed s + i would.
                 seed = None if req.seed is None else req.seed + index
                 self.choices.append(_Choice(p, bool(req.echo), req.logprobs is not None))
-                self.seqs.append(Sequence(
+                self.seqs.append(SequenceState(
                     p.ids, max_tokens, config.replace(seed=seed),
                     on_output=lambda out, i=index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, out)),
                     logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
@@ -455,7 +455,7 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_name, **scheduler.load()}
+        return {"status": "ok", "model": settings.model_name, **scheduler.stats()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

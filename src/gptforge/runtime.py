@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +166,10 @@ def shard(model: nn.Module, raw_model: nn.Module, dctx: DistContext) -> nn.Modul
 
 
 def save_checkpoint(ckpt: Path, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
-                    dctx: DistContext, fsdp: bool, state: dict[str, Any]) -> None:
+                    dctx: DistContext, fsdp: bool, state: dict[str, Any],
+                    write: Callable[..., Any] = checkpoint.save) -> None:
     """Save `raw_model` with a training state (`state`, the optimizer, every rank's RNG state).
+    `write(model, dir, training_state=...)` writes them (default: checkpoint.save).
     Every rank calls this (RNG states and, with FSDP, shards are gathered); rank 0 writes."""
     rngs = [rng_state()]
     if dctx.world_size > 1:
@@ -188,5 +190,5 @@ def save_checkpoint(ckpt: Path, model: nn.Module, raw_model: nn.Module, optimize
     else:
         to_save, optim_state = raw_model, optimizer.state_dict()
     if dctx.main:
-        checkpoint.save(to_save, ckpt, training_state={**state, "optimizer": optim_state, "rng": rngs})
+        write(to_save, ckpt, training_state={**state, "optimizer": optim_state, "rng": rngs})
     dctx.barrier()

@@ -253,6 +253,7 @@ class Run:
     progress: Any
     stop: StopRequest | None = None
     on_step: Callable[[dict[str, Any]], None] | None = None
+    save_model: Callable[..., Any] = checkpoint.save  # (model, dir, training_state=...): the checkpoint writer
     step: int = 0  # the next optimizer step (0-based); after `fit`, the steps done
     epoch: int = 0
     tokens_seen: int = 0
@@ -290,10 +291,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
 
 def start_run(cfg: TrainConfig, model: nn.Module, total_steps: int, *, dctx: DistContext | None = None,
               saved_state: Mapping[str, Any] | None = None, stop: StopRequest | None = None,
-              on_step: Callable[[dict[str, Any]], None] | None = None) -> Run:
+              on_step: Callable[[dict[str, Any]], None] | None = None,
+              save_model: Callable[..., Any] = checkpoint.save) -> Run:
     """Phase 1: put `model` (already built and seeded) on the device, wrap it (compile, DDP, FSDP),
     build the optimizer and, when `saved_state` (from `checkpoint.load_training_state`) is given,
-    restore step, tokens seen, optimizer and RNG states. Opens metrics.jsonl and the progress bar."""
+    restore step, tokens seen, optimizer and RNG states. Opens metrics.jsonl and the progress bar.
+    `save_model(model, dir, training_state=...)` writes checkpoints (a model other than GPTModel
+    brings its own); `stop` (a StopRequest) turns Ctrl-C into a saved, resumable stop."""
     dctx = dctx or DistContext()
     device = checkpoint.resolve_device(cfg.device, dctx.local_rank)
     if device.type == "cpu":
@@ -321,7 +325,7 @@ def start_run(cfg: TrainConfig, model: nn.Module, total_steps: int, *, dctx: Dis
     return Run(cfg=cfg, model=model, raw_model=raw_model, optimizer=optimizer, device=device,
                autocast=autocast_dtype(cfg.precision, device), dctx=dctx, total_steps=total_steps,
                metrics=Metrics(out, step, dctx.main), progress=progress_bar(cfg.progress and dctx.main, total_steps, step),
-               stop=stop, on_step=on_step, step=step, tokens_seen=tokens_seen)
+               stop=stop, on_step=on_step, save_model=save_model, step=step, tokens_seen=tokens_seen)
 
 
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved_state: Mapping[str, Any],
@@ -422,7 +426,7 @@ def save_run(run: Run, extra_state: Mapping[str, Any] | None = None) -> Path:
     state = {"version": STATE_VERSION, "step": run.step, "tokens_seen": run.tokens_seen,
              "total_steps": run.total_steps, "train_config": run.cfg.to_dict(), **(extra_state or {})}
     ckpt = run.out / CHECKPOINT_DIR
-    save_checkpoint(ckpt, run.model, run.raw_model, run.optimizer, run.dctx, run.cfg.fsdp, state)
+    save_checkpoint(ckpt, run.model, run.raw_model, run.optimizer, run.dctx, run.cfg.fsdp, state, run.save_model)
     return ckpt
 
 

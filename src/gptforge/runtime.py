@@ -69,6 +69,7 @@ def keep_freed_memory() -> bool:
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast in `dtype` on `device`, or nothing when dtype is None (full fp32)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -135,6 +136,7 @@ def init_distributed(device_name: str) -> DistContext:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's torch (and CUDA) RNG states, to save with a checkpoint."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -142,6 +144,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -149,6 +152,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def shard_args(dctx: DistContext) -> dict[str, int]:
+    """`rank=`/`world_size=` for `train.evaluate`."""
     return {"rank": dctx.rank, "world_size": dctx.world_size}
 
 

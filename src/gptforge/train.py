@@ -55,7 +55,7 @@ from .metrics import METRICS_FILE, PLOT_FILE, Metrics, progress_bar  # noqa: F40
 from .model import GPTModel
 from .runtime import (
     DistContext, StopRequest, autocast_context, autocast_dtype, init_distributed, keep_freed_memory,
-    rng_state, save_checkpoint, set_rng_state, shard, shard_args,
+    save_checkpoint, set_rng_state, shard, shard_args,
 )
 from .tokenizer import get_tokenizer
 from .train_config import RESUMABLE_CHANGES, TrainConfig, read_config_file  # noqa: F401 (re-exported)

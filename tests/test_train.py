@@ -99,7 +99,8 @@ def faults():  # minor page faults while a 256 MB tensor is allocated, written a
 faults()
 default = faults()
 applied = keep_freed_memory()
-faults()  # the first allocation after the change still grows the heap
+faults()  # the first allocations after the change still grow the heap (to its steady size)
+faults()
 print(default, faults(), applied)
 """
 

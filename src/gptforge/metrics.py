@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
+from .io import atomic_write, atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -31,7 +31,7 @@ class Metrics:
                 record = json.loads(line)
                 if record["step"] < keep_before_step:
                     self.records.append(record)
-        checkpoint.atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -65,7 +65,7 @@ class Metrics:
         ax.set_ylabel("cross-entropy loss (nats/token)")
         ax.legend(loc="upper right")
         fig.tight_layout()
-        checkpoint.atomic_write(self.plot_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        atomic_write(self.plot_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
 
 

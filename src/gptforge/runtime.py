@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import checkpoint
+from .device import resolve_device
 from .errors import GptforgeError
 
 
@@ -127,7 +128,7 @@ def init_distributed(device_name: str) -> DistContext:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     owns = not dist.is_initialized()
     if owns:
-        device = checkpoint.resolve_device(device_name, local_rank)
+        device = resolve_device(device_name, local_rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -49,7 +49,9 @@ from .data import (
     TokenizedCorpus, TokenWindows, batch_indices, corpus_digest, draw_loader_seed, permutation,
     tokenize_corpus,
 )
+from .device import resolve_device
 from .errors import GptforgeError
+from .io import atomic_write_bytes
 from .generation import generate_text
 from .metrics import METRICS_FILE, PLOT_FILE, Metrics, progress_bar  # noqa: F401 (re-exported)
 from .model import GPTModel
@@ -299,7 +301,7 @@ def start_run(cfg: TrainConfig, model: nn.Module, total_steps: int, *, dctx: Dis
     `save_model(model, dir, training_state=...)` writes checkpoints (a model other than GPTModel
     brings its own); `stop` (a StopRequest) turns Ctrl-C into a saved, resumable stop."""
     dctx = dctx or DistContext()
-    device = checkpoint.resolve_device(cfg.device, dctx.local_rank)
+    device = resolve_device(cfg.device, dctx.local_rank)
     if device.type == "cpu":
         keep_freed_memory()
     model.to(device).train()
@@ -321,7 +323,7 @@ def start_run(cfg: TrainConfig, model: nn.Module, total_steps: int, *, dctx: Dis
     out = Path(cfg.out)
     if dctx.main:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_bytes(out / "train_config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        atomic_write_bytes(out / "train_config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     return Run(cfg=cfg, model=model, raw_model=raw_model, optimizer=optimizer, device=device,
                autocast=autocast_dtype(cfg.precision, device), dctx=dctx, total_steps=total_steps,
                metrics=Metrics(out, step, dctx.main), progress=progress_bar(cfg.progress and dctx.main, total_steps, step),

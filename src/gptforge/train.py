@@ -520,7 +520,9 @@ class _Corpus:
             val_loss = evaluate(eval_model, self.val, eval_batch, n, **kw)
         sample = None
         if cfg.sample_tokens and run.dctx.main and not cfg.fsdp:
-            # Greedy (the run's RNG is untouched) and, as the book's sample, not cut at <|endoftext|>.
+            # Greedy (the run's RNG is untouched) and, as the book's sample, not cut at <|endoftext|>;
+            # in train mode generate decodes the weights as they are, not a cached fast view of them.
+            run.raw_model.train()
             sample = generate_text(run.raw_model, cfg.sample_prompt, cfg.sample_tokens, stop_token_ids=())
         return {"train_loss": train_loss, "val_loss": val_loss,
                 "val_perplexity": math.exp(val_loss) if val_loss is not None else None, "sample": sample}

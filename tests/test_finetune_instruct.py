@@ -105,7 +105,7 @@ def test_losses_equal_the_books_train_model_simple(tmp_path, tiny_config, mask_p
     ours = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(ours) == len(steps) == EPOCHS * (20 // BATCH)
     assert ours == pytest.approx(steps, abs=1e-5)
-    evals = [r for r in records if r["kind"] == "eval" and r["step"] % EVAL_EVERY == 0]
+    evals = [r for r in records if r["kind"] == "eval" and "train_loss" in r]
     assert [r["train_loss"] for r in evals] == pytest.approx(train_losses, abs=1e-5)
     assert [r["val_loss"] for r in evals] == pytest.approx(val_losses, abs=1e-5)
 
@@ -127,3 +127,39 @@ def book_response(model, record, max_new_tokens=8):
     out = ch05.generate(model.eval(), torch.tensor([ids]), max_new_tokens, context_size=128, eos_id=50256)
     text = enc.decode(out[0, len(ids):].tolist())
     return text.split("###")[0].strip()
+
+
+@pytest.fixture
+def tiny_base(tmp_path, tiny_config):
+    torch.manual_seed(0)
+    return save(GPTModel(tiny_config(vocab_size=50257, context_length=128)), tmp_path / "base")
+
+
+def test_cli_finetune_instruct_splits_the_data_and_saves_the_template(tmp_path, tiny_base, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "instruct", "--data", str(SAMPLE), "--test-fraction", "0.1", "--val-fraction", "0.1",
+                 "--model", str(tiny_base), "--out", str(out), "--epochs", "1", "--max-new-tokens", "4",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "done after 3 steps; train loss" in printed and "test responses" in printed
+    records = read_records(SAMPLE)
+    written = json.loads((out / "test-responses.json").read_text())
+    assert [r["output"] for r in written] == [r["output"] for r in records[24:27]]  # the book's order: train, test, val
+    assert all(isinstance(r["model_response"], str) for r in written)
+    assert load(out / "checkpoint").cfg.prompt_template == ALPACA
+
+
+@pytest.mark.parametrize("content, extra, message", [
+    ('[{"input": "x", "output": "y"}]', [], "record 1 has no 'instruction'"),
+    ("", [], "is empty"),
+    (json.dumps([{"instruction": "word " * 200, "output": "x"}] * 8), [], "pass --max-length"),
+    (json.dumps([{"instruction": "a", "output": "b"}] * 3), [], "fewer than one batch of 8"),
+    (json.dumps([{"instruction": "a", "output": "b"}] * 8), ["--max-length", "500"], "--max-length 500 must be"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_base, capsys, content, extra, message):
+    data = tmp_path / "train.json"
+    data.write_text(content)
+    code = main(["finetune", "instruct", "--data", str(data), "--model", str(tiny_base), "--out",
+                 str(tmp_path / "run"), "--no-progress", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err

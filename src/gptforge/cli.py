@@ -187,6 +187,34 @@ def _add_train_parser(verbs: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=cmd_train)
 
 
+def cmd_finetune_instruct(args: argparse.Namespace) -> int:
+    """Teach a model to follow instructions; prints the last losses, the checkpoint and the responses."""
+    from .finetune import InstructConfig, finetune_instruct
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(InstructConfig)
+               if getattr(args, f.name, None) is not None}
+    result = finetune_instruct(**options)
+    losses = ", ".join(f"{name} loss {value:.3f}" for name, value in
+                       (("train", result.train_loss), ("val", result.val_loss)) if value is not None)
+    responses = f"; test responses: {result.responses}" if result.responses else ""
+    print(f"{'stopped' if result.interrupted else 'done'} after {result.steps} steps"
+          f"{'; ' + losses if losses else ''}; checkpoint: {result.checkpoint}{responses}")
+    return 130 if result.interrupted else 0
+
+
+def _add_finetune_parser(verbs: argparse._SubParsersAction) -> None:
+    from .finetune import InstructConfig
+
+    ft = verbs.add_parser("finetune", help="adapt a model to a task (instruct)")
+    tasks = ft.add_subparsers(dest="task", required=True, metavar="TASK")
+    ins = tasks.add_parser(
+        "instruct", help="instruction following (the book's chapter 7)",
+        description="Finetune a model to follow instructions from Alpaca-style JSON/JSONL records "
+                    "(instruction, input, output). Defaults are the book's recipe (see docs/instruct.md).")
+    add_flags(ins, InstructConfig)
+    ins.set_defaults(func=cmd_finetune_instruct)
+
+
 def cmd_judge(args: argparse.Namespace) -> None:
     """Score responses 0-100 with a judge model behind an OpenAI-compatible endpoint (the book's ch. 7)."""
     from .instruct import read_records
@@ -298,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_info_parser, _add_generate_parser, _add_serve_parser, _add_convert_parser):
         add(verbs).add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
     _add_train_parser(verbs)
+    _add_finetune_parser(verbs)
     _add_judge_parser(verbs)
     return parser
 

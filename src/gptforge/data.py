@@ -16,10 +16,12 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -328,6 +330,26 @@ def draw_loader_seed(shuffle: bool) -> int | None:
     if not shuffle:
         return None
     return int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler's seed
+
+
+class Loader:
+    """Batches of a dataset with `len()` and `batch(indices)`, drawn like torch's
+    DataLoader(batch_size, shuffle, drop_last) with num_workers=0: each pass takes its seeds from the
+    global torch RNG exactly as the book's loaders do, so a run seeded like the book's sees the same
+    batches and dropout masks."""
+
+    def __init__(self, data: Any, batch_size: int, shuffle: bool = False, drop_last: bool = False):
+        self.data, self.batch_size, self.shuffle, self.drop_last = data, batch_size, shuffle, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        seed = draw_loader_seed(self.shuffle)
+        order = permutation(len(self.data), seed) if self.shuffle else None
+        for indices in batch_indices(len(self.data), self.batch_size, order=order, drop_last=self.drop_last):
+            yield self.data.batch(indices)
 
 
 def corpus_digest(corpus: TokenizedCorpus) -> str:

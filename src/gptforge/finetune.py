@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint
-from .data import batch_indices, draw_loader_seed, permutation
+from .data import Loader
 from .errors import GptforgeError
 from .instruct import ALPACA, RESPONSE_KEY, InstructionData, read_records, respond, with_responses
 from .io import atomic_write_bytes
@@ -31,26 +30,6 @@ from .train import CHECKPOINT_DIR, EvalFn, LossFn, Run, evaluate_and_log, lm_los
 from .train_config import TrainConfig
 
 RESPONSES_FILE = "test-responses.json"  # the book's instruction-data-with-response.json
-
-
-class Loader:
-    """Batches of a dataset with `len()` and `batch(indices)`, drawn like torch's
-    DataLoader(batch_size, shuffle, drop_last) with num_workers=0: each pass takes its seeds from the
-    global torch RNG exactly as the book's loaders do, so a run seeded like the book's sees the same
-    batches and dropout masks."""
-
-    def __init__(self, data: Any, batch_size: int, shuffle: bool = False, drop_last: bool = False):
-        self.data, self.batch_size, self.shuffle, self.drop_last = data, batch_size, shuffle, drop_last
-
-    def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self):
-        seed = draw_loader_seed(self.shuffle)
-        order = permutation(len(self.data), seed) if self.shuffle else None
-        for indices in batch_indices(len(self.data), self.batch_size, order=order, drop_last=self.drop_last):
-            yield self.data.batch(indices)
 
 
 def book_loop(run: Run, loader: Loader, loss_fn: LossFn, evaluate: EvalFn, eval_every: int, epochs: int,

@@ -67,4 +67,38 @@ kill -INT "$SERVER"
 wait "$SERVER" || [ $? -eq 130 ] || [ $? -eq 0 ] || fail "serve did not stop cleanly"
 SERVER=
 
+say "finetune instruct (tiny model, the sample records, 1 epoch), chat on it, judge through it"
+"$PY" -c "import torch, gptforge; torch.manual_seed(0); gptforge.save(gptforge.GPTModel(dict(vocab_size=50257, context_length=128, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=False)), '$TMP/tiny')" \
+    || fail "saving a tiny model"
+"$GF" finetune instruct --data examples/instruct-sample.json --test-fraction 0.1 --model "$TMP/tiny" \
+    --out "$TMP/instruct" --epochs 1 --max-new-tokens 4 --no-progress >"$TMP/instruct.out" 2>&1 \
+    || { cat "$TMP/instruct.out" >&2; fail "finetune instruct"; }
+[ -s "$TMP/instruct/test-responses.json" ] || fail "finetune instruct wrote no test responses"
+PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+"$GF" serve --model "$TMP/instruct/checkpoint" --served-model-name instruct --port "$PORT" 2>"$TMP/chat.err" &
+SERVER=$!
+"$PY" - "$PORT" <<'EOF' || { cat "$TMP/chat.err" >&2; fail "serve chat"; }
+import json, sys, time, urllib.request
+
+base = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(240):
+    try:
+        urllib.request.urlopen(base + "/health", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.25)
+body = {"model": "instruct", "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 4}
+request = urllib.request.Request(base + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps(body).encode())
+reply = json.load(urllib.request.urlopen(request, timeout=60))
+assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["role"] == "assistant", reply
+EOF
+# A tiny model's replies are no numbers: --skip-invalid goes on (the openai client is what this exercises).
+"$GF" judge --data "$TMP/instruct/test-responses.json" --url "http://127.0.0.1:$PORT/v1" --model instruct \
+    --max-tokens 3 --skip-invalid >"$TMP/judge.out" 2>&1 || { cat "$TMP/judge.out" >&2; fail "judge"; }
+grep -q "mean score" "$TMP/judge.out" || fail "judge printed no mean: $(cat "$TMP/judge.out")"
+kill -INT "$SERVER"
+wait "$SERVER" || [ $? -eq 130 ] || [ $? -eq 0 ] || fail "serve (chat) did not stop cleanly"
+SERVER=
+
 say "all verbs passed"

@@ -302,9 +302,12 @@ class GPTModel(nn.Module):
         if last_only:
             x = x[:, -1:, :]  # (B, 1, d)
         x = self.final_norm(x)
-        if targets is not None:
+        if targets is not None and type(self.out_head) is nn.Linear and self.out_head.bias is None:
             return LinearCrossEntropy.apply(x.flatten(0, 1), self.out_head.weight, targets.flatten())
-        return self.out_head(x)
+        logits = self.out_head(x)
+        if targets is not None:  # a wrapped head (LoRA) cannot be fused: the plain loss
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits
 
     def num_parameters(self, exclude_head: bool = False) -> int:
         """Distinct parameters (a tied head is counted once). `exclude_head` also leaves out an

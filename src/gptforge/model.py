@@ -249,7 +249,10 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.classifier is None:
+            self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        else:  # the book's chapter-6 head: one output per class, with a bias
+            self.out_head = nn.Linear(cfg.emb_dim, cfg.classifier.num_classes)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight  # one tensor: same storage, one gradient
         if cfg.init == "gpt2":
@@ -358,7 +361,10 @@ def count_parameters(cfg: GPTConfig | Mapping[str, Any] | str) -> ParameterCount
     feed_forward = L * (d * 4 * d + 4 * d + 4 * d * d + d)
     norms = (2 * L + 1) * 2 * d
     head = 0 if cfg.tie_weights else v * d
+    if cfg.classifier is not None:
+        head = cfg.classifier.num_classes * (d + 1)
     return ParameterCounts(
         embeddings=v * d + cfg.context_length * d, attention=attention, feed_forward=feed_forward,
-        norms=norms, head=head, head_shape=(v, d),
+        norms=norms, head=head,
+        head_shape=(v if cfg.classifier is None else cfg.classifier.num_classes, d),
     )

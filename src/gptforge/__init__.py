@@ -1,6 +1,7 @@
 """gptforge: GPT-2 from scratch in PyTorch, readable like the book and usable like a tool."""
 
 from .checkpoint import load, load_training_state, save
+from .classifier import classify
 from .config import PRESETS, GPTConfig, preset
 from .generation import (
     GenerationConfig, TextStream, generate, generate_text, generate_text_simple, left_pad, next_tokens,
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "GELU", "FeedForward", "GPTConfig", "GPTModel", "KVCache", "LayerNorm", "MultiHeadAttention",
     "GenerationConfig", "PRESETS", "ParameterCounts", "TextStream", "Tokenizer", "TransformerBlock",
-    "count_parameters", "generate", "generate_text", "generate_text_simple", "get_tokenizer", "left_pad",
+    "classify", "count_parameters", "generate", "generate_text", "generate_text_simple", "get_tokenizer", "left_pad",
     "load", "load_training_state", "next_tokens", "preset", "save", "stream_text",
 ]

@@ -119,6 +119,7 @@ class ClassifyResult:
     trainable_parameters: int
     total_parameters: int
     history: list[dict[str, Any]]
+    interrupted: bool = False
 
 
 @dataclasses.dataclass
@@ -208,11 +209,12 @@ def finetune_classify(config: ClassifyConfig | None = None, /, **options: Any) -
     if not cfg.model:
         raise GptforgeError("no model to finetune: pass --model (a preset, checkpoint, HF directory or hub id)")
     splits = _read_splits(cfg, checkpoint.load_config(cfg.model).context_length)
+    base = checkpoint.adapter.base_reference(cfg.model) if cfg.trainable == "lora" else None  # fails early
     torch.manual_seed(cfg.seed)  # a preset's random weights
-    model = checkpoint.load(cfg.model)
+    model = checkpoint.load(cfg.model, dtype=torch.float32)  # fp32 master weights; --precision sets the compute
     prepare_classifier(model, cfg, splits.labels, splits.length)
-    if cfg.trainable == "lora":
-        model.lora_base = cfg.model  # what the adapter checkpoint names as its base
+    if base is not None:
+        model.lora_base = base  # what the adapter checkpoint names as its base
     trainable, total = count_trainable(model)
     tcfg = cfg.train_config()
     torch.manual_seed(cfg.seed)  # the book reseeds before its optimizer and loop
@@ -229,7 +231,7 @@ def finetune_classify(config: ClassifyConfig | None = None, /, **options: Any) -
     ckpt = checkpoint.save(model, run.out / CHECKPOINT_DIR)
     run.metrics.log({"kind": "final", "step": run.step, **{f"{k}_acc": v for k, v in final.items()}})
     return ClassifyResult(ckpt, splits.labels, run.step, final["train"], final["val"], final["test"],
-                          trainable, total, history)
+                          trainable, total, history, run.interrupted)
 
 
 def _loop(run: Run, cfg: ClassifyConfig, splits: _Splits) -> list[dict[str, Any]]:
@@ -240,15 +242,16 @@ def _loop(run: Run, cfg: ClassifyConfig, splits: _Splits) -> list[dict[str, Any]
     for epoch in range(cfg.epochs):
         run.epoch = epoch
         run.raw_model.train()
-        for batch in splits.train:
+        for i, batch in enumerate(splits.train):
             train_step(run, [batch], classification_loss)
             if cfg.eval_every and run.step % cfg.eval_every == 0:
                 history.append({"step": run.step, **evaluate_and_log(run, evaluate)})
+            if i == len(splits.train) - 1:  # the epoch's last step: the book's accuracy after each epoch
+                history.append({"step": run.step, **evaluate_and_log(run, epoch_accuracy)})
             run.step += 1
             if run.stop_requested:
                 run.interrupted = True
                 return history
-        history.append({"step": run.step - 1, **evaluate_and_log(run, epoch_accuracy)})
     return history
 
 

@@ -43,7 +43,9 @@ class LoRALayer(nn.Module):
         self.scale = alpha if scaling == "book" else alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * (x @ self.A @ self.B)
+        if x.dtype == self.A.dtype:
+            return self.scale * (x @ self.A @ self.B)
+        return (self.scale * (x.to(self.A.dtype) @ self.A @ self.B)).to(x.dtype)  # fp32 adapters on a bf16 base
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a Linear weight: (out_dim, in_dim), so that x @ delta.T == forward(x)."""
@@ -150,10 +152,14 @@ def has_lora(model: nn.Module) -> bool:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LinearWithLoRA by a plain nn.Linear with the update added to its weight, in
     place; returns the model, whose outputs are unchanged (up to float rounding)."""
+    shared = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if ".linear." not in name}
     for name, layer in lora_layers(model).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.merged())
+        cfg = getattr(model, "cfg", None)
+        if id(layer.linear.weight) in shared and getattr(cfg, "tie_weights", False):
+            model.cfg = cfg.replace(tie_weights=False)  # a tied head plus its update is a head of its own
     return model
 
 

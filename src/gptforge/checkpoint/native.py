@@ -74,18 +74,23 @@ def _check_weights_only(obj: Any, where: str) -> None:
 
 def _read_gptforge_meta(ckpt_dir: Path) -> tuple[dict[str, Any], GPTConfig]:
     meta = read_json(ckpt_dir / CONFIG_FILE)
+    return meta, parse_meta(meta, ckpt_dir)
+
+
+def parse_meta(meta: Mapping[str, Any], ckpt_dir: Path) -> GPTConfig:
+    """The GPTConfig in a gptforge config.json's fields (format version and sha256 table checked)."""
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise GptforgeError(f"{ckpt_dir}: gptforge checkpoint format version {version!r} is not supported "
                          f"(this gptforge reads version {FORMAT_VERSION}); upgrade gptforge")
-    fields = {k: v for k, v in meta.items() if k not in ("format", "format_version", "dtype", "sha256")}
+    fields = {k: v for k, v in meta.items() if k not in ("format", "format_version", "dtype", "sha256", "lora")}
     try:
         cfg = GPTConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise GptforgeError(f"{ckpt_dir / CONFIG_FILE}: bad model config: {err}") from None
     if not isinstance(meta.get("sha256"), dict):
         raise GptforgeError(f"{ckpt_dir / CONFIG_FILE} has no sha256 table; the checkpoint is corrupted")
-    return meta, cfg
+    return cfg
 
 
 def _open_verified(ckpt_dir: Path, meta: Mapping[str, Any], name: str) -> BinaryIO:

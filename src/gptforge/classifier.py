@@ -14,12 +14,12 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import load
 from .config import ClassifierSpec
 from .data import batch_indices, draw_loader_seed, permutation
 from .errors import GptforgeError
@@ -97,7 +97,12 @@ def longest(texts: Sequence[str]) -> int:
 
 def encode_texts(texts: Sequence[str], max_length: int, targets: Sequence[int] | None = None) -> EncodedTexts:
     """Tokenize, cut to `max_length` and pad with 50256 to it, as the book's SpamDataset."""
-    rows = [ids[:max_length] for ids in get_tokenizer().encode_batch(list(texts))]
+    return pad_ids(get_tokenizer().encode_batch(list(texts)), max_length, targets)
+
+
+def pad_ids(token_rows: Sequence[Sequence[int]], max_length: int, targets: Sequence[int] | None = None) -> EncodedTexts:
+    """Token id lists cut to `max_length` and padded with 50256 to it."""
+    rows = [list(ids[:max_length]) for ids in token_rows]
     ids = torch.full((len(rows), max_length), PAD_ID, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
@@ -228,8 +233,6 @@ def classify(model: GPTModel | str | Path, texts: str | Sequence[str], *, batch_
     Texts are tokenized, cut to the model's context (or its training `max_length`) and, for the
     book's pool="last", padded to that length as in training. Returns one Prediction per text."""
     if isinstance(model, (str, Path)):
-        from .checkpoint import load  # checkpoint sits above this module's data code
-
         model = load(model, device=device or "cpu")
     elif device is not None:
         model = model.to(device)
@@ -245,15 +248,10 @@ def classify(model: GPTModel | str | Path, texts: str | Sequence[str], *, batch_
         chunk = texts[start:start + batch_size]
         tokens = get_tokenizer().encode_batch(chunk)
         length = limit if spec.pool == "last" else min(limit, max(len(t) for t in tokens))
-        data = encode_texts(chunk, length)
+        data = pad_ids(tokens, length)
         device_now = model.tok_emb.weight.device
         probs = class_logits(model, data.ids.to(device_now), data.lengths).float().softmax(dim=-1).cpu()
         for row in probs:
             predictions.append(Prediction(spec.labels[int(row.argmax())],
                                           {name: float(p) for name, p in zip(spec.labels, row)}))
     return predictions
-
-
-def describe(prediction: Prediction) -> dict[str, Any]:
-    """A Prediction as a JSON-ready dict."""
-    return dataclasses.asdict(prediction)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from .classifier import (
     EncodedTexts, Loader, classification_loss, encode_texts, label_ids, label_names, loader_accuracy,
     loader_metrics, padded_length, read_labeled, to_classifier,
 )
-from .config import POOLS, known_fields
+from .config import POOLS
 from .errors import GptforgeError
 from .lora import ALL_TARGETS, DEFAULT_SCALING, SCALINGS, apply_lora, check_lora_options, count_trainable
 from .runtime import StopRequest
@@ -253,8 +253,3 @@ def _loop(run: Run, cfg: ClassifyConfig, splits: _Splits) -> list[dict[str, Any]
                 run.interrupted = True
                 return history
     return history
-
-
-def classify_options(data: Mapping[str, Any]) -> ClassifyConfig:
-    """A ClassifyConfig from a dict of its fields (unknown keys are refused, naming them)."""
-    return ClassifyConfig(**known_fields(ClassifyConfig, data, "finetune classify options"))

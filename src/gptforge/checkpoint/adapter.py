@@ -11,7 +11,6 @@ result is a model with LoRA layers that `lora.merge_lora` turns into a plain one
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,11 @@ import torch.nn as nn
 
 from ..config import GPTConfig
 from ..errors import GptforgeError
-from ..io import atomic_directory, read_safetensors_from, sha256_file, write_safetensors
+from ..io import read_safetensors_from, sha256_file
 from ..lora import LoRALayer, apply_lora, lora_layers
 from ..model import GPTModel
 from . import native
-from .base import CHECKPOINT_FILES, CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, TRAINING_STATE_FILE, WEIGHTS_FILE, \
-    CheckpointFormat, ConfigArg, config_json
+from .base import CONFIG_FILE, FORMAT_NAME, WEIGHTS_FILE, CheckpointFormat, ConfigArg, config_json
 
 ADAPTER_KEY = "lora"
 
@@ -79,23 +77,10 @@ def save_adapter(model: GPTModel, out_dir: Path, training_state: dict[str, Any] 
     model.lora_base = (base_name, base_sha)
     layers = lora_layers(model)
     first = next(iter(layers.values())).lora
-    if training_state is not None:
-        native._check_weights_only(training_state, "training_state")
-    with atomic_directory(out_dir, CHECKPOINT_FILES) as tmp:
-        write_safetensors(adapter_state(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        files = [WEIGHTS_FILE]
-        if training_state is not None:
-            torch.save(training_state, tmp / TRAINING_STATE_FILE)
-            files.append(TRAINING_STATE_FILE)
-        meta = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, **model.cfg.to_dict(),
-            ADAPTER_KEY: {"base": base_name, "base_sha256": base_sha, "rank": first.rank, "alpha": first.alpha,
-                          "scaling": first.scaling, "layers": list(layers)},
-            "dtype": str(first.A.dtype).removeprefix("torch."),
-            "sha256": {name: sha256_file(tmp / name) for name in files},
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return out_dir
+    lora = {"base": base_name, "base_sha256": base_sha, "rank": first.rank, "alpha": first.alpha,
+            "scaling": first.scaling, "layers": list(layers)}
+    return native.write_native(out_dir, adapter_state(model), model.cfg, first.A.dtype, training_state,
+                               {ADAPTER_KEY: lora})
 
 
 def _read_meta(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any], GPTConfig]:

@@ -31,6 +31,7 @@ from .config import POOLS
 from .errors import GptforgeError
 from .lora import ALL_TARGETS, DEFAULT_SCALING, SCALINGS, apply_lora, check_lora_options, count_trainable
 from .runtime import StopRequest
+from .tokenizer import get_tokenizer
 from .train import CHECKPOINT_DIR, Run, evaluate_and_log, start_run, train_step
 from .train_config import TrainConfig, _field
 
@@ -208,7 +209,11 @@ def finetune_classify(config: ClassifyConfig | None = None, /, **options: Any) -
     cfg = dataclasses.replace(config, **options) if config is not None else ClassifyConfig(**options)
     if not cfg.model:
         raise GptforgeError("no model to finetune: pass --model (a preset, checkpoint, HF directory or hub id)")
-    splits = _read_splits(cfg, checkpoint.load_config(cfg.model).context_length)
+    model_cfg = checkpoint.load_config(cfg.model)
+    if model_cfg.vocab_size < get_tokenizer().vocab_size:
+        raise GptforgeError(f"{cfg.model} has vocab_size {model_cfg.vocab_size}, fewer than GPT-2's "
+                            f"{get_tokenizer().vocab_size} token ids; classify with a GPT-2-vocabulary model")
+    splits = _read_splits(cfg, model_cfg.context_length)
     base = checkpoint.adapter.base_reference(cfg.model) if cfg.trainable == "lora" else None  # fails early
     torch.manual_seed(cfg.seed)  # a preset's random weights
     model = checkpoint.load(cfg.model, dtype=torch.float32)  # fp32 master weights; --precision sets the compute

@@ -128,3 +128,30 @@ def test_targets_choose_layers_and_training_loss_sees_the_adapter(tiny_config):
         apply_lora(GPTModel(cfg), rank=2, alpha=1, targets="W_q")
     with pytest.raises(GptforgeError, match="lora-rank"):
         apply_lora(GPTModel(cfg), rank=0, alpha=1)
+
+
+def test_generation_fast_paths_see_the_adapters(tiny_config):
+    """generate_text decodes through quant's inference layout (fused qkv): it must include LoRA."""
+    import copy
+
+    from gptforge.generation import generate_text, generate_text_simple
+    from gptforge.quant import prepare_for_inference
+    from gptforge.tokenizer import get_tokenizer
+
+    cfg = tiny_config(vocab_size=50257, context_length=32)
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    apply_lora(model, rank=2, alpha=8)
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora.B, std=0.5)
+    tok = get_tokenizer()
+    ids = torch.tensor([tok.encode("Hello, I am")])
+    expected = tok.decode(generate_text_simple(model, ids, max_new_tokens=12, context_size=32)[0].tolist())
+    base_only = copy.deepcopy(model)
+    for layer in lora_layers(base_only).values():
+        nn.init.zeros_(layer.lora.B)
+    assert tok.decode(generate_text_simple(base_only, ids, 12, 32)[0].tolist()) != expected  # adapters matter
+    assert generate_text(model, "Hello, I am", 12, stop_token_ids=()) == expected
+    prepare_for_inference(model)
+    assert not lora_layers(model)
+    assert tok.decode(generate_text_simple(model, ids, 12, 32)[0].tolist()) == expected

@@ -14,7 +14,6 @@ reads the last position even when it is padding; `pool="last"` is the book's, ex
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,12 @@ from .classifier import (
 )
 from .config import POOLS
 from .errors import GptforgeError
+from .options import check_fields, option
 from .lora import ALL_TARGETS, DEFAULT_SCALING, SCALINGS, apply_lora, check_lora_options, count_trainable
 from .runtime import StopRequest
 from .tokenizer import get_tokenizer
 from .train import CHECKPOINT_DIR, Run, evaluate_and_log, start_run, train_step
-from .train_config import TrainConfig, _field
+from .train_config import TrainConfig
 
 TRAINABLE = ("last-block", "all", "lora")
 
@@ -42,39 +42,41 @@ TRAINABLE = ("last-block", "all", "lora")
 class ClassifyConfig:
     """A classification finetuning run; the flags of `gptforge finetune classify`."""
 
-    data: str | None = _field(None, "training records: CSV, TSV, JSONL or JSON with a text and a label column")
-    val: str | None = _field(None, "validation records (same columns)")
-    test: str | None = _field(None, "test records, scored once at the end")
-    model: str | None = _field(None, "the model to adapt: preset, checkpoint, HF directory or hub id")
-    out: str = _field("runs/classifier", "output folder: checkpoint/, metrics.jsonl, loss.png")
-    text_column: str = _field("text", "the column holding the texts")
-    label_column: str = _field("label", "the column holding the labels (any strings)")
-    max_length: int | None = _field(None, "pad/cut every text to this many tokens (default: the longest "
+    data: str | None = option(None, "training records: CSV, TSV, JSONL or JSON with a text and a label column")
+    val: str | None = option(None, "validation records (same columns)")
+    test: str | None = option(None, "test records, scored once at the end")
+    model: str | None = option(None, "the model to adapt: preset, checkpoint, HF directory or hub id")
+    out: str = option("runs/classifier", "output folder: checkpoint/, metrics.jsonl, loss.png")
+    text_column: str = option("text", "the column holding the texts")
+    label_column: str = option("label", "the column holding the labels (any strings)")
+    max_length: int | None = option(None, "pad/cut every text to this many tokens (default: the longest "
                                     "training text, which must fit the context)")
-    pool: str = _field("last-real", "which position classifies: last-real (the last real token, as "
+    pool: str = option("last-real", "which position classifies: last-real (the last real token, as "
                        "Hugging Face) or last (the last position, padding or not: the book)", choices=POOLS)
-    trainable: str = _field("last-block", "what trains: last-block (last block, final norm, head: the "
+    trainable: str = option("last-block", "what trains: last-block (last block, final norm, head: the "
                             "book), all, or lora (adapters only)", choices=TRAINABLE)
-    lora_rank: int | None = _field(None, "LoRA rank (implies --trainable lora; default 16 with it, the book's)")
-    lora_alpha: float = _field(16.0, "LoRA alpha (the book's 16)")
-    lora_scaling: str = _field(DEFAULT_SCALING, "book (update x alpha, appendix E) or peft (x alpha/rank)",
+    lora_rank: int | None = option(None, "LoRA rank (implies --trainable lora; default 16 with it, the book's)",
+                                   minimum=1)
+    lora_alpha: float = option(16.0, "LoRA alpha (the book's 16)")
+    lora_scaling: str = option(DEFAULT_SCALING, "book (update x alpha, appendix E) or peft (x alpha/rank)",
                                choices=SCALINGS)
-    lora_targets: str = _field(ALL_TARGETS, "Linear layers that get adapters: all (the book, head "
+    lora_targets: str = option(ALL_TARGETS, "Linear layers that get adapters: all (the book, head "
                                "included) or names, e.g. W_query,W_value")
-    epochs: int = _field(5, "passes over the training records")
-    batch_size: int = _field(8, "records per step")
-    lr: float = _field(5e-5, "AdamW learning rate (constant)")
-    weight_decay: float = _field(0.1, "AdamW weight decay, on every trainable parameter (the book)")
-    eval_every: int = _field(50, "train/val loss and accuracy every this many steps (0: never)")
-    eval_batches: int | None = _field(5, "batches per estimate (0: all)")
-    drop_rate: float = _field(0.0, "dropout while finetuning (the book's chapter 6 uses 0)")
-    seed: int = _field(123, "torch seed: the new head, LoRA matrices, batch order, dropout")
-    precision: str = _field("fp32", "fp32 (exact to the book), auto or bf16 autocast",
+    epochs: int = option(5, "passes over the training records", minimum=1)
+    batch_size: int = option(8, "records per step", minimum=1)
+    lr: float = option(5e-5, "AdamW learning rate (constant)", above=0)
+    weight_decay: float = option(0.1, "AdamW weight decay, on every trainable parameter (the book)", minimum=0)
+    eval_every: int = option(50, "train/val loss and accuracy every this many steps (0: never)", minimum=0)
+    eval_batches: int | None = option(5, "batches per estimate (0: all)", minimum=0)
+    drop_rate: float = option(0.0, "dropout while finetuning (the book's chapter 6 uses 0)", minimum=0, maximum=0.99)
+    seed: int = option(123, "torch seed: the new head, LoRA matrices, batch order, dropout", minimum=0)
+    precision: str = option("fp32", "fp32 (exact to the book), auto or bf16 autocast",
                             choices=("auto", "bf16", "fp32"))
-    device: str = _field("auto", "auto, cpu, cuda, cuda:N, mps")
-    progress: bool = _field(True, "show a progress bar")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -87,13 +89,6 @@ class ClassifyConfig:
         if self.trainable == "lora":
             self.lora_rank = self.lora_rank or 16
             check_lora_options(self.lora_rank, self.lora_alpha, self.lora_scaling)
-        for name in ("epochs", "batch_size"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise GptforgeError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise GptforgeError(f"--lr must be a positive number, got {self.lr!r}")
-        if not 0 <= self.drop_rate < 1:
-            raise GptforgeError(f"--drop-rate must be in [0, 1), got {self.drop_rate!r}")
 
     def train_config(self) -> TrainConfig:
         """The TrainConfig the phases run with: the book's optimizer and loop settings."""

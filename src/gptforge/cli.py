@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_info_parser, _add_generate_parser, _add_serve_parser, _add_convert_parser):
         add(verbs).add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
     _add_train_parser(verbs)
-    # _add_finetune_parser(verbs)  # PENDING r-train phases
+    _add_finetune_parser(verbs)
     cls = verbs.add_parser("classify", help="predict labels with a classifier (from `finetune classify`)")
     cls.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
     cls.add_argument("--model", required=True, help="classifier checkpoint directory (OUT/checkpoint)")

@@ -19,6 +19,7 @@ from gptforge.tokenizer import get_tokenizer
 ch07 = pytest.importorskip("llms_from_scratch.ch07")
 ch05 = pytest.importorskip("llms_from_scratch.ch05")
 ch04 = pytest.importorskip("llms_from_scratch.ch04")
+appendix_e = pytest.importorskip("llms_from_scratch.appendix_e")
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "instruct-sample.json"
 BATCH, EPOCHS, EVAL_EVERY, EVAL_BATCHES = 4, 2, 3, 2
@@ -43,7 +44,7 @@ def exercise_collate(batch, allowed_max_length=None):
     return inputs, targets
 
 
-def book_run(parts, weights, cfg, mask_prompt, max_length):
+def book_run(parts, weights, cfg, mask_prompt, max_length, lora_rank=None):
     """The book's chapter-7 cells: loaders, AdamW(lr 5e-5, wd 0.1), train_model_simple. Returns the
     loss of every training step (recorded around calc_loss_batch) and the evaluations."""
     enc = get_tokenizer().encoding
@@ -51,6 +52,11 @@ def book_run(parts, weights, cfg, mask_prompt, max_length):
     model = ch04.GPTModel(cfg)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and all(k.endswith("att.mask") for k in missing)
+    if lora_rank:  # appendix E: freeze, seed, replace every Linear (the output head included)
+        for p in model.parameters():
+            p.requires_grad = False
+        torch.manual_seed(123)
+        appendix_e.replace_linear_with_lora(model, rank=lora_rank, alpha=16)
 
     def dataset(records):
         data = ch07.InstructionDataset(records, enc)
@@ -85,8 +91,9 @@ def book_run(parts, weights, cfg, mask_prompt, max_length):
     return steps, train_losses, val_losses, model
 
 
-@pytest.mark.parametrize("mask_prompt, max_length", [(False, None), (True, 48)], ids=["book", "mask-prompt"])
-def test_losses_equal_the_books_train_model_simple(tmp_path, tiny_config, mask_prompt, max_length, capsys):
+@pytest.mark.parametrize("mask_prompt, max_length, lora_rank", [(False, None, None), (True, 48, None), (False, None, 2)],
+                         ids=["book", "mask-prompt", "lora"])
+def test_losses_equal_the_books_train_model_simple(tmp_path, tiny_config, mask_prompt, max_length, lora_rank, capsys):
     from gptforge.finetune import finetune_instruct
 
     parts = splits(tmp_path)
@@ -94,13 +101,15 @@ def test_losses_equal_the_books_train_model_simple(tmp_path, tiny_config, mask_p
     torch.manual_seed(0)
     base = GPTModel(cfg)
     save(base, tmp_path / "base")
-    steps, train_losses, val_losses, book_model = book_run(parts, base.state_dict(), cfg, mask_prompt, max_length)
+    steps, train_losses, val_losses, book_model = book_run(parts, base.state_dict(), cfg, mask_prompt, max_length,
+                                                           lora_rank)
+    lora = {"lora_rank": lora_rank} if lora_rank else {}
 
     result = finetune_instruct(data=str(tmp_path / "train.json"), val=str(tmp_path / "val.json"),
                                test=str(tmp_path / "test.json"), model=str(tmp_path / "base"),
                                out=str(tmp_path / "run"), batch_size=BATCH, epochs=EPOCHS,
                                eval_every=EVAL_EVERY, eval_batches=EVAL_BATCHES, mask_prompt=mask_prompt,
-                               max_length=max_length, max_new_tokens=8, progress=False)
+                               max_length=max_length, max_new_tokens=8, progress=False, **lora)
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     ours = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(ours) == len(steps) == EPOCHS * (20 // BATCH)

@@ -113,7 +113,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     """Read a checkpoint in any format and write it as a gptforge or Hugging Face directory."""
     from .checkpoint import load, save
 
+    from .lora import has_lora, merge_lora
+
     model = load(args.src, dtype=DTYPES[args.dtype] if args.dtype else None, config=_book_config_arg(args))
+    if args.merge_lora:
+        if not has_lora(model):
+            raise GptforgeError(f"{args.src} has no LoRA adapters to merge; drop --merge-lora")
+        merge_lora(model)
     out = save(model, args.out, format=args.to)
     print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, "
           f"{str(model.tok_emb.weight.dtype).removeprefix('torch.')})")
@@ -187,13 +193,40 @@ def _add_train_parser(verbs: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=cmd_train)
 
 
+def _config_options(args: argparse.Namespace, cls: type) -> dict:
+    """The fields of dataclass `cls` whose flags were given (the others keep the class defaults)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    """Print the predicted label of each text (one line each), or JSON lines with probabilities."""
+    from .classifier import classify
+
+    for text, prediction in zip(args.texts, classify(args.model, args.texts, device=args.device)):
+        if args.json:
+            print(json.dumps({"text": text, "label": prediction.label, "probabilities": prediction.probabilities}))
+        else:
+            print(prediction.label)
+
+
+def cmd_finetune_classify(args: argparse.Namespace) -> int:
+    """Finetune a model into a text classifier; prints the final accuracies and the checkpoint."""
+    from .finetune import ClassifyConfig, finetune_classify
+
+    result = finetune_classify(**_config_options(args, ClassifyConfig))
+    accuracies = ", ".join(f"{name} accuracy {value * 100:.2f}%" for name, value in
+                           (("train", result.train_accuracy), ("val", result.val_accuracy),
+                            ("test", result.test_accuracy)) if value is not None)
+    print(f"{'stopped' if result.interrupted else 'done'} after {result.steps} steps; {accuracies}; "
+          f"labels {', '.join(result.labels)}; checkpoint: {result.checkpoint}")
+    return 130 if result.interrupted else 0
+
+
 def cmd_finetune_instruct(args: argparse.Namespace) -> int:
     """Teach a model to follow instructions; prints the last losses, the checkpoint and the responses."""
     from .finetune import InstructConfig, finetune_instruct
 
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(InstructConfig)
-               if getattr(args, f.name, None) is not None}
-    result = finetune_instruct(**options)
+    result = finetune_instruct(**_config_options(args, InstructConfig))
     losses = ", ".join(f"{name} loss {value:.3f}" for name, value in
                        (("train", result.train_loss), ("val", result.val_loss)) if value is not None)
     responses = f"; test responses: {result.responses}" if result.responses else ""
@@ -203,10 +236,16 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
 
 
 def _add_finetune_parser(verbs: argparse._SubParsersAction) -> None:
-    from .finetune import InstructConfig
+    from .finetune import ClassifyConfig, InstructConfig
 
-    ft = verbs.add_parser("finetune", help="adapt a model to a task (instruct)")
+    ft = verbs.add_parser("finetune", help="adapt a model to a task (classify, instruct)")
     tasks = ft.add_subparsers(dest="task", required=True, metavar="TASK")
+    clf = tasks.add_parser(
+        "classify", help="text classification (the book's chapter 6)",
+        description="Finetune a model to classify texts from CSV/JSONL records with a text and a label "
+                    "column. Defaults are the book's recipe, except --pool last-real (see docs/finetuning.md).")
+    add_flags(clf, ClassifyConfig)
+    clf.set_defaults(func=cmd_finetune_classify)
     ins = tasks.add_parser(
         "instruct", help="instruction following (the book's chapter 7)",
         description="Finetune a model to follow instructions from Alpaca-style JSON/JSONL records "
@@ -243,8 +282,10 @@ def _add_judge_parser(verbs: argparse._SubParsersAction) -> None:
     jd.add_argument("--key", default="model_response", help="the field holding the response (default: model_response)")
     jd.add_argument("--out", default=None, metavar="FILE",
                     help="scores as JSONL, written as they arrive (default: DATA-scores.jsonl beside the data)")
-    jd.add_argument("--timeout", type=flag_type("float", "--timeout", {"minimum": 0}), default=60.0, help="seconds per request (default: 60)")
-    jd.add_argument("--max-tokens", type=flag_type("int", "--max-tokens", {"minimum": 1}), default=None, help="cap the judge's reply (default: none sent)")
+    jd.add_argument("--timeout", type=flag_type("float", "--timeout", {"minimum": 0}), default=60.0,
+                    help="seconds per request (default: 60)")
+    jd.add_argument("--max-tokens", type=flag_type("int", "--max-tokens", {"minimum": 1}), default=None,
+                    help="cap the judge's reply (default: none sent)")
     jd.add_argument("--skip-invalid", action="store_true",
                     help="a reply that is not an integer 0-100 is recorded as null and skipped, as the book "
                          "does (default: stop there)")
@@ -315,6 +356,8 @@ def _add_convert_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentP
     conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
     conv.add_argument("--out", required=True, metavar="DIR", help="output directory (an existing checkpoint there is replaced atomically; other contents are refused)")
     conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
+    conv.add_argument("--merge-lora", action="store_true",
+                      help="add a LoRA checkpoint's adapters into its base's weights: a plain checkpoint")
     conv.set_defaults(func=cmd_convert)
     return conv
 
@@ -327,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
         add(verbs).add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
     _add_train_parser(verbs)
     _add_finetune_parser(verbs)
+    cls = verbs.add_parser("classify", help="predict labels with a classifier (from `finetune classify`)")
+    cls.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
+    cls.add_argument("--model", required=True, help="classifier checkpoint directory (OUT/checkpoint)")
+    cls.add_argument("--json", action="store_true", help="one JSON object per text, with every label's probability")
+    cls.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    cls.set_defaults(func=cmd_classify)
     _add_judge_parser(verbs)
     return parser
 

@@ -1,10 +1,20 @@
-"""Finetuning verbs on the training phases of `train.py` (start_run, train_step, evaluate_and_log):
-`finetune_instruct` (the book's chapter 7, `gptforge finetune instruct`).
+"""Finetuning verbs on the training phases of `train.py` (start_run, train_step, evaluate_and_log),
+each the book's recipe by default, with LoRA (appendix E) as an option:
 
-The book's chapter-7 recipe, which the defaults follow: every parameter trains, AdamW (lr 5e-5,
-weight decay 0.1 on every parameter, torch's default betas), no clipping, no schedule, 2 epochs of
-batches of 8 drawn like the book's DataLoader(shuffle=True, drop_last=True), padded by its
-`custom_collate_fn`; train/val loss every 5 steps over 5 batches, as its `train_model_simple`.
+- `finetune_classify` (chapter 6, `gptforge finetune classify`): texts padded with 50256 to the
+  longest training text, a new head Linear(emb_dim, num_classes) created right after
+  `torch.manual_seed(seed)`, only the last transformer block, the final norm and the head
+  trainable, 5 epochs; train/val loss every `eval_every` steps over `eval_batches` batches and
+  accuracy after each epoch. One improvement is the default: `pool="last-real"` reads the last real
+  token (Hugging Face's GPT2ForSequenceClassification) where the book reads the last position even
+  when it is padding; `pool="last"` is the book's, exactly.
+- `finetune_instruct` (chapter 7, `gptforge finetune instruct`): Alpaca-style records batched by
+  the book's `custom_collate_fn`, every parameter trainable, 2 epochs, train/val loss every 5 steps
+  over 5 batches, a greedy sample after each epoch, test responses written at the end.
+
+Both: AdamW (lr 5e-5, weight decay 0.1 on every trainable parameter, torch's default betas), no
+clipping, no schedule, batches of 8 drawn like the book's DataLoader(shuffle=True, drop_last=True),
+through one loop (`book_loop`, the book's train_model_simple / train_classifier_simple).
 """
 
 from __future__ import annotations
@@ -19,16 +29,23 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint
+from .classifier import (
+    EncodedTexts, classification_loss, encode_texts, label_ids, label_names, loader_accuracy,
+    loader_metrics, padded_length, read_labeled, to_classifier,
+)
+from .config import POOLS, GPTConfig
 from .data import Loader
 from .errors import GptforgeError
 from .instruct import ALPACA, RESPONSE_KEY, InstructionData, read_records, respond, with_responses
 from .io import atomic_write_bytes
+from .lora import ALL_TARGETS, DEFAULT_SCALING, SCALINGS, apply_lora, check_lora_options, count_trainable
 from .options import check_fields, option
 from .runtime import StopRequest, autocast_context
 from .tokenizer import get_tokenizer
 from .train import CHECKPOINT_DIR, EvalFn, LossFn, Run, evaluate_and_log, lm_loss, start_run, train_step
 from .train_config import TrainConfig
 
+TRAINABLE = ("last-block", "all", "lora")
 RESPONSES_FILE = "test-responses.json"  # the book's instruction-data-with-response.json
 
 
@@ -70,33 +87,32 @@ def loader_loss(run: Run, loader: Loader, num_batches: int | None = None) -> flo
     return total / n
 
 
-# --------------------------------------------------------------------------- instruction following (chapter 7)
+# --------------------------------------------------------------------------- options every verb shares
 
 @dataclasses.dataclass
-class InstructConfig:
-    """An instruction finetuning run (the book's chapter 7); the flags of `gptforge finetune instruct`."""
+class FinetuneOptions:
+    """The options every finetuning verb shares: the model, what trains, the book's optimizer and
+    loop. Each verb's config adds its data options and may change a default (trainable, epochs...)."""
 
-    data: str | None = option(None, "training records: a JSON list or JSONL of {instruction, input, output}")
-    val: str | None = option(None, "validation records (loss every --eval-every steps)")
-    test: str | None = option(None, "test records: greedy responses go to OUT/test-responses.json")
-    test_fraction: float = option(0.0, "hold back this share of --data as test records (the book: 0.1)",
-                                  minimum=0, maximum=0.9)
-    val_fraction: float = option(0.0, "hold back this share of --data as validation records (the book: 0.05)",
-                                 minimum=0, maximum=0.9)
     model: str | None = option(None, "the model to adapt: preset, checkpoint, HF directory or hub id")
-    out: str = option("runs/instruct", "output folder: checkpoint/, metrics.jsonl, loss.png, test-responses.json")
-    mask_prompt: bool = option(False, "leave the instruction and input out of the loss (the book's exercise 7.2)")
-    max_length: int | None = option(None, "cut every record to this many tokens (the book's allowed_max_length; "
-                                    "default: each must fit the context)", minimum=1)
-    epochs: int = option(2, "passes over the training records (the book: 2)", minimum=1)
+    out: str = option("runs/finetune", "output folder: checkpoint/, metrics.jsonl, loss.png")
+    trainable: str = option("all", "what trains: all, or lora (adapters only)", choices=("all", "lora"))
+    lora_rank: int | None = option(None, "LoRA rank (implies --trainable lora; default 16 with it, the book's)",
+                                   minimum=1)
+    lora_alpha: float = option(16.0, "LoRA alpha (the book's 16)")
+    lora_scaling: str = option(DEFAULT_SCALING, "book (update x alpha, appendix E) or peft (x alpha/rank)",
+                               choices=SCALINGS)
+    lora_targets: str = option(ALL_TARGETS, "Linear layers that get adapters: all (the book, head "
+                               "included) or names, e.g. W_query,W_value")
+    epochs: int = option(1, "passes over the training records", minimum=1)
     batch_size: int = option(8, "records per step", minimum=1)
     lr: float = option(5e-5, "AdamW learning rate (constant)", above=0)
     weight_decay: float = option(0.1, "AdamW weight decay, on every trainable parameter (the book)", minimum=0)
     eval_every: int = option(5, "train/val loss every this many steps (0: never)", minimum=0)
     eval_batches: int | None = option(5, "batches per estimate (0: all)", minimum=0)
-    max_new_tokens: int = option(256, "tokens per test response at most (the book: 256)", minimum=1)
-    drop_rate: float = option(0.0, "dropout while finetuning (the book's chapter 7 uses 0)", minimum=0, maximum=0.99)
-    seed: int = option(123, "torch seed: batch order, dropout", minimum=0)
+    drop_rate: float = option(0.0, "dropout while finetuning (the book's chapters 6 and 7 use 0)", minimum=0,
+                              maximum=0.99)
+    seed: int = option(123, "torch seed: new weights (head, LoRA matrices), batch order, dropout", minimum=0)
     precision: str = option("fp32", "fp32 (exact to the book), auto or bf16 autocast",
                             choices=("auto", "bf16", "fp32"))
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
@@ -109,16 +125,216 @@ class InstructConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise GptforgeError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                     f"got {getattr(self, f.name)!r}")
+        default = next(f.default for f in dataclasses.fields(self) if f.name == "trainable")
+        if self.lora_rank is not None:
+            if self.trainable not in ("lora", default):
+                raise GptforgeError(f"--lora-rank trains adapters only; it cannot go with --trainable {self.trainable}")
+            self.trainable = "lora"
+        if self.trainable == "lora":
+            self.lora_rank = self.lora_rank or 16
+            check_lora_options(self.lora_rank, self.lora_alpha, self.lora_scaling)
 
     def train_config(self) -> TrainConfig:
         """The TrainConfig the phases run with: the book's optimizer and loop settings."""
         return TrainConfig(
-            data=self.data, model=self.model or "", out=self.out, seed=self.seed, epochs=self.epochs,
-            batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, schedule="constant",
-            decay="all", beta1=0.9, beta2=0.999, grad_clip=0.0, eval_every=self.eval_every,
+            data=getattr(self, "data", None), model=self.model or "", out=self.out, seed=self.seed,
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            schedule="constant", decay="all", beta1=0.9, beta2=0.999, grad_clip=0.0, eval_every=self.eval_every,
             eval_batches=self.eval_batches, sample_tokens=0, checkpoint_every=0, precision=self.precision,
             device=self.device, data_order="book", progress=self.progress,
         )
+
+
+def model_config(cfg: FinetuneOptions) -> GPTConfig:
+    """The config of the model to adapt (read before its weights, so bad data fails fast); GPT-2's
+    vocabulary required."""
+    if not cfg.model:
+        raise GptforgeError("no model to finetune: pass --model (a preset, checkpoint, HF directory or hub id)")
+    model_cfg = checkpoint.load_config(cfg.model)
+    if model_cfg.vocab_size < get_tokenizer().vocab_size:
+        raise GptforgeError(f"{cfg.model} has vocab_size {model_cfg.vocab_size}, fewer than GPT-2's "
+                            f"{get_tokenizer().vocab_size} token ids; finetune a GPT-2-vocabulary model")
+    return model_cfg
+
+
+def load_for_finetuning(cfg: FinetuneOptions) -> nn.Module:
+    """The model to adapt, as fp32 master weights (--precision sets the compute):
+    `torch.manual_seed(seed)` first (a preset's random weights); dropout set to cfg.drop_rate; with
+    LoRA, `model.lora_base` names the base (a preset fails here, before loading)."""
+    base = checkpoint.adapter.base_reference(cfg.model) if cfg.trainable == "lora" else None
+    torch.manual_seed(cfg.seed)
+    model = checkpoint.load(cfg.model, dtype=torch.float32)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = cfg.drop_rate
+    model.cfg = model.cfg.replace(drop_rate=cfg.drop_rate)
+    if base is not None:
+        model.lora_base = base  # what the adapter checkpoint names as its base
+    return model
+
+
+# --------------------------------------------------------------------------- classification (chapter 6)
+
+@dataclasses.dataclass
+class ClassifyConfig(FinetuneOptions):
+    """A classification finetuning run; the flags of `gptforge finetune classify`."""
+
+    data: str | None = option(None, "training records: CSV, TSV, JSONL or JSON with a text and a label column")
+    val: str | None = option(None, "validation records (same columns)")
+    test: str | None = option(None, "test records, scored once at the end")
+    out: str = option("runs/classifier", "output folder: checkpoint/, metrics.jsonl, loss.png")
+    text_column: str = option("text", "the column holding the texts")
+    label_column: str = option("label", "the column holding the labels (any strings)")
+    max_length: int | None = option(None, "pad/cut every text to this many tokens (default: the longest "
+                                    "training text, which must fit the context)")
+    pool: str = option("last-real", "which position classifies: last-real (the last real token, as "
+                       "Hugging Face) or last (the last position, padding or not: the book)", choices=POOLS)
+    trainable: str = option("last-block", "what trains: last-block (last block, final norm, head: the "
+                            "book), all, or lora (adapters only)", choices=TRAINABLE)
+    epochs: int = option(5, "passes over the training records", minimum=1)
+    eval_every: int = option(50, "train/val loss and accuracy every this many steps (0: never)", minimum=0)
+
+
+@dataclasses.dataclass
+class ClassifyResult:
+    """What a classification run did: the final accuracies over all records (None without the
+    file), the evaluation records and the saved checkpoint."""
+
+    checkpoint: Path
+    labels: tuple[str, ...]
+    steps: int
+    train_accuracy: float
+    val_accuracy: float | None
+    test_accuracy: float | None
+    trainable_parameters: int
+    total_parameters: int
+    history: list[dict[str, Any]]
+    interrupted: bool = False
+
+
+@dataclasses.dataclass
+class _Splits:
+    train: Loader
+    val: Loader | None
+    test: Loader | None
+    labels: tuple[str, ...]
+    length: int
+
+
+def _read_splits(cfg: ClassifyConfig, context_length: int) -> _Splits:
+    """The three files as the book's loaders: train shuffled (drop_last), val/test in order."""
+    if not cfg.data:
+        raise GptforgeError("no training data: pass --data FILE (CSV/JSONL with text and label columns)")
+    train = read_labeled(cfg.data, cfg.text_column, cfg.label_column)
+    names = label_names(train.labels)
+    length = padded_length(train.texts, cfg.max_length, context_length, cfg.data)
+
+    def encoded(path: str | None, labelled=None) -> EncodedTexts | None:
+        if path is None:
+            return None
+        records = labelled or read_labeled(path, cfg.text_column, cfg.label_column)
+        return encode_texts(records.texts, length, label_ids(records, names))
+
+    return _Splits(
+        train=Loader(encoded(cfg.data, train), cfg.batch_size, shuffle=True, drop_last=True),
+        val=_maybe(encoded(cfg.val), cfg.batch_size), test=_maybe(encoded(cfg.test), cfg.batch_size),
+        labels=names, length=length)
+
+
+def _maybe(data: EncodedTexts | None, batch_size: int) -> Loader | None:
+    return Loader(data, batch_size) if data is not None else None
+
+
+def prepare_classifier(model: nn.Module, cfg: ClassifyConfig, labels: tuple[str, ...], length: int) -> nn.Module:
+    """The book's steps, in its order: freeze everything, seed, new head, then unfreeze what trains
+    (last block + final norm; everything; or LoRA adapters on the targets, the head's included)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    to_classifier(model, labels, cfg.pool, length)
+    if cfg.trainable == "all":
+        model.requires_grad_(True)
+    elif cfg.trainable == "last-block":
+        model.trf_blocks[-1].requires_grad_(True)
+        model.final_norm.requires_grad_(True)
+    else:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_scaling)
+    return model
+
+
+def _evaluator(splits: _Splits, batches: int | None) -> Callable[[Run], dict[str, Any]]:
+    """Train/val loss and accuracy over `batches` batches, one pass per loader (so the global RNG
+    is drawn as by the book's evaluate_model)."""
+    def evaluate(run: Run) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        for name, loader in (("train", splits.train), ("val", splits.val)):
+            if loader is not None:
+                metrics[f"{name}_loss"], metrics[f"{name}_acc"] = loader_metrics(run.raw_model, loader, batches)
+        return metrics
+    return evaluate
+
+
+def _epoch_accuracy(splits: _Splits, batches: int | None) -> Callable[[Run], dict[str, Any]]:
+    """Accuracy after an epoch, as the book's train_classifier_simple computes it."""
+    def evaluate(run: Run) -> dict[str, Any]:
+        metrics = {"epoch_train_acc": loader_accuracy(run.raw_model, splits.train, batches)}
+        if splits.val is not None:
+            metrics["epoch_val_acc"] = loader_accuracy(run.raw_model, splits.val, batches)
+        return metrics
+    return evaluate
+
+
+def finetune_classify(config: ClassifyConfig | None = None, /, **options: Any) -> ClassifyResult:
+    """Adapt a GPT model to classify texts; the Python twin of `gptforge finetune classify`.
+
+    `finetune_classify(data="train.csv", val="val.csv", model="gpt2", out="runs/spam")`; options
+    are ClassifyConfig's fields. Writes OUT/checkpoint (a classifier checkpoint; with LoRA, an
+    adapter checkpoint naming its base), OUT/metrics.jsonl and OUT/loss.png."""
+    cfg = dataclasses.replace(config, **options) if config is not None else ClassifyConfig(**options)
+    splits = _read_splits(cfg, model_config(cfg).context_length)
+    model = load_for_finetuning(cfg)
+    prepare_classifier(model, cfg, splits.labels, splits.length)
+    trainable, total = count_trainable(model)
+    tcfg = cfg.train_config()
+    torch.manual_seed(cfg.seed)  # the book reseeds before its optimizer and loop
+    with StopRequest() as stop:
+        run = start_run(tcfg, model, cfg.epochs * len(splits.train), stop=stop)
+        run.progress.write(f"trainable parameters: {trainable:,} of {total:,} ({cfg.trainable})")
+        history = book_loop(run, splits.train, classification_loss, _evaluator(splits, cfg.eval_batches),
+                            cfg.eval_every, cfg.epochs, _epoch_accuracy(splits, cfg.eval_batches))
+    run.progress.close()
+    model = run.raw_model.eval()
+    final = {"train": loader_accuracy(model, splits.train)}
+    for name in ("val", "test"):
+        loader = getattr(splits, name)
+        final[name] = loader_accuracy(model, loader) if loader is not None else None
+    ckpt = checkpoint.save(model, run.out / CHECKPOINT_DIR)
+    run.metrics.log({"kind": "final", "step": run.step, **{f"{k}_acc": v for k, v in final.items()}})
+    return ClassifyResult(ckpt, splits.labels, run.step, final["train"], final["val"], final["test"],
+                          trainable, total, history, run.interrupted)
+
+
+# --------------------------------------------------------------------------- instruction following (chapter 7)
+
+@dataclasses.dataclass
+class InstructConfig(FinetuneOptions):
+    """An instruction finetuning run (the book's chapter 7); the flags of `gptforge finetune instruct`."""
+
+    data: str | None = option(None, "training records: a JSON list or JSONL of {instruction, input, output}")
+    val: str | None = option(None, "validation records (loss every --eval-every steps)")
+    test: str | None = option(None, "test records: greedy responses go to OUT/test-responses.json")
+    test_fraction: float = option(0.0, "hold back this share of --data as test records (the book: 0.1)",
+                                  minimum=0, maximum=0.9)
+    val_fraction: float = option(0.0, "hold back this share of --data as validation records (the book: 0.05)",
+                                 minimum=0, maximum=0.9)
+    out: str = option("runs/instruct", "output folder: checkpoint/, metrics.jsonl, loss.png, test-responses.json")
+    mask_prompt: bool = option(False, "leave the instruction and input out of the loss (the book's exercise 7.2)")
+    max_length: int | None = option(None, "cut every record to this many tokens (the book's allowed_max_length; "
+                                    "default: each must fit the context)", minimum=1)
+    max_new_tokens: int = option(256, "tokens per test response at most (the book: 256)", minimum=1)
+    trainable: str = option("all", "what trains: all (the book), or lora (adapters only)", choices=("all", "lora"))
+    epochs: int = option(2, "passes over the training records (the book: 2)", minimum=1)
 
 
 @dataclasses.dataclass
@@ -153,7 +369,7 @@ def _split_records(cfg: InstructConfig) -> tuple[list[dict], list[dict] | None, 
     return train, val, test
 
 
-def _evaluator(cfg: InstructConfig, train: Loader, val: Loader | None) -> EvalFn:
+def _loss_evaluator(cfg: InstructConfig, train: Loader, val: Loader | None) -> EvalFn:
     """Train and validation loss over eval_batches batches: the book's `evaluate_model`."""
     def evaluate(run: Run) -> dict[str, Any]:
         metrics = {"train_loss": loader_loss(run, train, cfg.eval_batches or None)}
@@ -170,22 +386,6 @@ def _sampler(record: dict[str, str]) -> EvalFn:
     return sample
 
 
-def load_for_finetuning(name: str, seed: int, drop_rate: float) -> nn.Module:
-    """The model to adapt: GPT-2's vocabulary required, fp32 master weights (--precision sets the
-    compute), `torch.manual_seed(seed)` first (a preset's random weights), dropout set."""
-    model_cfg = checkpoint.load_config(name)
-    if model_cfg.vocab_size < get_tokenizer().vocab_size:
-        raise GptforgeError(f"{name} has vocab_size {model_cfg.vocab_size}, fewer than GPT-2's "
-                            f"{get_tokenizer().vocab_size} token ids; finetune a GPT-2-vocabulary model")
-    torch.manual_seed(seed)
-    model = checkpoint.load(name, dtype=torch.float32)
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = drop_rate
-    model.cfg = model.cfg.replace(drop_rate=drop_rate)
-    return model
-
-
 def finetune_instruct(config: InstructConfig | None = None, /, **options: Any) -> InstructResult:
     """Teach a GPT model to follow instructions; the Python twin of `gptforge finetune instruct`.
 
@@ -194,10 +394,8 @@ def finetune_instruct(config: InstructConfig | None = None, /, **options: Any) -
     Alpaca prompt template in its config), OUT/metrics.jsonl, OUT/loss.png and, with test records,
     OUT/test-responses.json (each record with its greedy `model_response`, as the book's)."""
     cfg = dataclasses.replace(config, **options) if config is not None else InstructConfig(**options)
-    if not cfg.model:
-        raise GptforgeError("no model to finetune: pass --model (a preset, checkpoint, HF directory or hub id)")
+    context = model_config(cfg).context_length
     train, val, test = _split_records(cfg)
-    context = checkpoint.load_config(cfg.model).context_length
 
     def data(records: Sequence[dict] | None, source: str) -> InstructionData | None:
         return None if records is None else InstructionData(
@@ -209,12 +407,17 @@ def finetune_instruct(config: InstructConfig | None = None, /, **options: Any) -
         raise GptforgeError(f"{len(train)} training records are fewer than one batch of {cfg.batch_size}; "
                             "lower --batch-size or add records")
     val_loader = Loader(val_data, cfg.batch_size) if val_data is not None else None
-    model = load_for_finetuning(cfg.model, cfg.seed, cfg.drop_rate)
+    model = load_for_finetuning(cfg)
     model.cfg = model.cfg.replace(prompt_template=ALPACA)
+    if cfg.trainable == "lora":  # as appendix E: seed, then the adapters (apply_lora freezes the rest)
+        torch.manual_seed(cfg.seed)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_scaling)
+    trainable, total = count_trainable(model)
     torch.manual_seed(cfg.seed)  # the book reseeds before its optimizer and loop
     with StopRequest() as stop:
         run = start_run(cfg.train_config(), model, cfg.epochs * len(loader), stop=stop)
-        history = book_loop(run, loader, lm_loss, _evaluator(cfg, loader, val_loader), cfg.eval_every,
+        run.progress.write(f"trainable parameters: {trainable:,} of {total:,} ({cfg.trainable})")
+        history = book_loop(run, loader, lm_loss, _loss_evaluator(cfg, loader, val_loader), cfg.eval_every,
                             cfg.epochs, _sampler((val or train)[0]))
     run.progress.close()
     model = run.raw_model.eval()

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "instruct-sample.json"
 CFG = {"vocab_size": 50257, "context_length": 256, "emb_dim": 384, "n_heads": 6, "n_layers": 6,
        "drop_rate": 0.0, "qkv_bias": False}
-REPEAT = 8  # the 30 sample records, 8 times: 240 records, 30 steps of 8 per epoch
+REPEAT = 8  # the 30 sample records, 8 times: 240 records, enough for 30 steps of 8
 
 
 def records() -> list[dict]:
@@ -82,10 +82,10 @@ def gptforge_side(tmp: Path, steps: int, batch_size: int, lora_rank: int) -> flo
     from gptforge.finetune import finetune_instruct
 
     data = tmp / "train.json"
-    data.write_text(json.dumps(records()))
+    data.write_text(json.dumps(records()[:(steps + 2) * batch_size]))  # one epoch of steps + 2 batches
     lora = {"lora_rank": lora_rank} if lora_rank else {}
     finetune_instruct(data=str(data), model=str(base_model(tmp)), out=str(tmp / "run"), batch_size=batch_size,
-                      epochs=1, max_steps=steps + 2, eval_every=0, max_length=256, progress=False, device="cpu",
+                      epochs=1, eval_every=0, max_length=256, progress=False, device="cpu",
                       **lora)
     rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]

@@ -5,6 +5,7 @@ functions, train/TrainConfig, prepare_for_inference and the tokenizer. Helpers s
 from their modules (`gptforge.generation.left_pad`, `gptforge.checkpoint.detect_format`, ...)."""
 
 from .checkpoint import load, load_training_state, save
+from .classifier import classify
 from .config import PRESETS, GPTConfig, preset
 from .errors import GptforgeError
 from .generation import (
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GELU", "FeedForward", "GPTConfig", "GPTModel", "GenerationConfig", "GptforgeError", "KVCache",
     "LayerNorm", "MultiHeadAttention", "PRESETS", "ParameterCounts", "TextStream", "Tokenizer",
-    "TrainConfig", "TransformerBlock", "count_parameters", "generate", "generate_text", "generate_text_simple",
+    "TrainConfig", "TransformerBlock", "classify", "count_parameters", "generate", "generate_text", "generate_text_simple",
     "get_tokenizer", "left_pad", "load", "load_training_state", "next_tokens", "prepare_for_inference",
     "preset", "save", "stream_text", "train",
 ]

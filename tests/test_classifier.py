@@ -140,3 +140,29 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_config):
         classify(model, ["text"])
     with pytest.raises(GptforgeError, match="at least two"):
         label_names(["a", "a"])
+
+
+def test_classifier_checkpoint_loads_converts_and_checks_its_sums(tiny_config, tmp_path, capsys):
+    from gptforge.checkpoint import load, save
+    from gptforge.cli import main
+
+    torch.manual_seed(0)
+    model = to_classifier(GPTModel(tiny_config(vocab_size=50257)).eval(), ["neg", "neu", "pos"], max_length=9)
+    save(model, tmp_path / "clf")
+    assert main(["convert", str(tmp_path / "clf"), "--to", "gptforge", "--out", str(tmp_path / "copy")]) == 0
+    assert main(["info", str(tmp_path / "copy")]) == 0
+    assert "output head" in capsys.readouterr().out
+    x = torch.randint(0, 50257, (2, 9))
+    copy = load(tmp_path / "copy")
+    assert copy.cfg.classifier == model.cfg.classifier
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), model(x), atol=0, rtol=0)
+    assert [p.label for p in classify(copy, ["one", "two"])] == [p.label for p in classify(model, ["one", "two"])]
+    weights = tmp_path / "copy" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(GptforgeError, match="fails its checksum"):
+        load(tmp_path / "copy")
+    assert main(["convert", str(tmp_path / "clf"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "GPT2ForSequenceClassification" in capsys.readouterr().err

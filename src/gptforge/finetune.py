@@ -226,6 +226,9 @@ def _read_splits(cfg: ClassifyConfig, context_length: int) -> _Splits:
     if not cfg.data:
         raise GptforgeError("no training data: pass --data FILE (CSV/JSONL with text and label columns)")
     train = read_labeled(cfg.data, cfg.text_column, cfg.label_column)
+    if len(train.texts) < cfg.batch_size:  # drop_last would leave no batch at all
+        raise GptforgeError(f"{cfg.data} has {len(train.texts)} records, fewer than one batch of {cfg.batch_size}; "
+                            "lower --batch-size or add records")
     names = label_names(train.labels)
     length = padded_length(train.texts, cfg.max_length, context_length, cfg.data)
 
@@ -311,6 +314,7 @@ def finetune_classify(config: ClassifyConfig | None = None, /, **options: Any) -
         final[name] = loader_accuracy(model, loader) if loader is not None else None
     ckpt = checkpoint.save(model, run.out / CHECKPOINT_DIR)
     run.metrics.log({"kind": "final", "step": run.step, **{f"{k}_acc": v for k, v in final.items()}})
+    run.metrics.plot(force=True)
     return ClassifyResult(ckpt, splits.labels, run.step, final["train"], final["val"], final["test"],
                           trainable, total, history, run.interrupted)
 

@@ -78,7 +78,7 @@ def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys):
     long = tmp_path / "long.csv"
     long.write_text("text,label\n" + "word " * 40 + ",a\nshort,b\n")
     assert "--max-length" in _error(run + ["--data", str(long)], capsys)
-    assert main(run + ["--data", str(long), "--max-length", "16", "--epochs", "1"]) == 0  # cut to fit: fine
+    assert main(run + ["--data", str(long), "--max-length", "16", "--epochs", "1", "--batch-size", "2"]) == 0  # cut to fit
     capsys.readouterr()
     assert "not a classifier" in _error(["classify", "--model", base, "text"], capsys)
     assert "empty" in _error(["classify", "--model", str(tmp_path / "run" / "checkpoint"), " "], capsys)

@@ -177,14 +177,6 @@ class InstructionData:
         return int((self.batch(list(indices))[1] != IGNORE_INDEX).sum())
 
 
-def instruction_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The book's `calc_loss_batch`: mean cross-entropy over the targets that are not -100 (the
-    model's fused loss leaves them out, as F.cross_entropy does)."""
-    inputs, targets = batch
-    device = next(model.parameters()).device
-    return model(inputs.to(device), targets=targets.to(device))
-
-
 # --------------------------------------------------------------------------- responses
 
 def respond(model: nn.Module, records: Sequence[Mapping[str, str]], *, template: PromptTemplate = ALPACA,

@@ -240,18 +240,18 @@ def _add_finetune_parser(verbs: argparse._SubParsersAction) -> None:
 
     ft = verbs.add_parser("finetune", help="adapt a model to a task (classify, instruct)")
     tasks = ft.add_subparsers(dest="task", required=True, metavar="TASK")
-    clf = tasks.add_parser(
-        "classify", help="text classification (the book's chapter 6)",
-        description="Finetune a model to classify texts from CSV/JSONL records with a text and a label "
-                    "column. Defaults are the book's recipe, except --pool last-real (see docs/finetuning.md).")
-    add_flags(clf, ClassifyConfig)
-    clf.set_defaults(func=cmd_finetune_classify)
-    ins = tasks.add_parser(
-        "instruct", help="instruction following (the book's chapter 7)",
-        description="Finetune a model to follow instructions from Alpaca-style JSON/JSONL records "
-                    "(instruction, input, output). Defaults are the book's recipe (see docs/instruct.md).")
-    add_flags(ins, InstructConfig)
-    ins.set_defaults(func=cmd_finetune_instruct)
+    tasks_table = (
+        ("classify", ClassifyConfig, cmd_finetune_classify, "text classification (the book's chapter 6)",
+         "Finetune a model to classify texts from CSV/JSONL records with a text and a label column. "
+         "Defaults are the book's recipe, except --pool last-real (see docs/finetuning.md)."),
+        ("instruct", InstructConfig, cmd_finetune_instruct, "instruction following (the book's chapter 7)",
+         "Finetune a model to follow instructions from Alpaca-style JSON/JSONL records (instruction, "
+         "input, output). Defaults are the book's recipe (see docs/instruct.md)."),
+    )
+    for task, config, func, help, description in tasks_table:
+        sub = tasks.add_parser(task, help=help, description=description)
+        add_flags(sub, config)
+        sub.set_defaults(func=func)
 
 
 def cmd_judge(args: argparse.Namespace) -> None:

@@ -226,11 +226,11 @@ def _read_splits(cfg: ClassifyConfig, context_length: int) -> _Splits:
     if not cfg.data:
         raise GptforgeError("no training data: pass --data FILE (CSV/JSONL with text and label columns)")
     train = read_labeled(cfg.data, cfg.text_column, cfg.label_column)
-    names = label_names(train.labels)
-    length = padded_length(train.texts, cfg.max_length, context_length, cfg.data)
     if len(train.texts) < cfg.batch_size:  # drop_last would leave no batch at all
         raise GptforgeError(f"{cfg.data} has {len(train.texts)} records, fewer than one batch of {cfg.batch_size}; "
                             "lower --batch-size or add records")
+    names = label_names(train.labels)
+    length = padded_length(train.texts, cfg.max_length, context_length, cfg.data)
 
     def encoded(path: str | None, labelled=None) -> EncodedTexts | None:
         if path is None:

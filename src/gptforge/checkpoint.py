@@ -781,7 +781,7 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def detect_format(path: str | Path) -> str:
-    """'gptforge', 'hf' or 'book' for an existing checkpoint path; ValueError otherwise."""
+    """'gptforge', 'hf', 'gguf' or 'book' for an existing checkpoint path; ValueError otherwise."""
     path = Path(path)
     if path.is_dir():
         config = path / CONFIG_FILE
@@ -796,7 +796,9 @@ def detect_format(path: str | Path) -> str:
         raise GptforgeError(f"{config} is neither a gptforge config (\"format\": \"gptforge\") nor a "
                          f"Hugging Face GPT-2 config (\"model_type\": \"gpt2\")")
     if path.is_file():
-        return "book"
+        from .gguf_format import is_gguf
+
+        return "gguf" if is_gguf(path) else "book"
     raise FileNotFoundError(f"{path} does not exist")
 
 
@@ -883,6 +885,10 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
         model = _load_gptforge(path, dtype)
     elif fmt == "hf":
         model = _load_hf(path, dtype)
+    elif fmt == "gguf":
+        from .gguf_format import load_gguf
+
+        model = load_gguf(path, dtype)
     else:
         model = _load_book(path, dtype, config)
     model.to(device=device, dtype=dtype)
@@ -900,4 +906,8 @@ def load_config(name_or_path: str | Path,
         return _read_gptforge_meta(path)[1]
     if fmt == "hf":
         return config_from_hf(_read_json(path / CONFIG_FILE), str(path / CONFIG_FILE))
+    if fmt == "gguf":
+        from .gguf_format import load_gguf_config
+
+        return load_gguf_config(path)
     return _book_config(_book_state(path), str(path), config)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import GptforgeError
+from .gguf_format import GGUF_TYPES
 
 # A small GPT-2-tokenizer model trained on Tiny Shakespeare, shipped in gptforge/assets (see README).
 DEFAULT_MODEL = "gptforge-shakespeare"
@@ -31,7 +32,7 @@ def _format_count(n: int) -> str:
     return f"{n:,}"
 
 
-MODEL_HELP = ("preset (e.g. gpt2-124m, book-124m), checkpoint (gptforge or Hugging Face directory, book "
+MODEL_HELP = ("preset (e.g. gpt2-124m, book-124m), checkpoint (gptforge or Hugging Face directory, GGUF file, book "
               "state dict .pth) or Hugging Face hub id (e.g. gpt2, openai-community/gpt2-medium)")
 CONFIG_HELP = ("GPTConfig JSON (the book's config keys) for a book state dict whose width is not one of "
                "GPT-2's four (its number of heads is not in the tensors)")
@@ -131,13 +132,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    """Read a checkpoint in any format and write it as a gptforge or Hugging Face directory."""
+    """Read a checkpoint in any format and write it as a gptforge or Hugging Face directory, or as
+    one GGUF file (llama.cpp's format, weights in --gguf-type)."""
     from .checkpoint import load, save
+    from .gguf_format import save_gguf
 
+    if args.gguf_type is not None and args.to != "gguf":
+        raise GptforgeError("--gguf-type is for --to gguf; the other formats keep the weights' dtype (see --dtype)")
     model = load(args.src, dtype=DTYPES[args.dtype] if args.dtype else None, config=_book_config_arg(args))
-    out = save(model, args.out, format=args.to)
-    print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, "
-          f"{str(model.tok_emb.weight.dtype).removeprefix('torch.')})")
+    if args.to == "gguf":
+        out = save_gguf(model, args.out, args.gguf_type or "f32")
+        kind = (args.gguf_type or "f32").upper()
+    else:
+        out = save(model, args.out, format=args.to)
+        kind = str(model.tok_emb.weight.dtype).removeprefix("torch.")
+    print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, {kind})")
 
 
 def _positive_int(text: str) -> int:
@@ -297,10 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds in-flight requests may still run after SIGTERM (default: 10)")
     srv.set_defaults(func=cmd_serve)
 
-    conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge or Hugging Face format")
-    conv.add_argument("src", metavar="SRC", help="checkpoint directory, book state dict file or hub id")
-    conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
-    conv.add_argument("--out", required=True, metavar="DIR", help="output directory (an existing checkpoint there is replaced atomically; other contents are refused)")
+    conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge, Hugging Face or GGUF format")
+    conv.add_argument("src", metavar="SRC", help="checkpoint directory, GGUF file, book state dict file or hub id")
+    conv.add_argument("--to", required=True, choices=("gptforge", "hf", "gguf"), help="output format")
+    conv.add_argument("--out", required=True, metavar="PATH", help="output directory (gguf: output file; an existing checkpoint there is replaced atomically; other contents are refused)")
+    conv.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
+                      help="GGUF weight type: f32 (default), f16, q8_0 or q4_0 (llama.cpp's 8- and 4-bit blocks)")
     conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
     conv.set_defaults(func=cmd_convert)
     for verb in (info, gen, conv, srv):

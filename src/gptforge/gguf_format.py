@@ -5,7 +5,7 @@ Written as llama.cpp's `convert_hf_to_gguf.py` writes GPT-2 (architecture "gpt2"
 names and layouts below, 1-D tensors, norms and the position embedding always F32, every other
 weight matrix in the chosen type (f32, f16, q8_0 or q4_0; a matrix whose rows do not split into
 32-value blocks falls back to F16, as the converter does). GPT-2's tokenizer is embedded (model
-"gpt2", pre-tokenizer "gpt-2", tokens, token types, merges, <|endoftext|> = 50256 as bos/eos/unk),
+"gpt2", pre-tokenizer "gpt-2", tokens, token types, merges, <|endoftext|> = 50256 as bos and eos),
 so llama.cpp needs nothing else. Our GPTConfig is stored too (`gptforge.config`) so that what
 GGUF cannot say (no qkv bias, dropout, init scheme) survives a round trip.
 
@@ -97,11 +97,13 @@ def _tensor_type(name: str, ndim: int, gguf_type: str) -> Any:
 
 
 def _add_metadata(writer: Any, cfg: GPTConfig, gguf_type: str, name: str) -> None:
-    from gguf import LlamaFileType, TokenType
+    from gguf import GGML_QUANT_VERSION, LlamaFileType, TokenType
 
     file_types = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
                   "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}
+    writer.add_type("model")
     writer.add_name(name)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_context_length(cfg.context_length)
     writer.add_embedding_length(cfg.emb_dim)
     writer.add_feed_forward_length(4 * cfg.emb_dim)
@@ -123,7 +125,6 @@ def _add_metadata(writer: Any, cfg: GPTConfig, gguf_type: str, name: str) -> Non
     writer.add_token_merges(merges)
     writer.add_bos_token_id(ENDOFTEXT_ID)
     writer.add_eos_token_id(ENDOFTEXT_ID)
-    writer.add_unk_token_id(ENDOFTEXT_ID)
     writer.add_add_bos_token(False)
     writer.add_string(CONFIG_KEY, json.dumps(cfg.to_dict()))
 

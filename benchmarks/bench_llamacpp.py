@@ -83,12 +83,15 @@ def ours_prefill(model: GPTModel, ids: list[int]) -> float:
 
 
 def llama_decode(llm, prompt: list[int], n: int) -> tuple[float, list[int]]:
-    """The same measurement in llama.cpp: argmax over its logits after each single-token eval."""
+    """The same measurement in llama.cpp: argmax over its last logits after each single-token eval."""
+    import llama_cpp
+
     llm.reset()
     llm.eval(prompt)
     tokens, stamps = [], []
     for _ in range(n):
-        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        tokens.append(int(np.argmax(logits)))
         stamps.append(time.perf_counter())
         if len(tokens) < n:
             llm.eval(tokens[-1:])
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> None:
             their_dec = best(lambda: llama_decode(llm, prompt, new)[0], args.repeats)
             their_tokens = llama_decode(llm, prompt, new)[1]
             their_pre = best(lambda: llama_prefill(llm, long_ids), args.repeats)
-            del llm
+            llm.close()
             theirs = f"{(new - 1) / their_dec:9.1f}"
             label = f"{mode} / {gguf_type.upper()}"
             if prep is None:

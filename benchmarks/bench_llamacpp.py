@@ -1,6 +1,6 @@
 """Decode and prefill speed: gptforge against llama.cpp (through llama-cpp-python), in one run on
 the same weights: a GPT-2 124M-shaped model with GPT-2's initialisation (random, seeded), which
-gptforge exports to GGUF (`save_gguf`) for llama.cpp to run.
+gptforge exports to GGUF (`gptforge.save(..., format="gguf")`) for llama.cpp to run.
 
 Modes side by side: gptforge fp32 / llama.cpp F32, gptforge int8 (weight-only) / Q8_0, gptforge
 4-bit (when gptforge has one) / Q4_0. Both sides use the same number of threads (2 by default).
@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptforge import GPTModel, preset
+from gptforge import GPTModel, preset, save
 from gptforge.generation import GenerationConfig, _decode_steps
-from gptforge.gguf_format import save_gguf
 from gptforge.quant import QUANTIZATIONS, prepare_for_inference
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_llamacpp.txt"
@@ -130,7 +129,7 @@ def run(args: argparse.Namespace) -> None:
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for mode, (prep, gguf_type) in MODES.items():
-            path = save_gguf(base, Path(tmp) / f"m-{gguf_type}.gguf", gguf_type)
+            path = save(base, Path(tmp) / f"m-{gguf_type}.gguf", format="gguf", gguf_type=gguf_type)
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(prefill_len, 256), n_batch=prefill_len,
                                   n_ubatch=min(prefill_len, 512), n_threads=args.threads,
                                   n_threads_batch=args.threads, verbose=False)

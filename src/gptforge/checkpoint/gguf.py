@@ -5,7 +5,7 @@ Written as llama.cpp's `convert_hf_to_gguf.py` writes GPT-2 (architecture "gpt2"
 names and layouts below, 1-D tensors, norms and the position embedding always F32, every other
 weight matrix in the chosen type (f32, f16, q8_0 or q4_0; a matrix whose rows do not split into
 32-value blocks falls back to F16, as the converter does). GPT-2's tokenizer is embedded (model
-"gpt2", pre-tokenizer "gpt-2", tokens, token types, merges, <|endoftext|> = 50256 as bos and eos),
+"gpt2", pre-tokenizer "gpt-2", tokens, token types, merges, <|endoftext|> = 50256 as bos, eos and unk, none added),
 so llama.cpp needs nothing else. Our GPTConfig is stored too (`gptforge.config`) so that what
 GGUF cannot say (no qkv bias, dropout, init scheme) survives a round trip.
 
@@ -24,11 +24,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .checkpoint import _model_state, atomic_write, build_model
-from .config import GPTConfig
-from .errors import GptforgeError
-from .model import GPTModel
-from .tokenizer import ENDOFTEXT_ID, gpt2_vocab
+from ..config import GPTConfig
+from ..errors import GptforgeError
+from ..io import atomic_write
+from ..model import GPTModel
+from ..tokenizer import ENDOFTEXT_ID, gpt2_vocab
+from .base import ConfigArg, CheckpointFormat, build_model, model_state
 
 GGUF_MAGIC = b"GGUF"
 ARCH = "gpt2"
@@ -52,8 +53,8 @@ _BLOCK = {
 _QKV = ("att.W_query", "att.W_key", "att.W_value")
 
 
-def is_gguf(path: str | Path) -> bool:
-    """Whether `path` is a file starting with GGUF's magic bytes."""
+def detect(path: Path) -> bool:
+    """A file that starts with GGUF's magic bytes."""
     path = Path(path)
     if not path.is_file():
         return False
@@ -70,7 +71,7 @@ def gguf_tensors(model: GPTModel) -> Iterator[tuple[str, torch.Tensor]]:
     Query/key/value become one `attn_qkv` (3 * d, d) matrix, with zero biases for a model without
     qkv bias (llama.cpp's GPT-2 requires them); a tied head is not written (llama.cpp then uses
     token_embd, as it does for the converter's files)."""
-    state = _model_state(model)
+    state = model_state(model)
     for ours, theirs in _TOP.items():
         if ours in state:
             yield theirs, state[ours].detach().float()
@@ -125,11 +126,14 @@ def _add_metadata(writer: Any, cfg: GPTConfig, gguf_type: str, name: str) -> Non
     writer.add_token_merges(merges)
     writer.add_bos_token_id(ENDOFTEXT_ID)
     writer.add_eos_token_id(ENDOFTEXT_ID)
+    writer.add_unk_token_id(ENDOFTEXT_ID)
     writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
     writer.add_string(CONFIG_KEY, json.dumps(cfg.to_dict()))
 
 
-def save_gguf(model: GPTModel, path: str | Path, gguf_type: str = "f32") -> Path:
+def save_gguf(model: GPTModel, path: str | Path, training_state: dict[str, Any] | None = None,
+              gguf_type: str = "f32") -> Path:
     """Write `model` as one GPT-2 GGUF file that llama.cpp runs as is, atomically.
 
     gguf_type: 'f32', 'f16', 'q8_0' or 'q4_0' for the weight matrices (see the module docstring).
@@ -137,6 +141,8 @@ def save_gguf(model: GPTModel, path: str | Path, gguf_type: str = "f32") -> Path
     Returns `path`."""
     import gguf
 
+    if training_state is not None:
+        raise GptforgeError("a GGUF file holds no training state; save with format='gptforge'")
     if gguf_type not in GGUF_TYPES:
         raise GptforgeError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     if not isinstance(model, GPTModel):
@@ -349,7 +355,7 @@ def _state(reader: GGUFHeader, cfg: GPTConfig, path: Path) -> dict[str, torch.Te
     return state
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> GPTModel:
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None, config: ConfigArg = None) -> GPTModel:
     """A GPTModel (CPU, eval mode) from a GPT-2 GGUF file, ours or llama.cpp's converter's;
     quantized weights are dequantized to float32 (then converted to `dtype` when given)."""
     path = Path(path)
@@ -361,7 +367,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> GPTModel:
     return build_model(cfg, state, str(path))
 
 
-def load_gguf_config(path: str | Path) -> GPTConfig:
+def load_gguf_config(path: str | Path, config: ConfigArg = None) -> GPTConfig:
     """The GPTConfig of a GPT-2 GGUF file, from its metadata (no tensor is dequantized)."""
     path = Path(path)
     return _config(GGUFHeader(path), path)
+
+
+FORMAT = CheckpointFormat("gguf", detect, load_gguf, load_gguf_config, save_gguf)

@@ -15,11 +15,10 @@ import torch
 import gptforge
 from gptforge.cli import main
 from gptforge.errors import GptforgeError
-from gptforge.gguf_format import load_gguf, save_gguf
 from gptforge.model import GPTModel
 from gptforge.tokenizer import get_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "ROMEO:\nWhat light through yonder window breaks?"
 
 
@@ -73,7 +72,7 @@ def _random_gpt2_shaped(tiny_config, **changes) -> GPTModel:
 @pytest.mark.parametrize("changes", [{}, {"qkv_bias": False, "tie_weights": True}])
 def test_f32_round_trip_is_bit_exact(tmp_path, tiny_config, changes):
     model = _random_gpt2_shaped(tiny_config, **changes)
-    back = gptforge.load(save_gguf(model, tmp_path / "m.gguf"))
+    back = gptforge.load(gptforge.save(model, tmp_path / "m.gguf", format="gguf"))
     assert back.cfg == model.cfg
     ours, theirs = model.state_dict(), back.state_dict()
     assert ours.keys() == theirs.keys()
@@ -85,7 +84,7 @@ def test_layout_read_by_ggufs_own_reader(tmp_path, builtin):
     from gguf import GGMLQuantizationType as Q
     from gguf import GGUFReader
 
-    path = save_gguf(builtin, tmp_path / "m.gguf", "q8_0")
+    path = gptforge.save(builtin, tmp_path / "m.gguf", format="gguf", gguf_type="q8_0")
     reader = GGUFReader(path)
     fields = {name: field.contents() for name, field in reader.fields.items()
               if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
@@ -114,7 +113,7 @@ def test_quantized_files_load_dequantized(tmp_path, builtin):
     with torch.no_grad():
         ref = builtin(ids)
     for kind, qtype in (("q8_0", Q.Q8_0), ("q4_0", Q.Q4_0)):
-        model = gptforge.load(save_gguf(builtin, tmp_path / f"m-{kind}.gguf", kind))
+        model = gptforge.load(gptforge.save(builtin, tmp_path / f"m-{kind}.gguf", format="gguf", gguf_type=kind))
         w = builtin.trf_blocks[0].ff.layers[0].weight.detach().numpy()
         expected = dequantize(quantize(w, qtype), qtype)  # gguf's reference round trip
         assert np.array_equal(model.trf_blocks[0].ff.layers[0].weight.detach().numpy(), expected)
@@ -126,11 +125,13 @@ def test_quantized_files_load_dequantized(tmp_path, builtin):
 
 def test_errors(tmp_path, tiny_config):
     with pytest.raises(GptforgeError, match="vocab_size"):
-        save_gguf(GPTModel(tiny_config()), tmp_path / "small.gguf")
+        gptforge.save(GPTModel(tiny_config()), tmp_path / "small.gguf", format="gguf")
     model = _random_gpt2_shaped(tiny_config)
+    with pytest.raises(GptforgeError, match="gguf_type is for format='gguf'"):
+        gptforge.save(model, tmp_path / "hf", format="hf", gguf_type="q8_0")
     with pytest.raises(GptforgeError, match="unknown GGUF type"):
-        save_gguf(model, tmp_path / "m.gguf", "q5_k")
-    data = save_gguf(model, tmp_path / "m.gguf").read_bytes()
+        gptforge.save(model, tmp_path / "m.gguf", format="gguf", gguf_type="q5_k")
+    data = gptforge.save(model, tmp_path / "m.gguf", format="gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(GptforgeError, match="truncated"):
         gptforge.load(tmp_path / "cut.gguf")
@@ -167,7 +168,7 @@ def test_cli_convert_to_gguf(tmp_path, capsys):
 @pytest.mark.parametrize("which", ["builtin", "random"])
 def test_llama_cpp_greedy_tokens_equal_ours(llama_cpp, tmp_path, builtin, tiny_config, which):
     model = builtin if which == "builtin" else _random_gpt2_shaped(tiny_config)
-    path = save_gguf(model, tmp_path / "m.gguf")
+    path = gptforge.save(model, tmp_path / "m.gguf", format="gguf")
     ids = get_tokenizer().encode(PROMPT)
     n = 40 if which == "builtin" else 20
     llm = _llama(llama_cpp, path, model.cfg.context_length)
@@ -180,7 +181,7 @@ def test_llama_cpp_greedy_tokens_equal_ours(llama_cpp, tmp_path, builtin, tiny_c
 
 
 def test_llama_cpp_tokenizes_like_gptforge(llama_cpp, tmp_path, tiny_config):
-    path = save_gguf(_random_gpt2_shaped(tiny_config), tmp_path / "m.gguf")
+    path = gptforge.save(_random_gpt2_shaped(tiny_config), tmp_path / "m.gguf", format="gguf")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
     text = "Hello, world!  It's 2024:\n\tcafé naïve 東京 <|endoftext|> don't  stop\n\n"
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == get_tokenizer().encode(text)
@@ -193,7 +194,7 @@ def test_llama_cpp_quantized_agreement_reported(llama_cpp, tmp_path, builtin):
     with torch.no_grad():
         ref = builtin(torch.tensor([ids]))[0].numpy()
     for kind in ("q8_0", "q4_0"):
-        llm = _llama(llama_cpp, save_gguf(builtin, tmp_path / f"m-{kind}.gguf", kind), builtin.cfg.context_length)
+        llm = _llama(llama_cpp, gptforge.save(builtin, tmp_path / f"m-{kind}.gguf", format="gguf", gguf_type=kind), builtin.cfg.context_length)
         theirs = _llama_logits(llm, ids)
         agree = float((theirs.argmax(-1) == ref.argmax(-1)).mean())
         print(f"llama.cpp {kind.upper()} vs gptforge fp32: top-1 agreement {agree:.3f}")
@@ -218,16 +219,7 @@ def _convert(tmp_path: Path, model: GPTModel, outtype: str) -> Path:
     """Our Hugging Face export of `model`, converted by llama.cpp's convert_hf_to_gguf.py."""
     converter = _converter()
     hf_dir = gptforge.save(model, tmp_path / "hf", format="hf")
-    if not (hf_dir / "vocab.json").is_file():  # TODO(restructure): save_hf writes GPT-2's tokenizer files
-        import json
-
-        from gptforge.tokenizer import gpt2_vocab
-
-        vocab, merges = gpt2_vocab()
-        (hf_dir / "vocab.json").write_text(json.dumps(vocab))
-        (hf_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        special = {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}
-        (hf_dir / "tokenizer_config.json").write_text(json.dumps({**special, "add_bos_token": False}))
+    assert (hf_dir / "vocab.json").is_file()  # GPT-2's tokenizer files, which the converter reads
     out = tmp_path / f"converted-{outtype}.gguf"
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # it uses the gguf-py beside it
     subprocess.run([sys.executable, str(converter), str(hf_dir), "--outfile", str(out), "--outtype", outtype],
@@ -241,7 +233,7 @@ def test_our_file_is_what_llama_cpps_converter_writes(tmp_path, tiny_config):
 
     model = _random_gpt2_shaped(tiny_config, tie_weights=True)
     theirs = GGUFReader(_convert(tmp_path, model, "f32"))
-    ours = GGUFReader(save_gguf(model, tmp_path / "ours.gguf"))
+    ours = GGUFReader(gptforge.save(model, tmp_path / "ours.gguf", format="gguf"))
     only_theirs = set(theirs.fields) - set(ours.fields)
     assert only_theirs <= {"general.size_label"}, only_theirs
     for name in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):

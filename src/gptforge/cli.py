@@ -209,6 +209,7 @@ def _add_info_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPars
 def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The decoding flags are GenerationConfig's fields (help, type and range from its metadata)."""
     from .generation import GenerationConfig
+    from .quant import QUANTIZATIONS
 
     gen = verbs.add_parser("generate", help="continue a prompt (streams by default)")
     gen.add_argument("prompt", metavar="PROMPT", help="text to continue; empty starts from <|endoftext|>")
@@ -216,8 +217,9 @@ def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.Argument
     # the CLI seeds by default, so a preset's random weights and sampling repeat run to run
     add_flags(gen, GenerationConfig, defaults={"seed": 123})
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default: float32)")
-    gen.add_argument("--quantize", choices=("none", "int8"), default="none",
-                     help="int8: weight-only int8 linears with bf16 activations (CPU)")
+    gen.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                     help="int8: weight-only int8 linears with bf16 activations; int4: 4-bit groups as "
+                          "llama.cpp's Q4_0, float32 activations (CPU)")
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)

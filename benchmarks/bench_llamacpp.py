@@ -9,8 +9,13 @@ Modes side by side: gptforge fp32 / llama.cpp F32, gptforge int8 (weight-only) /
 - prefill: one 1024-token prompt, tokens/s, best of --repeats;
 - greedy agreement: the 128 tokens of each gptforge mode against llama.cpp's in the same mode
   (fraction equal, first difference).
-The CPU model and its SIMD flags are printed with the figures; the output is also written to
-benchmarks/results/bench_llamacpp.txt.
+Top-1 agreement and KL of each gptforge mode against gptforge fp32 are printed too. The CPU model
+and its SIMD flags are printed with the figures; the output is also written to
+benchmarks/results/bench_llamacpp.txt (bench_llamacpp_1thread.txt for --threads 1).
+
+On a machine shared with other busy processes, llama.cpp's threads spin at each barrier while a
+sibling waits for a core, so its 2-thread figures suffer more from the noise than PyTorch's; a
+--threads 1 run is the steadier comparison there.
 
     python benchmarks/bench_llamacpp.py             # ~3-5 min on 2 quiet cores
     python benchmarks/bench_llamacpp.py --quick     # 32 new tokens, 256-token prefill
@@ -35,7 +40,7 @@ from gptforge import GPTModel, preset, save
 from gptforge.generation import GenerationConfig, _decode_steps
 from gptforge.quant import QUANTIZATIONS, prepare_for_inference
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_llamacpp.txt"
+RESULTS = Path(__file__).resolve().parent / "results"
 FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
          "amx_tile", "amx_bf16", "amx_int8")
 # gptforge mode -> (prepare_for_inference arguments, llama.cpp GGUF type); None: gptforge has no such mode.
@@ -74,11 +79,22 @@ def ours_decode(model: GPTModel, prompt: list[int], n: int) -> tuple[float, list
 
 
 @torch.no_grad()
-def ours_prefill(model: GPTModel, ids: list[int]) -> float:
+def ours_prefill(model: GPTModel, ids: list[int], keep: list | None = None) -> float:
+    """Seconds for one forward pass over `ids`; its log-probabilities are appended to `keep`."""
     x = torch.tensor([ids])
     start = time.perf_counter()
-    model(x)
-    return time.perf_counter() - start
+    logits = model(x)
+    seconds = time.perf_counter() - start
+    if keep is not None:
+        keep.append(logits[0].float().log_softmax(-1))
+    return seconds
+
+
+def quality(reference: torch.Tensor, logprobs: torch.Tensor) -> str:
+    """Top-1 agreement and mean KL(reference || model), teacher-forced, against gptforge fp32."""
+    top1 = (reference.argmax(-1) == logprobs.argmax(-1)).float().mean().item()
+    kl = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+    return f"top-1 {100 * top1:.1f}%, KL {kl:.2e}"
 
 
 def llama_decode(llm, prompt: list[int], n: int) -> tuple[float, list[int]]:
@@ -125,8 +141,9 @@ def run(args: argparse.Namespace) -> None:
           f"GPT-2 124M shape, GPT-2 init (torch.manual_seed(0)); best of {args.repeats}")
     print(f"decode: batch 1, 16-token prompt, {new} new tokens (tokens/s after the first); prefill: {prefill_len} tokens\n")
     header = (f"{'mode (gptforge / llama.cpp)':28s} {'decode ours':>11s} {'llama.cpp':>9s} {'ratio':>6s}   "
-              f"{'prefill ours':>12s} {'llama.cpp':>9s} {'ratio':>6s}   greedy agreement")
+              f"{'prefill ours':>12s} {'llama.cpp':>9s} {'ratio':>6s}   greedy agreement ({new} tokens)")
     print(header)
+    quality_lines, logprobs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for mode, (prep, gguf_type) in MODES.items():
             path = save(base, Path(tmp) / f"m-{gguf_type}.gguf", format="gguf", gguf_type=gguf_type)
@@ -147,11 +164,15 @@ def run(args: argparse.Namespace) -> None:
             our_dec = best(lambda: ours_decode(model, prompt, new)[0], args.repeats)
             our_tokens = ours_decode(model, prompt, new)[1]
             our_pre = best(lambda: ours_prefill(model, long_ids), args.repeats)
+            ours_prefill(model, long_ids, logprobs)
+            quality_lines.append(f"  gptforge {mode}: {quality(logprobs[0], logprobs[-1])}")
             del model
             print(f"{label:28s} {(new - 1) / our_dec:11.1f} {theirs} {their_dec / our_dec:6.2f}   "
                   f"{prefill_len / our_pre:12.1f} {prefill_len / their_pre:9.1f} {their_pre / our_pre:6.2f}   "
                   f"{agreement(our_tokens, their_tokens)}")
     print("\nratio = gptforge tokens/s / llama.cpp tokens/s (> 1: gptforge faster)")
+    print(f"quality against gptforge fp32, teacher-forced on the {prefill_len}-token prompt (random weights):")
+    print("\n".join(quality_lines))
 
 
 def main() -> None:
@@ -172,9 +193,10 @@ def main() -> None:
         print(f"bench_llamacpp.py {' '.join(sys.argv[1:])}  ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
         run(args)
     if not args.quick:
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(out.getvalue())
-        print(f"(written to {RESULTS})")
+        name = "bench_llamacpp.txt" if args.threads == 2 else f"bench_llamacpp_{args.threads}thread.txt"
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / name).write_text(out.getvalue())
+        print(f"(written to {RESULTS / name})")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ say "convert (to hf and back)"
 "$GF" convert "$TMP/hf" --to gptforge --out "$TMP/back" >/dev/null || fail "convert --to gptforge"
 "$GF" info "$TMP/back" >/dev/null || fail "info on the converted checkpoint"
 
+say "convert (to GGUF q4_0 and read back)"
+"$GF" convert gptforge-shakespeare --to gguf --out "$TMP/m.gguf" --gguf-type q4_0 >/dev/null || fail "convert --to gguf"
+"$GF" generate "ROMEO:" --model "$TMP/m.gguf" --max-new-tokens 4 --quantize int4 --no-stream >/dev/null || fail "generate on a GGUF file"
+
 say "serve (start, one completion, stop)"
 PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 "$GF" serve --model "$TMP/back" --port "$PORT" 2>"$TMP/serve.err" &

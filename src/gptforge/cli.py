@@ -22,7 +22,7 @@ def _format_count(n: int) -> str:
     return f"{n:,}"
 
 
-MODEL_HELP = ("preset (e.g. gpt2-124m, book-124m), checkpoint (gptforge or Hugging Face directory, book "
+MODEL_HELP = ("preset (e.g. gpt2-124m, book-124m), checkpoint (gptforge or Hugging Face directory, GGUF file, book "
               "state dict .pth) or Hugging Face hub id (e.g. gpt2, openai-community/gpt2-medium)")
 CONFIG_HELP = ("GPTConfig JSON (the book's config keys) for a book state dict whose width is not one of "
                "GPT-2's four (its number of heads is not in the tensors)")
@@ -110,19 +110,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    """Read a checkpoint in any format and write it as a gptforge or Hugging Face directory."""
+    """Read a checkpoint in any format and write it as a gptforge or Hugging Face directory, or as
+    one GGUF file (llama.cpp's format, weights in --gguf-type)."""
     from .checkpoint import load, save
 
     from .lora import has_lora, merge_lora
 
+    if args.gguf_type is not None and args.to != "gguf":
+        raise GptforgeError("--gguf-type is for --to gguf; the other formats keep the weights' dtype (see --dtype)")
     model = load(args.src, dtype=DTYPES[args.dtype] if args.dtype else None, config=_book_config_arg(args))
     if args.merge_lora:
         if not has_lora(model):
             raise GptforgeError(f"{args.src} has no LoRA adapters to merge; drop --merge-lora")
         merge_lora(model)
-    out = save(model, args.out, format=args.to)
-    print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, "
-          f"{str(model.tok_emb.weight.dtype).removeprefix('torch.')})")
+    options = {"gguf_type": args.gguf_type or "f32"} if args.to == "gguf" else {}
+    out = save(model, args.out, format=args.to, **options)
+    kind = options["gguf_type"].upper() if options else str(model.tok_emb.weight.dtype).removeprefix("torch.")
+    print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, {kind})")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -310,6 +314,7 @@ def _add_info_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPars
 def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The decoding flags are GenerationConfig's fields (help, type and range from its metadata)."""
     from .generation import GenerationConfig
+    from .quant import QUANTIZATIONS
 
     gen = verbs.add_parser("generate", help="continue a prompt (streams by default)")
     gen.add_argument("prompt", metavar="PROMPT", help="text to continue; empty starts from <|endoftext|>")
@@ -317,8 +322,9 @@ def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.Argument
     # the CLI seeds by default, so a preset's random weights and sampling repeat run to run
     add_flags(gen, GenerationConfig, defaults={"seed": 123})
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default: float32)")
-    gen.add_argument("--quantize", choices=("none", "int8"), default="none",
-                     help="int8: weight-only int8 linears with bf16 activations (CPU)")
+    gen.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                     help="int8: weight-only int8 linears with bf16 activations; int4: 4-bit groups as "
+                          "llama.cpp's Q4_0, float32 activations (CPU)")
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
@@ -351,10 +357,14 @@ def _add_serve_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 
 def _add_convert_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge or Hugging Face format")
-    conv.add_argument("src", metavar="SRC", help="checkpoint directory, book state dict file or hub id")
-    conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
-    conv.add_argument("--out", required=True, metavar="DIR", help="output directory (an existing checkpoint there is replaced atomically; other contents are refused)")
+    from .checkpoint.gguf import GGUF_TYPES
+
+    conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge, Hugging Face or GGUF format")
+    conv.add_argument("src", metavar="SRC", help="checkpoint directory, GGUF file, book state dict file or hub id")
+    conv.add_argument("--to", required=True, choices=("gptforge", "hf", "gguf"), help="output format")
+    conv.add_argument("--out", required=True, metavar="PATH", help="output directory, or file for gguf (an existing checkpoint there is replaced atomically; other contents are refused)")
+    conv.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
+                      help="GGUF weight type: f32 (default), f16, q8_0 or q4_0 (llama.cpp's 8- and 4-bit blocks)")
     conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
     conv.add_argument("--merge-lora", action="store_true",
                       help="add a LoRA checkpoint's adapters into its base's weights: a plain checkpoint")

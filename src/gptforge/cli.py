@@ -183,6 +183,66 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(model, settings, host=args.host, port=args.port)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Perplexity (loss, bits per byte) of each text file by sliding window, and of all together."""
+    from .checkpoint import load
+    from .data import read_text
+    from .evaluate import Perplexity, check_stride, perplexity
+    from .quant import prepare_for_inference
+
+    texts = {path: read_text(path) for path in args.data}  # bad files fail before the model loads
+    torch.manual_seed(args.seed)  # a preset's random weights
+    model = load(args.model, device=args.device, config=_book_config_arg(args))
+    stride = model.cfg.context_length if args.stride is None else args.stride
+    check_stride(stride, model.cfg.context_length)
+    prepare_for_inference(model, args.dtype, args.quantize)
+    scores = {path: perplexity(model, text, stride=stride, batch_size=args.batch_size, progress=True)
+              for path, text in texts.items()}
+    total = Perplexity.combine(list(scores.values()))
+    if args.json:
+        files = [{"file": path, **score.to_dict()} for path, score in scores.items()]
+        print(json.dumps({"model": args.model, "stride": stride, "dtype": args.dtype, "quantize": args.quantize,
+                          **total.to_dict(), "files": files}))
+        return
+    print(f"model: {args.model}  context: {model.cfg.context_length}  stride: {stride}  "
+          f"dtype: {args.dtype}  quantize: {args.quantize}")
+    rows = [(path, s) for path, s in scores.items()] + ([("total", total)] if len(scores) > 1 else [])
+    width = max(len("file"), *(len(name) for name, _ in rows))
+    print(f"{'file':<{width}}  {'tokens':>10}  {'bytes':>11}  {'loss':>7}  {'perplexity':>11}  {'bits/byte':>9}")
+    for name, s in rows:
+        print(f"{name:<{width}}  {s.tokens:>10,}  {s.bytes:>11,}  {s.loss:>7.4f}  {s.perplexity:>11.3f}  "
+              f"{s.bits_per_byte:>9.4f}")
+
+
+def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize for a verb that runs the model through quant.prepare_for_inference."""
+    from .quant import DTYPES as COMPUTE_DTYPES, QUANTIZATIONS
+
+    parser.add_argument("--dtype", choices=tuple(COMPUTE_DTYPES), default="float32",
+                        help="compute dtype (default: float32)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                        help="int8: weight-only int8 linears with bf16 activations (CPU)")
+
+
+def _add_eval_parser(verbs: argparse._SubParsersAction) -> None:
+    ev = verbs.add_parser(
+        "eval", help="perplexity of text files (sliding window)",
+        description="Loss, perplexity and bits per byte of text files under a model, by the sliding "
+                    "window of Hugging Face's perplexity guide (see docs/evaluation.md).")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
+    ev.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s), each scored on its own")
+    ev.add_argument("--stride", type=int, default=None,
+                    help="tokens between window starts, in [1, context length] (default: the context "
+                         "length, disjoint windows); smaller gives each token more context")
+    ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _add_precision_flags(ev)
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ev.add_argument("--seed", type=_non_negative_int, default=123, help="torch seed for a preset's random weights (default: 123)")
+    ev.add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
+    ev.set_defaults(func=cmd_eval)
+
+
 def _train_options(args: argparse.Namespace) -> dict:
     """TrainConfig options from a config file and the flags given (flags win)."""
     from .train import TrainConfig, read_config_file
@@ -307,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         verb.add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
 
     _add_train_parser(verbs)
+    _add_eval_parser(verbs)
     return parser
 
 

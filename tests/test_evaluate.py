@@ -1,0 +1,171 @@
+"""`gptforge.evaluate` and `gptforge eval`: sliding-window perplexity against the loop of Hugging
+Face's perplexity guide run by transformers on the HF export of the same weights, and the classifier
+report against scikit-learn."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import gptforge
+from gptforge.cli import DEFAULT_MODEL, main
+from gptforge.evaluate import Perplexity, perplexity, sliding_windows
+from gptforge.tokenizer import get_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+RTOL = 1e-5
+
+
+def guide_nll(hf_model, ids: list[int], stride: int) -> tuple[float, int, int]:
+    """The guide's loop, verbatim but for the token count: (summed NLL, tokens the loss averaged,
+    the guide's own count `num_valid_tokens - batch_size`)."""
+    encodings = torch.tensor([ids])
+    max_length = hf_model.config.n_positions
+    seq_len = encodings.size(1)
+    nll_sum, n_tokens, guide_tokens, prev_end_loc = 0.0, 0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = encodings[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            neg_log_likelihood = hf_model(input_ids, labels=target_ids).loss
+        loss_tokens = int((target_ids[:, 1:] != -100).sum())  # what the shifted loss averaged over
+        nll_sum += neg_log_likelihood.item() * loss_tokens
+        n_tokens += loss_tokens
+        guide_tokens += int((target_ids != -100).sum()) - target_ids.size(0)
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return nll_sum, n_tokens, guide_tokens
+
+
+def hf_export(model, tmp_path):
+    out = gptforge.save(model, tmp_path / "hf", format="hf")
+    return transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+
+
+def check_against_guide(model, hf_model, text: str, stride: int, batch_size: int) -> None:
+    ids = get_tokenizer().encode(text)
+    ours = perplexity(model, text, stride=stride, batch_size=batch_size)
+    nll, tokens, guide_tokens = guide_nll(hf_model, ids, stride)
+    assert ours.tokens == tokens
+    assert ours.loss == pytest.approx(nll / tokens, rel=RTOL)
+    assert ours.perplexity == pytest.approx(math.exp(nll / tokens), rel=RTOL)
+    assert ours.bits_per_byte == pytest.approx(nll / math.log(2) / len(text.encode()), rel=RTOL)
+    if stride == model.cfg.context_length:  # disjoint windows: the guide's own count is exact
+        assert guide_tokens == tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_vocab():
+    torch.manual_seed(0)
+    cfg = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
+           "drop_rate": 0.0, "qkv_bias": True}
+    return gptforge.GPTModel(cfg).eval()
+
+
+@pytest.mark.parametrize("stride,batch_size", [(32, 4), (32, 1), (12, 5), (1, 64)])
+def test_random_model_equals_the_guide_with_transformers(tiny_gpt2_vocab, tmp_path, data_dir, stride, batch_size):
+    text = (data_dir / "the-verdict.txt").read_text(encoding="utf-8")[:1500]
+    hf_model = hf_export(tiny_gpt2_vocab, tmp_path)
+    check_against_guide(tiny_gpt2_vocab, hf_model, text if stride > 1 else text[:200], stride, batch_size)
+
+
+def test_text_shorter_than_the_context_is_one_window(tiny_gpt2_vocab, tmp_path):
+    text = "Every effort moves you forward, they said."
+    assert len(get_tokenizer().encode(text)) < 32
+    check_against_guide(tiny_gpt2_vocab, hf_export(tiny_gpt2_vocab, tmp_path), text, 32, 4)
+
+
+def test_builtin_model_equals_the_guide_with_transformers(tmp_path, data_dir):
+    model = gptforge.load(DEFAULT_MODEL, dtype=torch.float32)
+    hf_model = hf_export(model, tmp_path)
+    text = (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    text = text[int(0.9 * len(text)):][:3000]  # a slice of the validation part
+    for stride in (model.cfg.context_length, 100):
+        check_against_guide(model, hf_model, text, stride, 4)
+
+
+def test_windows_score_every_token_but_the_first_once():
+    for n, ctx, stride in [(100, 16, 16), (100, 16, 5), (100, 16, 1), (7, 16, 3), (33, 16, 16)]:
+        scored = [p for _, end, first in sliding_windows(n, ctx, stride) for p in range(first, end)]
+        if stride < ctx:
+            assert scored == list(range(1, n))
+        else:  # disjoint: each window's first token is context only
+            assert scored == [p for p in range(1, n) if p % ctx]
+        assert all(end - begin <= ctx for begin, end, _ in sliding_windows(n, ctx, stride))
+
+
+def test_several_texts_sum_their_scores(tiny_gpt2_vocab):
+    a, b = "The quick brown fox jumps over the lazy dog. " * 3, "Once upon a time, there was a model."
+    both = perplexity(tiny_gpt2_vocab, [a, b])
+    pa, pb = perplexity(tiny_gpt2_vocab, a), perplexity(tiny_gpt2_vocab, b)
+    assert both.tokens == pa.tokens + pb.tokens and both.bytes == len(a) + len(b)
+    assert both.loss == pytest.approx((pa.loss * pa.tokens + pb.loss * pb.tokens) / both.tokens, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- the command line
+
+@pytest.fixture
+def tiny_checkpoint(tiny_gpt2_vocab, tmp_path):
+    return gptforge.save(tiny_gpt2_vocab, tmp_path / "tiny")
+
+
+def test_cli_json_equals_the_python_api(tiny_checkpoint, tiny_gpt2_vocab, tmp_path, capsys):
+    text = "It was a dark and stormy night; the rain fell in torrents. " * 4
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    assert main(["eval", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "a.txt"),
+                 "--stride", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = perplexity(tiny_gpt2_vocab, text, stride=8)
+    assert out["stride"] == 8 and out["model"] == str(tiny_checkpoint)
+    assert out["tokens"] == expected.tokens and out["bytes"] == expected.bytes
+    for key in ("loss", "perplexity", "bits_per_byte"):
+        assert out[key] == pytest.approx(getattr(expected, key), rel=1e-6)
+
+
+def test_cli_table_has_a_row_per_file_and_a_total(tiny_checkpoint, tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(f"Text {name}, a few words long, for the table.", encoding="utf-8")
+    assert main(["eval", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "a.txt"),
+                 str(tmp_path / "b.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "a.txt" in out and "b.txt" in out and "total" in out and "perplexity" in out
+
+
+@pytest.mark.parametrize("mode", [["--dtype", "bfloat16"], ["--quantize", "int8"]])
+def test_cli_dtype_and_quantize_cost_little_perplexity(tiny_checkpoint, tiny_gpt2_vocab, tmp_path, capsys, mode):
+    text = "It was a dark and stormy night; the rain fell in torrents. " * 4
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    assert main(["eval", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "a.txt"), "--json", *mode]) == 0
+    out = json.loads(capsys.readouterr().out)
+    fp32 = perplexity(tiny_gpt2_vocab, text)
+    assert out["loss"] != fp32.loss  # a different computation ran
+    assert out["loss"] == pytest.approx(fp32.loss, rel=2e-2)
+
+
+@pytest.mark.parametrize("content,extra,message", [
+    (b"", [], "empty"),
+    (b"caf\xe9 au lait", [], "UTF-8"),
+    (b"Hi", [], "two"),
+    (b"some ordinary text here", ["--stride", "33"], "stride"),
+    (b"some ordinary text here", ["--stride", "0"], "stride"),
+    (b"some ordinary text here", ["--batch-size", "0"], "batch"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys, content, extra, message):
+    (tmp_path / "bad.txt").write_bytes(content)
+    assert main(["eval", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "bad.txt"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_cli_missing_file_is_exit_2(tiny_checkpoint, tmp_path, capsys):
+    assert main(["eval", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "nope.txt")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+

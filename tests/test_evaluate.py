@@ -169,3 +169,42 @@ def test_cli_missing_file_is_exit_2(tiny_checkpoint, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "nope.txt")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
+
+
+# --------------------------------------------------------------------------- classifier metrics
+
+def test_classification_report_equals_scikit_learn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    from gptforge.evaluate import classification_report
+
+    gen = torch.Generator().manual_seed(0)
+    names = ["ham", "spam", "eggs", "never"]  # "never" is neither true nor predicted: all zeros
+    y_true = torch.randint(0, 3, (200,), generator=gen).tolist()
+    y_pred = [t if torch.rand(1, generator=gen).item() < 0.6 else int(torch.randint(0, 3, (1,), generator=gen))
+              for t in y_true]
+    y_pred[:5] = [3] * 5  # a class predicted but never true
+    report = classification_report(y_true, y_pred, names)
+    labels = list(range(4))
+    p, r, f, s = metrics.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    assert report.accuracy == pytest.approx(metrics.accuracy_score(y_true, y_pred), abs=1e-12)
+    assert report.precision == pytest.approx(tuple(p), abs=1e-12)
+    assert report.recall == pytest.approx(tuple(r), abs=1e-12)
+    assert report.f1 == pytest.approx(tuple(f), abs=1e-12)
+    assert report.support == tuple(int(n) for n in s)
+    assert [list(row) for row in report.confusion] == metrics.confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    assert report.macro_f1 == pytest.approx(metrics.f1_score(y_true, y_pred, labels=labels, average="macro",
+                                                             zero_division=0), abs=1e-12)
+    by_name = classification_report([names[i] for i in y_true], [names[i] for i in y_pred], names)
+    assert by_name == report
+    assert "confusion matrix" in report.format() and json.dumps(report.to_dict())
+
+
+def test_classification_report_refuses_unknown_labels():
+    from gptforge.evaluate import classification_report
+
+    with pytest.raises(ValueError, match="'maybe' is not one of the classes"):
+        classification_report(["yes", "maybe"], ["yes", "no"], ["no", "yes"])
+    with pytest.raises(ValueError, match="class index"):
+        classification_report([0, 2], [0, 1], ["no", "yes"])
+    with pytest.raises(ValueError, match="as many predictions"):
+        classification_report([0, 1], [0], ["no", "yes"])

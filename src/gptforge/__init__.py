@@ -2,6 +2,7 @@
 
 from .checkpoint import load, load_training_state, save
 from .config import PRESETS, GPTConfig, preset
+from .evaluate import ClassificationReport, Perplexity, classification_report, perplexity
 from .generation import (
     GenerationConfig, TextStream, generate, generate_text, generate_text_simple, left_pad, next_tokens,
     stream_text,
@@ -19,4 +20,5 @@ __all__ = [
     "GenerationConfig", "PRESETS", "ParameterCounts", "TextStream", "Tokenizer", "TransformerBlock",
     "count_parameters", "generate", "generate_text", "generate_text_simple", "get_tokenizer", "left_pad",
     "load", "load_training_state", "next_tokens", "preset", "save", "stream_text",
+    "ClassificationReport", "Perplexity", "classification_report", "perplexity",
 ]

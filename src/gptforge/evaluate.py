@@ -164,3 +164,89 @@ def perplexity(model: nn.Module, text: str | Sequence[str], *, stride: int | Non
                             f"{model.cfg.vocab_size}; this model does not read GPT-2 text")
     nll_sum, tokens = token_nll(model, ids, stride=stride, batch_size=batch_size, progress=progress)
     return Perplexity.from_sums(nll_sum, tokens, len(text.encode("utf-8")))
+
+
+# --------------------------------------------------------------------------- classifiers
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationReport:
+    """A classifier's scores on labelled examples. Per class (in `label_names` order): precision,
+    recall, F1 (0.0 where undefined, as scikit-learn's zero_division=0) and support (true examples);
+    `confusion[i][j]` counts examples of true class i predicted as class j."""
+
+    label_names: tuple[str, ...]
+    accuracy: float
+    precision: tuple[float, ...]
+    recall: tuple[float, ...]
+    f1: tuple[float, ...]
+    support: tuple[int, ...]
+    confusion: tuple[tuple[int, ...], ...]
+
+    @property
+    def macro_f1(self) -> float:
+        """The unweighted mean of the per-class F1 scores."""
+        return sum(self.f1) / len(self.f1)
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "examples": sum(self.support),
+                "classes": {name: {"precision": p, "recall": r, "f1": f, "support": n}
+                            for name, p, r, f, n in zip(self.label_names, self.precision, self.recall,
+                                                        self.f1, self.support)},
+                "confusion": {"labels": list(self.label_names), "matrix": [list(row) for row in self.confusion]}}
+
+    def format(self) -> str:
+        """A plain-text table: per-class scores, accuracy, then the confusion matrix."""
+        width = max(12, *(len(n) for n in self.label_names))
+        lines = [f"{'class':<{width}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>8}"]
+        for name, p, r, f, n in zip(self.label_names, self.precision, self.recall, self.f1, self.support):
+            lines.append(f"{name:<{width}}  {p:>9.4f}  {r:>9.4f}  {f:>9.4f}  {n:>8}")
+        lines.append(f"{'accuracy':<{width}}  {self.accuracy:>9.4f}  ({sum(self.support)} examples, "
+                     f"macro F1 {self.macro_f1:.4f})")
+        lines.append("")
+        lines.append("confusion matrix (rows: true, columns: predicted)")
+        cell = max(6, *(len(n) for n in self.label_names))
+        lines.append(f"{'':<{width}}  " + "  ".join(f"{n:>{cell}}" for n in self.label_names))
+        for name, row in zip(self.label_names, self.confusion):
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>{cell}}" for c in row))
+        return "\n".join(lines)
+
+
+def _label_indices(labels: Sequence[int | str], label_names: Sequence[str], what: str) -> list[int]:
+    """Labels given as class indices or names -> indices; anything else is an error naming it."""
+    index = {name: i for i, name in enumerate(label_names)}
+    out = []
+    for label in labels:
+        if isinstance(label, str):
+            if label not in index:
+                raise GptforgeError(f"{what} label {label!r} is not one of the classes {list(label_names)}")
+            out.append(index[label])
+        elif isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(label_names):
+            raise GptforgeError(f"{what} label {label!r} is not a class index in [0, {len(label_names)})")
+        else:
+            out.append(label)
+    return out
+
+
+def classification_report(y_true: Sequence[int | str], y_pred: Sequence[int | str],
+                          label_names: Sequence[str]) -> ClassificationReport:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix of predictions `y_pred`
+    against `y_true` (class indices or names from `label_names`, one per example)."""
+    label_names = tuple(str(n) for n in label_names)
+    if not label_names or len(set(label_names)) != len(label_names):
+        raise GptforgeError(f"label_names must be distinct and not empty, got {list(label_names)}")
+    if len(y_true) != len(y_pred) or not y_true:
+        raise GptforgeError(f"need as many predictions as true labels, at least one (got {len(y_true)} "
+                            f"true and {len(y_pred)} predicted)")
+    true, pred = _label_indices(y_true, label_names, "true"), _label_indices(y_pred, label_names, "predicted")
+    k = len(label_names)
+    confusion = [[0] * k for _ in range(k)]
+    for t, p in zip(true, pred):
+        confusion[t][p] += 1
+    hits = [confusion[i][i] for i in range(k)]
+    support = [sum(row) for row in confusion]
+    predicted = [sum(confusion[t][j] for t in range(k)) for j in range(k)]
+    precision = [h / n if n else 0.0 for h, n in zip(hits, predicted)]
+    recall = [h / n if n else 0.0 for h, n in zip(hits, support)]
+    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
+    return ClassificationReport(label_names, sum(hits) / len(true), tuple(precision), tuple(recall), tuple(f1),
+                                tuple(support), tuple(tuple(row) for row in confusion))

@@ -7,25 +7,15 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-import httpx
 import pytest
-import torch
 
 import gptforge
 from gptforge.scheduler import BatchScheduler
 from gptforge.serve import ServeSettings, create_app
 from gptforge.tokenizer import get_tokenizer
-from test_serve import free_port, start_server, stop_server
+from test_serve import free_port, model, start_server, stop_server  # noqa: F401 (model: the server tests' tiny model)
 
-TINY = {"vocab_size": 50257, "context_length": 128, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
-        "drop_rate": 0.0, "qkv_bias": True}
 LOGLIK_ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def model() -> gptforge.GPTModel:
-    torch.manual_seed(0)
-    return gptforge.GPTModel(TINY).eval()
 
 
 # --------------------------------------------------------------------------- the endpoints, in-process

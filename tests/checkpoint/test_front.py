@@ -1,0 +1,70 @@
+"""The front of gptforge.checkpoint (detect_format, resolve, the FORMATS table) and the command
+line on every format: convert, info, generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import gptforge
+from gptforge.checkpoint import FORMATS, SAVE_FORMATS
+from gptforge.cli import main
+from hf_reference import edit_json, save_reference_hf
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    return save_reference_hf(tmp_path / "hf")
+
+
+def test_formats_table_lists_each_format_once_book_last():
+    assert list(FORMATS) == ["gptforge", "hf", "book"] and SAVE_FORMATS == ("gptforge", "hf")
+    assert [fmt.name for fmt in FORMATS.values() if fmt.takes_config] == ["book"]
+
+
+def test_directory_that_is_no_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without config.json"):
+        gptforge.load(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="neither a gptforge config"):
+        gptforge.load(tmp_path / "empty")
+
+
+def test_cli_convert_then_info_and_generate_on_each_format(tmp_path, hf_dir, capsys):
+    assert main(["convert", str(hf_dir), "--to", "gptforge", "--out", str(tmp_path / "ours")]) == 0
+    assert "wrote gptforge checkpoint" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "ours"), "--to", "hf", "--out", str(tmp_path / "back"),
+                 "--dtype", "bfloat16"]) == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (tmp_path / "back" / "tokenizer.json").is_file()  # GPT-2's vocabulary: its tokenizer comes along
+    model = gptforge.load(hf_dir)
+    torch.save(model.state_dict(), tmp_path / "book.pth")
+    (tmp_path / "book.json").write_text(json.dumps(model.cfg.to_dict()))
+    outputs = set()
+    for name, extra in ((hf_dir, []), (tmp_path / "ours", []), (tmp_path / "book.pth", ["--config", str(tmp_path / "book.json")])):
+        capsys.readouterr()
+        assert main(["info", str(name), *extra]) == 0
+        out = capsys.readouterr().out
+        assert "vocab_size=50257" in out and "emb_dim=32" in out and "tie_weights=True" in out
+        assert main(["generate", "Hello, I am", "--model", str(name), "--max-new-tokens", "5", *extra]) == 0
+        outputs.add(capsys.readouterr().out)
+    assert len(outputs) == 1  # the same weights generate the same text whatever the format
+    assert outputs.pop().startswith("Hello, I am")
+    assert main(["convert", str(tmp_path / "book.pth"), "--to", "hf", "--out", str(tmp_path / "x")]) == 2
+    assert "pass config= to gptforge.load" in capsys.readouterr().err
+
+
+def test_cli_convert_errors_are_one_line(tmp_path, hf_dir, capsys):
+    edit_json(hf_dir / "config.json", layer_norm_epsilon=1e-6)
+    assert main(["convert", str(hf_dir), "--to", "gptforge", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "layer_norm_epsilon" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    assert main(["info", "book-124m", "--model", "gpt2-124m"]) == 2
+    assert "two models given" in capsys.readouterr().err
+    (tmp_path / "cfg.json").write_text(json.dumps(gptforge.preset("book-124m").to_dict()))
+    assert main(["info", "book-124m", "--config", str(tmp_path / "cfg.json")]) == 2
+    assert "config= is only for the book's state dicts" in capsys.readouterr().err

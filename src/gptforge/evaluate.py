@@ -123,21 +123,22 @@ def token_nll(model: nn.Module, ids: Sequence[int], *, stride: int | None = None
     return nll_sum, scored
 
 
+class _NoBar:
+    """What `_progress` returns when there is no bar to show."""
+
+    def update(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def _progress(total: int, enabled: bool):
-    """A tqdm bar over windows when enabled (and tqdm is installed); else a stand-in that does nothing."""
+    """A tqdm bar over `total` windows when enabled (shown on a terminal only); else a _NoBar."""
     if enabled:
         try:
             from tqdm import tqdm
-
-            return tqdm(total=total, unit="window", leave=False, disable=None)  # None: off unless a TTY
         except ImportError:  # tqdm is optional: no bar then
-            pass
-
-    class _NoBar:
-        def update(self, n: int) -> None: ...
-
-        def close(self) -> None: ...
-
+            return _NoBar()
+        return tqdm(total=total, unit="window", leave=False, disable=None)  # None: off unless a TTY
     return _NoBar()
 
 

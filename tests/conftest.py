@@ -25,7 +25,7 @@ def _tiny_config(**changes) -> dict:
     return cfg
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config():
     """The one tiny config, as a factory: `tiny_config(vocab_size=97, context_length=16)`."""
     return _tiny_config

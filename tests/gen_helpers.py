@@ -7,11 +7,14 @@ import torch.nn as nn
 
 from gptforge import GPTConfig, GPTModel, KVCache
 
-TINY = GPTConfig(vocab_size=256, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
-TINY_GPT2 = TINY.replace(qkv_bias=True, tie_weights=True, init="gpt2")
+def generation_config(tiny_config, **changes) -> GPTConfig:
+    """The generation tests' tiny model config, from the conftest `tiny_config` fixture: 256 tokens,
+    32 positions, width 64, no qkv bias (changes apply on top)."""
+    return GPTConfig.from_dict(tiny_config(**{"vocab_size": 256, "context_length": 32, "emb_dim": 64,
+                                              "qkv_bias": False, **changes}))
 
 
-def tiny_model(cfg: GPTConfig = TINY, seed: int = 0) -> GPTModel:
+def tiny_model(cfg: GPTConfig, seed: int = 0) -> GPTModel:
     torch.manual_seed(seed)
     return GPTModel(cfg).eval()
 

@@ -18,6 +18,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "gptforge", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_prints_the_seed_sentence():
     result = run_cli("generate", "Hello, I am", "--model", "book-124m", "--seed", "123", "--max-new-tokens", "6")
     assert result.returncode == 0, result.stderr
@@ -33,6 +34,7 @@ def test_info_prints_counts_and_memory(capsys):
     assert "1,557,611,200" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["info", "gpt5"], "no preset or file named 'gpt5'"),
     (["generate", "hi", "--model", "nope"], "no preset or file named 'nope'"),
@@ -46,3 +48,29 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("bug", [ValueError("an internal bug"), TypeError("an internal bug")])
+def test_an_internal_error_keeps_its_traceback(monkeypatch, bug):
+    """Only GptforgeError and FileNotFoundError are the user's mistake; a plain ValueError or
+    TypeError raised inside a verb is a bug and must propagate, not become exit 2."""
+    import gptforge.checkpoint
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(gptforge.checkpoint, "load_config", broken)
+    with pytest.raises(type(bug), match="an internal bug"):
+        main(["info", "book-124m"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--top-k", "0"], "--top-k"),
+    (["generate", "x", "--temperature", "hot"], "expected a number"),
+    (["serve", "--port", "70000"], "--port"),
+    (["train", "--batch-size", "-1"], "--batch-size"),
+])
+def test_a_bad_flag_value_is_exit_2_and_one_line(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -45,6 +45,7 @@ def test_default_model_is_trained_on_shakespeare():
     assert untrained > 10 and loss < 5.2, (loss, untrained)  # the run measured 4.86 over all of it
 
 
+@pytest.mark.slow
 def test_generate_without_model_uses_the_default():
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.run([sys.executable, "-m", "gptforge", "generate", "ROMEO:", "--max-new-tokens", "30"],

@@ -63,11 +63,9 @@ def check_against_guide(model, hf_model, text: str, stride: int, batch_size: int
 
 
 @pytest.fixture(scope="module")
-def tiny_gpt2_vocab():
+def tiny_gpt2_vocab(tiny_config):
     torch.manual_seed(0)
-    cfg = {"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
-           "drop_rate": 0.0, "qkv_bias": True}
-    return gptforge.GPTModel(cfg).eval()
+    return gptforge.GPTModel(tiny_config(vocab_size=50257, context_length=32)).eval()
 
 
 @pytest.mark.parametrize("stride,batch_size", [(32, 4), (32, 1), (12, 5), (1, 64)])

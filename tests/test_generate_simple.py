@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from conftest import _tiny_config as tiny_config  # TODO(restructure): use the fixture
 from gptforge import GPTModel, generate_text, generate_text_simple, get_tokenizer
 
 
 @pytest.fixture
-def model():
+def model(tiny_config):
     torch.manual_seed(0)
     return GPTModel(tiny_config(context_length=8)).eval()
 
@@ -39,7 +38,7 @@ def test_invalid_arguments_raise_value_error(model, kwargs, message):
         generate_text_simple(model, **args)
 
 
-def test_text_helper_and_empty_prompt():
+def test_text_helper_and_empty_prompt(tiny_config):
     torch.manual_seed(0)
     model = GPTModel(tiny_config(vocab_size=50257, context_length=8))
     model.train()

@@ -11,7 +11,13 @@ from gptforge import GenerationConfig, generate, generate_text, generate_text_si
 from gptforge.generation import MinP, RepetitionPenalty, TextStream, TopK, TopP, left_pad
 from gptforge.tokenizer import get_tokenizer
 
-from gen_helpers import TINY, TINY_GPT2, ScriptedModel, hf_twin, tiny_model
+from gen_helpers import generation_config, ScriptedModel, hf_twin, tiny_model
+
+
+@pytest.fixture
+def cfg(tiny_config):
+    """The tiny model these tests share (see gen_helpers.generation_config)."""
+    return generation_config(tiny_config)
 
 HELLO = [15496, 11, 314, 716]
 
@@ -28,25 +34,25 @@ def test_seed_sentence_through_the_cached_engine(book_model):
     assert generate_text(book_model, "Hello, I am", 6) == "Hello, I am Featureiman Byeswickattribute argue"
 
 
-def test_cache_matches_seed_loop_for_500_tokens_past_the_context():
-    model = tiny_model()
-    idx = torch.randint(0, TINY.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
-    expected = generate_text_simple(model, idx, 500, TINY.context_length)
+def test_cache_matches_seed_loop_for_500_tokens_past_the_context(cfg):
+    model = tiny_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    expected = generate_text_simple(model, idx, 500, cfg.context_length)
     got = generate(model, idx, 500, stop_token_ids=())
     assert got.shape == (2, 505)
     assert torch.equal(got, expected)
 
 
-def test_prompt_longer_than_the_context_is_cropped_like_the_seed():
-    model = tiny_model()
-    idx = torch.randint(0, TINY.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+def test_prompt_longer_than_the_context_is_cropped_like_the_seed(cfg):
+    model = tiny_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
     assert torch.equal(generate(model, idx, 20, stop_token_ids=()), generate_text_simple(model, idx, 20, 32))
 
 
-def test_greedy_matches_transformers_generate():
-    model = tiny_model(TINY_GPT2)
+def test_greedy_matches_transformers_generate(cfg):
+    model = tiny_model(cfg.replace(qkv_bias=True, tie_weights=True, init="gpt2"))
     hf = hf_twin(model)
-    idx = torch.randint(0, TINY.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+    idx = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx), rtol=1e-4, atol=1e-4)
         expected = hf.generate(idx, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
@@ -54,8 +60,8 @@ def test_greedy_matches_transformers_generate():
     assert torch.equal(generate(model, idx, 20, stop_token_ids=()), expected)
 
 
-def test_batch_of_different_lengths_equals_each_prompt_alone():
-    model = tiny_model()
+def test_batch_of_different_lengths_equals_each_prompt_alone(cfg):
+    model = tiny_model(cfg)
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 9, 1, 6)]
     batch = generate(model, prompts, 40, stop_token_ids=(), pad_token_id=0)  # runs past context 32
@@ -66,8 +72,8 @@ def test_batch_of_different_lengths_equals_each_prompt_alone():
         assert row[:width - len(p)].tolist() == [0] * (width - len(p))
 
 
-def test_left_padded_tensor_with_attention_mask():
-    model = tiny_model()
+def test_left_padded_tensor_with_attention_mask(cfg):
+    model = tiny_model(cfg)
     ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     out = generate(model, ids, 5, attention_mask=mask, stop_token_ids=())
@@ -147,8 +153,8 @@ def test_next_tokens_greedy_and_sampling():
     assert next_tokens(torch.tensor([[0.0, 2.0, 1.5]]), ids, GenerationConfig(repetition_penalty=2.0)).tolist() == [2]
 
 
-def test_seed_repeats_and_leaves_global_rng_alone():
-    model = tiny_model()
+def test_seed_repeats_and_leaves_global_rng_alone(cfg):
+    model = tiny_model(cfg)
     idx = torch.tensor([[1, 2, 3]])
     torch.manual_seed(42)
     before = torch.get_rng_state()
@@ -159,8 +165,8 @@ def test_seed_repeats_and_leaves_global_rng_alone():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_num_return_sequences():
-    model = tiny_model()
+def test_num_return_sequences(cfg):
+    model = tiny_model(cfg)
     out = generate(model, [[1, 2], [3]], 10, temperature=1.0, num_return_sequences=3, seed=0,
                    stop_token_ids=(), pad_token_id=0)
     assert out.shape == (6, 12)
@@ -224,19 +230,19 @@ def test_text_stream_holds_possible_stop_prefix():
     assert stream.finish() == "" and not stream.stopped
 
 
-def test_generation_restores_training_mode():
-    model = tiny_model()
+def test_generation_restores_training_mode(cfg):
+    model = tiny_model(cfg)
     model.train()
     generate(model, torch.tensor([[1]]), 3)
     assert model.training and torch.is_grad_enabled()
 
 
-def test_only_the_last_position_reaches_the_head():
-    model = tiny_model()
+def test_only_the_last_position_reaches_the_head(cfg):
+    model = tiny_model(cfg)
     seen = []
     hook = model.out_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
     try:
         generate(model, torch.tensor([[1, 2, 3, 4, 5]]), 4, stop_token_ids=())
     finally:
         hook.remove()
-    assert seen == [(1, 1, TINY.emb_dim)] * 4  # the prefill's 5 positions included: only the last
+    assert seen == [(1, 1, cfg.emb_dim)] * 4  # the prefill's 5 positions included: only the last

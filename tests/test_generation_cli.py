@@ -35,7 +35,7 @@ def test_cli_flags_reach_the_generation_config():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--top-p", "3"], "top_p"), (["--num-return-sequences", "2"], "num_return_sequences"),
+    (["--top-p", "3"], "--top-p"), (["--num-return-sequences", "2"], "num_return_sequences"),
     (["--stop-token-ids", "a,b"], "--stop-token-ids"), (["--model", "nope"], "nope"),
     (["--device", "gpu0"], "unknown device"),
     pytest.param(["--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(
@@ -45,3 +45,23 @@ def test_cli_bad_values_are_one_line_exit_2(capsys, argv, message):
     assert main(["generate", "x", "--model", "book-124m", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_generate_flags_come_from_the_generation_config_fields():
+    """One source of truth: each GenerationConfig field (but pad_token_id) is a flag whose help is
+    the field's metadata, and whose default is the field's (seed: the CLI's 123)."""
+    import dataclasses
+
+    from gptforge.generation import GenerationConfig
+
+    parser = build_parser()
+    gen = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("generate"))
+    actions = {a.dest: a for a in gen._actions}
+    for f in dataclasses.fields(GenerationConfig):
+        if f.name == "pad_token_id":
+            assert f.name not in actions
+            continue
+        assert actions[f.name].help.startswith(f.metadata["help"]), f.name
+    args = parser.parse_args(["generate", "x"])
+    from gptforge.cli import _generation_options
+    assert GenerationConfig(**_generation_options(args)) == GenerationConfig(seed=123)

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from conftest import _tiny_config as tiny_config  # TODO(restructure): use the fixture
 from gptforge import GPTConfig, GPTModel, count_parameters
 from gptforge.model import GELU, LayerNorm, MultiHeadAttention
 
@@ -18,7 +17,7 @@ def _book_model_with_our_weights(book, cfg, ours):
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_same_weights_same_logits_as_the_books_model(book, qkv_bias):
+def test_same_weights_same_logits_as_the_books_model(tiny_config, book, qkv_bias):
     cfg = tiny_config(qkv_bias=qkv_bias, vocab_size=50257, context_length=32)
     torch.manual_seed(0)
     ours = GPTModel(cfg).eval()
@@ -49,7 +48,7 @@ def test_gelu_and_layernorm_are_the_books(book):
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_only_in_training_mode():
+def test_dropout_only_in_training_mode(tiny_config):
     torch.manual_seed(0)
     model = GPTModel(tiny_config(drop_rate=0.5))
     idx = torch.randint(0, 97, (2, 16))
@@ -59,7 +58,7 @@ def test_dropout_only_in_training_mode():
     assert torch.equal(model(idx), model(idx))
 
 
-def test_weight_tying_shares_one_tensor_and_one_gradient():
+def test_weight_tying_shares_one_tensor_and_one_gradient(tiny_config):
     model = GPTModel(tiny_config(tie_weights=True))
     assert model.out_head.weight is model.tok_emb.weight
     assert model.out_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
@@ -72,7 +71,7 @@ def test_weight_tying_shares_one_tensor_and_one_gradient():
     assert model.tok_emb.weight.grad.abs().sum(dim=1).gt(0).all()
 
 
-def test_gpt2_initialisation_is_a_separate_option():
+def test_gpt2_initialisation_is_a_separate_option(tiny_config):
     torch.manual_seed(0)
     cfg = tiny_config(vocab_size=5000, emb_dim=128, n_heads=4, n_layers=8, init="gpt2")
     model = GPTModel(cfg)
@@ -90,7 +89,7 @@ def test_gpt2_initialisation_is_a_separate_option():
 @pytest.mark.parametrize("changes", [
     {}, {"qkv_bias": False}, {"tie_weights": True}, {"n_layers": 3, "emb_dim": 48, "n_heads": 3},
 ])
-def test_counting_without_building_equals_the_built_model(changes):
+def test_counting_without_building_equals_the_built_model(tiny_config, changes):
     cfg = GPTConfig.from_dict(tiny_config(**changes))
     counts = count_parameters(cfg)
     model = GPTModel(cfg)
@@ -118,7 +117,7 @@ def test_preset_counts_match_transformers():
     assert count_parameters("gpt2-124m").total == 124_439_808  # the published "124M"
 
 
-def test_kv_cache_and_left_padding_give_the_full_forward_logits():
+def test_kv_cache_and_left_padding_give_the_full_forward_logits(tiny_config):
     torch.manual_seed(0)
     model = GPTModel(tiny_config()).eval()
     idx = torch.randint(0, 97, (2, 12))
@@ -135,7 +134,7 @@ def test_kv_cache_and_left_padding_give_the_full_forward_logits():
         torch.testing.assert_close(out[:, 3:], full[:1, :9], rtol=1e-5, atol=1e-5)
 
 
-def test_too_long_input_is_a_clear_error():
+def test_too_long_input_is_a_clear_error(tiny_config):
     model = GPTModel(tiny_config())
     with pytest.raises(ValueError, match="exceeds the model's 16 positions"):
         model(torch.zeros(1, 17, dtype=torch.long))
@@ -143,7 +142,7 @@ def test_too_long_input_is_a_clear_error():
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_fused_loss_equals_cross_entropy_of_the_logits(tie, autocast):
+def test_fused_loss_equals_cross_entropy_of_the_logits(tiny_config, tie, autocast):
     """model(x, targets=y) (LinearCrossEntropy, chunked, logits never kept) gives the loss and the
     gradients of the book's F.cross_entropy(logits.flatten(0, 1), y.flatten())."""
     import torch.nn.functional as F

@@ -11,17 +11,23 @@ import torch.nn as nn
 from gptforge import generate
 from gptforge.quant import Int8Linear, PackedLinear, prepare_for_inference
 
-from gen_helpers import TINY, tiny_model
+from gen_helpers import generation_config, tiny_model
 
 
-def _prompt():
-    return torch.randint(0, TINY.vocab_size, (2, 7), generator=torch.Generator().manual_seed(11))
+@pytest.fixture
+def cfg(tiny_config):
+    """The tiny model these tests share (see gen_helpers.generation_config)."""
+    return generation_config(tiny_config)
 
 
-def test_float32_relayout_keeps_state_dict_and_results():
-    model = tiny_model()
+def _prompt(cfg):
+    return torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(11))
+
+
+def test_float32_relayout_keeps_state_dict_and_results(cfg):
+    model = tiny_model(cfg)
     before = copy.deepcopy(model.state_dict())
-    idx = _prompt()
+    idx = _prompt(cfg)
     expected_logits = model(idx).detach()
     expected = generate(model, idx, 20, stop_token_ids=())
     prepare_for_inference(model, "float32")
@@ -31,7 +37,7 @@ def test_float32_relayout_keeps_state_dict_and_results():
     assert not model.trf_blocks[0].ff.layers[0].weight.is_contiguous()  # stored as (in, out)
     att = model.trf_blocks[0].att
     assert att.fused_qkv is not None and att.W_key.weight.data_ptr() == att.W_query.weight.data_ptr() + 64 * 4
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_model().parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_model(cfg).parameters())
     torch.testing.assert_close(model(idx).detach(), expected_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(generate(model, idx, 20, stop_token_ids=()), expected)
 
@@ -50,9 +56,9 @@ def test_int8_linear_matches_its_dequantized_weight():
 
 
 @pytest.mark.parametrize("dtype, quantize, kind", [("bfloat16", "none", PackedLinear), ("float32", "int8", Int8Linear)])
-def test_low_precision_models_track_float32(dtype, quantize, kind):
-    model = tiny_model()
-    idx = _prompt()
+def test_low_precision_models_track_float32(cfg, dtype, quantize, kind):
+    model = tiny_model(cfg)
+    idx = _prompt(cfg)
     ref_logits = model(idx).detach()
     ref = generate(model, idx, 16, stop_token_ids=())
     fast = prepare_for_inference(copy.deepcopy(model), dtype, quantize)
@@ -67,8 +73,8 @@ def test_low_precision_models_track_float32(dtype, quantize, kind):
     assert (out[:, 7:] == ref[:, 7:]).float().mean() > 0.5  # random weights: greedy can drift after a flip
 
 
-def test_bad_dtype_and_quantize_are_value_errors():
+def test_bad_dtype_and_quantize_are_value_errors(cfg):
     with pytest.raises(ValueError, match="dtype"):
-        prepare_for_inference(tiny_model(), "float16")
+        prepare_for_inference(tiny_model(cfg), "float16")
     with pytest.raises(ValueError, match="quantize"):
-        prepare_for_inference(tiny_model(), "float32", "int4")
+        prepare_for_inference(tiny_model(cfg), "float32", "int4")

@@ -8,24 +8,23 @@ import torch
 
 from gptforge import GPTModel, generate
 from gptforge.generation import GenerationConfig, prompt_ids
-from gptforge.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, BatchScheduler, Sequence
+from gptforge.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, BatchScheduler, SequenceState
 
 # A 512-token vocabulary (GPT-2's first 512 ids: bytes and early merges) keeps sampling over the
 # vocabulary cheap; the HTTP tests use the full one.
-TINY = {"vocab_size": 512, "context_length": 32, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
-        "drop_rate": 0.0, "qkv_bias": True}
+VOCAB = 512
 PROMPTS = ["Hello, I am", "The quick brown fox jumps over the lazy dog", "A", "Once upon a time there was",
            "x y z", "In 1999, the", "Every effort moves you", "import torch"]
 
 
 def ids_of(text: str) -> list[int]:
-    return [i % TINY["vocab_size"] for i in prompt_ids(text)]
+    return [i % VOCAB for i in prompt_ids(text)]
 
 
 @pytest.fixture(scope="module")
-def model() -> GPTModel:
+def model(tiny_config) -> GPTModel:
     torch.manual_seed(0)
-    return GPTModel(TINY).eval()
+    return GPTModel(tiny_config(vocab_size=VOCAB, context_length=32, emb_dim=64)).eval()
 
 
 def alone(model, ids, max_tokens, **options):
@@ -36,12 +35,12 @@ def alone(model, ids, max_tokens, **options):
 
 def make_seq(ids, max_tokens, outputs, **options):
     config = GenerationConfig(stop_token_ids=(), **options)
-    return Sequence(ids, max_tokens, config, on_output=outputs.append)
+    return SequenceState(ids, max_tokens, config, on_output=outputs.append)
 
 
 def run_to_end(scheduler, limit=1000):
     steps = 0
-    while scheduler.load()["active"] or scheduler.load()["waiting"]:
+    while scheduler.stats()["active"] or scheduler.stats()["waiting"]:
         scheduler.step()
         steps += 1
         assert steps < limit
@@ -58,7 +57,7 @@ def test_concurrent_greedy_sequences_equal_alone_in_one_step_per_token(model):
         scheduler.submit(seqs[-1])
     run_to_end(scheduler)
     # Batched: the longest sequence's tokens, minus the one its prefill picks; alone would be sum(...).
-    assert scheduler.stats["decode_steps"] == max(s.max_tokens for s in seqs) - 1
+    assert scheduler.counters["decode_steps"] == max(s.max_tokens for s in seqs) - 1
     for seq, out in zip(seqs, outputs):
         assert seq.generated == alone(model, seq.prompt_ids, seq.max_tokens)
         assert out[-1].finish_reason == FINISH_LENGTH and out[-1].num_tokens == seq.max_tokens
@@ -72,7 +71,7 @@ def test_joining_leaving_shifting_and_compacting_keep_results_exact(model):
     scheduler = BatchScheduler(model, max_batch_size=3)
     shifts = []
     shift = scheduler._shift
-    scheduler._shift = lambda delta: (shifts.append((delta, scheduler.load()["active"])), shift(delta))
+    scheduler._shift = lambda delta: (shifts.append((delta, scheduler.stats()["active"])), shift(delta))
     plan = [(2, 20), (14, 6), (5, 12), (22, 4), (1, 9), (9, 14), (3, 3)]  # (prompt tokens, max_tokens)
     words = ids_of(" ".join(PROMPTS))
     seqs = []
@@ -107,7 +106,7 @@ def test_stop_strings_and_logprobs(model):
     full_text = scheduler.tokenizer.decode(greedy)
     stop = full_text[len(full_text) // 2:len(full_text) // 2 + 3]
     out: list = []
-    seq = Sequence(ids, 12, GenerationConfig(stop_strings=(stop,), stop_token_ids=()), out.append, logprobs=2)
+    seq = SequenceState(ids, 12, GenerationConfig(stop_strings=(stop,), stop_token_ids=()), out.append, logprobs=2)
     scheduler.submit(seq)
     run_to_end(scheduler)
     text = "".join(o.text for o in out)
@@ -127,13 +126,13 @@ def test_cancel_frees_the_row_and_drain_aborts(model):
     for seq in seqs:
         scheduler.submit(seq)
     scheduler.step()
-    assert scheduler.load()["active"] == 2 and scheduler.load()["waiting"] == 1
+    assert scheduler.stats()["active"] == 2 and scheduler.stats()["waiting"] == 1
     scheduler.cancel(seqs[0])
     scheduler.step()
-    assert scheduler.stats["cancelled"] == 1 and seqs[2] in scheduler._rows
+    assert scheduler.counters["cancelled"] == 1 and seqs[2] in scheduler._rows
     scheduler.drain(0.0)
     scheduler.step()
-    assert scheduler.load()["active"] == 0
+    assert scheduler.stats()["active"] == 0
     assert outs[1][-1].finish_reason == FINISH_ABORT and outs[2][-1].finish_reason == FINISH_ABORT
     with pytest.raises(RuntimeError, match="shutting down"):
         scheduler.submit(make_seq([1], 1, []))
@@ -182,17 +181,17 @@ def test_submit_rejects_what_cannot_fit(model):
         BatchScheduler(model, max_batch_size=0)
 
 
-def test_a_padded_vocabulary_never_yields_ids_without_text():
+def test_a_padded_vocabulary_never_yields_ids_without_text(tiny_config):
     # nanoGPT-style vocabularies are padded to 50304; ids >= 50257 have no text, so they are never
     # picked, even when the model prefers them.
     torch.manual_seed(0)
-    model = GPTModel({**TINY, "vocab_size": 50304}).eval()
+    model = GPTModel(tiny_config(vocab_size=50304, context_length=32, emb_dim=64)).eval()
     with torch.no_grad():
         model.out_head.weight[50257:] = model.out_head.weight[:47] * 100  # make the padding ids win
     assert int(model(torch.tensor([[1, 2, 3]]))[0, -1].argmax()) >= 50257
     scheduler = BatchScheduler(model)
     out: list = []
-    seq = Sequence([1, 2, 3], 5, GenerationConfig(stop_token_ids=()), out.append, logprobs=3)
+    seq = SequenceState([1, 2, 3], 5, GenerationConfig(stop_token_ids=()), out.append, logprobs=3)
     scheduler.submit(seq)
     run_to_end(scheduler)
     assert out[-1].finish_reason == FINISH_LENGTH and all(t < 50257 for t in seq.generated)

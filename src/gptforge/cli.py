@@ -12,19 +12,10 @@ from collections.abc import Sequence
 import torch
 
 from .errors import GptforgeError
+from .options import add_flags, flag_type
 
 # A small GPT-2-tokenizer model trained on Tiny Shakespeare, shipped in gptforge/assets (see README).
 DEFAULT_MODEL = "gptforge-shakespeare"
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def _format_count(n: int) -> str:
@@ -84,25 +75,13 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def _generation_options(args: argparse.Namespace) -> dict:
     """The GenerationConfig fields given on the command line (validated by GenerationConfig)."""
-    options = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        num_return_sequences=args.num_return_sequences, seed=args.seed,
-        stop_strings=tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop),
-    )
-    if args.stop_token_ids is not None:
-        options["stop_token_ids"] = _parse_ids(args.stop_token_ids)
+    from .generation import GenerationConfig
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)
+               if getattr(args, f.name, None) is not None}
+    if "stop_strings" in options:  # the shell passes "\n" as two characters
+        options["stop_strings"] = tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in options["stop_strings"])
     return options
-
-
-def _parse_ids(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none"):
-        return ()
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise GptforgeError(f"--stop-token-ids expects comma-separated integers or 'none', got {text!r}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -138,30 +117,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
     out = save(model, args.out, format=args.to)
     print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, "
           f"{str(model.tok_emb.weight.dtype).removeprefix('torch.')})")
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _non_negative_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -228,23 +183,26 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
                         help="int8: weight-only int8 linears with bf16 activations (CPU)")
 
 
-def _add_eval_parser(verbs: argparse._SubParsersAction) -> None:
+def _add_eval_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ev = verbs.add_parser(
         "eval", help="perplexity of text files (sliding window)",
         description="Loss, perplexity and bits per byte of text files under a model, by the sliding "
                     "window of Hugging Face's perplexity guide (see docs/evaluation.md).")
     ev.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     ev.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s), each scored on its own")
-    ev.add_argument("--stride", type=int, default=None,
+    # its upper bound is the model's context length, checked once the model is known
+    ev.add_argument("--stride", type=flag_type("int", "--stride", {"minimum": 1}), default=None,
                     help="tokens between window starts, in [1, context length] (default: the context "
                          "length, disjoint windows); smaller gives each token more context")
-    ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
+    ev.add_argument("--batch-size", type=flag_type("int", "--batch-size", {"minimum": 1}), default=4,
+                    help="windows per forward pass (default: 4)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_precision_flags(ev)
     ev.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    ev.add_argument("--seed", type=_non_negative_int, default=123, help="torch seed for a preset's random weights (default: 123)")
-    ev.add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
+    ev.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0}), default=123,
+                    help="torch seed for a preset's random weights (default: 123)")
     ev.set_defaults(func=cmd_eval)
+    return ev
 
 
 def _train_options(args: argparse.Namespace) -> dict:
@@ -292,92 +250,93 @@ def _add_train_parser(verbs: argparse._SubParsersAction) -> None:
     tr.add_argument("--config", metavar="FILE", help="JSON or TOML file of training options")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="change a model config field, e.g. --set context_length=256 (repeatable)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "model_overrides":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        kw: dict = {"dest": f.name, "default": None, "help": f.metadata["help"]}
-        if kind == "bool":
-            tr.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        if kind.startswith("int"):
-            kw["type"] = _non_negative_int
-        elif kind.startswith("float"):
-            kw["type"] = float
-        tr.add_argument(flag, **kw)
+    add_flags(tr, TrainConfig, skip=("model_overrides",), int_minimum=0)
     tr.set_defaults(func=cmd_train)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptforge", description="GPT-2 from scratch: inspect, generate, train, serve.")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (like every other bad input), not the usage block."""
 
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_info_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     info = verbs.add_parser("info", help="parameter counts and memory of a model")
     info.add_argument("model_pos", nargs="?", metavar="MODEL", help=MODEL_HELP)
     info.add_argument("--model", default=None, help="the same as MODEL")
     info.set_defaults(func=cmd_info)
+    return info
+
+
+def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The decoding flags are GenerationConfig's fields (help, type and range from its metadata)."""
+    from .generation import GenerationConfig
 
     gen = verbs.add_parser("generate", help="continue a prompt (streams by default)")
     gen.add_argument("prompt", metavar="PROMPT", help="text to continue; empty starts from <|endoftext|>")
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
-    gen.add_argument("--max-new-tokens", type=_non_negative_int, default=50, help="tokens to generate (default: 50)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among exactly the k most likely tokens")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1 = off)")
-    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (default: 0)")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1 = off)")
-    gen.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2] (default: 0)")
-    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2] (default: 0)")
-    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                     help="stop when the generated text contains TEXT (repeatable; \\n escapes allowed)")
-    gen.add_argument("--stop-token-ids", default=None, metavar="IDS",
-                     help="comma-separated ids that end generation (default: 50256 = <|endoftext|>; 'none' for none)")
-    gen.add_argument("--num-return-sequences", type=int, default=1, help="samples to draw (needs --temperature > 0)")
-    gen.add_argument("--seed", type=_non_negative_int, default=123,
-                     help="seeds sampling and a preset's random weights (default: 123)")
-    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default: float32)")
-    gen.add_argument("--quantize", choices=("none", "int8"), default="none",
-                     help="int8: weight-only int8 linears with bf16 activations (CPU)")
+    # the CLI seeds by default, so a preset's random weights and sampling repeat run to run
+    add_flags(gen, GenerationConfig, defaults={"seed": 123})
+    _add_precision_flags(gen)
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
+    return gen
 
+
+def _add_serve_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     srv = verbs.add_parser("serve", help="OpenAI-compatible completions server (loopback by default)")
     srv.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
-    srv.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    srv.add_argument("--port", type=flag_type("int", "--port", {"minimum": 0, "maximum": 65535}), default=8000,
+                     help="port (default: 8000)")
     srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     srv.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     srv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="weights' dtype (default: as stored)")
-    srv.add_argument("--seed", type=_non_negative_int, default=123, help="torch seed for a preset's random weights (default: 123)")
-    srv.add_argument("--max-batch-size", type=_positive_int, default=16, help="sequences decoded together (default: 16)")
-    srv.add_argument("--max-tokens-cap", type=_positive_int, default=None, help="largest max_tokens a request may ask (default: the context length)")
-    srv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
-    srv.add_argument("--shutdown-grace", type=_non_negative_float, default=10.0,
+    srv.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0}), default=123,
+                     help="torch seed for a preset's random weights (default: 123)")
+    positive = {"minimum": 1}
+    srv.add_argument("--max-batch-size", type=flag_type("int", "--max-batch-size", positive), default=16,
+                     help="sequences decoded together (default: 16)")
+    srv.add_argument("--max-tokens-cap", type=flag_type("int", "--max-tokens-cap", positive), default=None,
+                     help="largest max_tokens a request may ask (default: the context length)")
+    srv.add_argument("--max-body-bytes", type=flag_type("int", "--max-body-bytes", positive), default=1 << 20,
+                     help="larger request bodies get 413 (default: 1 MiB)")
+    srv.add_argument("--shutdown-grace", type=flag_type("float", "--shutdown-grace", {"minimum": 0}), default=10.0,
                      help="seconds in-flight requests may still run after SIGTERM (default: 10)")
     srv.set_defaults(func=cmd_serve)
+    return srv
 
+
+def _add_convert_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge or Hugging Face format")
     conv.add_argument("src", metavar="SRC", help="checkpoint directory, book state dict file or hub id")
     conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
     conv.add_argument("--out", required=True, metavar="DIR", help="output directory (an existing checkpoint there is replaced atomically; other contents are refused)")
     conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
     conv.set_defaults(func=cmd_convert)
-    for verb in (info, gen, conv, srv):
-        verb.add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
+    return conv
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `gptforge` parser: one sub-parser per verb."""
+    parser = _Parser(prog="gptforge", description="GPT-2 from scratch: inspect, generate, train, serve, evaluate.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    for add in (_add_info_parser, _add_generate_parser, _add_serve_parser, _add_convert_parser, _add_eval_parser):
+        add(verbs).add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
     _add_train_parser(verbs)
-    _add_eval_parser(verbs)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; returns the exit code (2 for bad input, given as a flag or found by the verb)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse has printed its one line (or the help)
+        return stop.code or 0
     try:
         code = args.func(args)
     except (GptforgeError, FileNotFoundError) as err:

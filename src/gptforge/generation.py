@@ -13,6 +13,7 @@ batching and streaming.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
@@ -22,8 +23,13 @@ import torch
 import torch.nn as nn
 
 from .config import known_fields
-from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
 from .errors import GptforgeError
+from .logits_processors import (  # noqa: F401  (re-exported: they were defined here)
+    MinP, PresenceFrequencyPenalty, RepetitionPenalty, Temperature, TopK, TopP,
+)
+from .options import check_fields, check_value, option
+from .quant import inference_view
+from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
 
 
 def _check_ids(idx: torch.Tensor) -> None:
@@ -35,11 +41,6 @@ def _check_ids(idx: torch.Tensor) -> None:
         raise GptforgeError(f"idx must have shape (batch, tokens) with both > 0, got {tuple(idx.shape)}")
 
 
-def _check_count(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise GptforgeError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
                          context_size: int) -> torch.Tensor:
     """The seed's greedy decoding. idx: (B, T) ids; returns (B, T + max_new_tokens).
@@ -48,8 +49,8 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
     and appends the argmax of the last position's logits (softmax is monotonic, so it is skipped).
     """
     _check_ids(idx)
-    _check_count("max_new_tokens", max_new_tokens, 0)
-    _check_count("context_size", context_size, 1)
+    check_value("max_new_tokens", max_new_tokens, "int", minimum=0)
+    check_value("context_size", context_size, "int", minimum=1)
     for _ in range(max_new_tokens):
         idx_cond = idx[:, -context_size:]  # (B, <= context_size)
         with torch.no_grad():
@@ -66,170 +67,51 @@ def prompt_ids(prompt: str, tokenizer: Tokenizer | None = None) -> list[int]:
     return tokenizer.encode(prompt) or [tokenizer.eot_id]
 
 
-# --------------------------------------------------------------------------- logits processors
-# Each processor maps (logits (B, V) float32, ids (B, T) int64) -> logits (B, V). `ids` are the
-# tokens so far (prompt and generated); negative entries are padding and are ignored.
-
-def _token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(B, T) ids -> (B, V) float32 occurrence counts, ignoring negative (padding) ids."""
-    index = torch.where(ids < 0, vocab_size, ids)  # padding goes to an extra column, dropped below
-    counts = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.float32, device=ids.device)
-    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
-    return counts[:, :vocab_size]
-
-
-@dataclasses.dataclass(frozen=True)
-class RepetitionPenalty:
-    """CTRL's / Hugging Face's repetition penalty: a token already present has its logit divided
-    by `penalty` if positive, multiplied if negative (penalty > 1 discourages repeats)."""
-
-    penalty: float
-
-    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        seen = _token_counts(ids, logits.shape[-1]) > 0
-        penalized = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
-        return torch.where(seen, penalized, logits)
-
-
-@dataclasses.dataclass(frozen=True)
-class PresenceFrequencyPenalty:
-    """OpenAI's penalties: logit -= presence * [count > 0] + frequency * count."""
-
-    presence: float
-    frequency: float
-
-    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        counts = _token_counts(ids, logits.shape[-1])
-        return logits - self.presence * (counts > 0).float() - self.frequency * counts
-
-
-@dataclasses.dataclass(frozen=True)
-class Temperature:
-    """Divide logits by the temperature (> 0): below 1 sharpens, above 1 flattens."""
-
-    temperature: float
-
-    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return logits / self.temperature
-
-
-@dataclasses.dataclass(frozen=True)
-class TopK:
-    """Keep exactly the `k` highest logits; the rest become -inf. Ties at the k-th value are
-    broken towards the lower token id, so exactly k survive (nanoGPT's `logits < v[-1]` keeps
-    every tied token instead)."""
-
-    k: int
-
-    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self.k >= logits.shape[-1]:
-            return logits
-        kth = torch.topk(logits, self.k, dim=-1).values[:, -1:]  # (B, 1)
-        above = logits > kth
-        tied = logits == kth
-        room = self.k - above.sum(-1, keepdim=True)  # (B, 1) slots left for tied tokens
-        keep = above | (tied & (tied.cumsum(-1) <= room))
-        return logits.masked_fill(~keep, float("-inf"))
-
-
-@dataclasses.dataclass(frozen=True)
-class TopP:
-    """Nucleus sampling: keep the smallest set of most probable tokens whose probability sums to
-    at least `p` (the most probable token always survives)."""
-
-    p: float
-
-    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # probability of the more likely tokens
-        drop_sorted = mass_before >= self.p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        return logits.masked_fill(drop, float("-inf"))
-
-
-@dataclasses.dataclass(frozen=True)
-class MinP:
-    """Keep tokens whose probability is at least `p` times the most probable token's."""
-
-    p: float
-
-    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        probs = logits.softmax(-1)
-        floor = self.p * probs.max(-1, keepdim=True).values
-        return logits.masked_fill(probs < floor, float("-inf"))
-
-
 # --------------------------------------------------------------------------- configuration
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """Every decoding option, validated on construction (a bad value is a ValueError naming it).
+    """Every decoding option, validated on construction (a bad value is a GptforgeError naming it).
+    Each field's help text and range live in its metadata: the `gptforge generate` flags and the
+    validation both come from there.
 
-    max_new_tokens: tokens to generate at most (stopping may end a row earlier).
-    temperature: 0 is greedy (argmax, the default); > 0 samples from softmax(logits / temperature).
-    top_k: sample among exactly the k most likely tokens (None: all).
-    top_p: nucleus sampling, keep the most likely tokens up to this total probability (1: all).
-    min_p: drop tokens less likely than min_p times the most likely one (0: none).
-    repetition_penalty: > 1 discourages tokens already in the context (prompt included); 1: off.
-    presence_penalty, frequency_penalty: OpenAI-style additive penalties over the context.
-    stop_token_ids: generation of a row ends after one of these ids (kept in the ids, not in the
-        text); `<|endoftext|>` (50256) by default, () to never stop on a token.
-    stop_strings: generation ends when the generated text contains one of these, also across
-        token boundaries; the text output ends just before it.
-    num_return_sequences: samples per prompt (needs temperature > 0).
-    seed: makes sampling repeatable through a private torch.Generator (global RNG untouched);
-        None draws from torch's global generator.
-    pad_token_id: fills finished rows and left padding in returned ids.
-
-    The penalties apply in greedy mode too (as in Hugging Face); the others only when sampling.
+    stop_token_ids end a row after one of these ids (kept in the ids, not in the text); stop_strings
+    end it when the generated text contains one, also across token boundaries (the text output ends
+    just before it). seed makes sampling repeatable through a private torch.Generator (global RNG
+    untouched); None draws from torch's global generator. The penalties apply in greedy mode too
+    (as in Hugging Face); the others only when sampling.
     """
 
-    max_new_tokens: int = 50
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop_token_ids: tuple[int, ...] = (ENDOFTEXT_ID,)
-    stop_strings: tuple[str, ...] = ()
-    num_return_sequences: int = 1
-    seed: int | None = None
-    pad_token_id: int = ENDOFTEXT_ID
+    max_new_tokens: int = option(50, "tokens to generate at most (stopping may end a row earlier)", minimum=0)
+    temperature: float = option(0.0, "0 = greedy (argmax); > 0 samples from softmax(logits / temperature)",
+                                minimum=0)
+    top_k: int | None = option(None, "sample among exactly the k most likely tokens", minimum=1)
+    top_p: float = option(1.0, "nucleus sampling: keep the most likely tokens up to this total probability "
+                               "(1 = off)", above=0, maximum=1)
+    min_p: float = option(0.0, "drop tokens less likely than min-p x the most likely one (0 = off)",
+                          minimum=0, maximum=1)
+    repetition_penalty: float = option(1.0, "> 1 discourages tokens already in the context (1 = off)", above=0)
+    presence_penalty: float = option(0.0, "OpenAI-style additive penalty on tokens present, in [-2, 2]",
+                                     minimum=-2, maximum=2)
+    frequency_penalty: float = option(0.0, "OpenAI-style additive penalty per occurrence, in [-2, 2]",
+                                      minimum=-2, maximum=2)
+    stop_token_ids: tuple[int, ...] = option(
+        (ENDOFTEXT_ID,), "comma-separated ids that end generation, 'none' for none (50256 = <|endoftext|>)",
+        metavar="IDS")
+    stop_strings: tuple[str, ...] = option(
+        (), "stop when the generated text contains TEXT (repeatable; \\n escapes allowed)", flag="--stop")
+    num_return_sequences: int = option(1, "samples to draw per prompt (needs temperature > 0)", minimum=1)
+    seed: int | None = option(None, "seeds sampling through a private generator", minimum=0)
+    pad_token_id: int = option(ENDOFTEXT_ID, "fills finished rows and left padding in returned ids",
+                               minimum=0, cli=False)
 
     def __post_init__(self) -> None:
-        _check_count("GenerationConfig.max_new_tokens", self.max_new_tokens, 0)
-        if not _is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
-            raise GptforgeError(f"GenerationConfig.temperature must be a number >= 0 (0 = greedy), "
-                             f"got {self.temperature!r}")
-        if self.top_k is not None:
-            _check_count("GenerationConfig.top_k", self.top_k, 1)
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise GptforgeError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
-            raise GptforgeError(f"GenerationConfig.min_p must be in [0, 1], got {self.min_p!r}")
-        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
-            raise GptforgeError(f"GenerationConfig.repetition_penalty must be a number > 0 (1 = off), "
-                             f"got {self.repetition_penalty!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not _is_number(value) or not -2 <= value <= 2:
-                raise GptforgeError(f"GenerationConfig.{name} must be a number in [-2, 2], got {value!r}")
+        check_fields(self)
         object.__setattr__(self, "stop_token_ids", self._id_tuple("stop_token_ids", self.stop_token_ids))
         object.__setattr__(self, "stop_strings", self._string_tuple(self.stop_strings))
-        _check_count("GenerationConfig.num_return_sequences", self.num_return_sequences, 1)
         if self.num_return_sequences > 1 and self.temperature == 0:
             raise GptforgeError("GenerationConfig.num_return_sequences > 1 needs sampling: set temperature > 0 "
-                             "(greedy decoding would return identical sequences)")
-        if self.seed is not None:
-            _check_count("GenerationConfig.seed", self.seed, 0)
-        _check_count("GenerationConfig.pad_token_id", self.pad_token_id, 0)
+                                "(greedy decoding would return identical sequences)")
 
     @staticmethod
     def _id_tuple(name: str, value: Any) -> tuple[int, ...]:
@@ -240,7 +122,7 @@ class GenerationConfig:
         if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, set, frozenset)):
             raise GptforgeError(f"GenerationConfig.{name} must be a list of token ids, got {value!r}")
         for v in value:
-            _check_count(f"each of GenerationConfig.{name}", v, 0)
+            check_value(f"each of GenerationConfig.{name}", v, "int", minimum=0)
         return tuple(value)
 
     @staticmethod
@@ -528,24 +410,28 @@ def _prepare(model: nn.Module, idx: Any, attention_mask: torch.Tensor | None,
     return idx, attention_mask
 
 
-class _EvalMode:
-    """Run a model in eval mode for a block (dropout off), restoring its training flag after."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.model.train(self.was_training)
+@contextlib.contextmanager
+def _decoding(model: nn.Module) -> Iterator[nn.Module]:
+    """The module to decode with: `model`'s fast float32 layout (`quant.inference_view`, which leaves
+    `model` and its state dict untouched) when it has one, else `model`; in eval mode (dropout off)
+    for the block, its training flag restored after. Only a model in eval mode gets the view: a
+    sample during training decodes the model as it is (no second copy of the weights to build
+    after every step, none to hold)."""
+    fast = model if model.training else inference_view(model)
+    was_training = fast.training
+    fast.eval()
+    try:
+        yield fast
+    finally:
+        fast.train(was_training)
 
 
 def generate(model: nn.Module, idx: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int | None = None,
              config: GenerationConfig | None = None, *, attention_mask: torch.Tensor | None = None,
              tokenizer: Tokenizer | None = None, **options: Any) -> torch.Tensor:
     """Generate with a KV cache. Greedy by default, so it returns what `generate_text_simple` does.
+    A plain float32 CPU model in eval mode decodes through its cached fast layout
+    (`quant.inference_view`): `model`, its state dict and its training are left as they are.
 
     idx: (B, T) int64 prompt ids, or a list of id lists of different lengths (left-padded here).
     max_new_tokens: overrides `config.max_new_tokens`.
@@ -563,8 +449,8 @@ def generate(model: nn.Module, idx: torch.Tensor | Sequence[Sequence[int]], max_
     if config.max_new_tokens == 0:
         return idx
     generator = config.make_generator(idx.device)
-    with _EvalMode(model):
-        new = [step.tokens for step in _decode_steps(model, idx, attention_mask, config, generator, tokenizer)]
+    with _decoding(model) as fast:
+        new = [step.tokens for step in _decode_steps(fast, idx, attention_mask, config, generator, tokenizer)]
     return torch.cat((idx, torch.stack(new, dim=1)), dim=1)
 
 
@@ -585,8 +471,8 @@ def generate_text(model: nn.Module, prompt: str | Sequence[str], max_new_tokens:
     generator = config.make_generator(idx.device)
     texts = ["" for _ in range(idx.shape[0])]
     if config.max_new_tokens > 0:
-        with _EvalMode(model):
-            for step in _decode_steps(model, idx, mask, config, generator, tokenizer, detokenize=True):
+        with _decoding(model) as fast:
+            for step in _decode_steps(fast, idx, mask, config, generator, tokenizer, detokenize=True):
                 texts = [t + s for t, s in zip(texts, step.texts)]
     heads = [p for p in prompts for _ in range(config.num_return_sequences)]
     out = [h + t for h, t in zip(heads, texts)]
@@ -613,7 +499,7 @@ def stream_text(model: nn.Module, prompt: str | Sequence[int], max_new_tokens: i
     if config.max_new_tokens == 0:
         return
     generator = config.make_generator(idx.device)
-    with _EvalMode(model):
-        for step in _decode_steps(model, idx, mask, config, generator, tokenizer, detokenize=True):
+    with _decoding(model) as fast:
+        for step in _decode_steps(fast, idx, mask, config, generator, tokenizer, detokenize=True):
             if step.texts[0]:
                 yield step.texts[0]

@@ -19,13 +19,20 @@ inference model, in place, and returns it:
 Prepare a model last: moving or casting it afterwards (`.to(...)`) is not supported.
 
 Packed and int8 models are for inference only (no autograd through the weights).
+
+`inference_view(model)` is the float32 layout without touching `model`: what `generate`,
+`generate_text` and `stream_text` decode with by default.
 """
 
 from __future__ import annotations
 
+import copy
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from .errors import GptforgeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -195,6 +202,49 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
             layers[0], layers[1] = PackedLinear(layers[0], gelu_tanh=True), nn.Identity()
         _swap_linears(model, PackedLinear)
     elif torch_dtype == torch.float32:
+        _fuse_qkv(model, SharedQKV)  # first, so the relayout skips query/key/value (already views)
         _relayout_in_out(model)
-        _fuse_qkv(model, SharedQKV)
     return model
+
+
+# model -> (the parameters' identity and versions when the view was made, the view)
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _shallow_module_copy(module: nn.Module, params: dict[int, nn.Parameter]) -> nn.Module:
+    """A copy of the module tree whose parameters are new Parameter objects on the same storage
+    (tied weights stay tied), so re-laying them out leaves the original's untouched."""
+    clone = copy.copy(module)
+    clone._parameters = {
+        name: None if p is None else params.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=False))
+        for name, p in module._parameters.items()}
+    clone._buffers = dict(module._buffers)
+    clone._modules = {name: None if m is None else _shallow_module_copy(m, params)
+                      for name, m in module._modules.items()}
+    return clone
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    # An optimizer step, load_state_dict or .to() changes a version counter or a data pointer.
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+
+
+def inference_view(model: nn.Module) -> nn.Module:
+    """The float32 inference layout of `prepare_for_inference`, as a separate, cached module that
+    computes the same function as `model` without changing it: `model`'s parameters, state dict,
+    training flag and optimizer see nothing. The view costs one extra copy of the linear weights
+    (kept while `model` lives, rebuilt when its weights change). Returned unchanged: a model that is
+    not a plain float32 GPTModel on CPU, or one already prepared."""
+    blocks = getattr(model, "trf_blocks", None)
+    first = next(model.parameters(), None)
+    if (blocks is None or first is None or first.dtype != torch.float32 or first.device.type != "cpu"
+            or any(getattr(block.att, "fused_qkv", None) is not None for block in blocks)):
+        return model
+    key = _weights_key(model)
+    cached = _VIEWS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        view = prepare_for_inference(_shallow_module_copy(model, {}), "float32")
+    _VIEWS[model] = (key, view)
+    return view

@@ -1,6 +1,6 @@
 """Continuous batching: many generation requests decoded together, one batched forward step per token.
 
-A `Sequence` is one request to continue one prompt (an OpenAI "choice"). The `BatchScheduler` keeps
+A `SequenceState` is one prompt being continued (an OpenAI "choice"). The `BatchScheduler` keeps
 up to `max_batch_size` active sequences and, at each step, runs them through the model as one batch
 of one token each. Sequences join and leave between steps; each keeps its own `GenerationConfig`
 (temperature, top-p, penalties, stop strings) and its own seeded `torch.Generator`, and each token
@@ -81,13 +81,13 @@ class Output:
 
 
 @dataclasses.dataclass(eq=False)
-class Sequence:
+class SequenceState:
     """One prompt to continue.
 
     prompt_ids: the prompt's token ids (at least one).
     max_tokens: tokens to generate at most; prompt + max_tokens must fit the model's context.
     config: decoding options (its max_new_tokens and num_return_sequences are ignored: max_tokens
-        counts here, and one Sequence is one continuation). Its seed seeds this sequence's generator.
+        counts here, and one SequenceState is one continuation). Its seed seeds this sequence's generator.
     on_output: called from the scheduler thread after each step, last with a finish_reason.
     logprobs: None for no logprobs, else how many top alternatives to report per token (0..).
     prompt_logprobs: also report the prompt's tokens' logprobs (OpenAI's echo with logprobs).
@@ -108,6 +108,29 @@ class Sequence:
         self._text: TextStream | None = None
         self._chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._offset = 0  # characters decoded so far, for token offsets
+
+    def push_text(self, token: int, tokenizer: Tokenizer) -> tuple[str, int]:
+        """Feed one generated token to this request's text: (the text now safe to show, the character
+        offset at which this token's text starts)."""
+        if self._text is None:
+            self._text = TextStream(tokenizer, self.config.stop_strings)
+        offset = self._offset
+        self._offset += len(self._chars.decode(tokenizer.decode_bytes([token])))
+        return self._text.push(token), offset
+
+    def finish_text(self) -> str:
+        """The text still held back (see `TextStream.finish`); "" before any token."""
+        return self._text.finish() if self._text is not None else ""
+
+    @property
+    def stopped_on_string(self) -> bool:
+        """Whether a stop string has appeared in the text."""
+        return self._text is not None and self._text.stopped
+
+    @property
+    def released_chars(self) -> int:
+        """Characters of text released so far."""
+        return len(self._text.text) if self._text is not None else 0
 
 
 class BatchScheduler:
@@ -134,18 +157,18 @@ class BatchScheduler:
         self._positions = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # cached tokens per row
         self._next = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # each row's pending token
         self._column = 0  # the write column shared by all rows
-        self._rows: list[Sequence] = []  # active sequences; index = row
+        self._rows: list[SequenceState] = []  # active sequences; index = row
 
-        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._waiting: collections.deque[SequenceState] = collections.deque()
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._abort_at: float | None = None  # set by `drain`
-        self.stats = collections.Counter(decode_steps=0, prefills=0, finished=0, cancelled=0)
+        self.counters = collections.Counter(decode_steps=0, prefills=0, finished=0, cancelled=0)
 
     # ------------------------------------------------------------------ the API for other threads
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: SequenceState) -> None:
         """Queue a sequence. Raises ValueError if it cannot fit the context, SchedulerClosed while
         draining or stopped, SchedulerFull if too many are waiting."""
         need = len(seq.prompt_ids) + seq.max_tokens
@@ -160,7 +183,7 @@ class BatchScheduler:
             self._waiting.append(seq)
             self._wakeup.notify()
 
-    def cancel(self, seq: Sequence) -> None:
+    def cancel(self, seq: SequenceState) -> None:
         """Stop a sequence (e.g. its client went away); its row is freed before the next step."""
         seq.cancelled = True
 
@@ -170,9 +193,9 @@ class BatchScheduler:
             self._abort_at = time.monotonic() + grace_s
             self._wakeup.notify()
 
-    def load(self) -> dict[str, int]:
-        """Active and waiting sequences, and the counters in `stats`."""
-        return {"active": len(self._rows), "waiting": len(self._waiting), **self.stats}
+    def stats(self) -> dict[str, int]:
+        """Active and waiting sequences, and the running `counters` (decode steps, prefills, finished, cancelled)."""
+        return {"active": len(self._rows), "waiting": len(self._waiting), **self.counters}
 
     def start(self) -> None:
         """Run the scheduler in a daemon thread."""
@@ -229,7 +252,7 @@ class BatchScheduler:
                     break
                 seq = self._waiting.popleft()
             if seq.cancelled:
-                self.stats["cancelled"] += 1
+                self.counters["cancelled"] += 1
             elif seq.max_tokens == 0 and not seq.prompt_logprobs:
                 self._emit(seq, None, None)  # nothing to compute
             else:
@@ -241,10 +264,10 @@ class BatchScheduler:
         if rest:
             self._prefill(rest)
 
-    def _prefill(self, seqs: list[Sequence], every_position: bool = False) -> None:
+    def _prefill(self, seqs: list[SequenceState], every_position: bool = False) -> None:
         """Run the prompts as one left-padded batch, pick each one's first token, and give a row
         to each sequence that goes on."""
-        self.stats["prefills"] += 1
+        self.counters["prefills"] += 1
         # Padding is masked out; id 0 exists in every vocabulary (50256 may not).
         ids, mask = left_pad([s.prompt_ids for s in seqs], pad_token_id=0, device=self.device)  # (k, W) each
         padded = not bool(mask.all())
@@ -263,7 +286,7 @@ class BatchScheduler:
             if not self._emit(seq, token, logits[j, -1], prompt_lp):
                 self._insert(seq, cache, j, token)
 
-    def _insert(self, seq: Sequence, prefilled: KVCache, j: int, token: int) -> None:
+    def _insert(self, seq: SequenceState, prefilled: KVCache, j: int, token: int) -> None:
         """Copy row j of a prefill cache (prompt right-aligned) into a free batch row."""
         if self._cache is None:
             self._cache = self.model.new_cache(self.max_batch_size)
@@ -304,7 +327,7 @@ class BatchScheduler:
             self._next[:n, None], cache=self._cache.rows(n, col),
             positions=self._positions[:n, None], attention_mask=self._mask[:n, :col + 1], last_only=True,
         )[:, 0]  # (n, V)
-        self.stats["decode_steps"] += 1
+        self.counters["decode_steps"] += 1
         self._column += 1
         self._positions[:n] += 1
         tokens, finished = [], []
@@ -328,7 +351,7 @@ class BatchScheduler:
                 self._rows[i] = self._rows[last]
             self._rows.pop()
             if cancelled:
-                self.stats["cancelled"] += 1
+                self.counters["cancelled"] += 1
 
     def _end_all(self, reason: str, error: str | None = None) -> None:
         """Finish every active and waiting sequence with `reason` (shutdown, or a failed step)."""
@@ -342,7 +365,7 @@ class BatchScheduler:
 
     # ------------------------------------------------------------------ per-sequence work
 
-    def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
+    def _pick(self, seq: SequenceState, logits: torch.Tensor) -> int:
         """The next token of one sequence from its (1, V) logits, with its own config and generator."""
         logits = logits[:, :self.tokenizer.vocab_size]  # a padded vocabulary's extra ids have no text
         context = None
@@ -350,40 +373,36 @@ class BatchScheduler:
             context = torch.tensor([seq.prompt_ids + seq.generated], device=logits.device)
         return int(next_tokens(logits, context, seq.config, seq.generator)[0])
 
-    def _emit(self, seq: Sequence, token: int | None, logits: torch.Tensor | None,
+    def _emit(self, seq: SequenceState, token: int | None, logits: torch.Tensor | None,
               prompt_lp: list[TokenLogprob] | None = None) -> bool:
         """Record a sequence's new token and report it; returns whether the sequence is finished."""
-        if seq._text is None:
-            seq._text = TextStream(self.tokenizer, seq.config.stop_strings)
         text, logprobs, finish = "", [], None
         if token is None:  # max_tokens == 0
             finish = FINISH_LENGTH
         else:
             seq.generated.append(token)
             if token in seq.config.stop_token_ids:
-                text, finish = seq._text.finish(), FINISH_STOP
+                text, finish = seq.finish_text(), FINISH_STOP
             else:
-                offset = seq._offset
-                seq._offset += len(seq._chars.decode(self.tokenizer.decode_bytes([token])))
-                text = seq._text.push(token)
-                if seq._text.stopped:
+                text, offset = seq.push_text(token, self.tokenizer)
+                if seq.stopped_on_string:
                     finish = FINISH_STOP
                 elif len(seq.generated) == seq.max_tokens:
-                    text, finish = text + seq._text.finish(), FINISH_LENGTH
-                if seq.logprobs is not None and (not seq._text.stopped or offset < len(seq._text.text)):
+                    text, finish = text + seq.finish_text(), FINISH_LENGTH
+                if seq.logprobs is not None and (not seq.stopped_on_string or offset < seq.released_chars):
                     logprobs.append(self._token_logprob(token, logits, seq.logprobs, offset))
         self._deliver(seq, Output(text, logprobs, finish, len(seq.generated), prompt_lp))
         if finish is not None:
             seq.finish_reason = finish
-            self.stats["finished"] += 1
+            self.counters["finished"] += 1
         return finish is not None
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        text = seq._text.finish() if seq._text is not None and reason == FINISH_ABORT else ""
+    def _finish(self, seq: SequenceState, reason: str, error: str | None = None) -> None:
+        text = seq.finish_text() if reason == FINISH_ABORT else ""
         seq.finish_reason = reason
         self._deliver(seq, Output(text, [], reason, len(seq.generated), error=error))
 
-    def _deliver(self, seq: Sequence, output: Output) -> None:
+    def _deliver(self, seq: SequenceState, output: Output) -> None:
         try:
             seq.on_output(output)
         except Exception:  # a broken receiver cancels its own sequence, nothing else
@@ -398,7 +417,7 @@ class BatchScheduler:
             alternatives = {self.tokenizer.decode([i]): v for i, v in zip(ids.tolist(), values.tolist())}
         return TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), alternatives, offset)
 
-    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob]:
+    def _prompt_logprobs(self, seq: SequenceState, logits: torch.Tensor) -> list[TokenLogprob]:
         """Logprobs of each prompt token given the ones before it; logits: (P, V) (the prompt ran alone)."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         out, offset = [], 0

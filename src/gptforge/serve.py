@@ -8,7 +8,7 @@
                            `local-completions` probes so it needs no tokenizer files
 
 GPT-2 is a base model, so this is the completions API (not chat). Every choice of every request
-becomes a `scheduler.Sequence`; the `BatchScheduler` decodes all active ones together. Errors use
+becomes a `scheduler.SequenceState`; the `BatchScheduler` decodes all active ones together. Errors use
 OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 400 for bad parameters,
 404 for an unknown model or route, 413 for an oversized body, 503 while shutting down or full.
 On SIGTERM the server stops accepting connections, lets in-flight requests run for
@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .generation import GenerationConfig, prompt_ids
 from .scheduler import (
-    FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, Sequence, TokenLogprob,
+    FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, SequenceState, TokenLogprob,
 )
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, get_tokenizer
 
@@ -293,7 +293,7 @@ def _plan(req: CompletionRequest, settings: ServeSettings, tokenizer: Tokenizer,
 
 
 class _Completion:
-    """One request in flight: a Sequence per choice, whose outputs arrive on `queue` (the scheduler
+    """One request in flight: a SequenceState per choice, whose outputs arrive on `queue` (the scheduler
     thread hands them to the event loop), folded into choices for the JSON body or SSE chunks."""
 
     def __init__(self, req: CompletionRequest, prompts: list[_Prompt], max_tokens: int,
@@ -304,14 +304,14 @@ class _Completion:
         self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                      "model": model_name}
         self.choices: list[_Choice] = []
-        self.seqs: list[Sequence] = []
+        self.seqs: list[SequenceState] = []
         for p in prompts:
             for _ in range(req.n or 1):
                 index = len(self.choices)
                 # Choice i of a request with seed s samples as a lone request with seed s + i would.
                 seed = None if req.seed is None else req.seed + index
                 self.choices.append(_Choice(p, bool(req.echo), req.logprobs is not None))
-                self.seqs.append(Sequence(
+                self.seqs.append(SequenceState(
                     p.ids, max_tokens, config.replace(seed=seed),
                     on_output=lambda out, i=index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, out)),
                     logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
@@ -414,7 +414,7 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_name, **scheduler.load()}
+        return {"status": "ok", "model": settings.model_name, **scheduler.stats()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

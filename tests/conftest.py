@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ GPT_CONFIG_124M = {
 SEED_IDS = [15496, 11, 314, 716, 27018, 24086, 47843, 30961, 42348, 7267]
 SEED_TEXT = "Hello, I am Featureiman Byeswickattribute argue"
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout; GPTFORGE_DATA_DIR points elsewhere (a git worktree, say).
+DATA_DIR = Path(os.environ.get("GPTFORGE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def _tiny_config(**changes) -> dict:

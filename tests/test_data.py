@@ -13,31 +13,34 @@ from gptforge import data
 from gptforge.data import TokenWindows, batch_indices, draw_loader_seed, permutation, tokenize_corpus
 from gptforge.tokenizer import get_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-VERDICT = DATA / "the-verdict.txt"
-SHAKESPEARE = DATA / "tinyshakespeare.txt"
-needs_verdict = pytest.mark.skipif(not VERDICT.exists(), reason=f"{VERDICT} is not available")
-needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is not available")
+
+
+@pytest.fixture
+def verdict(data_dir) -> Path:
+    return data_dir / "the-verdict.txt"
+
+
+@pytest.fixture
+def shakespeare(data_dir) -> Path:
+    return data_dir / "tinyshakespeare.txt"
 
 
 def _encode(text: str) -> list[int]:
     return get_tokenizer().encode(text)
 
 
-@needs_verdict
-def test_split_and_tokens_match_the_book(tmp_path):
-    text = VERDICT.read_text(encoding="utf-8")
+def test_split_and_tokens_match_the_book(tmp_path, verdict):
+    text = verdict.read_text(encoding="utf-8")
     split = int(0.9 * len(text))  # the book's chapter-5 split, by characters
-    corpus = tokenize_corpus(VERDICT, tmp_path, val_fraction=0.1)
+    corpus = tokenize_corpus(verdict, tmp_path, val_fraction=0.1)
     assert corpus.train().dtype == np.uint16
     assert corpus.train().tolist() == _encode(text[:split])
     assert corpus.val().tolist() == _encode(text[split:])
     assert len(_encode(text)) == 5145  # the seed's figure for the whole story
 
 
-@needs_shakespeare
-def test_streaming_in_small_chunks_gives_the_same_tokens_as_the_whole_text(tmp_path, monkeypatch):
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
+def test_streaming_in_small_chunks_gives_the_same_tokens_as_the_whole_text(tmp_path, monkeypatch, shakespeare):
+    text = shakespeare.read_text(encoding="utf-8")[:200_000]
     src = tmp_path / "part.txt"
     src.write_text(text + "  \n\n  trailing   spaces and\n\n\nnewlines   ")
     monkeypatch.setattr(data, "CHUNK_CHARS", 997)  # hundreds of chunk boundaries
@@ -70,11 +73,10 @@ def test_token_files_are_reused_and_rebuilt_when_the_text_changes(tmp_path):
     assert corpus.train().tolist() == _encode(src.read_text())
 
 
-@needs_verdict
-def test_windows_and_loader_match_the_books_dataloader():
+def test_windows_and_loader_match_the_books_dataloader(verdict):
     from llms_from_scratch.ch02 import GPTDatasetV1
 
-    text = VERDICT.read_text(encoding="utf-8")
+    text = verdict.read_text(encoding="utf-8")
     tokens = np.array(_encode(text), dtype=np.uint16)
     for max_length, stride in ((256, 256), (8, 3), (4, 1)):
         book = GPTDatasetV1(text, get_tokenizer().encoding, max_length, stride)

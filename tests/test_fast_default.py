@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from gptforge import GPTConfig, GPTModel, generate, generate_text_simple
@@ -31,7 +32,8 @@ def test_generate_uses_the_view_and_matches_the_references(tiny_config):
     assert torch.equal(ours, hf)
 
 
-def test_state_dict_and_training_are_untouched(tiny_config):
+@pytest.mark.parametrize("fused", [False, True])
+def test_state_dict_and_training_are_untouched(tiny_config, fused):
     model = _model(tiny_config, vocab_size=256).eval()
     before = copy.deepcopy(model.state_dict())
     layout = {k: (v.data_ptr(), v.stride()) for k, v in model.state_dict().items()}
@@ -45,7 +47,7 @@ def test_state_dict_and_training_are_untouched(tiny_config):
 
     # A training step after generate still works, and the next generate sees the new weights.
     view = inference_view(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)  # fused: no version bump
     model.train()
     loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
     loss.backward()

@@ -16,13 +16,16 @@ import pytest
 import torch
 
 import gptforge
-from gptforge.config import GPTConfig
 from gptforge.model import GPTModel
 from gptforge.train import TrainConfig, learning_rate, parameter_groups, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-TINY = dict(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1,
-            qkv_bias=True, tie_weights=True, init="gpt2")
+
+
+@pytest.fixture
+def tiny(tiny_config) -> dict:
+    """GPT-2's tokenizer, dropout on, GPT-2's tied head and initialisation."""
+    return tiny_config(vocab_size=50257, context_length=32, n_heads=2, drop_rate=0.1, tie_weights=True, init="gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +49,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny_json(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    path.write_text(json.dumps(TINY))
+@pytest.fixture
+def tiny_json(tiny, tmp_path) -> Path:
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(tiny))
     return path
 
 
@@ -69,8 +72,8 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_weight_decay_only_on_matrices_and_tied_weights_once(tie):
-    model = GPTModel(GPTConfig(**{**TINY, "tie_weights": tie}))
+def test_weight_decay_only_on_matrices_and_tied_weights_once(tie, tiny):
+    model = GPTModel({**tiny, "tie_weights": tie})
     decay, no_decay = parameter_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     decay_ids = {id(p) for p in decay["params"]}
@@ -96,11 +99,13 @@ def faults():  # minor page faults while a 256 MB tensor is allocated, written a
 faults()
 default = faults()
 applied = keep_freed_memory()
-faults()  # the first allocation after the change still grows the heap
+faults()  # the first allocations after the change still grow the heap (to its steady size)
+faults()
 print(default, faults(), applied)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_keep_freed_memory_stops_per_step_page_faults():
     """What makes CPU training steps ~30% cheaper: freed tensors are reused, not unmapped and
@@ -177,6 +182,7 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
+@pytest.mark.slow
 def test_cli_config_file_flags_and_ctrl_c(corpus, tiny_json, tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(f'data = "{corpus}"\nmodel = "{tiny_json}"\nbatch_size = 4\nmax_steps = 100000\n'
@@ -197,6 +203,7 @@ def test_cli_config_file_flags_and_ctrl_c(corpus, tiny_json, tmp_path):
     assert state["train_config"]["lr"] == 0.001 and state["train_config"]["batch_size"] == 4
 
 
+@pytest.mark.slow
 def test_cli_bad_data_is_one_line_and_exit_2(tmp_path, tiny_json):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -218,6 +225,7 @@ train(**json.loads(sys.argv[1]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_torchrun_two_cpu_processes_match_one_process(corpus, tiny_json, tmp_path, sharding):
     common = dict(max_steps=4, eval_every=2, sample_tokens=0, grad_clip=1.0, warmup_steps=1,

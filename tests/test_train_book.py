@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VERDICT = ROOT.parent / "shared" / "data" / "the-verdict.txt"
 
 
 def _example():
@@ -19,10 +18,10 @@ def _example():
     return module
 
 
-@pytest.mark.skipif(not VERDICT.exists(), reason=f"{VERDICT} (the book's corpus) is not available")
-def test_book_initial_losses_and_first_steps(tmp_path):
+def test_book_initial_losses_and_first_steps(tmp_path, data_dir):
     example = _example()
-    cfg = example.book_config(tmp_path, data=VERDICT, max_steps=6, sample_tokens=0)
+    verdict = data_dir / "the-verdict.txt"
+    cfg = example.book_config(tmp_path, data=verdict, max_steps=6, sample_tokens=0)
     train_loss, val_loss = example.initial_losses(cfg)
     assert (round(train_loss, 5), round(val_loss, 5)) == (10.98758, 10.98111)
 

@@ -115,7 +115,8 @@ def as_config(cfg: GPTConfig | Mapping[str, Any] | str) -> GPTConfig:
 # Real GPT-2 shapes: OpenAI's released hparams.json for 124M/355M/774M/1558M, identical to
 # Hugging Face's config.json for gpt2, gpt2-medium, gpt2-large and gpt2-xl (n_ctx 1024,
 # n_vocab 50257, attention/residual/embedding dropout 0.1, c_attn with bias, wte tied to lm_head).
-_GPT2 = dict(vocab_size=50257, context_length=1024, drop_rate=0.1, qkv_bias=True, tie_weights=True)
+# Trained from scratch they start from GPT-2's initialisation (loss ~ln 50257), as nanoGPT and transformers do.
+_GPT2 = dict(vocab_size=50257, context_length=1024, drop_rate=0.1, qkv_bias=True, tie_weights=True, init="gpt2")
 
 PRESETS: dict[str, GPTConfig] = {
     "gpt2-124m": GPTConfig(**_GPT2, emb_dim=768, n_heads=12, n_layers=12),

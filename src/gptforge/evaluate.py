@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -21,10 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import GptforgeError
+from .metrics import progress_bar
 from .tokenizer import Tokenizer, get_tokenizer
 
 IGNORE = -100  # target of a position that is context only (as transformers' labels)
-LONG_TEXT_WINDOWS = 8  # more windows than this get a progress bar (when asked for, on a terminal)
+LONG_TEXT_WINDOWS = 8  # more windows than this get a progress bar (when asked for)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +103,9 @@ def token_nll(model: nn.Module, ids: Sequence[int], *, stride: int | None = None
     was_training = model.training
     model.eval()
     nll_sum, scored = 0.0, 0
-    bar = _progress(len(windows), progress and len(windows) > LONG_TEXT_WINDOWS)
+    # a bar for long texts, on a terminal only (a log or a pipe gets just the result)
+    bar = progress_bar(progress and len(windows) > LONG_TEXT_WINDOWS and sys.stderr.isatty(), len(windows), 0,
+                       unit="window")
     try:
         for batch in _batches(windows, batch_size):
             width = max(end - begin for begin, end, _ in batch)
@@ -121,25 +125,6 @@ def token_nll(model: nn.Module, ids: Sequence[int], *, stride: int | None = None
         bar.close()
         model.train(was_training)
     return nll_sum, scored
-
-
-class _NoBar:
-    """What `_progress` returns when there is no bar to show."""
-
-    def update(self, n: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def _progress(total: int, enabled: bool):
-    """A tqdm bar over `total` windows when enabled (shown on a terminal only); else a _NoBar."""
-    if enabled:
-        try:
-            from tqdm import tqdm
-        except ImportError:  # tqdm is optional: no bar then
-            return _NoBar()
-        return tqdm(total=total, unit="window", leave=False, disable=None)  # None: off unless a TTY
-    return _NoBar()
 
 
 def perplexity(model: nn.Module, text: str | Sequence[str], *, stride: int | None = None, batch_size: int = 4,

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import copy
 import weakref
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import GptforgeError
 
@@ -224,9 +226,21 @@ def _shallow_module_copy(module: nn.Module, params: dict[int, nn.Parameter]) -> 
     return clone
 
 
+# Optimizer steps taken in this process. Fused AdamW updates parameters without bumping their
+# version counters, so every optimizer step also counts here (a global post-step hook).
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def _weights_key(model: nn.Module) -> tuple:
-    # An optimizer step, load_state_dict or .to() changes a version counter or a data pointer.
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+    # load_state_dict, .to() and unfused optimizers change a version counter or a data pointer.
+    return (_OPTIMIZER_STEPS[0], *((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters()))
 
 
 def inference_view(model: nn.Module) -> nn.Module:

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Every verb end to end in the runtime-only environment (`pip install torch==2.13.0 -e .` and
+# nothing else), so an import a verb makes that is not a runtime dependency fails here, not for a
+# user. Exits non-zero when any verb fails. A new verb adds its own block below.
+# Usage: .ci/runtime_smoke.sh [VENV]   (default: .venv-runtime; corpora from ../shared/data or $GPTFORGE_DATA_DIR)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-.venv-runtime}
+GF=$VENV/bin/gptforge
+PY=$VENV/bin/python
+VERDICT=${GPTFORGE_DATA_DIR:-../shared/data}/the-verdict.txt
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+TMP=$(mktemp -d)
+SERVER=
+cleanup() { [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; rm -rf "$TMP"; }
+trap cleanup EXIT
+say() { echo "runtime smoke: $*" >&2; }
+fail() { say "FAILED: $*"; exit 1; }
+
+# The environment must really be runtime-only: test extras here would hide a missing dependency.
+"$PY" -c "import importlib.util as u, sys; extra = [m for m in ('pytest', 'transformers', 'llms_from_scratch') if u.find_spec(m)]; sys.exit(f'test-only packages installed: {extra}' if extra else 0)"
+
+say "info"
+"$GF" info gpt2-124m >"$TMP/info.txt" || fail "info"
+grep -q "124" "$TMP/info.txt" || fail "info printed no parameter count"
+
+say "generate (the built-in default model)"
+"$GF" generate "Every effort moves you" --max-new-tokens 8 --no-stream >"$TMP/gen.txt" || fail "generate"
+[ "$(wc -w <"$TMP/gen.txt")" -gt 4 ] || fail "generate printed almost nothing: $(cat "$TMP/gen.txt")"
+
+say "train (tiny gpt2-124m shape on the-verdict, 2 steps, with its plot and progress bar)"
+[ -f "$VERDICT" ] || fail "corpus not found: $VERDICT"
+"$GF" train --data "$VERDICT" --model gpt2-124m --set n_layers=1 --set emb_dim=64 --set n_heads=2 \
+    --set context_length=32 --batch-size 2 --max-steps 2 --eval-every 1 --eval-batches 1 --sample-tokens 4 \
+    --out "$TMP/run" >"$TMP/train.out" 2>"$TMP/train.err" || { cat "$TMP/train.err" >&2; fail "train"; }
+[ -s "$TMP/run/loss.png" ] || fail "train wrote no loss.png"
+grep -q "2/2" "$TMP/train.err" || fail "train showed no progress bar"
+[ "$(grep -c '"kind": "train"' "$TMP/run/metrics.jsonl")" -eq 2 ] || fail "train logged no 2 steps"
+
+say "convert (to hf and back)"
+"$GF" convert "$TMP/run/checkpoint" --to hf --out "$TMP/hf" >/dev/null || fail "convert --to hf"
+"$GF" convert "$TMP/hf" --to gptforge --out "$TMP/back" >/dev/null || fail "convert --to gptforge"
+"$GF" info "$TMP/back" >/dev/null || fail "info on the converted checkpoint"
+
+say "serve (start, one completion, stop)"
+PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+"$GF" serve --model "$TMP/back" --port "$PORT" 2>"$TMP/serve.err" &
+SERVER=$!
+"$PY" - "$PORT" <<'EOF' || { cat "$TMP/serve.err" >&2; fail "serve"; }
+import json, sys, time, urllib.request
+
+base = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(240):  # the server imports torch and loads the model first
+    try:
+        urllib.request.urlopen(base + "/health", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.25)
+model = json.load(urllib.request.urlopen(base + "/v1/models", timeout=10))["data"][0]["id"]
+body = {"model": model, "prompt": "Every effort", "max_tokens": 4}
+request = urllib.request.Request(base + "/v1/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps(body).encode())
+reply = json.load(urllib.request.urlopen(request, timeout=60))
+assert reply["choices"][0]["text"], reply
+EOF
+kill -INT "$SERVER"
+wait "$SERVER" || [ $? -eq 130 ] || [ $? -eq 0 ] || fail "serve did not stop cleanly"
+SERVER=
+
+say "all verbs passed"

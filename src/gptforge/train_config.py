@@ -1,0 +1,137 @@
+"""TrainConfig: every option of a training run (the `gptforge train` flags, a JSON/TOML config file)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import known_fields
+from .errors import GptforgeError
+
+
+def _field(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run is made of. The CLI's `gptforge train` flags are these fields
+    (`--batch-size` for `batch_size`), and a JSON/TOML config file holds the same keys."""
+
+    data: str | list[str] | None = _field(None, "text file, folder of text files, or glob")
+    model: str = _field("gpt2-124m", "preset name, model config JSON, or checkpoint dir (finetuning)")
+    out: str = _field("runs/gptforge", "output folder: checkpoint, metrics, loss curve, token files")
+    model_overrides: dict = _field({}, "GPTConfig fields to change, e.g. {\"context_length\": 256}")
+    seed: int = _field(123, "torch seed: model initialisation, dropout, data order")
+    epochs: int = _field(1, "passes over the training windows (ignored when max_steps is set)")
+    max_steps: int | None = _field(None, "optimizer steps in all (default: epochs * steps per epoch)")
+    batch_size: int = _field(8, "windows per micro-batch, per process")
+    grad_accum_steps: int = _field(1, "micro-batches accumulated per optimizer step")
+    stride: int | None = _field(None, "tokens between window starts (default: context_length)")
+    val_fraction: float = _field(0.1, "share of the text, from its end, held out for validation")
+    lr: float = _field(4e-4, "peak learning rate")
+    min_lr: float | None = _field(None, "learning rate at the end of the cosine (default: lr / 10)")
+    warmup_steps: int = _field(0, "linear warmup steps from 0 to lr")
+    schedule: str = _field("cosine", "cosine (after warmup) or constant", choices=("cosine", "constant"))
+    weight_decay: float = _field(0.1, "AdamW weight decay")
+    decay: str = _field("matrices", "which parameters decay: matrices (not biases, norms, embeddings) "
+                        "or all (the book's AdamW(model.parameters()))", choices=("matrices", "all"))
+    beta1: float = _field(0.9, "AdamW beta1")
+    beta2: float = _field(0.95, "AdamW beta2")
+    grad_clip: float = _field(1.0, "clip the global gradient norm to this (0: no clipping)")
+    eval_every: int = _field(100, "evaluate every this many steps, at steps 0, N, 2N, ... (0: only at the end)")
+    eval_batches: int | None = _field(20, "batches per loss estimate (None/0: all of them)")
+    sample_prompt: str = _field("Every effort moves you", "prompt continued (greedy) at each evaluation")
+    sample_tokens: int = _field(50, "tokens of that continuation (0: no sample)")
+    checkpoint_every: int = _field(500, "save a checkpoint every this many steps (0: only at the end)")
+    precision: str = _field("auto", "auto (bf16 autocast where the device has it), bf16 or fp32",
+                            choices=("auto", "bf16", "fp32"))
+    compile: bool = _field(False, "torch.compile the model")
+    device: str = _field("auto", "auto, cpu, cuda, cuda:N, mps")
+    data_order: str = _field("seeded", "seeded (per-epoch generator from the seed) or book (the "
+                             "global RNG, as the book's DataLoader)", choices=("seeded", "book"))
+    fsdp: bool = _field(False, "shard parameters, gradients and optimizer state with FSDP (torchrun)")
+    progress: bool = _field(True, "show a progress bar")
+    resume: bool = _field(False, "continue the run saved in OUT/checkpoint")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and what it accepts."""
+        def positive(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+                raise GptforgeError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
+
+        for name in ("epochs", "batch_size", "grad_accum_steps"):
+            positive(name)
+        positive("max_steps", allow_none=True)
+        positive("stride", allow_none=True)
+        positive("eval_batches", allow_none=True, allow_zero=True)
+        for name in ("seed", "warmup_steps", "eval_every", "checkpoint_every", "sample_tokens"):
+            positive(name, allow_zero=True)
+        for name in ("lr", "weight_decay", "grad_clip", "beta1", "beta2", "val_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+                raise GptforgeError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr <= 0:
+            raise GptforgeError(f"lr must be > 0, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise GptforgeError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if not (self.beta1 < 1 and self.beta2 < 1):
+            raise GptforgeError(f"beta1 and beta2 must be < 1, got {self.beta1}, {self.beta2}")
+        if not self.val_fraction < 1:
+            raise GptforgeError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise GptforgeError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        if not isinstance(self.model_overrides, dict):
+            raise GptforgeError(f"model_overrides must be a dict of GPTConfig fields, got {self.model_overrides!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        return cls(**known_fields(cls, data, "training options"))
+
+    @classmethod
+    def from_file(cls, path: str | Path, **changes: Any) -> TrainConfig:
+        """Read a JSON or TOML config file (keys are the field names); `changes` win over it."""
+        return cls.from_dict({**read_config_file(path), **changes})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options in a JSON (.json) or TOML (.toml) training config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"training config file not found: {path}") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # json and toml raise their own decode errors
+        raise GptforgeError(f"{path} is not a valid {'TOML' if path.suffix == '.toml' else 'JSON'} file: {err}") from None
+    if not isinstance(data, dict):
+        raise GptforgeError(f"{path} must hold a table/object of training options")
+    return data
+
+
+# Options that may change when a run is resumed: they do not change what the next step computes.
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "eval_every", "checkpoint_every", "progress",
+                               "sample_prompt", "sample_tokens", "resume", "device", "compile"})

@@ -5,6 +5,7 @@ functions, train/TrainConfig, prepare_for_inference, perplexity/classification_r
 from their modules (`gptforge.generation.left_pad`, `gptforge.checkpoint.detect_format`, ...)."""
 
 from .checkpoint import load, load_training_state, save
+from .classifier import classify
 from .config import PRESETS, GPTConfig, preset
 from .errors import GptforgeError
 from .evaluate import ClassificationReport, Perplexity, classification_report, perplexity
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassificationReport", "GELU", "FeedForward", "GPTConfig", "GPTModel", "GenerationConfig", "GptforgeError",
     "KVCache", "LayerNorm", "MultiHeadAttention", "PRESETS", "ParameterCounts", "Perplexity", "TextStream",
-    "Tokenizer", "TrainConfig", "TransformerBlock", "classification_report", "count_parameters", "generate",
+    "Tokenizer", "TrainConfig", "TransformerBlock", "classification_report", "classify", "count_parameters", "generate",
     "generate_text", "generate_text_simple", "get_tokenizer", "left_pad", "load", "load_training_state",
     "next_tokens", "perplexity", "prepare_for_inference", "preset", "save", "stream_text", "train",
 ]

@@ -113,7 +113,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     """Read a checkpoint in any format and write it as a gptforge or Hugging Face directory."""
     from .checkpoint import load, save
 
+    from .lora import has_lora, merge_lora
+
     model = load(args.src, dtype=DTYPES[args.dtype] if args.dtype else None, config=_book_config_arg(args))
+    if args.merge_lora:
+        if not has_lora(model):
+            raise GptforgeError(f"{args.src} has no LoRA adapters to merge; drop --merge-lora")
+        merge_lora(model)
     out = save(model, args.out, format=args.to)
     print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, "
           f"{str(model.tok_emb.weight.dtype).removeprefix('torch.')})")
@@ -254,6 +260,45 @@ def _add_train_parser(verbs: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=cmd_train)
 
 
+def cmd_classify(args: argparse.Namespace) -> None:
+    """Print the predicted label of each text (one line each), or JSON lines with probabilities."""
+    from .classifier import classify
+
+    for text, prediction in zip(args.texts, classify(args.model, args.texts, device=args.device)):
+        if args.json:
+            print(json.dumps({"text": text, "label": prediction.label, "probabilities": prediction.probabilities}))
+        else:
+            print(prediction.label)
+
+
+def cmd_finetune_classify(args: argparse.Namespace) -> int:
+    """Finetune a model into a text classifier; prints the final accuracies and the checkpoint."""
+    from .finetune import ClassifyConfig, finetune_classify
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClassifyConfig)
+               if getattr(args, f.name, None) is not None}
+    result = finetune_classify(**options)
+    accuracies = ", ".join(f"{name} accuracy {value * 100:.2f}%" for name, value in
+                           (("train", result.train_accuracy), ("val", result.val_accuracy),
+                            ("test", result.test_accuracy)) if value is not None)
+    print(f"{'stopped' if result.interrupted else 'done'} after {result.steps} steps; {accuracies}; "
+          f"labels {', '.join(result.labels)}; checkpoint: {result.checkpoint}")
+    return 130 if result.interrupted else 0
+
+
+def _add_finetune_parser(verbs: argparse._SubParsersAction) -> None:
+    from .finetune import ClassifyConfig
+
+    ft = verbs.add_parser("finetune", help="adapt a model to a task (classify)")
+    tasks = ft.add_subparsers(dest="task", required=True, metavar="TASK")
+    clf = tasks.add_parser(
+        "classify", help="text classification (the book's chapter 6)",
+        description="Finetune a model to classify texts from CSV/JSONL records with a text and a label "
+                    "column. Defaults are the book's recipe, except --pool last-real (see docs/finetuning.md).")
+    add_flags(clf, ClassifyConfig)
+    clf.set_defaults(func=cmd_finetune_classify)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (like every other bad input), not the usage block."""
 
@@ -316,6 +361,8 @@ def _add_convert_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentP
     conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
     conv.add_argument("--out", required=True, metavar="DIR", help="output directory (an existing checkpoint there is replaced atomically; other contents are refused)")
     conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
+    conv.add_argument("--merge-lora", action="store_true",
+                      help="add a LoRA checkpoint's adapters into its base's weights: a plain checkpoint")
     conv.set_defaults(func=cmd_convert)
     return conv
 
@@ -327,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_info_parser, _add_generate_parser, _add_serve_parser, _add_convert_parser, _add_eval_parser):
         add(verbs).add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
     _add_train_parser(verbs)
+    _add_finetune_parser(verbs)
+    cls = verbs.add_parser("classify", help="predict labels with a classifier (from `finetune classify`)")
+    cls.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
+    cls.add_argument("--model", required=True, help="classifier checkpoint directory (OUT/checkpoint)")
+    cls.add_argument("--json", action="store_true", help="one JSON object per text, with every label's probability")
+    cls.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    cls.set_defaults(func=cmd_classify)
     return parser
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import GptforgeError
+from .lora import merge_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("none", "int8")
@@ -188,6 +189,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     if quantize == "int8":
         torch_dtype = torch.bfloat16
     model.eval()
+    merge_lora(model)  # the layouts below read plain Linear weights: adapters are added into them first
     model.to(torch_dtype)
     on_cpu = next(model.parameters()).device.type == "cpu"
     if not on_cpu:

@@ -3,6 +3,8 @@
 The front: `resolve` (what a name means), `detect_format`, `load`, `load_config`, `save`. Each
 format lives in its own module and is found through the table `FORMATS`:
 - `native` (gptforge): model.safetensors + config.json with checksums (+ training_state.pt);
+- `adapter` ("lora"): a native directory holding only LoRA adapters (+ a classifier's head) and
+  naming its base model by path and checksum; asked before `native`;
 - `hf`: Hugging Face GPT-2 directories (exported with GPT-2's tokenizer files);
 - `book`: the book's `.pth` state dicts (any single file: it stays last).
 `hub` turns hub ids into local Hugging Face directories; `base` holds what formats share.
@@ -25,9 +27,10 @@ import torch
 from ..config import PRESETS, GPTConfig, preset
 from ..device import resolve_device
 from ..errors import GptforgeError
+from ..lora import has_lora
 from ..io import atomic_directory, atomic_write, atomic_write_bytes, read_safetensors, sha256_file
 from ..model import GPTModel
-from . import book, hf, hub, native
+from . import adapter, book, hf, hub, native
 from .base import (
     CHECKPOINT_FILES, CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, HF_BIN_FILE, TRAINING_STATE_FILE,
     WEIGHTS_FILE, CheckpointFormat, build_model, model_state,
@@ -36,7 +39,8 @@ from .hf import config_from_hf, config_to_hf, save_hf, state_from_hf, state_to_h
 from .native import load_training_state
 
 # Every format, in the order `detect_format` asks them (the first that recognises a path wins).
-FORMATS: dict[str, CheckpointFormat] = {fmt.name: fmt for fmt in (native.FORMAT, hf.FORMAT, book.FORMAT)}
+FORMATS: dict[str, CheckpointFormat] = {
+    fmt.name: fmt for fmt in (adapter.FORMAT, native.FORMAT, hf.FORMAT, book.FORMAT)}
 SAVE_FORMATS = tuple(name for name, fmt in FORMATS.items() if fmt.save is not None)
 
 __all__ = [
@@ -67,6 +71,11 @@ def save(model: GPTModel, out_dir: str | Path, format: str = "gptforge",
         raise GptforgeError(f"unknown checkpoint format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
     if not isinstance(model, GPTModel):
         raise GptforgeError(f"save expects a gptforge GPTModel, got {type(model).__name__}")
+    if has_lora(model):  # only the adapters (and a classifier's head) are written, naming the base
+        if format != FORMAT_NAME:
+            raise GptforgeError(f"a model with LoRA adapters is saved as a gptforge adapter checkpoint; for "
+                                f"{format}, merge it first (gptforge convert --merge-lora)")
+        return adapter.save_adapter(model, Path(out_dir), training_state)
     return FORMATS[format].save(model, Path(out_dir), training_state)
 
 

@@ -206,3 +206,58 @@ def test_classification_report_refuses_unknown_labels():
         classification_report([0, 2], [0, 1], ["no", "yes"])
     with pytest.raises(ValueError, match="as many predictions"):
         classification_report([0, 1], [0], ["no", "yes"])
+
+
+# --------------------------------------------------------------------------- `gptforge eval` on a classifier
+
+LABELS = ["ham", "spam", "eggs"]
+
+
+@pytest.fixture
+def classifier_checkpoint(tiny_config, tmp_path):
+    """A tiny untrained 3-class classifier: its predictions are arbitrary but fixed, which is all
+    the report needs."""
+    from gptforge.classifier import to_classifier
+
+    torch.manual_seed(0)
+    model = to_classifier(gptforge.GPTModel(tiny_config(vocab_size=50257, context_length=32)), LABELS)
+    return gptforge.save(model, tmp_path / "clf")
+
+
+def _labelled(path, rows) -> str:
+    path.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_cli_classifier_report_equals_scikit_learn_on_classify(classifier_checkpoint, tmp_path, capsys):
+    metrics = pytest.importorskip("sklearn.metrics")
+    words = ["free", "prize", "call", "now", "see", "you", "at", "the", "park", "cake", "tea", "later"]
+    gen = torch.Generator().manual_seed(1)
+    rows = [(" ".join(words[int(i)] for i in torch.randint(0, len(words), (2 + k % 7,), generator=gen)), LABELS[k % 3])
+            for k in range(30)]
+    a, b = _labelled(tmp_path / "a.csv", rows[:18]), _labelled(tmp_path / "b.csv", rows[18:])
+    assert main(["eval", "--model", str(classifier_checkpoint), "--data", a, b, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    predicted = [p.label for p in gptforge.classify(str(classifier_checkpoint), [t for t, _ in rows])]
+    true = [label for _, label in rows]
+    p, r, f, s = metrics.precision_recall_fscore_support(true, predicted, labels=LABELS, zero_division=0)
+    assert out["accuracy"] == pytest.approx(metrics.accuracy_score(true, predicted), abs=1e-12)
+    for i, name in enumerate(LABELS):
+        cls = out["classes"][name]
+        assert (cls["precision"], cls["recall"], cls["f1"], cls["support"]) == pytest.approx((p[i], r[i], f[i], s[i]))
+    assert out["confusion"]["matrix"] == metrics.confusion_matrix(true, predicted, labels=LABELS).tolist()
+    assert main(["eval", "--model", str(classifier_checkpoint), "--data", a, b]) == 0
+    table = capsys.readouterr().out
+    assert "confusion matrix" in table and all(name in table for name in LABELS)
+
+
+@pytest.mark.parametrize("rows,extra,message", [
+    ([("a fine day", "ham"), ("win money", "maybe")], [], "'maybe'"),
+    ([("a fine day", "ham")], ["--label-column", "category"], "category"),
+    ([("a fine day", "ham")], ["--stride", "8"], "classifier"),
+])
+def test_cli_classifier_bad_input_is_one_line_and_exit_2(classifier_checkpoint, tmp_path, capsys, rows, extra, message):
+    path = _labelled(tmp_path / "t.csv", rows)
+    assert main(["eval", "--model", str(classifier_checkpoint), "--data", path, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

@@ -145,12 +145,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Perplexity (loss, bits per byte) of each text file by sliding window, and of all together."""
-    from .checkpoint import load
+    """A language model: perplexity (loss, bits per byte) of each text file by sliding window, and of
+    all together. A classifier: accuracy, per-class precision/recall/F1 and the confusion matrix."""
+    from .checkpoint import load, load_config
     from .data import read_text
     from .evaluate import Perplexity, check_stride, perplexity
     from .quant import prepare_for_inference
 
+    if load_config(args.model, config=_book_config_arg(args)).classifier is not None:
+        return _eval_classifier(args)
     texts = {path: read_text(path) for path in args.data}  # bad files fail before the model loads
     torch.manual_seed(args.seed)  # a preset's random weights
     model = load(args.model, device=args.device, config=_book_config_arg(args))
@@ -179,6 +182,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
               f"{s.bits_per_byte:>9.4f}")
 
 
+def _eval_classifier(args: argparse.Namespace) -> None:
+    """`gptforge eval` on a classifier: its report on labelled CSV/TSV/JSONL/JSON file(s)."""
+    from .checkpoint import load
+    from .evaluate import evaluate_classifier
+    from .quant import prepare_for_inference
+
+    if args.stride is not None:
+        raise GptforgeError("--stride is for language models; this model is a classifier")
+    model = load(args.model, device=args.device, config=_book_config_arg(args))
+    prepare_for_inference(model, args.dtype, args.quantize)
+    report = evaluate_classifier(model, args.data, text_column=args.text_column, label_column=args.label_column,
+                                 batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"model": args.model, "dtype": args.dtype, "quantize": args.quantize, **report.to_dict()}))
+        return
+    print(f"model: {args.model} (classifier)  dtype: {args.dtype}  quantize: {args.quantize}")
+    print(report.format())
+
+
 def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
     """--dtype and --quantize for a verb that runs the model through quant.prepare_for_inference."""
     from .quant import DTYPES as COMPUTE_DTYPES, QUANTIZATIONS
@@ -191,18 +213,23 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_eval_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ev = verbs.add_parser(
-        "eval", help="perplexity of text files (sliding window)",
-        description="Loss, perplexity and bits per byte of text files under a model, by the sliding "
-                    "window of Hugging Face's perplexity guide (see docs/evaluation.md).")
+        "eval", help="perplexity of text files, or a classifier's accuracy",
+        description="A language model: loss, perplexity and bits per byte of text files, by the sliding "
+                    "window of Hugging Face's perplexity guide. A classifier (from `finetune classify`): "
+                    "accuracy, per-class precision/recall/F1 and the confusion matrix on labelled "
+                    "CSV/TSV/JSONL/JSON files. See docs/evaluation.md.")
     ev.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
-    ev.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s), each scored on its own")
+    ev.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                    help="UTF-8 text file(s), each scored on its own; for a classifier, labelled records")
     # its upper bound is the model's context length, checked once the model is known
     ev.add_argument("--stride", type=flag_type("int", "--stride", {"minimum": 1}), default=None,
                     help="tokens between window starts, in [1, context length] (default: the context "
                          "length, disjoint windows); smaller gives each token more context")
     ev.add_argument("--batch-size", type=flag_type("int", "--batch-size", {"minimum": 1}), default=4,
-                    help="windows per forward pass (default: 4)")
+                    help="windows (or a classifier's texts) per forward pass (default: 4)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ev.add_argument("--text-column", default="text", help="a classifier's data: the column holding the texts")
+    ev.add_argument("--label-column", default="label", help="a classifier's data: the column holding the labels")
     _add_precision_flags(ev)
     ev.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     ev.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0}), default=123,

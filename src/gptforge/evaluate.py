@@ -16,6 +16,7 @@ import dataclasses
 import math
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -90,6 +91,9 @@ def token_nll(model: nn.Module, ids: Sequence[int], *, stride: int | None = None
     """Summed negative log-likelihood (nats, float64) of `ids` by sliding window, and how many
     tokens it scored. `stride` defaults to the context length (disjoint windows); windows run
     `batch_size` at a time (a short last window is right-padded: causal attention never sees it)."""
+    if getattr(model.cfg, "classifier", None) is not None:
+        raise GptforgeError("this model is a classifier, not a language model: it has no perplexity; "
+                            "evaluate it on a CSV/JSONL file of texts and labels")
     context_length = model.cfg.context_length
     stride = context_length if stride is None else stride
     if len(ids) < 2:
@@ -236,3 +240,21 @@ def classification_report(y_true: Sequence[int | str], y_pred: Sequence[int | st
     f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
     return ClassificationReport(label_names, sum(hits) / len(true), tuple(precision), tuple(recall), tuple(f1),
                                 tuple(support), tuple(tuple(row) for row in confusion))
+
+
+def evaluate_classifier(model: nn.Module, paths: str | Path | Sequence[str | Path], *, text_column: str = "text",
+                        label_column: str = "label", batch_size: int = 16) -> ClassificationReport:
+    """The classification report of a classifier (from `gptforge finetune classify`) on labelled
+    texts: CSV/TSV/JSONL/JSON file(s) with a text and a label column, all files as one test set.
+    A label the model was not trained on is a GptforgeError naming it."""
+    from .classifier import classifier_spec, classify, label_ids, read_labeled
+
+    spec = classifier_spec(model)
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    texts, true = [], []
+    for path in paths:
+        data = read_labeled(path, text_column, label_column)
+        true += label_ids(data, spec.labels)  # checked for every file before any prediction
+        texts += data.texts
+    predicted = [p.label for p in classify(model, texts, batch_size=batch_size)]
+    return classification_report(true, predicted, spec.labels)

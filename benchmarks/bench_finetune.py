@@ -1,16 +1,17 @@
 """Classification finetuning of the 124M model: peak memory of full, last-block and LoRA finetuning
-with `gptforge finetune classify`, and tokens/s of gptforge's loop against the book's
-`train_classifier_simple` (llms-from-scratch ch06) in the same run, as a ratio.
+with `gptforge finetune classify`, and tokens/s of gptforge's training step against the book's
+(llms-from-scratch ch06, the body of `train_classifier_simple`), as a ratio.
 
     python benchmarks/bench_finetune.py [--steps 6] [--batch-size 8] [--length 64]
 
 The model is the book's GPT_CONFIG_124M shape (random weights, saved once as a gptforge checkpoint:
-LoRA needs a saved base). Data: short synthetic messages padded to --length tokens. Each
-measurement runs in a fresh process (peak RSS is per process; gptforge's allocator setting is
-process-wide). Memory: with the model loaded and prepared, the resident memory then, and the
-peak (VmHWM, reset at that point) up to the last optimizer step: the growth is what training adds
-(gradients, AdamW state, activations). Speed: the median time between optimizer steps
-(from the second step on; no evaluation inside), both in fp32, last-block mode (the book's recipe).
+LoRA needs a saved base). Data: short synthetic messages of --length tokens.
+Memory: each mode runs `finetune_classify` in a fresh process; with the model loaded and prepared,
+the resident memory then, and the peak (VmHWM, reset at that point) up to the last optimizer step:
+the growth is what training adds (gradients, AdamW state, activations).
+Speed: one fresh process alternates a book step (calc_loss_batch, backward, AdamW) and a gptforge
+step (`train_step` of the phases with `classification_loss`) on the same weights and batch, so a
+shared, noisy machine slows both alike; last-block recipe, fp32; medians after one warm-up step.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import gc
 import platform
 import random
-import gc
 import statistics
 import subprocess
 import sys
@@ -62,9 +63,7 @@ def step_times() -> list[tuple[float, float]]:
 
 
 def summary(stamps: list[tuple[float, float]], baseline: float) -> dict:
-    times = [t for t, _ in stamps]
-    return {"peak_mib": stamps[-1][1], "baseline_mib": baseline,
-            "step_s": statistics.median(b - a for a, b in zip(times[1:], times[2:]))}
+    return {"peak_mib": stamps[-1][1], "baseline_mib": baseline}
 
 
 def _status_mib(field: str) -> float:
@@ -106,35 +105,51 @@ def ours(base: Path, data: Path, mode: str, args: argparse.Namespace) -> dict:
     return {**summary(stamps, baseline[0]), "trainable": result.trainable_parameters}
 
 
-def book(base: Path, data: Path, args: argparse.Namespace) -> dict:
+def speed(base: Path, args: argparse.Namespace) -> dict:
+    """Steps of the book's loop body (calc_loss_batch, backward, AdamW step) and of gptforge's
+    phases (train_step with classification_loss), alternating in one process, so both see the same
+    machine load; last-block recipe, fp32, the same weights and batch."""
     from llms_from_scratch.ch04 import GPTModel
-    from llms_from_scratch.ch06 import SpamDataset, train_classifier_simple
+    from llms_from_scratch.ch06 import calc_loss_batch
 
     from gptforge.checkpoint import load
-    from gptforge.tokenizer import gpt2_encoding
+    from gptforge.classifier import classification_loss, to_classifier
+    from gptforge.train import start_run, train_step
+    from gptforge.train_config import TrainConfig
 
-    model = GPTModel(CFG)
-    model.load_state_dict(load(base).state_dict(), strict=False)  # the causal masks stay the book's
-    with open(data) as f:  # the book's SpamDataset reads columns Text and Label (0/1)
-        rows = list(csv.DictReader(f))
-    book_csv = data.with_name("book.csv")
-    with open(book_csv, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["Text", "Label"])
-        writer.writerows([r["text"], int(r["label"] == "spam")] for r in rows)
-    dataset = SpamDataset(book_csv, gpt2_encoding())
+    ours = load(base)
+    book = GPTModel(CFG)
+    book.load_state_dict(ours.state_dict(), strict=False)  # the causal masks stay the book's
+    for model in (book, ours):
+        model.requires_grad_(False)
     torch.manual_seed(123)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True)
-    for p in model.parameters():
-        p.requires_grad = False
-    model.out_head = torch.nn.Linear(768, 2)
-    for p in list(model.trf_blocks[-1].parameters()) + list(model.final_norm.parameters()):
-        p.requires_grad = True
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
-    baseline = start_measuring()
-    stamps = step_times()
-    train_classifier_simple(model, loader, loader, optimizer, "cpu", 1, 10**9, 1)
-    return summary(stamps, baseline)
+    book.out_head = torch.nn.Linear(CFG["emb_dim"], 2)
+    torch.manual_seed(123)
+    to_classifier(ours, ["ham", "spam"], pool="last")
+    for model in (book, ours):
+        model.trf_blocks[-1].requires_grad_(True)
+        model.final_norm.requires_grad_(True)
+        model.train()
+    optimizer = torch.optim.AdamW(book.parameters(), lr=5e-5, weight_decay=0.1)
+    x = torch.randint(0, CFG["vocab_size"], (args.batch_size, args.length))
+    y = torch.randint(0, 2, (args.batch_size,))
+    times: dict[str, list[float]] = {"book": [], "gptforge": []}
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(data="-", model="-", out=out, lr=5e-5, weight_decay=0.1, schedule="constant", decay="all",
+                          beta2=0.999, grad_clip=0.0, precision="fp32", device="cpu", data_order="book",
+                          progress=False, sample_tokens=0)
+        run = start_run(cfg, ours, args.steps + 1)
+        for _ in range(args.steps + 1):
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            calc_loss_batch(x, y, book, "cpu").backward()
+            optimizer.step()
+            times["book"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            train_step(run, [(x, y, torch.full((args.batch_size,), args.length))], classification_loss)
+            run.step += 1
+            times["gptforge"].append(time.perf_counter() - start)
+    return {side: statistics.median(t[1:]) for side, t in times.items()}  # the first step warms up
 
 
 def measure(side: str, workdir: Path, args: argparse.Namespace) -> dict:
@@ -157,7 +172,7 @@ def main() -> int:
     if args.side:  # one measurement, in this fresh process
         workdir = Path(args.workdir)
         data = workdir / "train.csv"
-        result = book(workdir / "base", data, args) if args.side == "book" else ours(workdir / "base", data, args.side, args)
+        result = speed(workdir / "base", args) if args.side == "speed" else ours(workdir / "base", data, args.side, args)
         print(json.dumps(result))
         return 0
     from gptforge.checkpoint import save
@@ -173,16 +188,16 @@ def main() -> int:
         save(GPTModel(CFG), workdir / "base")
         write_data(workdir, args.steps * args.batch_size, args.length)
         results = {mode: measure(mode, workdir, args) for mode in MODES}
-        results["book"] = measure("book", workdir, args)
-    tokens = args.batch_size * args.length
-    print(f"{'':32}{'trainable':>14}{'peak RSS':>12}{'training adds':>15}{'tokens/s':>10}")
+        step_s = measure("speed", workdir, args)
+    print(f"{'':32}{'trainable':>14}{'peak RSS':>12}{'training adds':>15}")
     for name, r in results.items():
-        label = "book train_classifier_simple" if name == "book" else f"gptforge --trainable {name}"
-        trainable = f"{r['trainable']:,}" if "trainable" in r else "(last-block)"
-        print(f"{label:32}{trainable:>14}{r['peak_mib']:>8,.0f} MiB{r['peak_mib'] - r['baseline_mib']:>11,.0f} MiB"
-              f"{tokens / r['step_s']:>10,.0f}")
-    ratio = results["book"]["step_s"] / results["last-block"]["step_s"]
-    print(f"tokens/s ratio, gptforge last-block / book (same recipe, fp32): {ratio:.2f}x")
+        print(f"{'gptforge --trainable ' + name:32}{r['trainable']:>14,}{r['peak_mib']:>8,.0f} MiB"
+              f"{r['peak_mib'] - r['baseline_mib']:>11,.0f} MiB")
+    tokens = args.batch_size * args.length
+    print(f"speed, last-block, fp32, steps alternating in one process (median of {args.steps}):")
+    for side, seconds in step_s.items():
+        print(f"  {side:10} {seconds:6.2f} s/step {tokens / seconds:8,.0f} tokens/s")
+    print(f"tokens/s ratio gptforge / book: {step_s['book'] / step_s['gptforge']:.2f}x")
     return 0
 
 

@@ -77,8 +77,9 @@ def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys):
     assert "not trained on: ['7']" in _error(run + ["--data", str(splits["train"]), "--val", str(unseen)], capsys)
     long = tmp_path / "long.csv"
     long.write_text("text,label\n" + "word " * 40 + ",a\nshort,b\n")
-    assert "--max-length" in _error(run + ["--data", str(long)], capsys)
-    assert main(run + ["--data", str(long), "--max-length", "16", "--epochs", "1"]) == 0  # cut to fit: fine
+    assert "--max-length" in _error(run + ["--data", str(long), "--batch-size", "2"], capsys)
+    assert main(run + ["--data", str(long), "--batch-size", "2", "--max-length", "16", "--epochs", "1"]) == 0
+    assert "fewer than one batch of 8" in _error(run + ["--data", str(long), "--max-length", "16"], capsys)
     capsys.readouterr()
     assert "not a classifier" in _error(["classify", "--model", base, "text"], capsys)
     assert "empty" in _error(["classify", "--model", str(tmp_path / "run" / "checkpoint"), " "], capsys)

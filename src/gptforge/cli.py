@@ -148,6 +148,101 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(model, settings, host=args.host, port=args.port)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    """A language model: perplexity (loss, bits per byte) of each text file by sliding window, and of
+    all together. A classifier: accuracy, per-class precision/recall/F1 and the confusion matrix."""
+    from .checkpoint import load, load_config
+    from .data import read_text
+    from .evaluate import Perplexity, check_stride, perplexity
+    from .quant import prepare_for_inference
+
+    if load_config(args.model, config=_book_config_arg(args)).classifier is not None:
+        return _eval_classifier(args)
+    texts = {path: read_text(path) for path in args.data}  # bad files fail before the model loads
+    torch.manual_seed(args.seed)  # a preset's random weights
+    model = load(args.model, device=args.device, config=_book_config_arg(args))
+    stride = model.cfg.context_length if args.stride is None else args.stride
+    check_stride(stride, model.cfg.context_length)
+    prepare_for_inference(model, args.dtype, args.quantize)
+    scores = {}
+    for path, text in texts.items():
+        try:
+            scores[path] = perplexity(model, text, stride=stride, batch_size=args.batch_size, progress=True)
+        except GptforgeError as err:
+            raise GptforgeError(f"{path}: {err}") from None  # which of several files it was
+    total = Perplexity.combine(list(scores.values()))
+    if args.json:
+        files = [{"file": path, **score.to_dict()} for path, score in scores.items()]
+        print(json.dumps({"model": args.model, "stride": stride, "dtype": args.dtype, "quantize": args.quantize,
+                          **total.to_dict(), "files": files}))
+        return
+    print(f"model: {args.model}  context: {model.cfg.context_length}  stride: {stride}  "
+          f"dtype: {args.dtype}  quantize: {args.quantize}")
+    rows = [(path, s) for path, s in scores.items()] + ([("total", total)] if len(scores) > 1 else [])
+    width = max(len("file"), *(len(name) for name, _ in rows))
+    print(f"{'file':<{width}}  {'tokens':>10}  {'bytes':>11}  {'loss':>7}  {'perplexity':>11}  {'bits/byte':>9}")
+    for name, s in rows:
+        print(f"{name:<{width}}  {s.tokens:>10,}  {s.bytes:>11,}  {s.loss:>7.4f}  {s.perplexity:>11.3f}  "
+              f"{s.bits_per_byte:>9.4f}")
+
+
+def _eval_classifier(args: argparse.Namespace) -> None:
+    """`gptforge eval` on a classifier: its report on labelled CSV/TSV/JSONL/JSON file(s)."""
+    from .checkpoint import load
+    from .evaluate import evaluate_classifier
+    from .quant import prepare_for_inference
+
+    if args.stride is not None:
+        raise GptforgeError("--stride is for language models; this model is a classifier")
+    model = load(args.model, device=args.device, config=_book_config_arg(args))
+    prepare_for_inference(model, args.dtype, args.quantize)
+    report = evaluate_classifier(model, args.data, text_column=args.text_column, label_column=args.label_column,
+                                 batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"model": args.model, "dtype": args.dtype, "quantize": args.quantize, **report.to_dict()}))
+        return
+    print(f"model: {args.model} (classifier)  dtype: {args.dtype}  quantize: {args.quantize}")
+    print(report.format())
+
+
+def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize for a verb that runs the model through quant.prepare_for_inference."""
+    from .quant import DTYPES as COMPUTE_DTYPES, QUANTIZATIONS
+
+    parser.add_argument("--dtype", choices=tuple(COMPUTE_DTYPES), default="float32",
+                        help="compute dtype (default: float32)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                        help="int8: weight-only int8 linears with bf16 activations; int4: 4-bit groups as "
+                             "llama.cpp's Q4_0, float32 activations (CPU)")
+
+
+def _add_eval_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    ev = verbs.add_parser(
+        "eval", help="perplexity of text files, or a classifier's accuracy",
+        description="A language model: loss, perplexity and bits per byte of text files, by the sliding "
+                    "window of Hugging Face's perplexity guide. A classifier (from `finetune classify`): "
+                    "accuracy, per-class precision/recall/F1 and the confusion matrix on labelled "
+                    "CSV/TSV/JSONL/JSON files. See docs/evaluation.md.")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
+    ev.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                    help="UTF-8 text file(s), each scored on its own; for a classifier, labelled records")
+    # its upper bound is the model's context length, checked once the model is known
+    ev.add_argument("--stride", type=flag_type("int", "--stride", {"minimum": 1}), default=None,
+                    help="tokens between window starts, in [1, context length] (default: the context "
+                         "length, disjoint windows); smaller gives each token more context")
+    ev.add_argument("--batch-size", type=flag_type("int", "--batch-size", {"minimum": 1}), default=4,
+                    help="windows (or a classifier's texts) per forward pass (default: 4)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ev.add_argument("--text-column", default="text", help="a classifier's data: the column holding the texts")
+    ev.add_argument("--label-column", default="label", help="a classifier's data: the column holding the labels")
+    _add_precision_flags(ev)
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ev.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0}), default=123,
+                    help="torch seed for a preset's random weights (default: 123)")
+    ev.set_defaults(func=cmd_eval)
+    return ev
+
+
 def _train_options(args: argparse.Namespace) -> dict:
     """TrainConfig options from a config file and the flags given (flags win)."""
     from .train import TrainConfig, read_config_file
@@ -314,17 +409,13 @@ def _add_info_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPars
 def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The decoding flags are GenerationConfig's fields (help, type and range from its metadata)."""
     from .generation import GenerationConfig
-    from .quant import QUANTIZATIONS
 
     gen = verbs.add_parser("generate", help="continue a prompt (streams by default)")
     gen.add_argument("prompt", metavar="PROMPT", help="text to continue; empty starts from <|endoftext|>")
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     # the CLI seeds by default, so a preset's random weights and sampling repeat run to run
     add_flags(gen, GenerationConfig, defaults={"seed": 123})
-    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default: float32)")
-    gen.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                     help="int8: weight-only int8 linears with bf16 activations; int4: 4-bit groups as "
-                          "llama.cpp's Q4_0, float32 activations (CPU)")
+    _add_precision_flags(gen)
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
@@ -374,9 +465,9 @@ def _add_convert_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentP
 
 def build_parser() -> argparse.ArgumentParser:
     """The `gptforge` parser: one sub-parser per verb."""
-    parser = _Parser(prog="gptforge", description="GPT-2 from scratch: inspect, generate, train, serve.")
+    parser = _Parser(prog="gptforge", description="GPT-2 from scratch: inspect, generate, train, serve, evaluate.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
-    for add in (_add_info_parser, _add_generate_parser, _add_serve_parser, _add_convert_parser):
+    for add in (_add_info_parser, _add_generate_parser, _add_serve_parser, _add_convert_parser, _add_eval_parser):
         add(verbs).add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
     _add_train_parser(verbs)
     _add_finetune_parser(verbs)

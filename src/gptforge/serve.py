@@ -5,6 +5,9 @@
                            template (`gptforge finetune instruct`); the same path underneath
     GET  /v1/models        the one model served; GET /v1/models/{id} for it alone
     GET  /health           liveness and load: active and waiting sequences, counters
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize
+                           the tokenizer, in vLLM's shapes, which lm-evaluation-harness's
+                           `local-completions` probes so it needs no tokenizer files
 
 A base GPT-2 answers the completions API only; chat needs the model's prompt template, which
 renders the messages into one prompt (`instruct.chat_prompt`) that then runs exactly as a
@@ -32,23 +35,24 @@ from typing import Any
 import torch.nn as nn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import GptforgeError
 from .generation import GenerationConfig, prompt_ids
 from .instruct import chat_prompt
+from .openai_api import (
+    MAX_SEED, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, SamplingFields,
+    parse_request,
+)
 from .scheduler import (
     FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, SequenceState, TokenLogprob,
 )
-from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
+from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # per stop string: each generated token is checked against every one
-MAX_LOGPROBS = 5  # as OpenAI's completions API
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,90 +76,12 @@ class ServeSettings:
     shutdown_grace_s: float = 10.0
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's format."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
 # --------------------------------------------------------------------------- the request
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    """The fields completions and chat completions share: OpenAI's; null means the default."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str
-    temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, gt=0, le=1)
-    n: int | None = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-
-class CompletionRequest(_Sampling):
-    """The body of POST /v1/completions."""
-
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool | None = False
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
-
-
-class ChatCompletionRequest(_Sampling):
-    """The body of POST /v1/chat/completions (messages are checked by `instruct.chat_prompt`)."""
-
-    messages: list[dict[str, Any]]
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    logprobs: bool | None = False
-    top_logprobs: int | None = None
-
 
 @dataclasses.dataclass
 class _Prompt:
     text: str | None  # what `echo` repeats (decoded from the ids for a token-id prompt)
     ids: list[int]
-
-
-def _parse_request(data: Any, kind: type[BaseModel] = CompletionRequest) -> Any:
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    try:
-        return kind.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        param = str(first["loc"][0]) if first["loc"] else None
-        if param == "prompt":
-            message = "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
-        elif first["type"] == "extra_forbidden":
-            message = f"unrecognized request argument supplied: {param}"
-        else:
-            message = f"{param}: {first['msg']}"
-        raise APIError(400, message, param=param) from None
 
 
 def _prompts(req: CompletionRequest, tokenizer: Tokenizer, vocab_size: int) -> list[_Prompt]:
@@ -228,7 +154,7 @@ def _chat_as_completion(req: ChatCompletionRequest, model_cfg: Any, settings: Se
     if max_tokens is None:  # OpenAI's chat default: as much as the context leaves
         context = model_cfg.context_length
         max_tokens = max(1, min(settings.max_tokens_cap or context, context - len(prompt_ids(text, tokenizer))))
-    shared = {name: getattr(req, name) for name in _Sampling.model_fields}
+    shared = {name: getattr(req, name) for name in SamplingFields.model_fields}
     return CompletionRequest.model_construct(**shared, prompt=text, max_tokens=max_tokens)
 
 
@@ -421,20 +347,8 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
-    """The FastAPI app: starts the scheduler's thread on startup and stops it on shutdown."""
-    tokenizer = scheduler.tokenizer
-    context_length = scheduler.context_length
-    vocab_size = scheduler.model.cfg.vocab_size
-    created = int(time.time())
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
-        yield
-        scheduler.stop()
-
-    app = FastAPI(title="gptforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answered in OpenAI's shape: ours, Starlette's (404, 405...) and unexpected ones (500)."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -449,6 +363,23 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
     async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return APIError(500, "internal server error").response()
+
+
+def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
+    """The FastAPI app: starts the scheduler's thread on startup and stops it on shutdown."""
+    tokenizer = scheduler.tokenizer
+    context_length = scheduler.context_length
+    vocab_size = scheduler.model.cfg.vocab_size
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="gptforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    _add_error_handlers(app)
 
     def model_card() -> dict[str, Any]:
         return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "gptforge"}
@@ -471,18 +402,44 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
         return APIError(404, f"The model '{name}' does not exist; this server serves '{settings.model_name}'",
                         param="model", code="model_not_found")
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return {"tokenizer_class": "GPT2Tokenizer", "eos_token": ENDOFTEXT, "bos_token": ENDOFTEXT,
+                "unk_token": ENDOFTEXT, "pad_token": None, "chat_template": None,
+                "model_max_length": context_length, "vocab_size": tokenizer.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = parse_request(await _read_json(request, settings.max_body_bytes), TokenizeRequest)
+        if req.model is not None and req.model != settings.model_name:
+            raise _unknown_model(req.model)
+        ids = tokenizer.encode(req.prompt)
+        strs = [tokenizer.decode_bytes([i]).decode("utf-8", "replace") for i in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": context_length, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = parse_request(await _read_json(request, settings.max_body_bytes), DetokenizeRequest)
+        if req.model is not None and req.model != settings.model_name:
+            raise _unknown_model(req.model)
+        bad = [i for i in req.tokens if not 0 <= i < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})",
+                           param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = _parse_request(await _read_json(request, settings.max_body_bytes))
+        req = parse_request(await _read_json(request, settings.max_body_bytes))
         if req.model != settings.model_name:
             raise _unknown_model(req.model)
         prompts, max_tokens, config = _plan(req, settings, tokenizer, vocab_size, context_length)
         job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop())
-        return await run(job, request, bool(req.stream))
+        return await _answer(scheduler, job, request, bool(req.stream))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        chat = _parse_request(await _read_json(request, settings.max_body_bytes), ChatCompletionRequest)
+        chat = parse_request(await _read_json(request, settings.max_body_bytes), ChatCompletionRequest)
         if chat.model != settings.model_name:
             raise _unknown_model(chat.model)
         req = _chat_as_completion(chat, scheduler.model.cfg, settings, tokenizer)
@@ -490,28 +447,29 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
         config = config.replace(stop_strings=config.stop_strings + scheduler.model.cfg.prompt_template.stop)
         job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop(),
                           chat=True)
-        return await run(job, request, bool(req.stream))
-
-    async def run(job: _Completion, request: Request, stream: bool) -> Response:
-        """Submit a request's sequences; answer with their events or, when done, one JSON body."""
-        try:
-            for seq in job.seqs:
-                scheduler.submit(seq)
-        except (SchedulerClosed, SchedulerFull) as err:
-            job.cancel(scheduler)
-            raise APIError(503, str(err)) from None
-        outputs = _outputs(job.queue, request, len(job.seqs))
-        if stream:
-            return _EventStream(job.events(outputs, scheduler), media_type="text/event-stream",
-                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            return JSONResponse(await job.collect(outputs))
-        except _ClientGone:
-            return Response(status_code=499)
-        finally:
-            job.cancel(scheduler)
+        return await _answer(scheduler, job, request, bool(req.stream))
 
     return app
+
+
+async def _answer(scheduler: BatchScheduler, job: _Completion, request: Request, stream: bool) -> Response:
+    """Submit a request's sequences; answer with their events or, when done, one JSON body."""
+    try:
+        for seq in job.seqs:
+            scheduler.submit(seq)
+    except (SchedulerClosed, SchedulerFull) as err:
+        job.cancel(scheduler)
+        raise APIError(503, str(err)) from None
+    outputs = _outputs(job.queue, request, len(job.seqs))
+    if stream:
+        return _EventStream(job.events(outputs, scheduler), media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        return JSONResponse(await job.collect(outputs))
+    except _ClientGone:
+        return Response(status_code=499)
+    finally:
+        job.cancel(scheduler)
 
 
 async def _read_json(request: Request, limit: int) -> Any:

@@ -122,11 +122,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve the model over HTTP with OpenAI's completions API until SIGINT/SIGTERM."""
     from .checkpoint import load
+    from .quant import prepare_for_inference
     from .serve import ServeSettings, run_server
 
     torch.manual_seed(args.seed)
-    model = load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-                 config=_book_config_arg(args))
+    model = load(args.model, device=args.device, config=_book_config_arg(args))
+    prepare_for_inference(model, args.dtype, args.quantize)  # the same kernels as generate
     if args.max_tokens_cap is not None and args.max_tokens_cap > model.cfg.context_length:
         raise GptforgeError(f"--max-tokens-cap {args.max_tokens_cap} exceeds the model's context length "
                          f"{model.cfg.context_length}")
@@ -202,6 +203,16 @@ def _add_info_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPars
     return info
 
 
+def _add_mode_flags(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize: the inference mode, as `quant.prepare_for_inference` takes it."""
+    from .quant import DTYPES as INFERENCE_DTYPES, QUANTIZATIONS
+
+    parser.add_argument("--dtype", choices=("auto", *INFERENCE_DTYPES), default="auto",
+                        help="compute dtype; auto: this CPU's fastest exact choice (default: auto)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                        help="int8: weight-only int8 linears with bf16 activations (CPU)")
+
+
 def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The decoding flags are GenerationConfig's fields (help, type and range from its metadata)."""
     from .generation import GenerationConfig
@@ -211,9 +222,7 @@ def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.Argument
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     # the CLI seeds by default, so a preset's random weights and sampling repeat run to run
     add_flags(gen, GenerationConfig, defaults={"seed": 123})
-    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default: float32)")
-    gen.add_argument("--quantize", choices=("none", "int8"), default="none",
-                     help="int8: weight-only int8 linears with bf16 activations (CPU)")
+    _add_mode_flags(gen)
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
@@ -229,7 +238,7 @@ def _add_serve_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPar
                      help="port (default: 8000)")
     srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     srv.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    srv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="weights' dtype (default: as stored)")
+    _add_mode_flags(srv)
     srv.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0}), default=123,
                      help="torch seed for a preset's random weights (default: 123)")
     positive = {"minimum": 1}

@@ -40,11 +40,17 @@ def build(mode: str, seed: int = 0) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def decode(model: torch.nn.Module, tokens: int, prompt: int = 64) -> float:
-    """Seconds per decode step (greedy, KV cache) after a `prompt`-token prefill."""
-    ids = torch.randint(0, 50257, (1, prompt))
-    cache = model.new_cache(1, prompt + tokens)
-    tok = model(ids, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+def prefill(model: torch.nn.Module, tokens: int, prompt: int = 64, batch: int = 1) -> tuple:
+    """A KV cache holding `batch` random prompts, room for `tokens` more, and the greedy next tokens."""
+    ids = torch.randint(0, 50257, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(batch, prompt + tokens)
+    return cache, model(ids, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def decode(model: torch.nn.Module, tokens: int, batch: int = 1) -> float:
+    """Seconds per decode step (greedy, KV cache) after a 64-token prefill (not timed)."""
+    cache, tok = prefill(model, tokens, batch=batch)
     start = time.perf_counter()
     for _ in range(tokens):
         tok = model(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
@@ -52,10 +58,15 @@ def decode(model: torch.nn.Module, tokens: int, prompt: int = 64) -> float:
 
 
 def breakdown(model: torch.nn.Module, tokens: int) -> dict[str, float]:
-    """Shares of one profiled decode: the operators' self time in matmuls, in attention, and the
-    rest of the step (fractions of its wall time, so that machine load cancels out)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step = decode(model, tokens) * 1e3
+    """Shares of one profiled decode (the prefill not profiled): the operators' self time in
+    matmuls, in attention, and the rest of the step (fractions of its wall time, so that machine
+    load cancels out)."""
+    cache, tok = prefill(model, tokens)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(tokens):
+            tok = model(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        step = (time.perf_counter() - start) * 1e3 / tokens
     split = {"matmul": 0.0, "attention": 0.0}
     for event in prof.key_averages():
         kind = "matmul" if event.key in MATMUL_OPS else "attention" if event.key in ATTENTION_OPS else None
@@ -75,14 +86,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(cpu_summary())
     print(f"torch {torch.__version__}, {args.threads} threads, batch 1, {args.tokens} tokens after a 64-token prompt")
-    print(f"{'mode':<6} {'ms/token':>9} {'tok/s':>7}   shares of a step: {'matmul':>7} {'attention':>9} {'rest':>6}")
+    print(f"{'mode':<6} {'ms/token':>9} {'tok/s':>7}   shares of a step: {'matmul':>7} {'attention':>9} {'rest':>6}"
+          f"   batch-8 tok/s, / batch 1")
     for mode in args.modes:
         model = build(mode)
         decode(model, 4)  # warm-up
         step = min(decode(model, args.tokens) for _ in range(args.repeats)) * 1e3
         split = breakdown(model, args.tokens)
+        batch8 = 8 / min(decode(model, args.tokens, batch=8) for _ in range(args.repeats))
         print(f"{mode:<6} {step:>9.2f} {1e3 / step:>7.1f}   {'':>17} {split['matmul']:>7.0%} "
-              f"{split['attention']:>9.0%} {split['rest']:>6.0%}  (= {split['rest'] * step:.1f} ms of the best step)")
+              f"{split['attention']:>9.0%} {split['rest']:>6.0%} ({split['rest'] * step:4.1f} ms)"
+              f"   {batch8:>6.1f}, {batch8 * step / 1e3:.2f}x")
 
 
 if __name__ == "__main__":

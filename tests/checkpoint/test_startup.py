@@ -40,3 +40,20 @@ def test_load_restores_initialisers(tmp_path, tiny_config):
     assert torch.equal(loaded.tok_emb.weight, model.tok_emb.weight)
     torch.manual_seed(0)
     assert torch.equal(GPTModel(tiny_config()).tok_emb.weight, model.tok_emb.weight)  # init still runs
+
+
+def test_hf_weights_are_mapped_in_the_decoding_layout(tmp_path, tiny_config):
+    from gptforge.quant import inference_view
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(vocab_size=50257))
+    gptforge.save(model, tmp_path / "hf", format="hf")
+    loaded = gptforge.load(tmp_path / "hf")
+    fc = loaded.trf_blocks[0].ff.layers[0].weight
+    assert torch.equal(fc, model.trf_blocks[0].ff.layers[0].weight)
+    assert not fc.is_contiguous() and fc.t().is_contiguous()  # Conv1D's (in, out) storage, not copied
+    assert inference_view(loaded).trf_blocks[0].ff.layers[0].weight.data_ptr() == fc.data_ptr()
+    with torch.no_grad():
+        fc.add_(1.0)  # copy-on-write pages: the file keeps its values
+    again = gptforge.load(tmp_path / "hf")
+    assert torch.equal(again.trf_blocks[0].ff.layers[0].weight, model.trf_blocks[0].ff.layers[0].weight)

@@ -99,3 +99,33 @@ def test_serve_cli_prepares_the_chosen_mode(monkeypatch, tmp_path, tiny_config):
     assert main(["serve", "--model", str(tmp_path / "ckpt")]) == 0  # auto: float32, fused projection
     assert served["model"].tok_emb.weight.dtype == torch.float32
     assert served["model"].trf_blocks[0].att.fused_qkv is not None
+
+
+def test_float32_few_rows_run_on_a_packed_copy_with_the_same_results(tiny_config, monkeypatch):
+    from gptforge import generate_text_simple
+    from gptforge.quant import Float32Linear, _MultiRowKernel
+
+    cfg = generation_config(tiny_config)
+    model = tiny_model(cfg)
+    keys = list(model.state_dict())
+    view = inference_view(model)
+    assert isinstance(view.out_head, Float32Linear) and list(view.state_dict()) == keys
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or original(*a))
+    x = torch.randn(4, 1, cfg.emb_dim)
+    weight = view.trf_blocks[0].ff.layers[0].weight
+    torch.testing.assert_close(view.trf_blocks[0].ff.layers[0](x), torch.nn.functional.linear(
+        x, weight, view.trf_blocks[0].ff.layers[0].bias), rtol=1e-5, atol=1e-6)
+    assert calls == [(4, 1, cfg.emb_dim)]  # 4 rows: the packed kernel
+    idx = torch.randint(0, cfg.vocab_size, (4, 6), generator=torch.Generator().manual_seed(5))
+    out = generate(model, idx, 10, stop_token_ids=())  # batch 4: decode steps of 4 rows
+    assert len(calls) > 10
+    assert torch.equal(out, generate_text_simple(copy.deepcopy(model).eval(), idx, 10, cfg.context_length))
+    kernel = view.trf_blocks[0].att.fused_qkv._kernel
+    assert isinstance(kernel, _MultiRowKernel) and kernel.packed is not None
+    with torch.no_grad():  # a changed weight is packed again
+        stale = kernel.packed
+        kernel.weight.mul_(2)
+        kernel(torch.randn(3, cfg.emb_dim), None)
+    assert kernel.packed is not stale

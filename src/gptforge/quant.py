@@ -49,6 +49,8 @@ QUANTIZATIONS = ("none", "int8")
 # Above this many rows (a prefill), dequantizing the weights and running a bf16 matmul is faster
 # than the int8 matrix-vector kernel.
 INT8_MAX_ROWS = 16
+MULTI_ROW_HINT = 8  # the batch size oneDNN packs float32 weights for (decoding 8 sequences)
+MULTI_ROW_MAX = 16  # up to this many rows the packed copy is used; a prefill stays on MKL
 
 
 def _packed_bf16_available() -> bool:
@@ -209,8 +211,51 @@ class SharedQKV(nn.Module):
                 lin.bias.data = fused_b[i * n:(i + 1) * n]
             self._bias = (fused_b,)
 
+        self._kernel = _MultiRowKernel(self._weight[0])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight[0], self._bias[0] if self._bias else None)
+        return self._kernel(x, self._bias[0] if self._bias else None)
+
+
+class _MultiRowKernel:
+    """The product x @ weight.T for a float32 (out, in) weight stored as (in, out): one row (a
+    decode step at batch 1, or a long prefill) through MKL, 2..MULTI_ROW_MAX rows (decoding a
+    batch) through a oneDNN-packed copy, about 2x faster at 8 rows here. The copy is made on
+    first use and remade when the weight changes (version, storage or an optimizer step)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.packed: torch.Tensor | None = None
+        self.key: tuple = ()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        differentiable = self.weight.requires_grad and torch.is_grad_enabled()  # training: autograd's path
+        if not 1 < rows <= MULTI_ROW_MAX or differentiable or not torch.backends.mkldnn.is_available():
+            return F.linear(x, self.weight, bias)
+        key = (self.weight.data_ptr(), self.weight._version, _OPTIMIZER_STEPS[0])
+        if self.packed is None or key != self.key:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), MULTI_ROW_HINT)
+            self.key = key
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+
+class Float32Linear(nn.Linear):
+    """An nn.Linear (same parameters and state-dict keys) whose products of a few rows run on a
+    oneDNN-packed copy of its weight (`_MultiRowKernel`); set by `prepare_for_inference(model, "float32")`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.__dict__.get("_kernel")
+        if kernel is None or kernel.weight is not self.weight:
+            kernel = self.__dict__["_kernel"] = _MultiRowKernel(self.weight)
+        return kernel(x, self.bias)
+
+
+def _pack_linears(model: nn.Module) -> None:
+    """Make every plain nn.Linear a Float32Linear (in place: parameters and keys unchanged)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Float32Linear
 
 
 def _fuse_qkv(model: nn.Module, make) -> None:
@@ -285,6 +330,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     elif torch_dtype == torch.float32:
         _fuse_qkv(model, SharedQKV)  # first, so the relayout skips query/key/value (already views)
         _relayout_in_out(model)
+        _pack_linears(model)
     return model
 
 

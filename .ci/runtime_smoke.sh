@@ -42,6 +42,10 @@ say "convert (to hf and back)"
 "$GF" convert "$TMP/hf" --to gptforge --out "$TMP/back" >/dev/null || fail "convert --to gptforge"
 "$GF" info "$TMP/back" >/dev/null || fail "info on the converted checkpoint"
 
+say "convert (to GGUF q4_0 and read back)"
+"$GF" convert gptforge-shakespeare --to gguf --out "$TMP/m.gguf" --gguf-type q4_0 >/dev/null || fail "convert --to gguf"
+"$GF" generate "ROMEO:" --model "$TMP/m.gguf" --max-new-tokens 4 --quantize int4 --no-stream >/dev/null || fail "generate on a GGUF file"
+
 say "serve (start, one completion, stop)"
 PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 "$GF" serve --model "$TMP/back" --port "$PORT" 2>"$TMP/serve.err" &
@@ -66,5 +70,18 @@ EOF
 kill -INT "$SERVER"
 wait "$SERVER" || [ $? -eq 130 ] || [ $? -eq 0 ] || fail "serve did not stop cleanly"
 SERVER=
+
+say "finetune classify, classify, LoRA + convert --merge-lora (the sample files, the tiny model above)"
+"$GF" finetune classify --data examples/messages-train.csv --val examples/messages-val.csv --model "$TMP/back" \
+    --max-length 32 --epochs 1 --eval-every 2 --out "$TMP/clf" >"$TMP/clf.out" 2>"$TMP/clf.err" \
+    || { cat "$TMP/clf.err" >&2; fail "finetune classify"; }
+grep -q "labels ham, spam" "$TMP/clf.out" || fail "finetune classify printed no labels: $(cat "$TMP/clf.out")"
+[ -s "$TMP/clf/loss.png" ] || fail "finetune classify wrote no loss.png"
+"$GF" classify --json --model "$TMP/clf/checkpoint" "Free entry to win 1000 pounds" >"$TMP/cls.json" || fail "classify"
+grep -q '"probabilities"' "$TMP/cls.json" || fail "classify --json printed no probabilities"
+"$GF" finetune classify --data examples/messages-train.csv --model "$TMP/back" --max-length 32 --epochs 1 \
+    --lora-rank 2 --no-progress --out "$TMP/lora" >/dev/null || fail "finetune classify --lora-rank"
+"$GF" convert "$TMP/lora/checkpoint" --merge-lora --to gptforge --out "$TMP/merged" >/dev/null || fail "convert --merge-lora"
+"$GF" classify --model "$TMP/merged" "See you at the gym" >/dev/null || fail "classify on the merged model"
 
 say "all verbs passed"

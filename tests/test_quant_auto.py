@@ -25,6 +25,7 @@ GRAVITON3 = frozenset({"asimd", "sve", "bf16", "i8mm"})
     (AMX_XEON, "auto", "none", InferenceMode("float32", "none", torch.bfloat16)),  # auto stays exact
     (AVX2_EPYC, "auto", "int8", InferenceMode("bfloat16", "int8", torch.float32)),  # no bf16 prefill here
     (AVX512_BF16_EPYC, "auto", "int8", InferenceMode("bfloat16", "int8", torch.bfloat16)),
+    (AVX2_EPYC, "auto", "int4", InferenceMode("bfloat16", "int4", torch.float32)),
     (AMX_XEON, "float32", "int8", InferenceMode("bfloat16", "int8", torch.bfloat16)),
     (GRAVITON3, "auto", "int8", InferenceMode("bfloat16", "int8", torch.bfloat16)),
     (frozenset(), "bfloat16", "none", InferenceMode("bfloat16", "none", torch.float32)),
@@ -49,7 +50,7 @@ def test_cpu_flags_are_read():
     assert cpu_flags() and all(isinstance(flag, str) for flag in cpu_flags())
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_auto_generates_what_its_chosen_mode_does(tiny_config, quantize):
     cfg = generation_config(tiny_config)
     model = tiny_model(cfg)

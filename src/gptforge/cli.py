@@ -22,7 +22,7 @@ def _format_count(n: int) -> str:
     return f"{n:,}"
 
 
-MODEL_HELP = ("preset (e.g. gpt2-124m, book-124m), checkpoint (gptforge or Hugging Face directory, book "
+MODEL_HELP = ("preset (e.g. gpt2-124m, book-124m), checkpoint (gptforge or Hugging Face directory, GGUF file, book "
               "state dict .pth) or Hugging Face hub id (e.g. gpt2, openai-community/gpt2-medium)")
 CONFIG_HELP = ("GPTConfig JSON (the book's config keys) for a book state dict whose width is not one of "
                "GPT-2's four (its number of heads is not in the tensors)")
@@ -110,13 +110,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    """Read a checkpoint in any format and write it as a gptforge or Hugging Face directory."""
+    """Read a checkpoint in any format and write it as a gptforge or Hugging Face directory, or as
+    one GGUF file (llama.cpp's format, weights in --gguf-type)."""
     from .checkpoint import load, save
 
+    from .lora import has_lora, merge_lora
+
+    if args.gguf_type is not None and args.to != "gguf":
+        raise GptforgeError("--gguf-type is for --to gguf; the other formats keep the weights' dtype (see --dtype)")
     model = load(args.src, dtype=DTYPES[args.dtype] if args.dtype else None, config=_book_config_arg(args))
-    out = save(model, args.out, format=args.to)
-    print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, "
-          f"{str(model.tok_emb.weight.dtype).removeprefix('torch.')})")
+    if args.merge_lora:
+        if not has_lora(model):
+            raise GptforgeError(f"{args.src} has no LoRA adapters to merge; drop --merge-lora")
+        merge_lora(model)
+    options = {"gguf_type": args.gguf_type or "f32"} if args.to == "gguf" else {}
+    out = save(model, args.out, format=args.to, **options)
+    kind = options["gguf_type"].upper() if options else str(model.tok_emb.weight.dtype).removeprefix("torch.")
+    print(f"wrote {args.to} checkpoint {out} ({model.num_parameters():,} parameters, {kind})")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -137,6 +147,101 @@ def cmd_serve(args: argparse.Namespace) -> None:
         shutdown_grace_s=args.shutdown_grace,
     )
     run_server(model, settings, host=args.host, port=args.port)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """A language model: perplexity (loss, bits per byte) of each text file by sliding window, and of
+    all together. A classifier: accuracy, per-class precision/recall/F1 and the confusion matrix."""
+    from .checkpoint import load, load_config
+    from .data import read_text
+    from .evaluate import Perplexity, check_stride, perplexity
+    from .quant import prepare_for_inference
+
+    if load_config(args.model, config=_book_config_arg(args)).classifier is not None:
+        return _eval_classifier(args)
+    texts = {path: read_text(path) for path in args.data}  # bad files fail before the model loads
+    torch.manual_seed(args.seed)  # a preset's random weights
+    model = load(args.model, device=args.device, config=_book_config_arg(args))
+    stride = model.cfg.context_length if args.stride is None else args.stride
+    check_stride(stride, model.cfg.context_length)
+    prepare_for_inference(model, args.dtype, args.quantize)
+    scores = {}
+    for path, text in texts.items():
+        try:
+            scores[path] = perplexity(model, text, stride=stride, batch_size=args.batch_size, progress=True)
+        except GptforgeError as err:
+            raise GptforgeError(f"{path}: {err}") from None  # which of several files it was
+    total = Perplexity.combine(list(scores.values()))
+    if args.json:
+        files = [{"file": path, **score.to_dict()} for path, score in scores.items()]
+        print(json.dumps({"model": args.model, "stride": stride, "dtype": args.dtype, "quantize": args.quantize,
+                          **total.to_dict(), "files": files}))
+        return
+    print(f"model: {args.model}  context: {model.cfg.context_length}  stride: {stride}  "
+          f"dtype: {args.dtype}  quantize: {args.quantize}")
+    rows = [(path, s) for path, s in scores.items()] + ([("total", total)] if len(scores) > 1 else [])
+    width = max(len("file"), *(len(name) for name, _ in rows))
+    print(f"{'file':<{width}}  {'tokens':>10}  {'bytes':>11}  {'loss':>7}  {'perplexity':>11}  {'bits/byte':>9}")
+    for name, s in rows:
+        print(f"{name:<{width}}  {s.tokens:>10,}  {s.bytes:>11,}  {s.loss:>7.4f}  {s.perplexity:>11.3f}  "
+              f"{s.bits_per_byte:>9.4f}")
+
+
+def _eval_classifier(args: argparse.Namespace) -> None:
+    """`gptforge eval` on a classifier: its report on labelled CSV/TSV/JSONL/JSON file(s)."""
+    from .checkpoint import load
+    from .evaluate import evaluate_classifier
+    from .quant import prepare_for_inference
+
+    if args.stride is not None:
+        raise GptforgeError("--stride is for language models; this model is a classifier")
+    model = load(args.model, device=args.device, config=_book_config_arg(args))
+    prepare_for_inference(model, args.dtype, args.quantize)
+    report = evaluate_classifier(model, args.data, text_column=args.text_column, label_column=args.label_column,
+                                 batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"model": args.model, "dtype": args.dtype, "quantize": args.quantize, **report.to_dict()}))
+        return
+    print(f"model: {args.model} (classifier)  dtype: {args.dtype}  quantize: {args.quantize}")
+    print(report.format())
+
+
+def _add_precision_flags(parser: argparse.ArgumentParser, default: str = "float32") -> None:
+    """--dtype and --quantize for a verb that runs the model through quant.prepare_for_inference."""
+    from .quant import DTYPES as COMPUTE_DTYPES, QUANTIZATIONS
+
+    parser.add_argument("--dtype", choices=("auto", *COMPUTE_DTYPES), default=default,
+                        help=f"compute dtype; auto: this CPU's choice (quant.choose_mode) (default: {default})")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                        help="int8: weight-only int8 linears with bf16 activations; int4: 4-bit groups as "
+                             "llama.cpp's Q4_0, float32 activations (CPU)")
+
+
+def _add_eval_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    ev = verbs.add_parser(
+        "eval", help="perplexity of text files, or a classifier's accuracy",
+        description="A language model: loss, perplexity and bits per byte of text files, by the sliding "
+                    "window of Hugging Face's perplexity guide. A classifier (from `finetune classify`): "
+                    "accuracy, per-class precision/recall/F1 and the confusion matrix on labelled "
+                    "CSV/TSV/JSONL/JSON files. See docs/evaluation.md.")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
+    ev.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                    help="UTF-8 text file(s), each scored on its own; for a classifier, labelled records")
+    # its upper bound is the model's context length, checked once the model is known
+    ev.add_argument("--stride", type=flag_type("int", "--stride", {"minimum": 1}), default=None,
+                    help="tokens between window starts, in [1, context length] (default: the context "
+                         "length, disjoint windows); smaller gives each token more context")
+    ev.add_argument("--batch-size", type=flag_type("int", "--batch-size", {"minimum": 1}), default=4,
+                    help="windows (or a classifier's texts) per forward pass (default: 4)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ev.add_argument("--text-column", default="text", help="a classifier's data: the column holding the texts")
+    ev.add_argument("--label-column", default="label", help="a classifier's data: the column holding the labels")
+    _add_precision_flags(ev)
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ev.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0}), default=123,
+                    help="torch seed for a preset's random weights (default: 123)")
+    ev.set_defaults(func=cmd_eval)
+    return ev
 
 
 def _train_options(args: argparse.Namespace) -> dict:
@@ -188,6 +293,45 @@ def _add_train_parser(verbs: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=cmd_train)
 
 
+def cmd_classify(args: argparse.Namespace) -> None:
+    """Print the predicted label of each text (one line each), or JSON lines with probabilities."""
+    from .classifier import classify
+
+    for text, prediction in zip(args.texts, classify(args.model, args.texts, device=args.device)):
+        if args.json:
+            print(json.dumps({"text": text, "label": prediction.label, "probabilities": prediction.probabilities}))
+        else:
+            print(prediction.label)
+
+
+def cmd_finetune_classify(args: argparse.Namespace) -> int:
+    """Finetune a model into a text classifier; prints the final accuracies and the checkpoint."""
+    from .finetune import ClassifyConfig, finetune_classify
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClassifyConfig)
+               if getattr(args, f.name, None) is not None}
+    result = finetune_classify(**options)
+    accuracies = ", ".join(f"{name} accuracy {value * 100:.2f}%" for name, value in
+                           (("train", result.train_accuracy), ("val", result.val_accuracy),
+                            ("test", result.test_accuracy)) if value is not None)
+    print(f"{'stopped' if result.interrupted else 'done'} after {result.steps} steps; {accuracies}; "
+          f"labels {', '.join(result.labels)}; checkpoint: {result.checkpoint}")
+    return 130 if result.interrupted else 0
+
+
+def _add_finetune_parser(verbs: argparse._SubParsersAction) -> None:
+    from .finetune import ClassifyConfig
+
+    ft = verbs.add_parser("finetune", help="adapt a model to a task (classify)")
+    tasks = ft.add_subparsers(dest="task", required=True, metavar="TASK")
+    clf = tasks.add_parser(
+        "classify", help="text classification (the book's chapter 6)",
+        description="Finetune a model to classify texts from CSV/JSONL records with a text and a label "
+                    "column. Defaults are the book's recipe, except --pool last-real (see docs/finetuning.md).")
+    add_flags(clf, ClassifyConfig)
+    clf.set_defaults(func=cmd_finetune_classify)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (like every other bad input), not the usage block."""
 
@@ -203,16 +347,6 @@ def _add_info_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPars
     return info
 
 
-def _add_mode_flags(parser: argparse.ArgumentParser) -> None:
-    """--dtype and --quantize: the inference mode, as `quant.prepare_for_inference` takes it."""
-    from .quant import DTYPES as INFERENCE_DTYPES, QUANTIZATIONS
-
-    parser.add_argument("--dtype", choices=("auto", *INFERENCE_DTYPES), default="auto",
-                        help="compute dtype; auto: this CPU's fastest exact choice (default: auto)")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                        help="int8: weight-only int8 linears with bf16 activations (CPU)")
-
-
 def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The decoding flags are GenerationConfig's fields (help, type and range from its metadata)."""
     from .generation import GenerationConfig
@@ -222,7 +356,7 @@ def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.Argument
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     # the CLI seeds by default, so a preset's random weights and sampling repeat run to run
     add_flags(gen, GenerationConfig, defaults={"seed": 123})
-    _add_mode_flags(gen)
+    _add_precision_flags(gen, default="auto")
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
@@ -238,7 +372,7 @@ def _add_serve_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPar
                      help="port (default: 8000)")
     srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     srv.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    _add_mode_flags(srv)
+    _add_precision_flags(srv, default="auto")
     srv.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0}), default=123,
                      help="torch seed for a preset's random weights (default: 123)")
     positive = {"minimum": 1}
@@ -255,22 +389,35 @@ def _add_serve_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 
 def _add_convert_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge or Hugging Face format")
-    conv.add_argument("src", metavar="SRC", help="checkpoint directory, book state dict file or hub id")
-    conv.add_argument("--to", required=True, choices=("gptforge", "hf"), help="output format")
-    conv.add_argument("--out", required=True, metavar="DIR", help="output directory (an existing checkpoint there is replaced atomically; other contents are refused)")
+    from .checkpoint.gguf import GGUF_TYPES
+
+    conv = verbs.add_parser("convert", help="convert a checkpoint to the gptforge, Hugging Face or GGUF format")
+    conv.add_argument("src", metavar="SRC", help="checkpoint directory, GGUF file, book state dict file or hub id")
+    conv.add_argument("--to", required=True, choices=("gptforge", "hf", "gguf"), help="output format")
+    conv.add_argument("--out", required=True, metavar="PATH", help="output directory, or file for gguf (an existing checkpoint there is replaced atomically; other contents are refused)")
+    conv.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
+                      help="GGUF weight type: f32 (default), f16, q8_0 or q4_0 (llama.cpp's 8- and 4-bit blocks)")
     conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
+    conv.add_argument("--merge-lora", action="store_true",
+                      help="add a LoRA checkpoint's adapters into its base's weights: a plain checkpoint")
     conv.set_defaults(func=cmd_convert)
     return conv
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `gptforge` parser: one sub-parser per verb."""
-    parser = _Parser(prog="gptforge", description="GPT-2 from scratch: inspect, generate, train, serve.")
+    parser = _Parser(prog="gptforge", description="GPT-2 from scratch: inspect, generate, train, serve, evaluate.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
-    for add in (_add_info_parser, _add_generate_parser, _add_serve_parser, _add_convert_parser):
+    for add in (_add_info_parser, _add_generate_parser, _add_serve_parser, _add_convert_parser, _add_eval_parser):
         add(verbs).add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)
     _add_train_parser(verbs)
+    _add_finetune_parser(verbs)
+    cls = verbs.add_parser("classify", help="predict labels with a classifier (from `finetune classify`)")
+    cls.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
+    cls.add_argument("--model", required=True, help="classifier checkpoint directory (OUT/checkpoint)")
+    cls.add_argument("--json", action="store_true", help="one JSON object per text, with every label's probability")
+    cls.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    cls.set_defaults(func=cmd_classify)
     return parser
 
 

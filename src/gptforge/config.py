@@ -14,6 +14,44 @@ SEED_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "
 INIT_SCHEMES = ("torch", "gpt2")
 
 
+POOLS = ("last-real", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierSpec:
+    """What makes a model a text classifier (book chapter 6): its output head is
+    Linear(emb_dim, len(labels)) with a bias, and one position's logits classify a text.
+
+    labels: the class names, class id i is labels[i].
+    pool: "last-real" reads the last real (non-padding) token, as Hugging Face's
+        GPT2ForSequenceClassification; "last" reads the last position even when it is padding,
+        exactly as the book does.
+    max_length: the padded length of the training texts; inputs are padded (with 50256) or cut to
+        it when classifying, as the book's `classify_review` (it only changes results with "last").
+    """
+
+    labels: tuple[str, ...]
+    pool: str = "last-real"
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        labels = tuple(self.labels) if isinstance(self.labels, (list, tuple)) else self.labels
+        if not isinstance(labels, tuple) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
+            raise GptforgeError(f"a classifier needs two or more non-empty label names, got {self.labels!r}")
+        if len(set(labels)) != len(labels):
+            raise GptforgeError(f"classifier label names must be distinct, got {list(labels)}")
+        object.__setattr__(self, "labels", labels)
+        if self.pool not in POOLS:
+            raise GptforgeError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                                            or self.max_length < 1):
+            raise GptforgeError(f"classifier max_length must be a positive integer, got {self.max_length!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     """The shape of a GPT-2 model.
@@ -25,6 +63,8 @@ class GPTConfig:
     init: "torch" keeps PyTorch's default initialisers in the book's construction order (this is
         what reproduces the seed's figures); "gpt2" is GPT-2's scheme for training from scratch
         (normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)).
+    classifier: None for a language model; a ClassifierSpec (labels, pooling) for a text
+        classifier, whose output head has one output per label (config.json key "classifier").
     """
 
     vocab_size: int = 50257
@@ -36,8 +76,17 @@ class GPTConfig:
     qkv_bias: bool = False
     tie_weights: bool = False
     init: str = "torch"
+    classifier: ClassifierSpec | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.classifier, Mapping):  # from config.json
+            object.__setattr__(self, "classifier", ClassifierSpec(**known_fields(
+                ClassifierSpec, self.classifier, "classifier keys")))
+        if self.classifier is not None and not isinstance(self.classifier, ClassifierSpec):
+            raise GptforgeError(f"GPTConfig.classifier must be a ClassifierSpec or None, got {self.classifier!r}")
+        if self.classifier is not None and self.tie_weights:
+            raise GptforgeError("a classifier's output head cannot be tied to the token embedding; "
+                                "use tie_weights=False")
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -62,12 +111,19 @@ class GPTConfig:
 
     # Book code indexes its config dict (`cfg["emb_dim"]`); let it index ours the same way.
     def __getitem__(self, key: str) -> Any:
-        if key not in self.to_dict():
+        if key not in self.to_dict() and key != "classifier":
             raise KeyError(key)
         return getattr(self, key)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as plain values; "classifier" only for a classifier (language models' dicts
+        keep the book's keys and ours, nothing more)."""
+        data = dataclasses.asdict(self)
+        if self.classifier is None:
+            del data["classifier"]
+        else:
+            data["classifier"]["labels"] = list(self.classifier.labels)
+        return data
 
     def replace(self, **changes: Any) -> GPTConfig:
         return dataclasses.replace(self, **changes)

@@ -84,6 +84,18 @@ def _read_chunks(path: Path, chunk_chars: int) -> Iterator[str]:
         raise GptforgeError(f"{path} is a folder, not a text file") from None
 
 
+def read_text(path: str | Path) -> str:
+    """A whole text file (UTF-8, universal newlines), with the reader's clear errors for files that
+    are missing, binary, not UTF-8 or empty."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"text file not found: {path}")
+    text = "".join(_read_chunks(path, CHUNK_CHARS))
+    if not text:
+        raise GptforgeError(f"{path} is empty; give a file with some text in it")
+    return text
+
+
 def _count_chars(files: Sequence[Path]) -> list[int]:
     """Characters per file (a streaming pass that also validates every file)."""
     counts = []

@@ -69,9 +69,9 @@ class Metrics:
         plt.close(fig)
 
 
-def progress_bar(enabled: bool, total: int, initial: int) -> Any:
-    """A tqdm bar of optimizer steps on stderr (disabled: a bar that prints nothing)."""
+def progress_bar(enabled: bool, total: int, initial: int, unit: str = "step") -> Any:
+    """A tqdm bar of optimizer steps (or other `unit`s) on stderr (disabled: a bar that prints nothing)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, disable=not enabled, unit=unit, dynamic_ncols=True,
                 file=sys.stderr)

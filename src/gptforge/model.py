@@ -249,7 +249,10 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.classifier is None:
+            self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        else:  # the book's chapter-6 head: one output per class, with a bias
+            self.out_head = nn.Linear(cfg.emb_dim, cfg.classifier.num_classes)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight  # one tensor: same storage, one gradient
         if cfg.init == "gpt2":
@@ -302,9 +305,12 @@ class GPTModel(nn.Module):
         if last_only:
             x = x[:, -1:, :]  # (B, 1, d)
         x = self.final_norm(x)
-        if targets is not None:
+        if targets is not None and type(self.out_head) is nn.Linear and self.out_head.bias is None:
             return LinearCrossEntropy.apply(x.flatten(0, 1), self.out_head.weight, targets.flatten())
-        return self.out_head(x)
+        logits = self.out_head(x)
+        if targets is not None:  # a wrapped head (LoRA) cannot be fused: the plain loss
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits
 
     def num_parameters(self, exclude_head: bool = False) -> int:
         """Distinct parameters (a tied head is counted once). `exclude_head` also leaves out an
@@ -355,7 +361,10 @@ def count_parameters(cfg: GPTConfig | Mapping[str, Any] | str) -> ParameterCount
     feed_forward = L * (d * 4 * d + 4 * d + 4 * d * d + d)
     norms = (2 * L + 1) * 2 * d
     head = 0 if cfg.tie_weights else v * d
+    if cfg.classifier is not None:
+        head = cfg.classifier.num_classes * (d + 1)
     return ParameterCounts(
         embeddings=v * d + cfg.context_length * d, attention=attention, feed_forward=feed_forward,
-        norms=norms, head=head, head_shape=(v, d),
+        norms=norms, head=head,
+        head_shape=(v if cfg.classifier is None else cfg.classifier.num_classes, d),
     )

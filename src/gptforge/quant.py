@@ -15,10 +15,13 @@ inference model, in place, and returns it:
 - int8 (weight-only): bf16 activations, and every nn.Linear (query/key/value fused) becomes an
   `Int8Linear` with per-output-channel symmetric int8 weights, multiplied through
   `torch._weight_int8pack_mm`.
+- int4 (weight-only): bf16 activations, and every nn.Linear (query/key/value fused) becomes an
+  `Int4Linear`: groups of 32 weights with one scale each, llama.cpp's Q4_0 scheme, multiplied
+  through `torch._weight_int4pack_mm_for_cpu`.
 
 Prepare a model last: moving or casting it afterwards (`.to(...)`) is not supported.
 
-Packed and int8 models are for inference only (no autograd through the weights).
+Packed, int8 and int4 models are for inference only (no autograd through the weights).
 
 `inference_view(model)` is the float32 layout without touching `model`: what `generate`,
 `generate_text` and `stream_text` decode with by default.
@@ -43,14 +46,16 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import GptforgeError
+from .lora import merge_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
 # Above this many rows (a prefill), dequantizing the weights and running a bf16 matmul is faster
 # than the int8 matrix-vector kernel.
 INT8_MAX_ROWS = 16
 MULTI_ROW_HINT = 8  # the batch size oneDNN packs float32 weights for (decoding 8 sequences)
 MULTI_ROW_MAX = 16  # up to this many rows the packed copy is used; a prefill stays on MKL
+INT4_GROUP = 32  # weights per scale, as in llama.cpp's Q4_0
 
 
 def _packed_bf16_available() -> bool:
@@ -183,6 +188,61 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
+class Int4Linear(nn.Module):
+    """Weight-only 4-bit linear, group-wise symmetric as llama.cpp's Q4_0: each run of 32 weights
+    along a row shares one scale d = (its value of largest magnitude) / -8, and w ~= (q - 8) * d
+    with q in [0, 15] (Q4_0's rounding; d kept in bf16, the kernel's scale type). Up to
+    INT8_MAX_ROWS rows go through torch's int4 CPU kernel (`torch._weight_int4pack_mm_for_cpu`,
+    bf16 activations: its float32 path is ~30x slower); a prefill dequantizes the weight and runs
+    one matmul in `prefill_dtype` (`choose_mode`: bf16 where the CPU has bf16 hardware, else float32).
+    x: (..., in) bf16 -> (..., out) bf16."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP, prefill_dtype: torch.dtype | None = None):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        out_f, in_f = weight.shape
+        if in_f % group_size:
+            raise GptforgeError(f"int4 needs in_features divisible by {group_size}, got {in_f}")
+        pad = -out_f % 64  # whole 64-row blocks: the packed layout `dequantized` reads
+        weight = torch.cat([weight, weight.new_zeros(pad, in_f)])
+        groups = weight.reshape(out_f + pad, in_f // group_size, group_size)
+        d = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)) / -8  # (N, in/g, 1)
+        inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = (groups * inverse + 8.5).floor().clamp(0, 15).to(torch.int32).reshape(out_f + pad, in_f)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # (N, in/2) uint8
+        scale = d.squeeze(-1).t().contiguous()  # (in/g, N)
+        self.register_buffer("scale_zeros", torch.stack([scale, torch.zeros_like(scale)], -1).to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
+        self.prefill_dtype = prefill_dtype or choose_mode("auto", "int4").prefill_dtype  # what a prefill dequantizes to
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()  # (M, in)
+        if x2.shape[0] <= INT8_MAX_ROWS:
+            out = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zeros)
+            out = out[:, :self.out_features]  # (M, out): without the padding rows
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            bias = None if self.bias is None else self.bias.to(self.prefill_dtype)
+            out = F.linear(x2.to(self.prefill_dtype), self.dequantized(self.prefill_dtype), bias).to(torch.bfloat16)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight (out, in) these 4-bit values and scales stand for. The CPU packing stores each
+        block of 64 rows as (in, 32) bytes: row j in the low nibbles, row j + 32 in the high ones."""
+        n_padded = self.packed.shape[0]
+        blocks = self.packed.view(n_padded // 64, self.in_features, 32)
+        q = torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(n_padded, self.in_features)
+        scale = self.scale_zeros[..., 0].t().to(dtype).repeat_interleave(self.group_size, dim=1)  # (N, in)
+        return ((q.to(dtype) - 8) * scale)[:self.out_features]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 weight-only, groups of {self.group_size}")
+
+
 def _swap_linears(module: nn.Module, make: Any) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
@@ -305,13 +365,15 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
 
     dtype: 'auto' (this CPU's choice, `choose_mode`), 'float32' or 'bfloat16', the activations'
         (and unquantized weights') type.
-    quantize: 'none' or 'int8' (weight-only int8; activations are then bf16 whatever `dtype` says).
+    quantize: 'none', 'int8' (weight-only int8; activations are then bf16 whatever `dtype` says) or
+        'int4' (weight-only 4-bit groups as llama.cpp's Q4_0; activations bf16 likewise).
     On a non-CPU device only the dtype changes.
     """
     device_type = next(model.parameters()).device.type
     mode = choose_mode(dtype, quantize, device_type=device_type)
     torch_dtype = DTYPES[mode.dtype]
     model.eval()
+    merge_lora(model)  # the layouts below read plain Linear weights: adapters are added into them first
     model.to(torch_dtype)
     if device_type != "cpu":
         return model
@@ -320,6 +382,11 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
         _fuse_qkv(model, lambda att: make(_concat_qkv(att)))
         _drop_separate_qkv(model)
         _swap_linears(model, make)
+    elif quantize == "int4":
+        make4 = functools.partial(Int4Linear, prefill_dtype=mode.prefill_dtype)
+        _fuse_qkv(model, lambda att: make4(_concat_qkv(att)))
+        _drop_separate_qkv(model)
+        _swap_linears(model, make4)
     elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
         _fuse_qkv(model, lambda att: PackedLinear(_concat_qkv(att)))
         _drop_separate_qkv(model)

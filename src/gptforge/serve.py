@@ -3,6 +3,9 @@
     POST /v1/completions   prompt(s) -> completions, plain JSON or server-sent events (`stream`)
     GET  /v1/models        the one model served; GET /v1/models/{id} for it alone
     GET  /health           liveness and load: active and waiting sequences, counters
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize
+                           the tokenizer, in vLLM's shapes, which lm-evaluation-harness's
+                           `local-completions` probes so it needs no tokenizer files
 
 GPT-2 is a base model, so this is the completions API (not chat). Every choice of every request
 becomes a `scheduler.SequenceState`; the `BatchScheduler` decodes all active ones together. Errors use
@@ -35,7 +38,7 @@ from .generation import GenerationConfig, prompt_ids
 from .scheduler import (
     FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, SequenceState, TokenLogprob,
 )
-from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
+from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -114,21 +117,40 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, as vLLM takes it. GPT-2 adds no special tokens, so add_special_tokens changes nothing."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize, as vLLM takes it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    tokens: list[int]
+
+
 @dataclasses.dataclass
 class _Prompt:
     text: str | None  # what `echo` repeats (decoded from the ids for a token-id prompt)
     ids: list[int]
 
 
-def _parse_request(data: Any) -> CompletionRequest:
+def _parse_request(data: Any, kind: type[BaseModel] = CompletionRequest) -> Any:
+    """A JSON body checked against a request model; the first problem becomes a 400 in OpenAI's shape."""
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        return CompletionRequest.model_validate(data)
+        return kind.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
-        if param == "prompt":
+        if param == "prompt" and kind is CompletionRequest:
             message = "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
         elif first["type"] == "extra_forbidden":
             message = f"unrecognized request argument supplied: {param}"
@@ -407,6 +429,32 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
     def _unknown_model(name: str) -> APIError:
         return APIError(404, f"The model '{name}' does not exist; this server serves '{settings.model_name}'",
                         param="model", code="model_not_found")
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return {"tokenizer_class": "GPT2Tokenizer", "eos_token": ENDOFTEXT, "bos_token": ENDOFTEXT,
+                "unk_token": ENDOFTEXT, "pad_token": None, "chat_template": None,
+                "model_max_length": context_length, "vocab_size": tokenizer.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = _parse_request(await _read_json(request, settings.max_body_bytes), TokenizeRequest)
+        if req.model is not None and req.model != settings.model_name:
+            raise _unknown_model(req.model)
+        ids = tokenizer.encode(req.prompt)
+        strs = [tokenizer.decode_bytes([i]).decode("utf-8", "replace") for i in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": context_length, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = _parse_request(await _read_json(request, settings.max_body_bytes), DetokenizeRequest)
+        if req.model is not None and req.model != settings.model_name:
+            raise _unknown_model(req.model)
+        bad = [i for i in req.tokens if not 0 <= i < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})",
+                           param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

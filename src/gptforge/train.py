@@ -54,6 +54,7 @@ from .errors import GptforgeError
 from .io import atomic_write_bytes
 from .generation import generate_text
 from .metrics import METRICS_FILE, PLOT_FILE, Metrics, progress_bar  # noqa: F401 (re-exported)
+from .lora import apply_lora
 from .model import GPTModel
 from .runtime import (
     DistContext, StopRequest, autocast_context, autocast_dtype, init_distributed, keep_freed_memory,
@@ -551,6 +552,9 @@ def build_run(cfg: TrainConfig, saved_state: Mapping[str, Any] | None, dctx: Dis
         model = checkpoint.load(out / CHECKPOINT_DIR)
     else:
         model = model_from_spec(cfg.model, cfg.model_overrides)
+        if cfg.lora_rank is not None:  # the adapter checkpoint names the base by path and checksum
+            model.lora_base = checkpoint.adapter.base_reference(cfg.model)
+            apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_scaling)
     if corpus.train_tokens and model.cfg.vocab_size < get_tokenizer().vocab_size:
         raise GptforgeError(f"the model's vocab_size {model.cfg.vocab_size} is smaller than GPT-2's "
                             f"{get_tokenizer().vocab_size} token ids; use vocab_size >= 50257")

@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import known_fields
 from .errors import GptforgeError
+from .lora import check_lora_options
 
 
 def _field(default: Any, help: str, **kw: Any) -> Any:
@@ -59,6 +60,12 @@ class TrainConfig:
     fsdp: bool = _field(False, "shard parameters, gradients and optimizer state with FSDP (torchrun)")
     progress: bool = _field(True, "show a progress bar")
     resume: bool = _field(False, "continue the run saved in OUT/checkpoint")
+    lora_rank: int | None = _field(None, "train LoRA adapters of this rank only (base frozen; needs a "
+                                   "checkpoint as --model; the checkpoint saved holds only the adapters)")
+    lora_alpha: float = _field(16.0, "LoRA alpha (the book's 16)")
+    lora_scaling: str = _field("book", "LoRA update scaled by alpha (book, appendix E) or alpha/rank (peft)",
+                               choices=("book", "peft"))
+    lora_targets: str = _field("all", "Linear layers with adapters: all (the book) or names, e.g. W_query,W_value")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +102,8 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise GptforgeError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        if self.lora_rank is not None:
+            check_lora_options(self.lora_rank, self.lora_alpha, self.lora_scaling)
         if not isinstance(self.model_overrides, dict):
             raise GptforgeError(f"model_overrides must be a dict of GPTConfig fields, got {self.model_overrides!r}")
 

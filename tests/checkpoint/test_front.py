@@ -20,7 +20,7 @@ def hf_dir(tmp_path):
 
 
 def test_formats_table_lists_each_format_once_book_last():
-    assert list(FORMATS) == ["gptforge", "hf", "book"] and SAVE_FORMATS == ("gptforge", "hf")
+    assert list(FORMATS) == ["lora", "gptforge", "hf", "gguf", "book"] and SAVE_FORMATS == ("gptforge", "hf", "gguf")
     assert [fmt.name for fmt in FORMATS.values() if fmt.takes_config] == ["book"]
 
 

@@ -3,11 +3,14 @@
 The front: `resolve` (what a name means), `detect_format`, `load`, `load_config`, `save`. Each
 format lives in its own module and is found through the table `FORMATS`:
 - `native` (gptforge): model.safetensors + config.json with checksums (+ training_state.pt);
+- `adapter` ("lora"): a native directory holding only LoRA adapters (+ a classifier's head) and
+  naming its base model by path and checksum; asked before `native`;
 - `hf`: Hugging Face GPT-2 directories (exported with GPT-2's tokenizer files);
+- `gguf`: llama.cpp's single-file format, GPT-2 architecture (tokenizer embedded, f32 to q4_0);
 - `book`: the book's `.pth` state dicts (any single file: it stays last).
 `hub` turns hub ids into local Hugging Face directories; `base` holds what formats share.
 
-Adding a format (GGUF next): write `checkpoint/<name>.py` with `detect`, `load`, `load_config`
+Adding a format: write `checkpoint/<name>.py` with `detect`, `load`, `load_config`
 (and `save` if it can be written) and a `FORMAT = CheckpointFormat(...)` (see `base.py`), then add
 `<name>.FORMAT` to `FORMATS` below, before `book` when it is recognised as a single file.
 
@@ -25,9 +28,10 @@ import torch
 from ..config import PRESETS, GPTConfig, preset
 from ..device import resolve_device
 from ..errors import GptforgeError
+from ..lora import has_lora
 from ..io import atomic_directory, atomic_write, atomic_write_bytes, read_safetensors, sha256_file
 from ..model import GPTModel
-from . import book, hf, hub, native
+from . import adapter, book, gguf, hf, hub, native
 from .base import (
     CHECKPOINT_FILES, CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, HF_BIN_FILE, TRAINING_STATE_FILE,
     WEIGHTS_FILE, CheckpointFormat, build_model, model_state,
@@ -36,7 +40,8 @@ from .hf import config_from_hf, config_to_hf, save_hf, state_from_hf, state_to_h
 from .native import load_training_state
 
 # Every format, in the order `detect_format` asks them (the first that recognises a path wins).
-FORMATS: dict[str, CheckpointFormat] = {fmt.name: fmt for fmt in (native.FORMAT, hf.FORMAT, book.FORMAT)}
+FORMATS: dict[str, CheckpointFormat] = {
+    fmt.name: fmt for fmt in (adapter.FORMAT, native.FORMAT, hf.FORMAT, gguf.FORMAT, book.FORMAT)}
 SAVE_FORMATS = tuple(name for name, fmt in FORMATS.items() if fmt.save is not None)
 
 __all__ = [
@@ -50,7 +55,7 @@ __all__ = [
 
 
 def save(model: GPTModel, out_dir: str | Path, format: str = "gptforge",
-         training_state: dict[str, Any] | None = None) -> Path:
+         training_state: dict[str, Any] | None = None, gguf_type: str | None = None) -> Path:
     """Write `model` to the directory `out_dir`, atomically (an existing one is replaced whole).
 
     format "gptforge": model.safetensors + config.json (GPTConfig fields, format version, sha256 of
@@ -61,17 +66,27 @@ def save(model: GPTModel, out_dir: str | Path, format: str = "gptforge",
     format "hf": a Hugging Face GPT-2 directory (config.json + model.safetensors, and for GPT-2's
         vocabulary its tokenizer files and generation_config.json) that
         `transformers.GPT2LMHeadModel.from_pretrained` and `AutoTokenizer` load.
-    Weights are written in the model's dtype. Returns `out_dir` as a Path.
+    format "gguf": `out_dir` is one file (model.gguf) that llama.cpp runs as is: GPT-2's tokenizer
+        embedded, weight matrices in `gguf_type` ('f32' by default, 'f16', 'q8_0', 'q4_0').
+    Weights are written in the model's dtype (gguf: in `gguf_type`). Returns `out_dir` as a Path.
     """
     if format not in SAVE_FORMATS:
         raise GptforgeError(f"unknown checkpoint format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
     if not isinstance(model, GPTModel):
         raise GptforgeError(f"save expects a gptforge GPTModel, got {type(model).__name__}")
-    return FORMATS[format].save(model, Path(out_dir), training_state)
+    options = {} if gguf_type is None else {"gguf_type": gguf_type}
+    if options and format != "gguf":
+        raise GptforgeError(f"gguf_type is for format='gguf'; format {format!r} keeps the model's dtype")
+    if has_lora(model):  # only the adapters (and a classifier's head) are written, naming the base
+        if format != FORMAT_NAME:
+            raise GptforgeError(f"a model with LoRA adapters is saved as a gptforge adapter checkpoint; for "
+                                f"{format}, merge it first (gptforge convert --merge-lora)")
+        return adapter.save_adapter(model, Path(out_dir), training_state)
+    return FORMATS[format].save(model, Path(out_dir), training_state, **options)
 
 
 def detect_format(path: str | Path) -> str:
-    """The name of the format (a key of `FORMATS`: 'gptforge', 'hf', 'book') of an existing
+    """The name of the format (a key of `FORMATS`: 'gptforge', 'hf', 'gguf', 'book') of an existing
     checkpoint path; GptforgeError when no format recognises it, FileNotFoundError when absent."""
     path = Path(path)
     if not (path.is_dir() or path.is_file()):
@@ -132,6 +147,7 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
       first for a repeatable model);
     - a gptforge checkpoint directory (checksums verified);
     - a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin);
+    - a GPT-2 GGUF file (ours or llama.cpp's converter's; quantized weights dequantized to float32);
     - a book state dict file (`torch.save(model.state_dict(), "model.pth")`);
     - a Hugging Face hub id ("gpt2", "openai-community/gpt2-medium"), through the hub cache.
 

@@ -195,6 +195,9 @@ def save_hf(model: GPTModel, out_dir: str | Path, training_state: dict[str, Any]
     a generation_config.json, so `AutoTokenizer`/`pipeline` load it offline."""
     if training_state is not None:
         raise GptforgeError("the Hugging Face format holds no training state; save with format='gptforge'")
+    if model.cfg.classifier is not None:
+        raise GptforgeError("a classifier has no Hugging Face form here: GPT2ForSequenceClassification's score "
+                            "layer has no bias, where the book's head has one; keep it as a gptforge checkpoint")
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, CHECKPOINT_FILES) as tmp:
         write_safetensors(state_to_hf(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})

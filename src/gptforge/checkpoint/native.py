@@ -30,11 +30,18 @@ def detect(path: Path) -> bool:
 def save_native(model: GPTModel, out_dir: str | Path, training_state: dict[str, Any] | None = None) -> Path:
     """Write model.safetensors + config.json (+ training_state.pt) to `out_dir` atomically; see
     `checkpoint.save` for what `training_state` may hold."""
+    return write_native(out_dir, model_state(model), model.cfg, model.tok_emb.weight.dtype, training_state)
+
+
+def write_native(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], cfg: GPTConfig, dtype: torch.dtype,
+                 training_state: dict[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """A gptforge checkpoint directory of `tensors`, atomically: config.json holds `cfg`'s fields,
+    the `extra` entries (an adapter's "lora"), `dtype` and the sha256 of every file written."""
     out_dir = Path(out_dir)
     if training_state is not None:
         _check_weights_only(training_state, "training_state")
     with atomic_directory(out_dir, CHECKPOINT_FILES) as tmp:
-        write_safetensors(model_state(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         files = [WEIGHTS_FILE]
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE_FILE)
@@ -42,8 +49,9 @@ def save_native(model: GPTModel, out_dir: str | Path, training_state: dict[str, 
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            **model.cfg.to_dict(),
-            "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
+            **cfg.to_dict(),
+            **(extra or {}),
+            "dtype": str(dtype).removeprefix("torch."),
             "sha256": {name: sha256_file(tmp / name) for name in files},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -74,18 +82,23 @@ def _check_weights_only(obj: Any, where: str) -> None:
 
 def _read_gptforge_meta(ckpt_dir: Path) -> tuple[dict[str, Any], GPTConfig]:
     meta = read_json(ckpt_dir / CONFIG_FILE)
+    return meta, parse_meta(meta, ckpt_dir)
+
+
+def parse_meta(meta: Mapping[str, Any], ckpt_dir: Path) -> GPTConfig:
+    """The GPTConfig in a gptforge config.json's fields (format version and sha256 table checked)."""
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise GptforgeError(f"{ckpt_dir}: gptforge checkpoint format version {version!r} is not supported "
                          f"(this gptforge reads version {FORMAT_VERSION}); upgrade gptforge")
-    fields = {k: v for k, v in meta.items() if k not in ("format", "format_version", "dtype", "sha256")}
+    fields = {k: v for k, v in meta.items() if k not in ("format", "format_version", "dtype", "sha256", "lora")}
     try:
         cfg = GPTConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise GptforgeError(f"{ckpt_dir / CONFIG_FILE}: bad model config: {err}") from None
     if not isinstance(meta.get("sha256"), dict):
         raise GptforgeError(f"{ckpt_dir / CONFIG_FILE} has no sha256 table; the checkpoint is corrupted")
-    return meta, cfg
+    return cfg
 
 
 def _open_verified(ckpt_dir: Path, meta: Mapping[str, Any], name: str) -> BinaryIO:

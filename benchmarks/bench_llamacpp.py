@@ -1,0 +1,203 @@
+"""Decode and prefill speed: gptforge against llama.cpp (through llama-cpp-python), in one run on
+the same weights: a GPT-2 124M-shaped model with GPT-2's initialisation (random, seeded), which
+gptforge exports to GGUF (`gptforge.save(..., format="gguf")`) for llama.cpp to run.
+
+Modes side by side: gptforge fp32 / llama.cpp F32, gptforge int8 (weight-only) / Q8_0, gptforge
+4-bit (when gptforge has one) / Q4_0. Both sides use the same number of threads (2 by default).
+- decode: batch 1, a 16-token prompt, then 128 new tokens greedily; tokens/s over the new tokens
+  (prefill excluded), best of --repeats;
+- prefill: one 1024-token prompt, tokens/s, best of --repeats;
+- greedy agreement: the 128 tokens of each gptforge mode against llama.cpp's in the same mode
+  (fraction equal, first difference).
+Top-1 agreement and KL of each gptforge mode against gptforge fp32 are printed too. The CPU model
+and its SIMD flags are printed with the figures; the output is also written to
+benchmarks/results/bench_llamacpp.txt (bench_llamacpp_1thread.txt for --threads 1).
+
+On a machine shared with other busy processes, llama.cpp's threads spin at each barrier while a
+sibling waits for a core, so its 2-thread figures suffer more from the noise than PyTorch's; a
+--threads 1 run is the steadier comparison there.
+
+    python benchmarks/bench_llamacpp.py             # ~3-5 min on 2 quiet cores
+    python benchmarks/bench_llamacpp.py --quick     # 32 new tokens, 256-token prefill
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import platform
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptforge import GPTModel, preset, save
+from gptforge.generation import GenerationConfig, _decode_steps
+from gptforge.quant import QUANTIZATIONS, prepare_for_inference
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
+         "amx_tile", "amx_bf16", "amx_int8")
+# gptforge mode -> (prepare_for_inference arguments, llama.cpp GGUF type); None: gptforge has no such mode.
+MODES = {
+    "fp32": (("float32", "none"), "f32"),
+    "int8": (("float32", "int8"), "q8_0"),
+    "int4": (("float32", "int4") if "int4" in QUANTIZATIONS else None, "q4_0"),
+}
+
+
+def cpu_description() -> str:
+    """The CPU model and the SIMD flags that matter for these kernels (Linux /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"{model}; flags: {' '.join(f for f in FLAGS if f in flags) or 'none of ' + '/'.join(FLAGS)}"
+
+
+def best(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of `fn`, which returns its own timed seconds."""
+    return min(fn() for _ in range(repeats))
+
+
+@torch.no_grad()
+def ours_decode(model: GPTModel, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    """(seconds for the n - 1 decode steps after the first token, the n greedy tokens)."""
+    config = GenerationConfig(max_new_tokens=n, stop_token_ids=())
+    tokens, stamps = [], []
+    for step in _decode_steps(model, torch.tensor([prompt]), None, config, None, None):
+        stamps.append(time.perf_counter())
+        tokens.append(int(step.tokens[0]))
+    return stamps[-1] - stamps[0], tokens
+
+
+@torch.no_grad()
+def ours_prefill(model: GPTModel, ids: list[int], keep: list | None = None) -> float:
+    """Seconds for one forward pass over `ids`; its log-probabilities are appended to `keep`."""
+    x = torch.tensor([ids])
+    start = time.perf_counter()
+    logits = model(x)
+    seconds = time.perf_counter() - start
+    if keep is not None:
+        keep.append(logits[0].float().log_softmax(-1))
+    return seconds
+
+
+def quality(reference: torch.Tensor, logprobs: torch.Tensor) -> str:
+    """Top-1 agreement and mean KL(reference || model), teacher-forced, against gptforge fp32."""
+    top1 = (reference.argmax(-1) == logprobs.argmax(-1)).float().mean().item()
+    kl = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+    return f"top-1 {100 * top1:.1f}%, KL {kl:.2e}"
+
+
+def llama_decode(llm, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    """The same measurement in llama.cpp: argmax over its last logits after each single-token eval."""
+    import llama_cpp
+
+    llm.reset()
+    llm.eval(prompt)
+    tokens, stamps = [], []
+    for _ in range(n):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        tokens.append(int(np.argmax(logits)))
+        stamps.append(time.perf_counter())
+        if len(tokens) < n:
+            llm.eval(tokens[-1:])
+    return stamps[-1] - stamps[0], tokens
+
+
+def llama_prefill(llm, ids: list[int]) -> float:
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    return time.perf_counter() - start
+
+
+def agreement(a: list[int], b: list[int]) -> str:
+    same = [x == y for x, y in zip(a, b)]
+    first = same.index(False) if False in same else len(same)
+    return f"{100 * sum(same) / len(same):.0f}% equal, first difference at {first}"
+
+
+def run(args: argparse.Namespace) -> None:
+    import llama_cpp
+
+    torch.set_num_threads(args.threads)
+    new, prefill_len = (32, 256) if args.quick else (128, 1024)
+    torch.manual_seed(0)
+    base = GPTModel(preset("gpt2-124m").replace(init="gpt2")).eval()
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 50257, (16,), generator=gen).tolist()
+    long_ids = torch.randint(0, 50257, (prefill_len,), generator=gen).tolist()
+    print(f"CPU: {cpu_description()}")
+    print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, {args.threads} threads both sides; "
+          f"GPT-2 124M shape, GPT-2 init (torch.manual_seed(0)); best of {args.repeats}")
+    print(f"decode: batch 1, 16-token prompt, {new} new tokens (tokens/s after the first); prefill: {prefill_len} tokens\n")
+    header = (f"{'mode (gptforge / llama.cpp)':28s} {'decode ours':>11s} {'llama.cpp':>9s} {'ratio':>6s}   "
+              f"{'prefill ours':>12s} {'llama.cpp':>9s} {'ratio':>6s}   greedy agreement ({new} tokens)")
+    print(header)
+    quality_lines, logprobs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode, (prep, gguf_type) in MODES.items():
+            path = save(base, Path(tmp) / f"m-{gguf_type}.gguf", format="gguf", gguf_type=gguf_type)
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(prefill_len, 256), n_batch=prefill_len,
+                                  n_ubatch=min(prefill_len, 512), n_threads=args.threads,
+                                  n_threads_batch=args.threads, verbose=False)
+            their_dec = best(lambda: llama_decode(llm, prompt, new)[0], args.repeats)
+            their_tokens = llama_decode(llm, prompt, new)[1]
+            their_pre = best(lambda: llama_prefill(llm, long_ids), args.repeats)
+            llm.close()
+            theirs = f"{(new - 1) / their_dec:9.1f}"
+            label = f"{mode} / {gguf_type.upper()}"
+            if prep is None:
+                print(f"{label:28s} {'-':>11s} {theirs} {'-':>6s}   {'-':>12s} {prefill_len / their_pre:9.1f} "
+                      f"{'-':>6s}   - (gptforge has no 4-bit mode)")
+                continue
+            model = prepare_for_inference(copy.deepcopy(base), *prep)
+            our_dec = best(lambda: ours_decode(model, prompt, new)[0], args.repeats)
+            our_tokens = ours_decode(model, prompt, new)[1]
+            our_pre = best(lambda: ours_prefill(model, long_ids), args.repeats)
+            ours_prefill(model, long_ids, logprobs)
+            quality_lines.append(f"  gptforge {mode}: {quality(logprobs[0], logprobs[-1])}")
+            del model
+            print(f"{label:28s} {(new - 1) / our_dec:11.1f} {theirs} {their_dec / our_dec:6.2f}   "
+                  f"{prefill_len / our_pre:12.1f} {prefill_len / their_pre:9.1f} {their_pre / our_pre:6.2f}   "
+                  f"{agreement(our_tokens, their_tokens)}")
+    print("\nratio = gptforge tokens/s / llama.cpp tokens/s (> 1: gptforge faster)")
+    print(f"quality against gptforge fp32, teacher-forced on the {prefill_len}-token prompt (random weights):")
+    print("\n".join(quality_lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="32 new tokens and a 256-token prefill (smoke test)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per figure, best kept (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="threads on both sides (default 2)")
+    args = parser.parse_args()
+    out = io.StringIO()
+
+    class Tee(io.TextIOBase):
+        def write(self, text: str) -> int:
+            sys.__stdout__.write(text)
+            sys.__stdout__.flush()
+            return out.write(text)
+
+    with redirect_stdout(Tee()):
+        print(f"bench_llamacpp.py {' '.join(sys.argv[1:])}  ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
+        run(args)
+    if not args.quick:
+        name = "bench_llamacpp.txt" if args.threads == 2 else f"bench_llamacpp_{args.threads}thread.txt"
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / name).write_text(out.getvalue())
+        print(f"(written to {RESULTS / name})")
+
+
+if __name__ == "__main__":
+    main()

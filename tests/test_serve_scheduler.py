@@ -140,7 +140,8 @@ def test_cancel_frees_the_row_and_drain_aborts(model):
 
 def test_a_failing_step_fails_its_sequences_and_the_thread_carries_on(model, monkeypatch):
     scheduler = BatchScheduler(model)
-    forward = model.forward
+    decoded = scheduler.model  # the fast view the scheduler decodes with
+    forward = decoded.forward
     calls = {"n": 0}
 
     def broken_once(*args, **kwargs):
@@ -153,7 +154,7 @@ def test_a_failing_step_fails_its_sequences_and_the_thread_carries_on(model, mon
 
     done = threading.Event()
     out1: list = []
-    monkeypatch.setattr(model, "forward", broken_once)
+    monkeypatch.setattr(decoded, "forward", broken_once)
     scheduler.start()
     try:
         scheduler.submit(make_seq([1, 2, 3], 5, out1))

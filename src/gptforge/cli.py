@@ -132,11 +132,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve the model over HTTP with OpenAI's completions API until SIGINT/SIGTERM."""
     from .checkpoint import load
+    from .quant import prepare_for_inference
     from .serve import ServeSettings, run_server
 
     torch.manual_seed(args.seed)
-    model = load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-                 config=_book_config_arg(args))
+    model = load(args.model, device=args.device, config=_book_config_arg(args))
+    prepare_for_inference(model, args.dtype, args.quantize)  # the same kernels as generate
     if args.max_tokens_cap is not None and args.max_tokens_cap > model.cfg.context_length:
         raise GptforgeError(f"--max-tokens-cap {args.max_tokens_cap} exceeds the model's context length "
                          f"{model.cfg.context_length}")
@@ -205,12 +206,12 @@ def _eval_classifier(args: argparse.Namespace) -> None:
     print(report.format())
 
 
-def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
+def _add_precision_flags(parser: argparse.ArgumentParser, default: str = "float32") -> None:
     """--dtype and --quantize for a verb that runs the model through quant.prepare_for_inference."""
     from .quant import DTYPES as COMPUTE_DTYPES, QUANTIZATIONS
 
-    parser.add_argument("--dtype", choices=tuple(COMPUTE_DTYPES), default="float32",
-                        help="compute dtype (default: float32)")
+    parser.add_argument("--dtype", choices=("auto", *COMPUTE_DTYPES), default=default,
+                        help=f"compute dtype; auto: this CPU's choice (quant.choose_mode) (default: {default})")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                         help="int8: weight-only int8 linears with bf16 activations; int4: 4-bit groups as "
                              "llama.cpp's Q4_0, float32 activations (CPU)")
@@ -415,7 +416,7 @@ def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.Argument
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     # the CLI seeds by default, so a preset's random weights and sampling repeat run to run
     add_flags(gen, GenerationConfig, defaults={"seed": 123})
-    _add_precision_flags(gen)
+    _add_precision_flags(gen, default="auto")
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=cmd_generate)
@@ -431,7 +432,7 @@ def _add_serve_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPar
                      help="port (default: 8000)")
     srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     srv.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    srv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="weights' dtype (default: as stored)")
+    _add_precision_flags(srv, default="auto")
     srv.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0}), default=123,
                      help="torch seed for a preset's random weights (default: 123)")
     positive = {"minimum": 1}

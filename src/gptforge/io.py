@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -144,16 +145,18 @@ _ST_DTYPES = {
 
 
 def read_safetensors(path: str | Path, keep: Callable[[str], bool] = lambda name: True,
-                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                     dtype: torch.dtype | None = None, mapped: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file whose names pass `keep`, on the CPU, converted to `dtype`
-    (floating tensors only) when given. Raises ValueError for a truncated or malformed file."""
+    (floating tensors only) when given. Raises ValueError for a truncated or malformed file.
+    mapped: tensors are copy-on-write views of the file memory-mapped (nothing read until used,
+    as transformers loads), for files without a checksum to verify first."""
     path = Path(path)
     with open(path, "rb") as f:
-        return read_safetensors_from(f, path, keep, dtype)
+        return read_safetensors_from(f, path, keep, dtype, mapped)
 
 
 def read_safetensors_from(f: BinaryIO, path: Path, keep: Callable[[str], bool],
-                          dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+                          dtype: torch.dtype | None, mapped: bool = False) -> dict[str, torch.Tensor]:
     """`read_safetensors` from an open handle (one already checksummed); `path` names it in errors."""
     size = os.fstat(f.fileno()).st_size
     f.seek(0)
@@ -172,6 +175,7 @@ def read_safetensors_from(f: BinaryIO, path: Path, keep: Callable[[str], bool],
         raise GptforgeError(f"{path} is corrupted: its safetensors header is not a JSON object")
     base = 8 + header_len
     tensors: dict[str, torch.Tensor] = {}
+    mapping = None
     for name, info in header.items():
         if name == "__metadata__" or not keep(name):
             continue
@@ -184,20 +188,30 @@ def read_safetensors_from(f: BinaryIO, path: Path, keep: Callable[[str], bool],
         if base + end > size:
             raise GptforgeError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} "
                              f"but the file has {size} bytes; save or download it again")
-        nbytes = math.prod(shape) * torch.empty((), dtype=file_dtype).element_size()
+        item = torch.empty((), dtype=file_dtype).element_size()
+        nbytes = math.prod(shape) * item
         if nbytes != end - begin or begin < 0:
             raise GptforgeError(f"{path} is corrupted: tensor {name!r} of shape {shape} needs "
                              f"{nbytes} bytes, its header gives {end - begin}")
+        if mapped and nbytes and (base + begin) % item == 0:  # else (unaligned) read a copy
+            if mapping is None:  # private pages: writing a tensor never writes the file
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            tensors[name] = _maybe_to(
+                torch.frombuffer(mapping, dtype=file_dtype, count=nbytes // item, offset=base + begin).view(shape), dtype)
+            continue
         tensor = torch.empty(shape, dtype=file_dtype)
         if nbytes:
             f.seek(base + begin)
             view = tensor.view(-1).view(torch.uint8).numpy()
             if f.readinto(memoryview(view)) != nbytes:
                 raise GptforgeError(f"{path} is truncated in tensor {name!r}")
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        tensors[name] = tensor
+        tensors[name] = _maybe_to(tensor, dtype)
     return tensors
+
+
+def _maybe_to(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` in `dtype` if it is floating and one is given, else as it is."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path,

@@ -25,11 +25,18 @@ Packed, int8 and int4 models are for inference only (no autograd through the wei
 
 `inference_view(model)` is the float32 layout without touching `model`: what `generate`,
 `generate_text` and `stream_text` decode with by default.
+
+`choose_mode(dtype, quantize, flags)` is the one table of per-CPU choices (what `dtype="auto"`
+resolves to, and which dtype a quantized prefill dequantizes to), a pure function of the CPU's
+feature flags so that it can be tested for CPUs other than the one at hand.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import platform
 import weakref
 from typing import Any
 
@@ -46,11 +53,84 @@ QUANTIZATIONS = ("none", "int8", "int4")
 # Above this many rows (a prefill), dequantizing the weights and running a bf16 matmul is faster
 # than the int8 matrix-vector kernel.
 INT8_MAX_ROWS = 16
+MULTI_ROW_HINT = 8  # the batch size oneDNN packs float32 weights for (decoding 8 sequences)
+MULTI_ROW_MAX = 16  # up to this many rows the packed copy is used; a prefill stays on MKL
 INT4_GROUP = 32  # weights per scale, as in llama.cpp's Q4_0
 
 
 def _packed_bf16_available() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-CPU choices, in one place
+
+# CPU flags (Linux /proc/cpuinfo names) meaning bf16 matmuls run in hardware; without them PyTorch
+# emulates bf16 and a bf16 prefill ran 5.5x slower than float32 (an AVX2-only EPYC, issue 14).
+BF16_HARDWARE_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, Intel AMX, ARMv8.6 BF16
+SHOWN_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
+               "asimd", "sve", "bf16", "i8mm")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux's /proc/cpuinfo names them (empty where it is unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_summary() -> str:
+    """One line naming this CPU, PyTorch's kernel level for it and the flags the choices read."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    flags = " ".join(flag for flag in SHOWN_FLAGS if flag in cpu_flags()) or "none of " + " ".join(SHOWN_FLAGS)
+    return f"CPU: {name}; torch kernels: {torch.backends.cpu.get_cpu_capability()}; flags: {flags}"
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceMode:
+    """What a model is prepared as: `dtype` of the activations (and unquantized weights),
+    `quantize` of the linear weights, and `prefill_dtype`, the dtype quantized weights are
+    dequantized to for a prefill (many rows, where a dense matmul beats the vector kernels)."""
+
+    dtype: str
+    quantize: str
+    prefill_dtype: torch.dtype
+
+
+def choose_mode(dtype: str = "auto", quantize: str = "none", flags: frozenset[str] | None = None,
+                device_type: str = "cpu") -> InferenceMode:
+    """The inference mode for `dtype` ('auto', 'float32' or 'bfloat16') and `quantize` on a CPU
+    with feature `flags` (default: this one's).
+
+    'auto' never trades accuracy for speed by itself: without quantization it is float32 (exactly
+    the seed's outputs); with int8/int4 weights the activations are bf16, because torch's int8 and
+    int4 matrix-vector kernels are ~14x slower with float32 activations (measured on an EPYC). A
+    quantized prefill dequantizes to bf16 only where the CPU has bf16 hardware, else to float32.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise GptforgeError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if dtype != "auto":
+        dtype = str(parse_dtype(dtype)).removeprefix("torch.")
+    flags = cpu_flags() if flags is None else flags
+    bf16_hardware = any(flag in flags for flag in BF16_HARDWARE_FLAGS)
+    if quantize != "none" and device_type == "cpu":
+        dtype = "bfloat16"
+    elif dtype == "auto":
+        dtype = "float32"
+    prefill = torch.bfloat16 if bf16_hardware or device_type != "cpu" else torch.float32
+    return InferenceMode(dtype, quantize, prefill)
 
 
 class PackedLinear(nn.Module):
@@ -77,8 +157,9 @@ class Int8Linear(nn.Module):
     """Weight-only int8 linear: w ~= int8 (out, in) * scale (out,), per output channel, symmetric.
     x: (..., in) bf16 -> (..., out) bf16."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, prefill_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
+        self.prefill_dtype = prefill_dtype  # what a prefill dequantizes to (`choose_mode`)
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
         self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
@@ -95,12 +176,13 @@ class Int8Linear(nn.Module):
             if self.bias is not None:
                 out = out + self.bias
         else:
-            out = F.linear(x2, self.dequantized(), self.bias)
+            bias = None if self.bias is None else self.bias.to(self.prefill_dtype)
+            out = F.linear(x2.to(self.prefill_dtype), self.dequantized(self.prefill_dtype), bias).to(torch.bfloat16)
         return out.reshape(*shape[:-1], self.out_features)
 
-    def dequantized(self) -> torch.Tensor:
-        """The bf16 weight (out, in) these int8 values and scales stand for."""
-        return self.weight_int8.to(torch.bfloat16) * self.scale[:, None]
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The weight (out, in) these int8 values and (bf16) scales stand for, in `dtype`."""
+        return self.weight_int8.to(dtype) * self.scale.to(dtype)[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
@@ -112,10 +194,10 @@ class Int4Linear(nn.Module):
     with q in [0, 15] (Q4_0's rounding; d kept in bf16, the kernel's scale type). Up to
     INT8_MAX_ROWS rows go through torch's int4 CPU kernel (`torch._weight_int4pack_mm_for_cpu`,
     bf16 activations: its float32 path is ~30x slower); a prefill dequantizes the weight and runs
-    one matmul in bf16 where the CPU has bf16 hardware, else in float32.
+    one matmul in `prefill_dtype` (`choose_mode`: bf16 where the CPU has bf16 hardware, else float32).
     x: (..., in) bf16 -> (..., out) bf16."""
 
-    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP):
+    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP, prefill_dtype: torch.dtype | None = None):
         super().__init__()
         weight = linear.weight.detach().float()
         out_f, in_f = weight.shape
@@ -132,7 +214,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale_zeros", torch.stack([scale, torch.zeros_like(scale)], -1).to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
         self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
-        self.prefill_dtype = torch.bfloat16 if _packed_bf16_available() else torch.float32
+        self.prefill_dtype = prefill_dtype or choose_mode("auto", "int4").prefill_dtype  # what a prefill dequantizes to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -161,7 +243,7 @@ class Int4Linear(nn.Module):
                 f"int4 weight-only, groups of {self.group_size}")
 
 
-def _swap_linears(module: nn.Module, make: type[nn.Module]) -> None:
+def _swap_linears(module: nn.Module, make: Any) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             setattr(module, name, make(child))
@@ -189,8 +271,51 @@ class SharedQKV(nn.Module):
                 lin.bias.data = fused_b[i * n:(i + 1) * n]
             self._bias = (fused_b,)
 
+        self._kernel = _MultiRowKernel(self._weight[0])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight[0], self._bias[0] if self._bias else None)
+        return self._kernel(x, self._bias[0] if self._bias else None)
+
+
+class _MultiRowKernel:
+    """The product x @ weight.T for a float32 (out, in) weight stored as (in, out): one row (a
+    decode step at batch 1, or a long prefill) through MKL, 2..MULTI_ROW_MAX rows (decoding a
+    batch) through a oneDNN-packed copy, about 2x faster at 8 rows here. The copy is made on
+    first use and remade when the weight changes (version, storage or an optimizer step)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.packed: torch.Tensor | None = None
+        self.key: tuple = ()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        differentiable = self.weight.requires_grad and torch.is_grad_enabled()  # training: autograd's path
+        if not 1 < rows <= MULTI_ROW_MAX or differentiable or not torch.backends.mkldnn.is_available():
+            return F.linear(x, self.weight, bias)
+        key = (self.weight.data_ptr(), self.weight._version, _OPTIMIZER_STEPS[0])
+        if self.packed is None or key != self.key:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), MULTI_ROW_HINT)
+            self.key = key
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+
+class Float32Linear(nn.Linear):
+    """An nn.Linear (same parameters and state-dict keys) whose products of a few rows run on a
+    oneDNN-packed copy of its weight (`_MultiRowKernel`); set by `prepare_for_inference(model, "float32")`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.__dict__.get("_kernel")
+        if kernel is None or kernel.weight is not self.weight:
+            kernel = self.__dict__["_kernel"] = _MultiRowKernel(self.weight)
+        return kernel(x, self.bias)
+
+
+def _pack_linears(model: nn.Module) -> None:
+    """Make every plain nn.Linear a Float32Linear (in place: parameters and keys unchanged)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Float32Linear
 
 
 def _fuse_qkv(model: nn.Module, make) -> None:
@@ -238,30 +363,30 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
                           quantize: str = "none") -> nn.Module:
     """Make `model` (a GPTModel) fast for generation on CPU, in place; returns it in eval mode.
 
-    dtype: 'float32' or 'bfloat16', the activations' (and unquantized weights') type.
+    dtype: 'auto' (this CPU's choice, `choose_mode`), 'float32' or 'bfloat16', the activations'
+        (and unquantized weights') type.
     quantize: 'none', 'int8' (weight-only int8; activations are then bf16 whatever `dtype` says) or
         'int4' (weight-only 4-bit groups as llama.cpp's Q4_0; activations bf16 likewise).
     On a non-CPU device only the dtype changes.
     """
-    torch_dtype = parse_dtype(dtype)
-    if quantize not in QUANTIZATIONS:
-        raise GptforgeError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
-    if quantize in ("int8", "int4"):
-        torch_dtype = torch.bfloat16
+    device_type = next(model.parameters()).device.type
+    mode = choose_mode(dtype, quantize, device_type=device_type)
+    torch_dtype = DTYPES[mode.dtype]
     model.eval()
     merge_lora(model)  # the layouts below read plain Linear weights: adapters are added into them first
     model.to(torch_dtype)
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if not on_cpu:
+    if device_type != "cpu":
         return model
     if quantize == "int8":
-        _fuse_qkv(model, lambda att: Int8Linear(_concat_qkv(att)))
+        make = functools.partial(Int8Linear, prefill_dtype=mode.prefill_dtype)
+        _fuse_qkv(model, lambda att: make(_concat_qkv(att)))
         _drop_separate_qkv(model)
-        _swap_linears(model, Int8Linear)
+        _swap_linears(model, make)
     elif quantize == "int4":
-        _fuse_qkv(model, lambda att: Int4Linear(_concat_qkv(att)))
+        make4 = functools.partial(Int4Linear, prefill_dtype=mode.prefill_dtype)
+        _fuse_qkv(model, lambda att: make4(_concat_qkv(att)))
         _drop_separate_qkv(model)
-        _swap_linears(model, Int4Linear)
+        _swap_linears(model, make4)
     elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
         _fuse_qkv(model, lambda att: PackedLinear(_concat_qkv(att)))
         _drop_separate_qkv(model)
@@ -272,6 +397,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     elif torch_dtype == torch.float32:
         _fuse_qkv(model, SharedQKV)  # first, so the relayout skips query/key/value (already views)
         _relayout_in_out(model)
+        _pack_linears(model)
     return model
 
 

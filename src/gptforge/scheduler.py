@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
 from .model import KVCache
+from .quant import inference_view
 from .tokenizer import Tokenizer, get_tokenizer
 from .errors import GptforgeError
 
@@ -145,7 +146,8 @@ class BatchScheduler:
                  max_waiting: int = 1024):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise GptforgeError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        self.model = model.eval()
+        # Decode through the same fast layout as `generate` (the model itself stays untouched).
+        self.model = inference_view(model.eval())
         self.tokenizer = tokenizer or get_tokenizer()
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting

@@ -3,13 +3,15 @@ model from a state dict in the book's key layout (the one place tensors become a
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from ..config import GPTConfig
 from ..errors import GptforgeError
@@ -72,11 +74,28 @@ def model_state(model: GPTModel) -> dict[str, torch.Tensor]:
     return state
 
 
+_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+
+
+@contextlib.contextmanager
+def _no_weight_init() -> Iterator[None]:
+    """Skip nn.init's initialisers (as transformers' no_init_weights does): on the meta device they
+    compute nothing, yet their first call imports torch._dynamo, ~1-4 s of a cold start."""
+    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in _INITIALISERS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) -> GPTModel:
     """A GPTModel (eval mode, on the CPU) that takes ownership of `state`'s tensors (book keys; a
     tied model needs no `out_head.weight`) without allocating a second copy. Missing, unexpected
     or wrongly shaped tensors raise ValueError naming them and `source`."""
-    with torch.device("meta"):  # shapes only: no memory until the state's tensors are assigned
+    with torch.device("meta"), _no_weight_init():  # shapes only: no memory until the state is assigned
         model = GPTModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model_state(model).items()}
     state = dict(state)

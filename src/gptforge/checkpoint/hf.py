@@ -125,7 +125,8 @@ def _keep_hf(key: str) -> bool:
 def state_from_hf(hf_state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Rename a GPT-2 state dict (GPT2LMHeadModel or GPT2Model keys) to the book's keys, consuming
     `hf_state` as it goes so that each transposed copy replaces its original. Conv1D weights
-    (in, out) become Linear weights (out, in); c_attn (d, 3d) is split into W_query/W_key/W_value."""
+    (in, out) become Linear weights (out, in), as transposed views of the file's tensors; c_attn
+    (d, 3d) is split into W_query/W_key/W_value (contiguous copies)."""
     state: dict[str, torch.Tensor] = {}
     for key in list(hf_state):
         tensor = hf_state.pop(key)
@@ -151,7 +152,9 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], source: str) -> dict[str, t
         if rest not in _HF_BLOCK_KEYS:
             raise GptforgeError(f"{source}: unexpected tensor {key!r}; is this a GPT-2 checkpoint?")
         ours, transpose = _HF_BLOCK_KEYS[rest]
-        state[prefix + ours] = tensor.t().contiguous() if transpose else tensor
+        # A transposed view, no copy: (out, in) stored as (in, out) is the layout decoding wants
+        # (quant.inference_view then leaves it as it is), and a copy here cost ~0.6 s for 124M.
+        state[prefix + ours] = tensor.t() if transpose else tensor
     return state
 
 
@@ -270,7 +273,7 @@ def load_hf(hf_dir: Path, dtype: torch.dtype | None) -> GPTModel:
         if not file.is_file():
             raise FileNotFoundError(f"{hf_dir}: weight shard {file.name} is missing")
         if file.suffix == ".safetensors":
-            hf_state.update(read_safetensors(file, keep=_keep_hf, dtype=dtype))
+            hf_state.update(read_safetensors(file, keep=_keep_hf, dtype=dtype, mapped=True))
         else:
             loaded = torch_load(file)
             if not isinstance(loaded, dict):

@@ -1,0 +1,110 @@
+"""Where a decode step's time goes: matmuls, attention and the rest, per token, at batch 1 on the
+GPT-2 124M shape (random GPT-2-init weights), for each inference mode.
+
+The step is timed plainly (best of `--repeats` runs of `--tokens` steps after a 64-token prompt);
+a second, profiled run splits it: the operators' own CPU time in matrix products, in attention,
+and everything else (elementwise ops, layer norms, copies, Python and dispatch) as the remainder.
+Machine load makes the absolute figures noisy; compare modes within one run.
+
+    python benchmarks/profile_decode.py                   # fp32 and int8 (and auto)
+    python benchmarks/profile_decode.py --modes fp32 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gptforge import GPTModel
+from gptforge.quant import cpu_summary, inference_view, prepare_for_inference
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int8pack_mm",
+              "aten::_weight_int4pack_mm_for_cpu", "mkldnn::_linear_pointwise", "aten::mkldnn_linear",
+              "aten::linear")
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
+                 "aten::_scaled_dot_product_attention_math", "aten::_softmax")
+# Wall clock by default; `--clock cpu` counts this process's CPU seconds (with --threads 1, the cost
+# on one core, far less disturbed by other processes sharing the machine).
+CLOCK = time.perf_counter
+MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
+         "int4": ("bfloat16", "int4"), "auto": ("auto", "auto")}
+
+
+def build(mode: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = GPTModel("gpt2-124m").eval()
+    dtype, quantize = MODES[mode]
+    if mode == "fp32":
+        return inference_view(model)  # what generate decodes a float32 model with
+    return prepare_for_inference(model, dtype, quantize)
+
+
+@torch.no_grad()
+def prefill(model: torch.nn.Module, tokens: int, prompt: int = 64, batch: int = 1) -> tuple:
+    """A KV cache holding `batch` random prompts, room for `tokens` more, and the greedy next tokens."""
+    ids = torch.randint(0, 50257, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(batch, prompt + tokens)
+    return cache, model(ids, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def decode(model: torch.nn.Module, tokens: int, batch: int = 1) -> float:
+    """Seconds per decode step (greedy, KV cache) after a 64-token prefill (not timed)."""
+    cache, tok = prefill(model, tokens, batch=batch)
+    start = CLOCK()
+    for _ in range(tokens):
+        tok = model(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+    return (CLOCK() - start) / tokens
+
+
+def breakdown(model: torch.nn.Module, tokens: int) -> dict[str, float]:
+    """Shares of one profiled decode (the prefill not profiled): the operators' self time in
+    matmuls, in attention, and the rest of the step (fractions of its wall time, so that machine
+    load cancels out)."""
+    cache, tok = prefill(model, tokens)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = CLOCK()
+        for _ in range(tokens):
+            tok = model(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        step = (CLOCK() - start) * 1e3 / tokens
+    split = {"matmul": 0.0, "attention": 0.0}
+    for event in prof.key_averages():
+        kind = "matmul" if event.key in MATMUL_OPS else "attention" if event.key in ATTENTION_OPS else None
+        if kind:
+            split[kind] += event.self_cpu_time_total / 1e3 / tokens / step
+    split["rest"] = 1 - split["matmul"] - split["attention"]
+    return split
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", nargs="+", default=["fp32", "int8", "auto"], choices=tuple(MODES))
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(args.threads)
+    print(cpu_summary())
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, batch 1, "
+          f"{args.tokens} tokens after a 64-token prompt")
+    print(f"{'mode':<6} {'ms/token':>9} {'tok/s':>7}   shares of a step: {'matmul':>7} {'attention':>9} {'rest':>6}"
+          f"   batch-8 tok/s, / batch 1")
+    for mode in args.modes:
+        model = build(mode)
+        decode(model, 4)  # warm-up
+        step = min(decode(model, args.tokens) for _ in range(args.repeats)) * 1e3
+        split = breakdown(model, args.tokens)
+        batch8 = 8 / min(decode(model, args.tokens, batch=8) for _ in range(args.repeats))
+        print(f"{mode:<6} {step:>9.2f} {1e3 / step:>7.1f}   {'':>17} {split['matmul']:>7.0%} "
+              f"{split['attention']:>9.0%} {split['rest']:>6.0%} ({split['rest'] * step:4.1f} ms)"
+              f"   {batch8:>6.1f}, {batch8 * step / 1e3:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The per-CPU choice table (`choose_mode`) for CPUs other than this one, `dtype="auto"` end to
+end, the quantized prefill's dequantization dtype, and serve decoding through the chosen kernels."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gptforge import generate
+from gptforge.quant import Int8Linear, InferenceMode, choose_mode, cpu_flags, inference_view, prepare_for_inference
+
+from gen_helpers import generation_config, tiny_model
+
+AVX2_EPYC = frozenset({"avx", "avx2", "fma", "f16c"})  # issue 14's AVX2-only EPYC
+AVX512_BF16_EPYC = AVX2_EPYC | {"avx512f", "avx512_vnni", "avx512_bf16"}
+AMX_XEON = AVX2_EPYC | {"avx512f", "amx_tile", "amx_bf16", "amx_int8"}
+GRAVITON3 = frozenset({"asimd", "sve", "bf16", "i8mm"})
+
+
+@pytest.mark.parametrize("flags, dtype, quantize, expected", [
+    (AVX2_EPYC, "auto", "none", InferenceMode("float32", "none", torch.float32)),
+    (AMX_XEON, "auto", "none", InferenceMode("float32", "none", torch.bfloat16)),  # auto stays exact
+    (AVX2_EPYC, "auto", "int8", InferenceMode("bfloat16", "int8", torch.float32)),  # no bf16 prefill here
+    (AVX512_BF16_EPYC, "auto", "int8", InferenceMode("bfloat16", "int8", torch.bfloat16)),
+    (AVX2_EPYC, "auto", "int4", InferenceMode("bfloat16", "int4", torch.float32)),
+    (AMX_XEON, "float32", "int8", InferenceMode("bfloat16", "int8", torch.bfloat16)),
+    (GRAVITON3, "auto", "int8", InferenceMode("bfloat16", "int8", torch.bfloat16)),
+    (frozenset(), "bfloat16", "none", InferenceMode("bfloat16", "none", torch.float32)),
+    (AVX2_EPYC, torch.float32, "none", InferenceMode("float32", "none", torch.float32)),
+])
+def test_choice_table(flags, dtype, quantize, expected):
+    assert choose_mode(dtype, quantize, flags) == expected
+
+
+def test_choice_table_off_cpu_and_bad_values():
+    assert choose_mode("auto", "none", AVX2_EPYC, device_type="cuda").dtype == "float32"
+    assert choose_mode("bfloat16", "none", frozenset(), device_type="cuda").dtype == "bfloat16"
+    with pytest.raises(ValueError, match="dtype"):
+        choose_mode("float16", "none", AVX2_EPYC)
+    with pytest.raises(ValueError, match="quantize"):
+        choose_mode("auto", "int3", AVX2_EPYC)
+
+
+def test_cpu_flags_are_read():
+    if not open("/proc/cpuinfo").read().strip():
+        pytest.skip("no /proc/cpuinfo")
+    assert cpu_flags() and all(isinstance(flag, str) for flag in cpu_flags())
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_auto_generates_what_its_chosen_mode_does(tiny_config, quantize):
+    cfg = generation_config(tiny_config)
+    model = tiny_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    mode = choose_mode("auto", quantize)
+    auto = prepare_for_inference(copy.deepcopy(model), "auto", quantize)
+    chosen = prepare_for_inference(copy.deepcopy(model), mode.dtype, mode.quantize)
+    assert auto.tok_emb.weight.dtype == chosen.tok_emb.weight.dtype
+    torch.testing.assert_close(auto(idx), chosen(idx), rtol=0, atol=0)
+    assert torch.equal(generate(auto, idx, 12, stop_token_ids=()), generate(chosen, idx, 12, stop_token_ids=()))
+    if quantize == "none":  # exact: the plain float32 model's greedy tokens
+        assert torch.equal(generate(auto, idx, 12, stop_token_ids=()), generate(model, idx, 12, stop_token_ids=()))
+
+
+@pytest.mark.parametrize("prefill_dtype", [torch.float32, torch.bfloat16])
+def test_int8_prefill_dequantizes_to_the_chosen_dtype(prefill_dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    q = Int8Linear(linear, prefill_dtype=prefill_dtype)
+    x = torch.randn(40, 64).bfloat16()  # above INT8_MAX_ROWS: the dequantized path
+    weight = q.weight_int8.to(prefill_dtype) * q.scale.to(prefill_dtype)[:, None]
+    ref = torch.nn.functional.linear(x.to(prefill_dtype), weight, q.bias.to(prefill_dtype)).bfloat16()
+    assert torch.equal(q(x), ref)
+
+
+def test_scheduler_decodes_through_the_fast_view(tiny_config):
+    from gptforge.scheduler import BatchScheduler
+
+    model = tiny_model(generation_config(tiny_config))
+    state = copy.deepcopy(model.state_dict())
+    scheduler = BatchScheduler(model, max_batch_size=2)
+    assert scheduler.model is inference_view(model) and scheduler.model is not model
+    assert scheduler.model.trf_blocks[0].att.fused_qkv is not None
+    assert model.trf_blocks[0].att.fused_qkv is None and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_serve_cli_prepares_the_chosen_mode(monkeypatch, tmp_path, tiny_config):
+    import gptforge
+    import gptforge.serve
+    from gptforge.cli import main
+
+    gptforge.save(tiny_model(generation_config(tiny_config)), tmp_path / "ckpt")
+    served = {}
+    monkeypatch.setattr(gptforge.serve, "run_server", lambda model, settings, **kw: served.update(model=model))
+    assert main(["serve", "--model", str(tmp_path / "ckpt"), "--quantize", "int8"]) == 0
+    assert isinstance(served["model"].out_head, Int8Linear)
+    assert main(["serve", "--model", str(tmp_path / "ckpt")]) == 0  # auto: float32, fused projection
+    assert served["model"].tok_emb.weight.dtype == torch.float32
+    assert served["model"].trf_blocks[0].att.fused_qkv is not None
+
+
+def test_float32_few_rows_run_on_a_packed_copy_with_the_same_results(tiny_config, monkeypatch):
+    from gptforge import generate_text_simple
+    from gptforge.quant import Float32Linear, _MultiRowKernel
+
+    cfg = generation_config(tiny_config)
+    model = tiny_model(cfg)
+    keys = list(model.state_dict())
+    view = inference_view(model)
+    assert isinstance(view.out_head, Float32Linear) and list(view.state_dict()) == keys
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or original(*a))
+    x = torch.randn(4, 1, cfg.emb_dim)
+    weight = view.trf_blocks[0].ff.layers[0].weight
+    torch.testing.assert_close(view.trf_blocks[0].ff.layers[0](x), torch.nn.functional.linear(
+        x, weight, view.trf_blocks[0].ff.layers[0].bias), rtol=1e-5, atol=1e-6)
+    assert calls == [(4, 1, cfg.emb_dim)]  # 4 rows: the packed kernel
+    idx = torch.randint(0, cfg.vocab_size, (4, 6), generator=torch.Generator().manual_seed(5))
+    out = generate(model, idx, 10, stop_token_ids=())  # batch 4: decode steps of 4 rows
+    assert len(calls) > 10
+    assert torch.equal(out, generate_text_simple(copy.deepcopy(model).eval(), idx, 10, cfg.context_length))
+    kernel = view.trf_blocks[0].att.fused_qkv._kernel
+    assert isinstance(kernel, _MultiRowKernel) and kernel.packed is not None
+    with torch.no_grad():  # a changed weight is packed again
+        stale = kernel.packed
+        kernel.weight.mul_(2)
+        kernel(torch.randn(3, cfg.emb_dim), None)
+    assert kernel.packed is not stale

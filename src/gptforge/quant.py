@@ -153,7 +153,24 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 oneDNN-packed{fused}"
 
 
-class Int8Linear(nn.Module):
+class _WeightOnlyLinear(nn.Module):
+    """A quantized linear: a few rows (decode) through its packed kernel, many rows (prefill) through
+    its weights dequantized to `prefill_dtype`. Subclasses give `few_rows` and `dequantized`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()  # (M, in)
+        if x2.shape[0] <= INT8_MAX_ROWS:
+            out = self.few_rows(x2)  # (M, out)
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            bias = None if self.bias is None else self.bias.to(self.prefill_dtype)
+            out = F.linear(x2.to(self.prefill_dtype), self.dequantized(self.prefill_dtype), bias).to(torch.bfloat16)
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+class Int8Linear(_WeightOnlyLinear):
     """Weight-only int8 linear: w ~= int8 (out, in) * scale (out,), per output channel, symmetric.
     x: (..., in) bf16 -> (..., out) bf16."""
 
@@ -168,17 +185,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (M, in)
-        if x2.shape[0] <= INT8_MAX_ROWS:
-            out = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)  # (M, out)
-            if self.bias is not None:
-                out = out + self.bias
-        else:
-            bias = None if self.bias is None else self.bias.to(self.prefill_dtype)
-            out = F.linear(x2.to(self.prefill_dtype), self.dequantized(self.prefill_dtype), bias).to(torch.bfloat16)
-        return out.reshape(*shape[:-1], self.out_features)
+    def few_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, in) bf16 -> (M, out) through the int8 kernel, without the bias."""
+        return torch._weight_int8pack_mm(x2, self.weight_int8, self.scale)
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight (out, in) these int8 values and (bf16) scales stand for, in `dtype`."""
@@ -188,7 +197,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_WeightOnlyLinear):
     """Weight-only 4-bit linear, group-wise symmetric as llama.cpp's Q4_0: each run of 32 weights
     along a row shares one scale d = (its value of largest magnitude) / -8, and w ~= (q - 8) * d
     with q in [0, 15] (Q4_0's rounding; d kept in bf16, the kernel's scale type). Up to
@@ -216,18 +225,10 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
         self.prefill_dtype = prefill_dtype or choose_mode("auto", "int4").prefill_dtype  # what a prefill dequantizes to
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()  # (M, in)
-        if x2.shape[0] <= INT8_MAX_ROWS:
-            out = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zeros)
-            out = out[:, :self.out_features]  # (M, out): without the padding rows
-            if self.bias is not None:
-                out = out + self.bias
-        else:
-            bias = None if self.bias is None else self.bias.to(self.prefill_dtype)
-            out = F.linear(x2.to(self.prefill_dtype), self.dequantized(self.prefill_dtype), bias).to(torch.bfloat16)
-        return out.reshape(*shape[:-1], self.out_features)
+    def few_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, in) bf16 -> (M, out) through the int4 kernel, without the bias (or the padding rows)."""
+        out = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zeros)
+        return out[:, :self.out_features]
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (out, in) these 4-bit values and scales stand for. The CPU packing stores each

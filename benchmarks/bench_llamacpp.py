@@ -11,7 +11,7 @@ Modes side by side: gptforge fp32 / llama.cpp F32, gptforge int8 (weight-only) /
   (fraction equal, first difference).
 Top-1 agreement and KL of each gptforge mode against gptforge fp32 are printed too. The CPU model
 and its SIMD flags are printed with the figures; the output is also written to
-benchmarks/results/bench_llamacpp.txt (bench_llamacpp_1thread.txt for --threads 1).
+benchmarks/results/bench_llamacpp.txt.
 
 On a machine shared with other busy processes, llama.cpp's threads spin at each barrier while a
 sibling waits for a core, so its 2-thread figures suffer more from the noise than PyTorch's; a

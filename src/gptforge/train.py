@@ -63,7 +63,7 @@ from .runtime import (
 from .tokenizer import get_tokenizer
 from .train_config import RESUMABLE_CHANGES, TrainConfig, read_config_file  # noqa: F401 (re-exported)
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_DIR = checkpoint.RUN_CHECKPOINT_DIR
 STATE_VERSION = 1
 
 

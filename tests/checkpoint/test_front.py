@@ -24,6 +24,14 @@ def test_formats_table_lists_each_format_once_book_last():
     assert [fmt.name for fmt in FORMATS.values() if fmt.takes_config] == ["book"]
 
 
+def test_a_run_folder_means_its_checkpoint(tmp_path, tiny_config):
+    model = gptforge.GPTModel(tiny_config()).eval()
+    gptforge.save(model, tmp_path / "run" / "checkpoint")
+    loaded = gptforge.load(tmp_path / "run").eval()  # `gptforge classify --model runs/spam` as well
+    idx = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded(idx), model(idx))
+
+
 def test_directory_that_is_no_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="without config.json"):

@@ -33,8 +33,8 @@ from ..io import atomic_directory, atomic_write, atomic_write_bytes, read_safete
 from ..model import GPTModel
 from . import adapter, book, gguf, hf, hub, native
 from .base import (
-    CHECKPOINT_FILES, CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, HF_BIN_FILE, TRAINING_STATE_FILE,
-    WEIGHTS_FILE, CheckpointFormat, build_model, model_state,
+    CHECKPOINT_FILES, CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, HF_BIN_FILE, RUN_CHECKPOINT_DIR,
+    TRAINING_STATE_FILE, WEIGHTS_FILE, CheckpointFormat, build_model, model_state,
 )
 from .hf import config_from_hf, config_to_hf, save_hf, state_from_hf, state_to_hf
 from .native import load_training_state
@@ -46,7 +46,7 @@ SAVE_FORMATS = tuple(name for name, fmt in FORMATS.items() if fmt.save is not No
 
 __all__ = [
     "BUILTIN_MODELS", "CHECKPOINT_FILES", "CONFIG_FILE", "FORMATS", "FORMAT_NAME", "FORMAT_VERSION",
-    "HF_BIN_FILE", "SAVE_FORMATS", "TRAINING_STATE_FILE", "WEIGHTS_FILE", "CheckpointFormat",
+    "HF_BIN_FILE", "RUN_CHECKPOINT_DIR", "SAVE_FORMATS", "TRAINING_STATE_FILE", "WEIGHTS_FILE", "CheckpointFormat",
     "atomic_directory", "atomic_write", "atomic_write_bytes", "build_model", "builtin_model_path",
     "config_from_hf", "config_to_hf", "detect_format", "load", "load_config", "load_training_state",
     "model_state", "read_safetensors", "resolve", "resolve_device", "save", "save_hf", "sha256_file",
@@ -114,7 +114,7 @@ def builtin_model_path(name: str) -> Path | None:
 def resolve(name_or_path: str | Path, weights: bool = True) -> tuple[str, Path | None]:
     """What a model name means: ('preset', None), or (format, local path) for a checkpoint on disk
     or a hub id (downloaded into, or found in, the Hugging Face cache; only its config.json when
-    `weights` is False)."""
+    `weights` is False). A training run's --out folder means the checkpoint inside it."""
     name = str(name_or_path)
     path = Path(name)
     if name.lower() in PRESETS:
@@ -123,6 +123,8 @@ def resolve(name_or_path: str | Path, weights: bool = True) -> tuple[str, Path |
         if not (builtin / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"the built-in model {name!r} is missing from this installation ({builtin})")
         return "gptforge", builtin
+    if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / RUN_CHECKPOINT_DIR / CONFIG_FILE).is_file():
+        path = path / RUN_CHECKPOINT_DIR  # a train/finetune run's --out folder: the model it saved
     if path.exists():
         return detect_format(path), path
     if hub.looks_like_hub_id(name):

@@ -22,6 +22,8 @@ FORMAT_NAME = "gptforge"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# Where a run of `train` / `finetune` keeps its model, inside the run's --out folder.
+RUN_CHECKPOINT_DIR = "checkpoint"
 TRAINING_STATE_FILE = "training_state.pt"
 HF_BIN_FILE = "pytorch_model.bin"
 

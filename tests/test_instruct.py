@@ -88,25 +88,48 @@ def test_loss_equals_the_books_calc_loss_batch(tiny_config):
     assert lm_loss(model, batch).item() == pytest.approx(book.item(), abs=1e-6)  # the fused loss, -100 left out
 
 
-def test_json_and_jsonl_read_the_same(tmp_path):
-    (tmp_path / "a.json").write_text(json.dumps(RECORDS))
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
-    assert read_records(tmp_path / "a.json") == read_records(tmp_path / "b.jsonl") == RECORDS
+def test_json_and_jsonl_read_the_same_whatever_the_suffix(tmp_path):
+    as_list, as_lines = json.dumps(RECORDS, indent=2), "\n".join(json.dumps(r) for r in RECORDS) + "\n"
+    for name, text in [("a.json", as_list), ("b.jsonl", as_lines), ("c.jsonl", as_list), ("d.json", as_lines),
+                       ("e.txt", as_list), ("f", as_lines)]:
+        (tmp_path / name).write_text(text)
+        assert read_records(tmp_path / name) == RECORDS, name
+
+
+def test_csv_records_keep_line_breaks_in_quoted_cells(tmp_path):
+    pandas = pytest.importorskip("pandas")
+    path = tmp_path / "r.csv"
+    pandas.DataFrame(RECORDS[:2] + [{"instruction": "List two.", "input": "", "output": "- one\n- two"}]
+                     ).to_csv(path, index=False)
+    expected = pandas.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+    assert read_records(path) == expected and expected[2]["output"] == "- one\n- two"
 
 
 @pytest.mark.parametrize("content, message", [
-    ("", "is empty"),
+    ("", "is empty; it should hold records: a JSON list of objects or one JSON object per line"),
+    (" \n", "is empty"),
     ("[]", "holds no records"),
-    ('[{"input": "x", "output": "y"}]', "no 'instruction'"),
-    ('{"instruction": "x"}\n', "no 'output'"),
-    ('{"instruction": "x", "output": "y"}\nnot json\n', "line 2 is not JSON"),
-    ('[1]', "not a JSON object"),
+    ('[{"input": "x", "output": "y"}]', "record 1 has no 'instruction' string; every record needs"),
+    ('{"instruction": "x"}\n', "record 1 has no 'output' string"),
+    ('{"instruction": "x", "output": "y"}\nnot json\n', r"line 2 is not valid JSON \(.*\); expected a JSON list"),
+    ('{\n  "instruction": "x", "output": "y"\n}', r"line 1 is not valid JSON .*one JSON object per line"),
+    ('[{"instruction": "x", "output": "y"},]', r"bad.json is not valid JSON \(.*line 1 column"),
+    ('[{"instruction": "x", "output": "y"}, 1]', "record 2 is a JSON number, expected an object with named fields"),
+    ('{"instruction": "x", "output": "y"}\n["x"]\n', "line 2 is a JSON list, expected an object"),
+    ('[{"instruction": "x", "input": 3, "output": "y"}]', "record 1: 'input' must be a string"),
 ])
 def test_bad_records_are_one_clear_error(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(GptforgeError, match=message):
         read_records(path)
+
+
+def test_missing_file_or_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data file not found: .*nope.json"):
+        read_records(tmp_path / "nope.json")
+    with pytest.raises(GptforgeError, match="is a folder; name the data file in it"):
+        read_records(tmp_path)
 
 
 def test_records_longer_than_the_context_need_max_length():

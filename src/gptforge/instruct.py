@@ -23,7 +23,6 @@ is ignored (-100). `mask_prompt` also ignores the prompt's tokens, as the book's
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import torch.nn as nn
 from .config import PromptTemplate
 from .errors import GptforgeError
 from .generation import generate_text
+from .tables import read_table
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, get_tokenizer
 
 IGNORE_INDEX = -100  # torch's cross_entropy default ignore_index, as the book uses it
@@ -55,35 +55,15 @@ def training_text(entry: Mapping[str, str], template: PromptTemplate = ALPACA) -
 
 # --------------------------------------------------------------------------- reading records
 
-def _parse(text: str, source: str) -> list[Any]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-    if isinstance(data, list):
-        return data
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise GptforgeError(f"{source} line {n} is not JSON ({err.msg}); expected a JSON list of "
-                                f"records or one JSON record per line (JSONL)") from None
-    return records
-
-
 def check_records(records: Sequence[Any], source: str = "data") -> list[dict[str, str]]:
     """Records with string `instruction` and `output` (and optional string `input`, default "");
     extra keys are kept. Raises GptforgeError naming the first bad record (1-based)."""
     if not records:
-        raise GptforgeError(f"{source} holds no records; expected a JSON list (or JSONL) of "
-                            f'{{"instruction": ..., "input": ..., "output": ...}} records')
+        raise GptforgeError(f"{source} holds no records")
     out = []
     for n, rec in enumerate(records, 1):
-        if not isinstance(rec, dict):
-            raise GptforgeError(f"{source} record {n} is a {type(rec).__name__}, not a JSON object")
+        if not isinstance(rec, Mapping):
+            raise GptforgeError(f"{source} record {n} is a {type(rec).__name__}, expected an object with named fields")
         for key in ("instruction", "output"):
             if not isinstance(rec.get(key), str):
                 raise GptforgeError(f"{source} record {n} has no {key!r} string; every record needs "
@@ -95,17 +75,9 @@ def check_records(records: Sequence[Any], source: str = "data") -> list[dict[str
 
 
 def read_records(path: str | Path) -> list[dict[str, str]]:
-    """Alpaca-style records from a JSON list or a JSONL file (see `check_records`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (expected a JSON or JSONL file of instruction records)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise GptforgeError(f"{path} is not UTF-8 text") from None
-    if not text.strip():
-        raise GptforgeError(f"{path} is empty; expected a JSON list (or JSONL) of instruction records")
-    return check_records(_parse(text, str(path)), str(path))
+    """Alpaca-style records (see `check_records`) from a file `tables.read_table` reads: a JSON list
+    or JSONL whatever the suffix (the content tells which), or a .csv/.tsv with those columns."""
+    return check_records(read_table(path, other_suffixes_as_json=True), str(path))
 
 
 # --------------------------------------------------------------------------- batching

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from gptforge import GPTModel, save
-from gptforge.quant import cpu_summary
+from gptforge.cpu import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ def _prompt(cfg):
     return torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(11))
 
 
-def test_float32_relayout_keeps_state_dict_and_results(cfg):
+def test_float32_layout_keeps_state_dict_and_results(cfg):
     model = tiny_model(cfg)
     before = copy.deepcopy(model.state_dict())
     idx = _prompt(cfg)
@@ -34,9 +34,9 @@ def test_float32_relayout_keeps_state_dict_and_results(cfg):
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
-    assert not model.trf_blocks[0].ff.layers[0].weight.is_contiguous()  # stored as (in, out)
-    att = model.trf_blocks[0].att
-    assert att.fused_qkv is not None and att.W_key.weight.data_ptr() == att.W_query.weight.data_ptr() + 64 * 4
+    assert model.trf_blocks[0].ff.layers[0].weight.is_contiguous()  # (out, in), as the kernel reads it
+    att = model.trf_blocks[0].att  # query, key and value: consecutive rows of one fused matrix
+    assert att.fused_qkv is not None and att.W_key.weight.data_ptr() == att.W_query.weight.data_ptr() + 64 * 64 * 4
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_model(cfg).parameters())
     torch.testing.assert_close(model(idx).detach(), expected_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(generate(model, idx, 20, stop_token_ids=()), expected)
@@ -49,7 +49,7 @@ def test_int8_linear_matches_its_dequantized_weight():
     assert q.weight_int8.dtype == torch.int8 and q.weight_int8.abs().max() == 127
     # Quantization error of each weight is at most half a step.
     assert ((q.dequantized().float() - linear.weight).abs() <= q.scale.float()[:, None] * 0.51 + 1e-3).all()
-    for rows in (1, 5, 40):  # the int8 kernel below INT8_MAX_ROWS, dequantize + bf16 matmul above
+    for rows in (1, 5, 40):  # the int8 kernel up to MAX_DECODE_ROWS, dequantize + bf16 matmul above
         x = torch.randn(rows, 64).bfloat16()
         ref = torch.nn.functional.linear(x.float(), q.dequantized().float(), linear.bias.bfloat16().float())
         torch.testing.assert_close(q(x).float(), ref, rtol=2e-2, atol=2e-2)
@@ -60,14 +60,16 @@ def test_int4_linear_is_llama_cpps_q4_0():
     from gguf.quants import dequantize, quantize
 
     torch.manual_seed(0)
-    linear = nn.Linear(128, 72)  # 72 rows: padded to whole 64-row blocks inside, sliced off again
+    linear = nn.Linear(128, 72)
     q = Int4Linear(linear)
     w = linear.weight.detach().numpy()
     q4_0 = torch.from_numpy(dequantize(quantize(w, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0))
     step = linear.weight.detach().abs().reshape(72, 4, 32).amax(-1).repeat_interleave(32, 1) / 8
-    # the same 4-bit values; the scales differ by bf16 (ours, the kernel's) against fp16 (Q4_0) rounding
-    assert ((q.dequantized() - q4_0).abs() <= 8 * 2**-8 * step).all()
-    for rows in (1, 5, 40):  # the int4 kernel below INT8_MAX_ROWS, dequantize + one matmul above
+    # the same 4-bit values; the scales differ by float32 (ours) against fp16 (Q4_0) rounding
+    assert ((q.dequantized() - q4_0).abs() <= 8 * 2**-11 * step).all()
+    blocks = quantize(w, GGMLQuantizationType.Q4_0).reshape(72, 4, 18)  # per group: fp16 d, 16 bytes
+    assert torch.equal(q.packed, torch.from_numpy(blocks[..., 2:].reshape(72, 64).copy()))  # Q4_0's bytes
+    for rows in (1, 5, 40):  # the int4 kernel up to MAX_DECODE_ROWS, dequantize + one matmul above
         x = torch.randn(3, rows, 128).bfloat16()
         ref = torch.nn.functional.linear(x.float(), q.dequantized(), linear.bias.bfloat16().float())
         torch.testing.assert_close(q(x).float(), ref, rtol=2e-2, atol=2e-2)

@@ -1,23 +1,24 @@
-"""Faster CPU inference: weight layouts and weight-only int8 for decoding.
+"""Faster CPU inference: weight layouts, fused projections and 8- and 4-bit weights for decoding.
 
 `prepare_for_inference(model, dtype, quantize)` turns a trained or random GPTModel into an
 inference model, in place, and returns it:
 
-- float32: each linear weight is re-laid out in memory as (in, out) contiguous while keeping its
-  (out, in) shape, so the state dict and training are unchanged. At batch 1 a matrix-vector product
-  is memory-bound, and MKL reads the (in, out) layout ~1.3x faster here (it is also what
-  transformers' Conv1D uses). Query, key and value become views of one (in, 3 * out) matrix, so
-  one matmul computes all three (`SharedQKV`).
+- float32: query, key and value become views of one (3 * out, in) matrix, so one product computes
+  all three (`SharedQKV`); every nn.Linear becomes a `Float32Linear` (same parameters and keys).
+  A decode step's few rows go through gptforge's own kernel (`gptforge.kernels`, which streams
+  each weight once: PyTorch's reads them at about half the memory bandwidth); a prefill or a
+  training step through PyTorch.
 - bfloat16: the model is cast to bf16 and every nn.Linear becomes a `PackedLinear`, whose weight is
-  pre-packed once in oneDNN's blocked layout (PyTorch's plain bf16 matrix-vector kernel is no faster
-  than fp32 on CPU; the packed one reads half the bytes); query/key/value are one packed matrix and
-  the feed-forward's GELU is fused into its first matmul.
-- int8 (weight-only): bf16 activations, and every nn.Linear (query/key/value fused) becomes an
-  `Int8Linear` with per-output-channel symmetric int8 weights, multiplied through
-  `torch._weight_int8pack_mm`.
-- int4 (weight-only): bf16 activations, and every nn.Linear (query/key/value fused) becomes an
-  `Int4Linear`: groups of 32 weights with one scale each, llama.cpp's Q4_0 scheme, multiplied
-  through `torch._weight_int4pack_mm_for_cpu`.
+  pre-packed once in oneDNN's blocked layout; query/key/value are one packed matrix and the
+  feed-forward's GELU is fused into its first matmul.
+- int8 (weight-only): every nn.Linear (query/key/value fused) becomes an `Int8Linear` with
+  per-output-channel symmetric int8 weights.
+- int4 (weight-only): every nn.Linear becomes an `Int4Linear`: groups of 32 weights with one scale
+  each, llama.cpp's Q4_0 scheme and byte layout.
+  For int8 and int4, a decode step's rows go through gptforge's integer kernels (activations
+  quantized per block of 32 as llama.cpp's Q8_0, float32 in and out) where this CPU has them, else
+  through PyTorch's weight-only kernels (bf16 activations); a prefill dequantizes the weights to
+  this CPU's fastest dense dtype (`choose_mode`) and runs one matmul.
 
 Prepare a model last: moving or casting it afterwards (`.to(...)`) is not supported.
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import platform
 import weakref
 from typing import Any
 
@@ -45,17 +45,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import kernels
+from .cpu import BF16_HARDWARE_FLAGS, cpu_flags
 from .errors import GptforgeError
 from .lora import merge_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("none", "int8", "int4")
-# Above this many rows (a prefill), dequantizing the weights and running a bf16 matmul is faster
-# than the int8 matrix-vector kernel.
-INT8_MAX_ROWS = 16
-MULTI_ROW_HINT = 8  # the batch size oneDNN packs float32 weights for (decoding 8 sequences)
-MULTI_ROW_MAX = 16  # up to this many rows the packed copy is used; a prefill stays on MKL
+# Up to this many rows (a decode step of a batch) the matrix-vector kernels run; above it (a
+# prefill) one dense matmul is faster.
+MAX_DECODE_ROWS = 16
 INT4_GROUP = 32  # weights per scale, as in llama.cpp's Q4_0
+PAD_IN_FEATURES = 128  # quantized weights' inputs are zero-padded to this multiple (whole kernel vectors)
 
 
 def _packed_bf16_available() -> bool:
@@ -64,39 +65,6 @@ def _packed_bf16_available() -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # Per-CPU choices, in one place
-
-# CPU flags (Linux /proc/cpuinfo names) meaning bf16 matmuls run in hardware; without them PyTorch
-# emulates bf16 and a bf16 prefill ran 5.5x slower than float32 (an AVX2-only EPYC, issue 14).
-BF16_HARDWARE_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, Intel AMX, ARMv8.6 BF16
-SHOWN_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
-               "asimd", "sve", "bf16", "i8mm")
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as Linux's /proc/cpuinfo names them (empty where it is unreadable)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_summary() -> str:
-    """One line naming this CPU, PyTorch's kernel level for it and the flags the choices read."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    flags = " ".join(flag for flag in SHOWN_FLAGS if flag in cpu_flags()) or "none of " + " ".join(SHOWN_FLAGS)
-    return f"CPU: {name}; torch kernels: {torch.backends.cpu.get_cpu_capability()}; flags: {flags}"
-
 
 @dataclasses.dataclass(frozen=True)
 class InferenceMode:
@@ -110,23 +78,26 @@ class InferenceMode:
 
 
 def choose_mode(dtype: str = "auto", quantize: str = "none", flags: frozenset[str] | None = None,
-                device_type: str = "cpu") -> InferenceMode:
+                device_type: str = "cpu", native: bool | None = None) -> InferenceMode:
     """The inference mode for `dtype` ('auto', 'float32' or 'bfloat16') and `quantize` on a CPU
-    with feature `flags` (default: this one's).
+    with feature `flags` (default: this one's), where gptforge's kernels run or not (`native`;
+    default: whether they do here).
 
     'auto' never trades accuracy for speed by itself: without quantization it is float32 (exactly
-    the seed's outputs); with int8/int4 weights the activations are bf16, because torch's int8 and
-    int4 matrix-vector kernels are ~14x slower with float32 activations (measured on an EPYC). A
-    quantized prefill dequantizes to bf16 only where the CPU has bf16 hardware, else to float32.
+    the seed's outputs). With int8/int4 weights the activations are float32 where gptforge's
+    kernels run, else bf16 (PyTorch's int8 and int4 matrix-vector kernels are ~14x slower with
+    float32 activations). A quantized prefill dequantizes to bf16 only where the CPU has bf16
+    hardware, else to float32.
     """
     if quantize not in QUANTIZATIONS:
         raise GptforgeError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
     if dtype != "auto":
         dtype = str(parse_dtype(dtype)).removeprefix("torch.")
     flags = cpu_flags() if flags is None else flags
+    native = kernels.available() if native is None else native
     bf16_hardware = any(flag in flags for flag in BF16_HARDWARE_FLAGS)
     if quantize != "none" and device_type == "cpu":
-        dtype = "bfloat16"
+        dtype = "float32" if native else "bfloat16"
     elif dtype == "auto":
         dtype = "float32"
     prefill = torch.bfloat16 if bf16_hardware or device_type != "cpu" else torch.float32
@@ -154,94 +125,107 @@ class PackedLinear(nn.Module):
 
 
 class _WeightOnlyLinear(nn.Module):
-    """A quantized linear: a few rows (decode) through its packed kernel, many rows (prefill) through
-    its weights dequantized to `prefill_dtype`. Subclasses give `few_rows` and `dequantized`."""
+    """A quantized linear: a decode step's few rows through gptforge's integer kernel (`fmt`) where
+    it runs, else through `torch_rows` (PyTorch's weight-only kernel); many rows (a prefill) through
+    the weights dequantized to `prefill_dtype`. x: (..., in) float -> (..., out), x's dtype.
+    Subclasses store the weights with their inputs zero-padded to `in_padded` and give `fmt`,
+    `torch_rows` and `dequantized`."""
+
+    fmt = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()  # (M, in)
-        if x2.shape[0] <= INT8_MAX_ROWS:
-            out = self.few_rows(x2)  # (M, out)
-            if self.bias is not None:
-                out = out + self.bias
+        x2 = x.reshape(-1, shape[-1])  # (M, in)
+        if x2.shape[0] <= MAX_DECODE_ROWS:
+            if self.in_padded != self.in_features:
+                x2 = F.pad(x2, (0, self.in_padded - self.in_features))
+            if kernels.supported(self.fmt, self.in_padded):
+                out = kernels.linear(x2.float(), self.weight_data, self.bias_f32, self.fmt, self.scale)
+            else:
+                out = self.torch_rows(x2.to(torch.bfloat16).contiguous())
+                out = out if self.bias is None else out + self.bias
         else:
             bias = None if self.bias is None else self.bias.to(self.prefill_dtype)
-            out = F.linear(x2.to(self.prefill_dtype), self.dequantized(self.prefill_dtype), bias).to(torch.bfloat16)
-        return out.reshape(*shape[:-1], self.out_features)
+            out = F.linear(x2.to(self.prefill_dtype), self.dequantized(self.prefill_dtype), bias)
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _set_common(self, linear: nn.Linear, prefill_dtype: torch.dtype) -> torch.Tensor:
+        """Sizes, bias and prefill dtype from `linear`; returns its weight (out, in_padded) float32."""
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_padded = -(-linear.in_features // PAD_IN_FEATURES) * PAD_IN_FEATURES
+        self.prefill_dtype = prefill_dtype  # what a prefill dequantizes to (`choose_mode`)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.register_buffer("bias_f32", bias)
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+        return F.pad(linear.weight.detach().float(), (0, self.in_padded - self.in_features))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt} weight-only"
 
 
 class Int8Linear(_WeightOnlyLinear):
-    """Weight-only int8 linear: w ~= int8 (out, in) * scale (out,), per output channel, symmetric.
-    x: (..., in) bf16 -> (..., out) bf16."""
+    """Weight-only int8 linear: w ~= int8 (out, in) * scale (out,), per output channel, symmetric."""
+
+    fmt = "i8"
 
     def __init__(self, linear: nn.Linear, prefill_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        self.prefill_dtype = prefill_dtype  # what a prefill dequantizes to (`choose_mode`)
-        weight = linear.weight.detach().float()
+        weight = self._set_common(linear, prefill_dtype)
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
         self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
-        self.register_buffer("bias", bias)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("scale", scale)
+        self.weight_data = self.weight_int8
 
-    def few_rows(self, x2: torch.Tensor) -> torch.Tensor:
-        """(M, in) bf16 -> (M, out) through the int8 kernel, without the bias."""
-        return torch._weight_int8pack_mm(x2, self.weight_int8, self.scale)
+    def torch_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, in_padded) bf16 -> (M, out) bf16 through PyTorch's int8 kernel, without the bias."""
+        return torch._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(torch.bfloat16))
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """The weight (out, in) these int8 values and (bf16) scales stand for, in `dtype`."""
-        return self.weight_int8.to(dtype) * self.scale.to(dtype)[:, None]
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+        """The weight (out, in) these int8 values and scales stand for, in `dtype`."""
+        return (self.weight_int8[:, :self.in_features].to(dtype) * self.scale.to(dtype)[:, None])
 
 
 class Int4Linear(_WeightOnlyLinear):
-    """Weight-only 4-bit linear, group-wise symmetric as llama.cpp's Q4_0: each run of 32 weights
-    along a row shares one scale d = (its value of largest magnitude) / -8, and w ~= (q - 8) * d
-    with q in [0, 15] (Q4_0's rounding; d kept in bf16, the kernel's scale type). Up to
-    INT8_MAX_ROWS rows go through torch's int4 CPU kernel (`torch._weight_int4pack_mm_for_cpu`,
-    bf16 activations: its float32 path is ~30x slower); a prefill dequantizes the weight and runs
-    one matmul in `prefill_dtype` (`choose_mode`: bf16 where the CPU has bf16 hardware, else float32).
-    x: (..., in) bf16 -> (..., out) bf16."""
+    """Weight-only 4-bit linear, llama.cpp's Q4_0: each run of 32 weights along a row shares one
+    scale d = (its value of largest magnitude) / -8, and w ~= (q - 8) * d with q in [0, 15].
+    `packed` (out, in / 2) uint8 holds Q4_0's bytes (byte j of a group: q of weight j in the low
+    nibble, of weight j + 16 in the high one), `scale` (out, in / 32) float32 the d's."""
 
-    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP, prefill_dtype: torch.dtype | None = None):
+    fmt = "q4"
+
+    def __init__(self, linear: nn.Linear, prefill_dtype: torch.dtype | None = None):
         super().__init__()
-        weight = linear.weight.detach().float()
-        out_f, in_f = weight.shape
-        if in_f % group_size:
-            raise GptforgeError(f"int4 needs in_features divisible by {group_size}, got {in_f}")
-        pad = -out_f % 64  # whole 64-row blocks: the packed layout `dequantized` reads
-        weight = torch.cat([weight, weight.new_zeros(pad, in_f)])
-        groups = weight.reshape(out_f + pad, in_f // group_size, group_size)
-        d = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)) / -8  # (N, in/g, 1)
+        weight = self._set_common(linear, prefill_dtype or choose_mode("auto", "int4").prefill_dtype)
+        groups = weight.reshape(self.out_features, -1, INT4_GROUP)
+        d = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)) / -8  # (out, in/32, 1)
         inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        q = (groups * inverse + 8.5).floor().clamp(0, 15).to(torch.int32).reshape(out_f + pad, in_f)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # (N, in/2) uint8
-        scale = d.squeeze(-1).t().contiguous()  # (in/g, N)
-        self.register_buffer("scale_zeros", torch.stack([scale, torch.zeros_like(scale)], -1).to(torch.bfloat16))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
-        self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
-        self.prefill_dtype = prefill_dtype or choose_mode("auto", "int4").prefill_dtype  # what a prefill dequantizes to
+        q = (groups * inverse + 8.5).floor().clamp(0, 15).to(torch.uint8)  # Q4_0's rounding
+        packed = q[..., :INT4_GROUP // 2] | (q[..., INT4_GROUP // 2:] << 4)
+        self.register_buffer("packed", packed.reshape(self.out_features, -1).contiguous())
+        self.register_buffer("scale", d.squeeze(-1).contiguous())
+        self.weight_data = self.packed
 
-    def few_rows(self, x2: torch.Tensor) -> torch.Tensor:
-        """(M, in) bf16 -> (M, out) through the int4 kernel, without the bias (or the padding rows)."""
-        out = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zeros)
-        return out[:, :self.out_features]
+    def codes(self) -> torch.Tensor:
+        """The 4-bit values q (out, in_padded) int32, 0..15."""
+        groups = self.packed.view(self.out_features, -1, INT4_GROUP // 2).to(torch.int32)
+        return torch.cat([groups & 15, groups >> 4], dim=-1).reshape(self.out_features, -1)
+
+    def torch_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, in_padded) bf16 -> (M, out) bf16 through PyTorch's int4 kernel, without the bias
+        (its packing, made on first use, wants whole blocks of 64 rows)."""
+        if "_torch_pack" not in self.__dict__:
+            pad = -self.out_features % 64
+            q = F.pad(self.codes(), (0, 0, 0, pad))
+            scale = F.pad(self.scale, (0, 0, 0, pad)).t().contiguous()  # (in/32, out + pad)
+            self._torch_pack = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+                                torch.stack([scale, torch.zeros_like(scale)], -1).to(torch.bfloat16))
+        packed, scale_zeros = self._torch_pack
+        return torch._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scale_zeros)[:, :self.out_features]
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight (out, in) these 4-bit values and scales stand for. The CPU packing stores each
-        block of 64 rows as (in, 32) bytes: row j in the low nibbles, row j + 32 in the high ones."""
-        n_padded = self.packed.shape[0]
-        blocks = self.packed.view(n_padded // 64, self.in_features, 32)
-        q = torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(n_padded, self.in_features)
-        scale = self.scale_zeros[..., 0].t().to(dtype).repeat_interleave(self.group_size, dim=1)  # (N, in)
-        return ((q.to(dtype) - 8) * scale)[:self.out_features]
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 weight-only, groups of {self.group_size}")
+        """The weight (out, in) these 4-bit values and scales stand for, in `dtype`."""
+        scale = self.scale.to(dtype).repeat_interleave(INT4_GROUP, dim=1)
+        return ((self.codes().to(dtype) - 8) * scale)[:, :self.in_features]
 
 
 def _swap_linears(module: nn.Module, make: Any) -> None:
@@ -252,19 +236,31 @@ def _swap_linears(module: nn.Module, make: Any) -> None:
             _swap_linears(child, make)
 
 
+def _float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) @ weight (out, in).T + bias: a decode step's few rows through gptforge's kernel
+    (where it runs here), anything else (a prefill, a training step) through PyTorch."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if (0 < rows <= MAX_DECODE_ROWS and x.dtype == torch.float32 and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+            and x.device.type == "cpu" and kernels.supported("f32", k)):
+        return kernels.linear(x.reshape(rows, k), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
 class SharedQKV(nn.Module):
-    """float32 fused projection whose weight is one contiguous (in, 3 * out) matrix that the three
-    separate W_query / W_key / W_value parameters are views of: one matmul, and the state dict,
+    """float32 fused projection whose weight is one contiguous (3 * out, in) matrix that the three
+    separate W_query / W_key / W_value parameters are views of: one product, and the state dict,
     the parameters and training stay exactly as they were. (Holds no parameters of its own.)"""
 
     def __init__(self, att: nn.Module):
         super().__init__()
         linears = (att.W_query, att.W_key, att.W_value)
-        fused_t = torch.cat([lin.weight.detach().t() for lin in linears], dim=1).contiguous()  # (in, 3*out)
+        fused = torch.cat([lin.weight.detach() for lin in linears])  # (3*out, in)
         n = att.d_out
         for i, lin in enumerate(linears):
-            lin.weight.data = fused_t[:, i * n:(i + 1) * n].t()  # (out, in) view into the fused matrix
-        self._weight = (fused_t.t(),)  # a tuple, so the view is not registered as a parameter again
+            lin.weight.data = fused[i * n:(i + 1) * n]  # (out, in) view into the fused matrix
+        self._weight = (fused,)  # a tuple, so the view is not registered as a parameter again
         self._bias = None
         if att.W_query.bias is not None:
             fused_b = torch.cat([lin.bias.detach() for lin in linears])
@@ -272,51 +268,26 @@ class SharedQKV(nn.Module):
                 lin.bias.data = fused_b[i * n:(i + 1) * n]
             self._bias = (fused_b,)
 
-        self._kernel = _MultiRowKernel(self._weight[0])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._kernel(x, self._bias[0] if self._bias else None)
-
-
-class _MultiRowKernel:
-    """The product x @ weight.T for a float32 (out, in) weight stored as (in, out): one row (a
-    decode step at batch 1, or a long prefill) through MKL, 2..MULTI_ROW_MAX rows (decoding a
-    batch) through a oneDNN-packed copy, about 2x faster at 8 rows here. The copy is made on
-    first use and remade when the weight changes (version, storage or an optimizer step)."""
-
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
-        self.packed: torch.Tensor | None = None
-        self.key: tuple = ()
-
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        differentiable = self.weight.requires_grad and torch.is_grad_enabled()  # training: autograd's path
-        if not 1 < rows <= MULTI_ROW_MAX or differentiable or not torch.backends.mkldnn.is_available():
-            return F.linear(x, self.weight, bias)
-        key = (self.weight.data_ptr(), self.weight._version, _OPTIMIZER_STEPS[0])
-        if self.packed is None or key != self.key:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), MULTI_ROW_HINT)
-            self.key = key
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        return _float32_linear(x, self._weight[0], self._bias[0] if self._bias else None)
 
 
 class Float32Linear(nn.Linear):
-    """An nn.Linear (same parameters and state-dict keys) whose products of a few rows run on a
-    oneDNN-packed copy of its weight (`_MultiRowKernel`); set by `prepare_for_inference(model, "float32")`."""
+    """An nn.Linear (same parameters and state-dict keys) whose decode steps run on gptforge's
+    kernel; set by `prepare_for_inference(model, "float32")`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.__dict__.get("_kernel")
-        if kernel is None or kernel.weight is not self.weight:
-            kernel = self.__dict__["_kernel"] = _MultiRowKernel(self.weight)
-        return kernel(x, self.bias)
+        return _float32_linear(x, self.weight, self.bias)
 
 
 def _pack_linears(model: nn.Module) -> None:
-    """Make every plain nn.Linear a Float32Linear (in place: parameters and keys unchanged)."""
+    """Make every plain nn.Linear a Float32Linear (in place: parameters and keys unchanged), its
+    weight stored (out, in) contiguous as the kernel reads it (Hugging Face's layout is (in, out))."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = Float32Linear
+            if not module.weight.is_contiguous():
+                module.weight.data = module.weight.data.contiguous()
 
 
 def _fuse_qkv(model: nn.Module, make) -> None:
@@ -332,13 +303,6 @@ def _concat_qkv(att: nn.Module) -> nn.Linear:
     if fused.bias is not None:
         fused.bias.data = torch.cat([lin.bias.detach() for lin in linears]).to(att.W_query.weight.dtype)
     return fused
-
-
-def _relayout_in_out(model: nn.Module) -> None:
-    """Store each Linear weight (out, in) as the transpose of a contiguous (in, out) tensor."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
-            module.weight.data = module.weight.data.t().contiguous().t()
 
 
 def _drop_separate_qkv(model: nn.Module) -> None:
@@ -366,8 +330,9 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
 
     dtype: 'auto' (this CPU's choice, `choose_mode`), 'float32' or 'bfloat16', the activations'
         (and unquantized weights') type.
-    quantize: 'none', 'int8' (weight-only int8; activations are then bf16 whatever `dtype` says) or
-        'int4' (weight-only 4-bit groups as llama.cpp's Q4_0; activations bf16 likewise).
+    quantize: 'none', 'int8' (weight-only int8) or 'int4' (weight-only 4-bit groups as llama.cpp's
+        Q4_0); the activations are then float32 where gptforge's kernels run, else bf16, whatever
+        `dtype` says (`choose_mode`).
     On a non-CPU device only the dtype changes.
     """
     device_type = next(model.parameters()).device.type
@@ -396,8 +361,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
             layers[0], layers[1] = PackedLinear(layers[0], gelu_tanh=True), nn.Identity()
         _swap_linears(model, PackedLinear)
     elif torch_dtype == torch.float32:
-        _fuse_qkv(model, SharedQKV)  # first, so the relayout skips query/key/value (already views)
-        _relayout_in_out(model)
+        _fuse_qkv(model, SharedQKV)
         _pack_linears(model)
     return model
 

@@ -1,0 +1,154 @@
+"""gptforge's own decode kernels: the matrix products of a decode step (a few rows) for float32,
+int8 and 4-bit weights, in C (`gemv.c`), compiled once per CPU.
+
+Why: at a few rows a matrix product is memory-bound, and PyTorch's CPU kernels for it read the
+weights at about half the memory bandwidth (and its int8/int4 ones convert every weight to float),
+so decoding ran at about half of llama.cpp's speed (issue 14). `gemv.c` streams each weight once
+per call with prefetching, and multiplies int8 and 4-bit weights with integer instructions (AVX2,
+AVX-512, VNNI) against activations quantized as llama.cpp's Q8_0.
+
+How: the first use compiles `gemv.c` with the system C compiler (`$CC`, else `cc`) and
+`-march=native`, so it uses the widest vectors this CPU has, into
+`$GPTFORGE_CACHE` (default `~/.cache/gptforge`)/kernels/, keyed by the source, the flags and the
+CPU's features (well under a second; later processes only load it). Where that cannot be done
+(no compiler, a CPU without AVX2 and FMA, `GPTFORGE_KERNELS=torch`), `library()` is None and the
+callers use PyTorch's kernels: same results up to rounding (and, for int8/4-bit, the activation
+quantization), slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..cpu import cpu_flags
+
+SOURCE = Path(__file__).with_name("gemv.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {  # x, M, K, W, [scale,] N, bias, y, threads
+    "gf_linear_f32": [_P, _I64, _I64, _P, _I64, _P, _P, ctypes.c_int],
+    "gf_linear_i8": [_P, _I64, _I64, _P, _P, _I64, _P, _P, ctypes.c_int],
+    "gf_linear_q4": [_P, _I64, _I64, _P, _P, _I64, _P, _P, ctypes.c_int],
+}
+_STATUS = ["not loaded"]
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $GPTFORGE_CACHE/kernels, else ~/.cache/gptforge/kernels."""
+    root = os.environ.get("GPTFORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptforge"
+    return Path(root) / "kernels"
+
+
+class _NoCompiler(Exception):
+    pass
+
+
+def _build() -> Path:
+    """The compiled library for this source and CPU (compiled now if not cached)."""
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(CFLAGS).encode(),
+                                     " ".join(sorted(cpu_flags())).encode()])).hexdigest()[:16]
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: a private folder for this process
+        folder = Path(tempfile.mkdtemp(prefix="gptforge-kernels-"))
+    target = folder / f"gemv-{key}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise _NoCompiler("no C compiler (cc, gcc, clang or $CC)")
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)  # compile aside, then rename: atomic
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)
+    except FileNotFoundError:
+        raise _NoCompiler(f"no C compiler at {compiler}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot be used here (see the module docstring)."""
+    if os.environ.get("GPTFORGE_KERNELS", "auto").lower() in ("torch", "off", "0", "none"):
+        _STATUS[0] = "off (GPTFORGE_KERNELS=torch)"
+        return None
+    if not {"avx2", "fma"} <= cpu_flags():
+        _STATUS[0] = "not for this CPU (needs AVX2 and FMA)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError, _NoCompiler) as err:
+        detail = (getattr(err, "stderr", None) or str(err)).strip()[-500:]
+        _STATUS[0] = "unavailable (no C compiler)" if isinstance(err, _NoCompiler) else "unavailable (build failed)"
+        warnings.warn(f"gptforge: could not build the fast decode kernels ({detail}); using PyTorch's, "
+                      "about half as fast at decoding", RuntimeWarning, stacklevel=2)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    _STATUS[0] = f"AVX{'-512' if lib.gf_vector_bits() == 512 else '2'}{' VNNI' if lib.gf_vnni() else ''}"
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def describe() -> str:
+    """'AVX-512 VNNI', 'AVX2', or why the kernels are not used ('off (GPTFORGE_KERNELS=torch)', ...)."""
+    library()
+    return _STATUS[0]
+
+
+def supported(fmt: str, in_features: int) -> bool:
+    """Whether `fmt` ('f32', 'i8', 'q4') products with `in_features` inputs run here; the kernels
+    read whole vectors: 16 (AVX2: 8) floats, 64 (32) int8 values or 128 (64) 4-bit values."""
+    lib = library()
+    if lib is None:
+        return False
+    floats = lib.gf_vector_bits() // 32
+    return in_features % {"f32": floats, "i8": 4 * floats, "q4": 8 * floats}[fmt] == 0
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str = "f32",
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) float32 @ W^T + bias -> (M, N) float32, for W (N, K) float32 (`fmt` 'f32'), int8
+    with `scale` (N,) float32 ('i8'), or 4-bit: (N, K / 2) uint8 with `scale` (N, K / 32) float32
+    ('q4', gemv.c's layout). Only call where `supported(fmt, K)`; no autograd."""
+    lib = library()
+    x = x.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    bias_ptr = None if bias is None else bias.data_ptr()
+    threads = torch.get_num_threads()
+    if torch.autograd.profiler._is_profiler_enabled:  # name the call in torch.profiler's tables
+        with torch.profiler.record_function(f"gptforge::linear_{fmt}"):
+            _call(lib, fmt, x, m, k, weight, scale, n, bias_ptr, y, threads)
+    else:
+        _call(lib, fmt, x, m, k, weight, scale, n, bias_ptr, y, threads)
+    return y
+
+
+def _call(lib, fmt, x, m, k, weight, scale, n, bias_ptr, y, threads) -> None:
+    if fmt == "f32":
+        lib.gf_linear_f32(x.data_ptr(), m, k, weight.data_ptr(), n, bias_ptr, y.data_ptr(), threads)
+    else:
+        kernel = lib.gf_linear_i8 if fmt == "i8" else lib.gf_linear_q4
+        kernel(x.data_ptr(), m, k, weight.data_ptr(), scale.data_ptr(), n, bias_ptr, y.data_ptr(), threads)

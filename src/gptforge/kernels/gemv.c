@@ -1,0 +1,293 @@
+/* Decode-step matrix products for gptforge: y (M, N) = x (M, K) @ W (N, K)^T + bias, for a few
+ * rows M (one decode step of a batch of M sequences), float32 x and y, W row-major (N, K) in one
+ * of three formats:
+ *
+ *   gf_linear_f32  W float32
+ *   gf_linear_i8   W int8 with one float32 scale per row: W[n, k] = q[n, k] * scale[n]
+ *   gf_linear_q4   W in 4-bit groups of 32 along a row, llama.cpp's Q4_0 layout: 16 bytes per
+ *                  group, byte j holding q of weight j (low nibble) and of weight j + 16 (high
+ *                  nibble), one float32 scale d per group (scale[n, k / 32]): W = (q - 8) * d
+ *
+ * At a few rows the product is memory-bound: the time is that of streaming W from memory once.
+ * So every kernel reads each weight once per call whatever M is (a tile of ROWS rows of W, held in
+ * registers, meets every row of x), prefetches ahead of what it reads, and splits the rows of W
+ * among `threads` OpenMP threads (the same OpenMP runtime as PyTorch's, which is already loaded).
+ *
+ * The int8 and 4-bit kernels quantize x as llama.cpp does (its Q8_0: per block of 32 values,
+ * d = max|x| / 127, xq = round(x / d)) so that the inner products are integer ones: IB byte
+ * products per instruction (VNNI's vpdpbusd, or vpmaddubsw + vpmaddwd) instead of converting each
+ * weight to float. Lane l of an int32 vector sums 4 byte products; each vector is converted to
+ * float once and scaled by its lanes' d.
+ *
+ * gptforge/kernels/__init__.py compiles this file once per CPU with -march=native: the vectors
+ * below are AVX-512's where the CPU has it, else AVX2's. Needs K % 32 == 0 (the caller checks).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define VL 16 /* floats per vector */
+#define IB 64 /* bytes per integer vector: IB / 4 == VL int32 lanes */
+typedef __m512 vec;
+typedef __m512i ivec;
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+static inline ivec iload(const void *p) { return _mm512_loadu_si512(p); }
+static inline ivec iset1_8(char a) { return _mm512_set1_epi8(a); }
+static inline ivec iand(ivec a, ivec b) { return _mm512_and_si512(a, b); }
+static inline ivec ixor(ivec a, ivec b) { return _mm512_xor_si512(a, b); }
+static inline ivec ishift4(ivec a) { return _mm512_srli_epi16(a, 4); }
+static inline ivec iabs8(ivec w) { return _mm512_abs_epi8(w); }
+static inline ivec isign8(ivec x, ivec w) {  /* x where w >= 0, -x where w < 0 */
+    return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+}
+static inline vec icvt(ivec a) { return _mm512_cvtepi32_ps(a); }
+#if defined(__AVX512VNNI__)
+#define VNNI 1
+static inline ivec idot(ivec acc, ivec u, ivec s) { return _mm512_dpbusd_epi32(acc, u, s); }
+#else
+static inline ivec idot(ivec acc, ivec u, ivec s) {  /* acc + per lane: sum of 4 u8 * s8 */
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+}
+#endif
+static inline vec spread4(const float *d) {  /* d[0..3] -> 16 lanes, each over 4 lanes */
+    return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                 _mm512_castps128_ps512(_mm_loadu_ps(d)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VL 8
+#define IB 32
+typedef __m256 vec;
+typedef __m256i ivec;
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline ivec iload(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline ivec iset1_8(char a) { return _mm256_set1_epi8(a); }
+static inline ivec iand(ivec a, ivec b) { return _mm256_and_si256(a, b); }
+static inline ivec ixor(ivec a, ivec b) { return _mm256_xor_si256(a, b); }
+static inline ivec ishift4(ivec a) { return _mm256_srli_epi16(a, 4); }
+static inline ivec iabs8(ivec w) { return _mm256_abs_epi8(w); }
+static inline ivec isign8(ivec x, ivec w) { return _mm256_sign_epi8(x, w); }
+static inline vec icvt(ivec a) { return _mm256_cvtepi32_ps(a); }
+#if defined(__AVXVNNI__)
+#define VNNI 1
+static inline ivec idot(ivec acc, ivec u, ivec s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+#else
+static inline ivec idot(ivec acc, ivec u, ivec s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#endif
+static inline vec spread4(const float *d) {  /* d[0..1] -> 8 lanes, each over 4 lanes */
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)d))),
+                                    _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+}
+#else
+#error "gemv.c needs AVX2 and FMA, or AVX-512 (gptforge uses PyTorch's kernels on other CPUs)"
+#endif
+
+/* vpdpbusd multiplies unsigned by signed bytes. With VNNI, int8 weights are read as the unsigned
+ * w + 128 (a bit flip), and each lane starts at -128 * (the sum of its 4 x values). Without VNNI
+ * (vpmaddubsw saturates at 16 bits, too small for that), |w| times x carrying w's sign. */
+#ifdef VNNI
+#define I8_OFFSET 128
+#else
+#define I8_OFFSET 0
+#endif
+
+#define ROWS 4          /* rows of W per tile */
+#define XROWS 4         /* rows of x per pass over a tile (further passes read the tile from cache) */
+#define PREFETCH 8192   /* bytes ahead of the weights being read */
+
+enum format { F32, I8, Q4 };
+
+/* ---------------------------------------------------------------------------------- float32 */
+
+/* Rows [n0, n0 + R) of W against rows [m0, m0 + MB) of x. R and MB are compile-time constants
+ * (the callers pass literals into these always-inlined functions), so the accumulators stay in
+ * registers. */
+static inline __attribute__((always_inline)) void f32_block(
+        const int R, const int MB, const float *x, int64_t m0, int64_t K, const float *W,
+        int64_t N, const float *bias, float *y, int64_t n0) {
+    vec acc[XROWS][ROWS];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) acc[m][r] = vzero();
+    for (int64_t k = 0; k < K; k += VL) {
+        vec w[ROWS];
+        for (int r = 0; r < R; r++) {
+            const float *p = W + (n0 + r) * K + k;
+            __builtin_prefetch(p + PREFETCH / 4);
+            w[r] = vload(p);
+        }
+        for (int m = 0; m < MB; m++) {
+            const vec xv = vload(x + (m0 + m) * K + k);
+            for (int r = 0; r < R; r++) acc[m][r] = vfma(w[r], xv, acc[m][r]);
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) y[(m0 + m) * N + n0 + r] = vsum(acc[m][r]) + (bias ? bias[n0 + r] : 0.f);
+}
+
+static inline __attribute__((always_inline)) void f32_tile(
+        const int R, const float *x, int64_t M, int64_t K, const float *W, int64_t N,
+        const float *bias, float *y, int64_t n0) {
+    for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
+        switch (M - m0 < XROWS ? M - m0 : XROWS) {
+        case 1: f32_block(R, 1, x, m0, K, W, N, bias, y, n0); break;
+        case 2: f32_block(R, 2, x, m0, K, W, N, bias, y, n0); break;
+        case 3: f32_block(R, 3, x, m0, K, W, N, bias, y, n0); break;
+        default: f32_block(R, XROWS, x, m0, K, W, N, bias, y, n0); break;
+        }
+    }
+}
+
+void gf_linear_f32(const float *x, int64_t M, int64_t K, const float *W, int64_t N,
+                   const float *bias, float *y, int threads) {
+    const int64_t tiles = N / ROWS;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) f32_tile(ROWS, x, M, K, W, N, bias, y, t * ROWS);
+    for (int64_t n = tiles * ROWS; n < N; n++) f32_tile(1, x, M, K, W, N, bias, y, n);
+}
+
+/* ------------------------------------------------------------------------- int8 and 4-bit */
+
+/* The quantized rows of x. Per row: xq, K int8 values; and per int32 lane of the chunks the
+ * kernels read, the x block's scale (xd) and the lane's starting value (x0).
+ * int8 weights: chunks of IB values in order; a lane is 4 consecutive values; x0 = -I8_OFFSET *
+ * their sum. 4-bit weights: chunks of 2 * IB values (IB / 16 groups of 32), each group's first
+ * 16 values in the first half and its last 16 in the second: the order in which the low and the
+ * high nibbles of IB packed bytes hold them. Lanes 4g..4g+3 of both halves are group g's;
+ * x0 = -8 * (the sum of the lane's 8 values), the weights' zero point. */
+typedef struct { int8_t *xq; float *xd; int32_t *x0; int64_t lanes; } qrows;
+
+static qrows quantize_rows(enum format fmt, const float *x, int64_t M, int64_t K) {
+    const int64_t lanes = fmt == I8 ? K / 4 : K / 8;  /* per row */
+    const qrows q = {malloc(M * K), malloc(M * lanes * sizeof(float)), malloc(M * lanes * sizeof(int32_t)), lanes};
+    for (int64_t b = 0; b < M * K / 32; b++) {  /* block b of 32 values */
+        const float *xb = x + 32 * b;
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        int8_t v[32];
+        for (int j = 0; j < 32; j++) v[j] = (int8_t)nearbyintf(xb[j] * id);
+        if (fmt == I8) {
+            memcpy(q.xq + 32 * b, v, 32);
+            for (int l = 0; l < 8; l++) {
+                q.xd[8 * b + l] = d;
+                q.x0[8 * b + l] = -I8_OFFSET * (v[4 * l] + v[4 * l + 1] + v[4 * l + 2] + v[4 * l + 3]);
+            }
+        } else {
+            const int64_t row = b / (K / 32), chunk = b % (K / 32) / (IB / 16), g = b % (IB / 16);
+            int8_t *c = q.xq + row * K + chunk * 2 * IB;
+            memcpy(c + 16 * g, v, 16);
+            memcpy(c + IB + 16 * g, v + 16, 16);
+            for (int l = 0; l < 4; l++) {
+                const int64_t lane = row * lanes + chunk * (IB / 4) + 4 * g + l;
+                q.xd[lane] = d;
+                q.x0[lane] = -8 * (v[4 * l] + v[4 * l + 1] + v[4 * l + 2] + v[4 * l + 3]
+                                   + v[16 + 4 * l] + v[17 + 4 * l] + v[18 + 4 * l] + v[19 + 4 * l]);
+            }
+        }
+    }
+    return q;
+}
+
+/* Rows [n0, n0 + R) of W against quantized rows [m0, m0 + MB) of x (compile-time R and MB). */
+static inline __attribute__((always_inline)) void int_block(
+        enum format fmt, const int R, const int MB, qrows q, int64_t m0, int64_t K,
+        const void *W, const float *scale, int64_t N, const float *bias, float *y, int64_t n0) {
+    vec acc[XROWS][ROWS];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) acc[m][r] = vzero();
+    const int64_t step = fmt == I8 ? IB : 2 * IB;  /* x values per chunk */
+    for (int64_t k = 0; k < K; k += step) {
+        ivec w[ROWS], w2[ROWS];  /* int8: w and its unsigned form; 4-bit: low and high nibbles */
+        vec d[ROWS];             /* 4-bit: each lane's group scale */
+        for (int r = 0; r < R; r++) {
+            const int64_t n = n0 + r;
+            if (fmt == I8) {
+                const int8_t *p = (const int8_t *)W + n * K + k;
+                __builtin_prefetch(p + PREFETCH);
+                w[r] = iload(p);
+                w2[r] = I8_OFFSET ? ixor(w[r], iset1_8((char)0x80)) : iabs8(w[r]);
+            } else {
+                const uint8_t *p = (const uint8_t *)W + n * (K / 2) + k / 2;
+                __builtin_prefetch(p + PREFETCH);
+                const ivec b = iload(p);
+                w[r] = iand(b, iset1_8(15));
+                w2[r] = iand(ishift4(b), iset1_8(15));
+                d[r] = spread4(scale + n * (K / 32) + k / 32);
+            }
+        }
+        for (int m = 0; m < MB; m++) {
+            const int64_t lane = (m0 + m) * q.lanes + k / (step / VL);
+            const int8_t *xm = q.xq + (m0 + m) * K + k;
+            const ivec xv = iload(xm), x0 = iload(q.x0 + lane);
+            const vec xd = vload(q.xd + lane);
+            for (int r = 0; r < R; r++) {
+                if (fmt == I8)
+                    acc[m][r] = vfma(icvt(idot(x0, w2[r], I8_OFFSET ? xv : isign8(xv, w[r]))), xd, acc[m][r]);
+                else
+                    acc[m][r] = vfma(icvt(idot(idot(x0, w[r], xv), w2[r], iload(xm + IB))), xd * d[r], acc[m][r]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) {
+            const int64_t n = n0 + r;
+            const float v = vsum(acc[m][r]) * (fmt == I8 ? scale[n] : 1.f);
+            y[(m0 + m) * N + n] = v + (bias ? bias[n] : 0.f);
+        }
+}
+
+static inline __attribute__((always_inline)) void int_tile(
+        enum format fmt, const int R, qrows q, int64_t M, int64_t K, const void *W,
+        const float *scale, int64_t N, const float *bias, float *y, int64_t n0) {
+    for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
+        switch (M - m0 < XROWS ? M - m0 : XROWS) {
+        case 1: int_block(fmt, R, 1, q, m0, K, W, scale, N, bias, y, n0); break;
+        case 2: int_block(fmt, R, 2, q, m0, K, W, scale, N, bias, y, n0); break;
+        case 3: int_block(fmt, R, 3, q, m0, K, W, scale, N, bias, y, n0); break;
+        default: int_block(fmt, R, XROWS, q, m0, K, W, scale, N, bias, y, n0); break;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void int_linear(
+        enum format fmt, const float *x, int64_t M, int64_t K, const void *W, const float *scale,
+        int64_t N, const float *bias, float *y, int threads) {
+    const qrows q = quantize_rows(fmt, x, M, K);
+    const int64_t tiles = N / ROWS;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) int_tile(fmt, ROWS, q, M, K, W, scale, N, bias, y, t * ROWS);
+    for (int64_t n = tiles * ROWS; n < N; n++) int_tile(fmt, 1, q, M, K, W, scale, N, bias, y, n);
+    free(q.xq); free(q.xd); free(q.x0);
+}
+
+void gf_linear_i8(const float *x, int64_t M, int64_t K, const int8_t *W, const float *scale,
+                  int64_t N, const float *bias, float *y, int threads) {
+    int_linear(I8, x, M, K, W, scale, N, bias, y, threads);
+}
+
+void gf_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *W, const float *scale,
+                  int64_t N, const float *bias, float *y, int threads) {
+    int_linear(Q4, x, M, K, W, scale, N, bias, y, threads);
+}
+
+/* The vector width compiled for, in bits (512 or 256), and whether the integer products are VNNI's. */
+int gf_vector_bits(void) { return VL * 32; }
+#ifdef VNNI
+int gf_vnni(void) { return 1; }
+#else
+int gf_vnni(void) { return 0; }
+#endif

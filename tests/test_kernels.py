@@ -1,0 +1,137 @@
+"""gptforge's decode kernels (gptforge/kernels/gemv.c) against references: float64 products, and
+for int8 and 4-bit weights the activations quantized by llama.cpp's own Q8_0 quantizer (the
+`gguf` package's bit-exact port of ggml-quants.c); the build cache and the fallbacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from gptforge import kernels
+from gptforge.quant import Int4Linear, Int8Linear
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"gptforge kernels: {kernels.describe()}")
+
+
+def q8_0(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) as the kernels see it: llama.cpp's Q8_0 integers (gguf's quantizer) times each block's
+    float32 scale max|x| / 127 (Q8_0 itself stores the scale as fp16)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    blocks = quantize(x.numpy(), GGMLQuantizationType.Q8_0).reshape(-1, 34)
+    integers = torch.from_numpy(blocks[:, 2:].copy().view(np.int8)).double()
+    scale = x.reshape(-1, 32).abs().amax(-1, keepdim=True).double() / 127
+    return (integers * scale).reshape(x.shape)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("in_features, out_features", [(128, 37), (768, 2304), (3072, 66)])
+def test_float32_kernel_is_the_product(rows, in_features, out_features):
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+    for bias in (b, None):
+        expected = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+        torch.testing.assert_close(kernels.linear(x, w, bias).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
+@pytest.mark.parametrize("in_features, out_features", [(128, 37), (768, 130), (3072, 9)])
+def test_int8_kernel_is_q8_0_activations_times_int8_weights(rows, in_features, out_features):
+    torch.manual_seed(rows)
+    x, linear = torch.randn(rows, in_features) * 3, nn.Linear(in_features, out_features)
+    q = Int8Linear(linear)
+    weight = q.weight_int8.double() * q.scale.double()[:, None]
+    expected = q8_0(x) @ weight.t() + linear.bias.double()
+    got = kernels.linear(x, q.weight_int8, q.bias_f32, "i8", q.scale)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    # what activation quantization costs, against the unquantized product
+    assert (got.double() - (x.double() @ weight.t() + linear.bias.double())).abs().max() < 0.05 * expected.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 16])
+@pytest.mark.parametrize("in_features, out_features", [(128, 37), (768, 130), (3072, 9)])
+def test_4bit_kernel_is_q8_0_activations_times_q4_0_weights(rows, in_features, out_features):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    torch.manual_seed(rows)
+    x, linear = torch.randn(rows, in_features), nn.Linear(in_features, out_features, bias=False)
+    q = Int4Linear(linear)
+    # the weights as llama.cpp's Q4_0 holds them, with our float32 scales in place of its fp16 ones
+    blocks = quantize(linear.weight.detach().numpy(), GGMLQuantizationType.Q4_0).reshape(-1, 18)
+    ones = blocks.copy()
+    ones[:, :2] = np.frombuffer(np.float16(1).tobytes(), np.uint8)
+    codes = torch.from_numpy(dequantize(ones, GGMLQuantizationType.Q4_0)).double().reshape(out_features, -1)
+    weight = codes * q.scale.double().repeat_interleave(32, dim=1)
+    expected = q8_0(x) @ weight.t()
+    got = kernels.linear(x, q.packed, None, "q4", q.scale)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_quantized_linears_pad_odd_widths_and_match_the_kernel_reference():
+    """An in_features the kernels cannot read whole (40) is zero-padded: same product."""
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 24)
+    x = torch.randn(3, 40)
+    for q in (Int8Linear(linear), Int4Linear(linear)):
+        padded = torch.nn.functional.pad(x, (0, q.in_padded - 40))
+        expected = q8_0(padded)[:, :40] @ q.dequantized(torch.float64).t() + linear.bias.double()
+        torch.testing.assert_close(q(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+@needs_kernels
+def test_build_is_cached_per_cpu_and_falls_back_without_a_compiler(tmp_path):
+    probe = "from gptforge import kernels; print(kernels.describe())"
+    first = _python(probe, GPTFORGE_CACHE=str(tmp_path))
+    assert first.returncode == 0 and first.stdout.strip() == kernels.describe(), first.stderr
+    built = list((tmp_path / "kernels").glob("gemv-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob("*.tmp"))
+    stamp = built[0].stat().st_mtime_ns
+    again = _python(probe, GPTFORGE_CACHE=str(tmp_path), CC="/nonexistent/cc")  # cached: no compiler needed
+    assert again.stdout.strip() == kernels.describe() and built[0].stat().st_mtime_ns == stamp
+    none = _python(probe, GPTFORGE_CACHE=str(tmp_path / "empty"), CC="/nonexistent/cc")
+    assert none.returncode == 0 and none.stdout.strip() == "unavailable (no C compiler)"
+    assert "using PyTorch's" in none.stderr  # a warning, once
+    broken = _python(probe, GPTFORGE_CACHE=str(tmp_path / "broken"), CC="false")
+    assert broken.stdout.strip() == "unavailable (build failed)" and "using PyTorch's" in broken.stderr
+    off = _python(probe, GPTFORGE_KERNELS="torch")
+    assert off.stdout.strip() == "off (GPTFORGE_KERNELS=torch)"
+
+
+def test_without_the_kernels_the_models_decode_through_pytorch(tiny_config):
+    """GPTFORGE_KERNELS=torch (or no compiler): every mode still generates, through PyTorch's kernels."""
+    code = f"""
+import copy, torch
+from gptforge import GPTModel, generate, kernels, prepare_for_inference
+from gptforge.model import GPTModel
+torch.manual_seed(0)
+model = GPTModel({tiny_config(vocab_size=256, emb_dim=64, context_length=32)!r}).eval()
+idx = torch.randint(0, 256, (2, 5))
+ref = generate(model, idx, 8, stop_token_ids=())
+assert kernels.library() is None
+for quantize in ("none", "int8", "int4"):
+    fast = prepare_for_inference(copy.deepcopy(model), "auto", quantize)
+    out = generate(fast, idx, 8, stop_token_ids=())
+    assert out.shape == ref.shape
+    if quantize == "none":
+        assert torch.equal(out, ref)
+print("ok", next(fast.parameters()).dtype)
+"""
+    result = _python(code, GPTFORGE_KERNELS="torch")
+    assert result.returncode == 0 and result.stdout.startswith("ok torch.bfloat16"), result.stderr

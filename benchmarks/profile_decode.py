@@ -24,14 +24,14 @@ from gptforge.quant import inference_view, prepare_for_inference
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "mkldnn::_linear_pointwise", "aten::mkldnn_linear",
-              "aten::linear")
+              "aten::linear", "gptforge::linear_f32", "gptforge::linear_i8", "gptforge::linear_q4")
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                  "aten::_scaled_dot_product_attention_math", "aten::_softmax")
 # Wall clock by default; `--clock cpu` counts this process's CPU seconds (with --threads 1, the cost
 # on one core, far less disturbed by other processes sharing the machine).
 CLOCK = time.perf_counter
-MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
-         "int4": ("bfloat16", "int4"), "auto": ("auto", "auto")}
+MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("auto", "int8"),
+         "int4": ("auto", "int4"), "auto": ("auto", "auto")}
 
 
 def build(mode: str, seed: int = 0) -> torch.nn.Module:

@@ -48,13 +48,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from . import kernels
 from .cpu import BF16_HARDWARE_FLAGS, cpu_flags
 from .errors import GptforgeError
+from .kernels.block import fuse_blocks
 from .lora import merge_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("none", "int8", "int4")
 # Up to this many rows (a decode step of a batch) the matrix-vector kernels run; above it (a
 # prefill) one dense matmul is faster.
-MAX_DECODE_ROWS = 16
+MAX_DECODE_ROWS = kernels.MAX_ROWS
 INT4_GROUP = 32  # weights per scale, as in llama.cpp's Q4_0
 PAD_IN_FEATURES = 128  # quantized weights' inputs are zero-padded to this multiple (whole kernel vectors)
 
@@ -343,16 +344,13 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     model.to(torch_dtype)
     if device_type != "cpu":
         return model
-    if quantize == "int8":
-        make = functools.partial(Int8Linear, prefill_dtype=mode.prefill_dtype)
+    if quantize in ("int8", "int4"):
+        make = functools.partial(Int8Linear if quantize == "int8" else Int4Linear, prefill_dtype=mode.prefill_dtype)
         _fuse_qkv(model, lambda att: make(_concat_qkv(att)))
         _drop_separate_qkv(model)
         _swap_linears(model, make)
-    elif quantize == "int4":
-        make4 = functools.partial(Int4Linear, prefill_dtype=mode.prefill_dtype)
-        _fuse_qkv(model, lambda att: make4(_concat_qkv(att)))
-        _drop_separate_qkv(model)
-        _swap_linears(model, make4)
+        if torch_dtype == torch.float32:
+            fuse_blocks(model)
     elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
         _fuse_qkv(model, lambda att: PackedLinear(_concat_qkv(att)))
         _drop_separate_qkv(model)
@@ -363,6 +361,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     elif torch_dtype == torch.float32:
         _fuse_qkv(model, SharedQKV)
         _pack_linears(model)
+        fuse_blocks(model)
     return model
 
 

@@ -1,5 +1,6 @@
-"""gptforge's own decode kernels: the matrix products of a decode step (a few rows) for float32,
-int8 and 4-bit weights, in C (`gemv.c`), compiled once per CPU.
+"""gptforge's own decode kernels, in C, compiled once per CPU: the matrix products of a decode step
+(a few rows) for float32, int8 and 4-bit weights (`gemv.c`), and a whole TransformerBlock's decode
+step in one call (`block.c`, used through `block.py`).
 
 Why: at a few rows a matrix product is memory-bound, and PyTorch's CPU kernels for it read the
 weights at about half the memory bandwidth (and its int8/int4 ones convert every weight to float),
@@ -32,13 +33,16 @@ import torch
 
 from ..cpu import cpu_flags
 
-SOURCE = Path(__file__).with_name("gemv.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "gemv.c", HERE / "block.c")
+HEADERS = (HERE / "gemv.h", HERE / "simd.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FORMATS = {"f32": 0, "i8": 1, "q4": 2}  # gemv.h's enum format
+MAX_ROWS = 16  # products of up to this many rows (a decode step of a batch) run here; more (a prefill) on PyTorch's
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {  # x, M, K, W, [scale,] N, bias, y, threads
-    "gf_linear_f32": [_P, _I64, _I64, _P, _I64, _P, _P, ctypes.c_int],
-    "gf_linear_i8": [_P, _I64, _I64, _P, _P, _I64, _P, _P, ctypes.c_int],
-    "gf_linear_q4": [_P, _I64, _I64, _P, _P, _I64, _P, _P, ctypes.c_int],
+_SIGNATURES = {
+    "gf_linear_args": [_I64, _P, _I64, _I64, _P, _P, _I64, _P, _P, ctypes.c_int],  # fmt, x, M, K, W, scale, N, bias, y, threads
+    "gf_block_decode": [_P, _P, _I64, _P, _P, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
 }
 _STATUS = ["not loaded"]
 
@@ -55,7 +59,7 @@ class _NoCompiler(Exception):
 
 def _build() -> Path:
     """The compiled library for this source and CPU (compiled now if not cached)."""
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(CFLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(CFLAGS).encode(),
                                      " ".join(sorted(cpu_flags())).encode()])).hexdigest()[:16]
     try:
         folder = cache_dir()
@@ -71,7 +75,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)  # compile aside, then rename: atomic
     os.close(fd)
     try:
-        subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True,
+        subprocess.run([compiler, *CFLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)
     except FileNotFoundError:
@@ -126,6 +130,12 @@ def supported(fmt: str, in_features: int) -> bool:
     return in_features % {"f32": floats, "i8": 4 * floats, "q4": 8 * floats}[fmt] == 0
 
 
+def vector_floats() -> int:
+    """Floats per vector of the compiled kernels (16 with AVX-512, 8 with AVX2; 0 without them)."""
+    lib = library()
+    return 0 if lib is None else lib.gf_vector_bits() // 32
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str = "f32",
            scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32 @ W^T + bias -> (M, N) float32, for W (N, K) float32 (`fmt` 'f32'), int8
@@ -136,19 +146,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fmt
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    bias_ptr = None if bias is None else bias.data_ptr()
-    threads = torch.get_num_threads()
+    args = (FORMATS[fmt], x.data_ptr(), m, k, weight.data_ptr(), None if scale is None else scale.data_ptr(), n,
+            None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
     if torch.autograd.profiler._is_profiler_enabled:  # name the call in torch.profiler's tables
         with torch.profiler.record_function(f"gptforge::linear_{fmt}"):
-            _call(lib, fmt, x, m, k, weight, scale, n, bias_ptr, y, threads)
+            lib.gf_linear_args(*args)
     else:
-        _call(lib, fmt, x, m, k, weight, scale, n, bias_ptr, y, threads)
+        lib.gf_linear_args(*args)
     return y
-
-
-def _call(lib, fmt, x, m, k, weight, scale, n, bias_ptr, y, threads) -> None:
-    if fmt == "f32":
-        lib.gf_linear_f32(x.data_ptr(), m, k, weight.data_ptr(), n, bias_ptr, y.data_ptr(), threads)
-    else:
-        kernel = lib.gf_linear_i8 if fmt == "i8" else lib.gf_linear_q4
-        kernel(x.data_ptr(), m, k, weight.data_ptr(), scale.data_ptr(), n, bias_ptr, y.data_ptr(), threads)

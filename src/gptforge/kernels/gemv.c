@@ -1,12 +1,12 @@
 /* Decode-step matrix products for gptforge: y (M, N) = x (M, K) @ W (N, K)^T + bias, for a few
  * rows M (one decode step of a batch of M sequences), float32 x and y, W row-major (N, K) in one
- * of three formats:
+ * of three formats (gemv.h's gf_lin):
  *
- *   gf_linear_f32  W float32
- *   gf_linear_i8   W int8 with one float32 scale per row: W[n, k] = q[n, k] * scale[n]
- *   gf_linear_q4   W in 4-bit groups of 32 along a row, llama.cpp's Q4_0 layout: 16 bytes per
- *                  group, byte j holding q of weight j (low nibble) and of weight j + 16 (high
- *                  nibble), one float32 scale d per group (scale[n, k / 32]): W = (q - 8) * d
+ *   F32  W float32
+ *   I8   W int8 with one float32 scale per row: W[n, k] = q[n, k] * scale[n]
+ *   Q4   W in 4-bit groups of 32 along a row, llama.cpp's Q4_0 layout: 16 bytes per group, byte j
+ *        holding q of weight j (low nibble) and of weight j + 16 (high nibble), one float32
+ *        scale d per group (scale[n, k / 32]): W = (q - 8) * d
  *
  * At a few rows the product is memory-bound: the time is that of streaming W from memory once.
  * So every kernel reads each weight once per call whatever M is (a tile of ROWS rows of W, held in
@@ -20,81 +20,14 @@
  * float once and scaled by its lanes' d.
  *
  * gptforge/kernels/__init__.py compiles this file once per CPU with -march=native: the vectors
- * below are AVX-512's where the CPU has it, else AVX2's. Needs K % 32 == 0 (the caller checks).
+ * (simd.h) are AVX-512's where the CPU has it, else AVX2's. K must be a whole number of vectors
+ * (F32: VL floats, I8: IB values, Q4: 2 * IB values; the caller checks).
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define VL 16 /* floats per vector */
-#define IB 64 /* bytes per integer vector: IB / 4 == VL int32 lanes */
-typedef __m512 vec;
-typedef __m512i ivec;
-static inline vec vzero(void) { return _mm512_setzero_ps(); }
-static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
-static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
-static inline ivec iload(const void *p) { return _mm512_loadu_si512(p); }
-static inline ivec iset1_8(char a) { return _mm512_set1_epi8(a); }
-static inline ivec iand(ivec a, ivec b) { return _mm512_and_si512(a, b); }
-static inline ivec ixor(ivec a, ivec b) { return _mm512_xor_si512(a, b); }
-static inline ivec ishift4(ivec a) { return _mm512_srli_epi16(a, 4); }
-static inline ivec iabs8(ivec w) { return _mm512_abs_epi8(w); }
-static inline ivec isign8(ivec x, ivec w) {  /* x where w >= 0, -x where w < 0 */
-    return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
-}
-static inline vec icvt(ivec a) { return _mm512_cvtepi32_ps(a); }
-#if defined(__AVX512VNNI__)
-#define VNNI 1
-static inline ivec idot(ivec acc, ivec u, ivec s) { return _mm512_dpbusd_epi32(acc, u, s); }
-#else
-static inline ivec idot(ivec acc, ivec u, ivec s) {  /* acc + per lane: sum of 4 u8 * s8 */
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
-}
-#endif
-static inline vec spread4(const float *d) {  /* d[0..3] -> 16 lanes, each over 4 lanes */
-    return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
-                                 _mm512_castps128_ps512(_mm_loadu_ps(d)));
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-#define VL 8
-#define IB 32
-typedef __m256 vec;
-typedef __m256i ivec;
-static inline vec vzero(void) { return _mm256_setzero_ps(); }
-static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
-static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vsum(vec a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-static inline ivec iload(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
-static inline ivec iset1_8(char a) { return _mm256_set1_epi8(a); }
-static inline ivec iand(ivec a, ivec b) { return _mm256_and_si256(a, b); }
-static inline ivec ixor(ivec a, ivec b) { return _mm256_xor_si256(a, b); }
-static inline ivec ishift4(ivec a) { return _mm256_srli_epi16(a, 4); }
-static inline ivec iabs8(ivec w) { return _mm256_abs_epi8(w); }
-static inline ivec isign8(ivec x, ivec w) { return _mm256_sign_epi8(x, w); }
-static inline vec icvt(ivec a) { return _mm256_cvtepi32_ps(a); }
-#if defined(__AVXVNNI__)
-#define VNNI 1
-static inline ivec idot(ivec acc, ivec u, ivec s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
-#else
-static inline ivec idot(ivec acc, ivec u, ivec s) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-}
-#endif
-static inline vec spread4(const float *d) {  /* d[0..1] -> 8 lanes, each over 4 lanes */
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)d))),
-                                    _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
-}
-#else
-#error "gemv.c needs AVX2 and FMA, or AVX-512 (gptforge uses PyTorch's kernels on other CPUs)"
-#endif
+#include "gemv.h"
+#include "simd.h"
 
 /* vpdpbusd multiplies unsigned by signed bytes. With VNNI, int8 weights are read as the unsigned
  * w + 128 (a bit flip), and each lane starts at -128 * (the sum of its 4 x values). Without VNNI
@@ -108,8 +41,6 @@ static inline vec spread4(const float *d) {  /* d[0..1] -> 8 lanes, each over 4 
 #define ROWS 4          /* rows of W per tile */
 #define XROWS 4         /* rows of x per pass over a tile (further passes read the tile from cache) */
 #define PREFETCH 8192   /* bytes ahead of the weights being read */
-
-enum format { F32, I8, Q4 };
 
 /* ---------------------------------------------------------------------------------- float32 */
 
@@ -151,8 +82,8 @@ static inline __attribute__((always_inline)) void f32_tile(
     }
 }
 
-void gf_linear_f32(const float *x, int64_t M, int64_t K, const float *W, int64_t N,
-                   const float *bias, float *y, int threads) {
+static void f32_linear(const float *x, int64_t M, int64_t K, const float *W, int64_t N,
+                       const float *bias, float *y, int threads) {
     const int64_t tiles = N / ROWS;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) f32_tile(ROWS, x, M, K, W, N, bias, y, t * ROWS);
@@ -274,14 +205,20 @@ static inline __attribute__((always_inline)) void int_linear(
     free(q.xq); free(q.xd); free(q.x0);
 }
 
-void gf_linear_i8(const float *x, int64_t M, int64_t K, const int8_t *W, const float *scale,
-                  int64_t N, const float *bias, float *y, int threads) {
-    int_linear(I8, x, M, K, W, scale, N, bias, y, threads);
+void gf_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
+    if (L->fmt == F32)
+        f32_linear(x, M, L->k, L->w, L->n, L->bias, y, threads);
+    else if (L->fmt == I8)
+        int_linear(I8, x, M, L->k, L->w, L->scale, L->n, L->bias, y, threads);
+    else
+        int_linear(Q4, x, M, L->k, L->w, L->scale, L->n, L->bias, y, threads);
 }
 
-void gf_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *W, const float *scale,
-                  int64_t N, const float *bias, float *y, int threads) {
-    int_linear(Q4, x, M, K, W, scale, N, bias, y, threads);
+/* The same, with the layer's fields as arguments (what Python calls for a single product) */
+void gf_linear_args(int64_t fmt, const float *x, int64_t M, int64_t K, const void *W, const float *scale,
+                    int64_t N, const float *bias, float *y, int threads) {
+    const gf_lin L = {fmt, N, K, W, scale, bias};
+    gf_linear(&L, x, M, y, threads);
 }
 
 /* The vector width compiled for, in bits (512 or 256), and whether the integer products are VNNI's. */

@@ -1,0 +1,124 @@
+/* One decode step of a TransformerBlock, whole, in one call: what model.py's
+ *
+ *     x = x + out_proj(attention(W_qkv(norm1(x)), with the KV cache))
+ *     x = x + fc2(gelu(fc1(norm2(x))))
+ *
+ * computes for one new token in each of M sequences (M rows), with its keys and values written
+ * into the cache at position `start`. Between the matrix products of a decode step PyTorch spends
+ * about as long dispatching ~20 small operators per block as the 4-bit products take; here they
+ * are a few loops. The products are gemv.c's (any weight format, one per layer).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "gemv.h"
+#include "simd.h"
+
+/* A TransformerBlock's parameters (built by gptforge/kernels/block.py) */
+typedef struct {
+    int64_t d, heads;
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    double eps;
+    gf_lin qkv, proj, fc1, fc2;  /* qkv: (3 d, d), query then key then value */
+} gf_block;
+
+/* y = (x - mean) / sqrt(var + eps) * w + b per row of d values (biased variance, as the book's) */
+static void layer_norm(const float *x, int64_t M, int64_t d, const float *w, const float *b, double eps,
+                       float *y) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * d;
+        double sum = 0, sq = 0;
+        for (int64_t i = 0; i < d; i++) sum += xm[i];
+        const double mean = sum / d;
+        for (int64_t i = 0; i < d; i++) sq += (xm[i] - mean) * (xm[i] - mean);
+        const float inv = (float)(1.0 / sqrt(sq / d + eps)), mu = (float)mean;
+        for (int64_t i = 0; i < d; i++) y[m * d + i] = (xm[i] - mu) * inv * w[i] + b[i];
+    }
+}
+
+/* GELU, tanh approximation (GPT-2's): 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), in place;
+ * tanh(u) = 1 - 2 / (exp(2u) + 1) */
+static void gelu(float *x, int64_t n) {
+    const float c = 0.7978845608028654f;
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        const vec v = vload(x + i);
+        const vec u = v * vfma(v * v, vset1(0.044715f * c), vset1(c));
+        const vec t = vset1(1.f) - vset1(2.f) / (vexp(u + u) + vset1(1.f));
+        vstore(x + i, vset1(0.5f) * v * (vset1(1.f) + t));
+    }
+    for (; i < n; i++) x[i] = 0.5f * x[i] * (1.f + tanhf(c * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
+}
+
+/* p[0..n) = exp(p - max p), returning their sum */
+static float softmax_numerators(float *p, int64_t n) {
+    float top = -INFINITY;
+    for (int64_t i = 0; i < n; i++) top = p[i] > top ? p[i] : top;
+    float sum = 0.f;
+    int64_t i = 0;
+    vec acc = vset1(0.f);
+    for (; i + VL <= n; i += VL) {
+        const vec e = vexp(vload(p + i) - vset1(top));
+        vstore(p + i, e);
+        acc = acc + e;
+    }
+    for (; i < n; i++) sum += p[i] = expf(p[i] - top);
+    return sum + vsum(acc);
+}
+
+/* Causal attention of each row's query over the S = start + 1 cached keys (those `mask` allows:
+ * mask (M, S) bytes, or NULL for all), scaled dot products and softmax, as
+ * F.scaled_dot_product_attention. qkv (M, 3 d); k, v: row b, head h, position s at
+ * b * row_stride + (h * max_len + s) * hs; ctx (M, d). */
+static void attention(const float *qkv, int64_t M, int64_t d, int64_t heads, const float *kc,
+                      const float *vc, int64_t row_stride, int64_t max_len, int64_t S,
+                      const uint8_t *mask, float *scores, float *ctx, int threads) {
+    const int64_t hs = d / heads;
+    const float scale = 1.f / sqrtf((float)hs);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < M * heads; bh++) {
+        const int64_t b = bh / heads, h = bh % heads;
+        const float *q = qkv + b * 3 * d + h * hs;
+        const float *k = kc + b * row_stride + h * max_len * hs, *v = vc + b * row_stride + h * max_len * hs;
+        float *p = scores + bh * S, *out = ctx + b * d + h * hs;
+        for (int64_t s = 0; s < S; s++) {
+            vec acc = vset1(0.f);
+            for (int64_t i = 0; i < hs; i += VL) acc = vfma(vload(q + i), vload(k + s * hs + i), acc);
+            p[s] = mask && !mask[b * S + s] ? -INFINITY : vsum(acc) * scale;
+        }
+        const float inv = 1.f / softmax_numerators(p, S);
+        for (int64_t i = 0; i < hs; i += VL) {
+            vec acc = vset1(0.f);
+            for (int64_t s = 0; s < S; s++) acc = vfma(vset1(p[s]), vload(v + s * hs + i), acc);
+            vstore(out + i, acc * vset1(inv));
+        }
+    }
+}
+
+/* x (M, d), the residual stream, is updated in place; kc/vc are this layer's cache (see attention).
+ * Needs d / heads and 4 d to be whole numbers of vectors (the caller checks). */
+void gf_block_decode(const gf_block *blk, float *x, int64_t M, float *kc, float *vc, int64_t row_stride,
+                     int64_t max_len, int64_t start, const uint8_t *mask, int threads) {
+    const int64_t d = blk->d, heads = blk->heads, hs = d / heads, S = start + 1;
+    float *h = malloc(sizeof(float) * M * (d + 3 * d + d + 4 * d + heads * S));
+    float *qkv = h + M * d, *ctx = qkv + M * 3 * d, *ff = ctx + M * d, *scores = ff + M * 4 * d;
+
+    layer_norm(x, M, d, blk->ln1_w, blk->ln1_b, blk->eps, h);
+    gf_linear(&blk->qkv, h, M, qkv, threads);
+    for (int64_t b = 0; b < M; b++)  /* this token's keys and values into the cache */
+        for (int64_t head = 0; head < heads; head++) {
+            const int64_t at = b * row_stride + (head * max_len + start) * hs;
+            memcpy(kc + at, qkv + b * 3 * d + d + head * hs, sizeof(float) * hs);
+            memcpy(vc + at, qkv + b * 3 * d + 2 * d + head * hs, sizeof(float) * hs);
+        }
+    attention(qkv, M, d, heads, kc, vc, row_stride, max_len, S, mask, scores, ctx, threads);
+    gf_linear(&blk->proj, ctx, M, h, threads);
+    for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
+
+    layer_norm(x, M, d, blk->ln2_w, blk->ln2_b, blk->eps, h);
+    gf_linear(&blk->fc1, h, M, ff, threads);
+    gelu(ff, M * 4 * d);
+    gf_linear(&blk->fc2, ff, M, h, threads);
+    for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
+    free(h);
+}

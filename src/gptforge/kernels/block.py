@@ -1,0 +1,103 @@
+"""A TransformerBlock whose decode steps run as one C call (block.c's `gf_block_decode`).
+
+`fuse_blocks(model)` (called by `quant.prepare_for_inference` for float32, int8 and 4-bit CPU
+models) turns each block of a prepared model into a `FusedTransformerBlock`: same parameters,
+same state-dict keys, same `forward`. A decode step (one new token per row, up to
+`kernels.MAX_ROWS` rows, float32, no autograd) goes through the C block; anything else (a
+prefill, training, a cache it cannot read) through `TransformerBlock.forward`, PyTorch's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn as nn
+
+from ..model import GELU, TransformerBlock
+from . import FORMATS, MAX_ROWS, library, supported, vector_floats
+
+
+class _Linear(ctypes.Structure):  # gemv.h's gf_lin
+    _fields_ = [("fmt", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("w", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class _Block(ctypes.Structure):  # block.c's gf_block
+    _fields_ = [("d", ctypes.c_int64), ("heads", ctypes.c_int64), ("ln1_w", ctypes.c_void_p),
+                ("ln1_b", ctypes.c_void_p), ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p),
+                ("eps", ctypes.c_double), ("qkv", _Linear), ("proj", _Linear), ("fc1", _Linear), ("fc2", _Linear)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _linear_spec(layer: nn.Module, keep: list) -> _Linear | None:
+    """The C description of a prepared linear layer (float32, int8 or 4-bit), or None if the
+    kernels cannot run it; `keep` collects the tensors the description points into."""
+    if hasattr(layer, "fmt"):  # quant's Int8Linear / Int4Linear
+        fmt, weight, scale, bias = layer.fmt, layer.weight_data, layer.scale, layer.bias_f32
+        if layer.in_padded != layer.in_features:
+            return None
+    else:  # a Float32Linear or SharedQKV: float32 (out, in)
+        fmt, scale = "f32", None
+        weight, bias = (layer._weight[0], layer._bias[0] if layer._bias else None) if hasattr(layer, "_weight") \
+            else (layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
+        if weight.dtype != torch.float32 or not weight.is_contiguous():
+            return None
+    if not supported(fmt, weight.shape[1] * (2 if fmt == "q4" else 1)):
+        return None
+    keep.extend(t for t in (weight, scale, bias) if t is not None)
+    return _Linear(FORMATS[fmt], weight.shape[0], weight.shape[1] * (2 if fmt == "q4" else 1),
+                   _ptr(weight), _ptr(scale), _ptr(bias))
+
+
+def _block_spec(block: TransformerBlock) -> tuple[_Block, list] | None:
+    att, layers = block.att, block.ff.layers
+    d, heads, floats = att.d_out, att.num_heads, vector_floats()
+    norms = (block.norm1.scale, block.norm1.shift, block.norm2.scale, block.norm2.shift)
+    if (att.fused_qkv is None or not floats or (d // heads) % floats or (4 * d) % floats
+            or block.norm1.eps != block.norm2.eps or any(p.dtype != torch.float32 for p in norms)
+            or not isinstance(layers[1], GELU)):
+        return None
+    keep = [p.detach() for p in norms]
+    linears = [_linear_spec(layer, keep) for layer in (att.fused_qkv, att.out_proj, layers[0], layers[2])]
+    if any(spec is None for spec in linears):
+        return None
+    return _Block(d, heads, *(_ptr(p) for p in keep[:4]), block.norm1.eps, *linears), keep
+
+
+class FusedTransformerBlock(TransformerBlock):
+    """A TransformerBlock whose decode steps run in C (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start: int = 0, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, d = x.shape
+        spec = self.__dict__.get("_c_block")
+        if (spec is None or t != 1 or kv is None or b > MAX_ROWS or x.dtype != torch.float32 or self.training
+                or (torch.is_grad_enabled() and x.requires_grad)):
+            return super().forward(x, kv, start, attn_mask)
+        keys, values = kv  # (B, heads, max_len, head_dim) each, float32, rows at a regular stride
+        inner = (keys.shape[2] * keys.shape[3], keys.shape[3], 1)
+        if (keys.dtype != torch.float32 or keys.stride()[1:] != inner or values.stride() != keys.stride()
+                or (attn_mask is not None and attn_mask.dtype != torch.bool)):
+            return super().forward(x, kv, start, attn_mask)
+        mask = None if attn_mask is None else attn_mask.expand(b, 1, 1, start + 1).reshape(b, start + 1).contiguous()
+        out = x.contiguous().clone()  # the residual stream, updated in place by the C block
+        library().gf_block_decode(ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(),
+                                  keys.stride(0), keys.shape[2], start, _ptr(mask), torch.get_num_threads())
+        return out
+
+
+def fuse_blocks(model: nn.Module) -> None:
+    """Turn each block of a prepared model into a FusedTransformerBlock where the kernels can run
+    it (in place; parameters and keys unchanged)."""
+    if library() is None:
+        return
+    for block in getattr(model, "trf_blocks", []):
+        if type(block) is TransformerBlock:
+            spec = _block_spec(block)
+            if spec is not None:
+                block.__class__ = FusedTransformerBlock
+                block.__dict__["_c_block"] = spec

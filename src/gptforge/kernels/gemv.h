@@ -1,0 +1,18 @@
+/* gemv.c's interface to the other kernels: one linear layer, in any of the three weight formats. */
+#ifndef GPTFORGE_GEMV_H
+#define GPTFORGE_GEMV_H
+#include <stdint.h>
+
+enum format { F32 = 0, I8 = 1, Q4 = 2 };
+
+/* W (n, k) in `fmt` (see gemv.c), its scales (int8: (n,), 4-bit: (n, k / 32)) and bias (n,) or NULL */
+typedef struct {
+    int64_t fmt, n, k;
+    const void *w;
+    const float *scale, *bias;
+} gf_lin;
+
+/* y (M, n) = x (M, k) @ W^T + bias */
+void gf_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads);
+
+#endif

@@ -1,0 +1,116 @@
+/* The vector primitives gptforge's kernels are written in: AVX-512's where the CPU has it (the
+ * kernels are compiled with -march=native), else AVX2's. `vec` holds VL floats; `ivec` IB bytes
+ * (IB / 4 == VL int32 lanes). */
+#ifndef GPTFORGE_SIMD_H
+#define GPTFORGE_SIMD_H
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define VL 16 /* floats per vector */
+#define IB 64 /* bytes per integer vector: IB / 4 == VL int32 lanes */
+typedef __m512 vec;
+typedef __m512i ivec;
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vset1(float a) { return _mm512_set1_ps(a); }
+static inline void vstore(float *p, vec a) { _mm512_storeu_ps(p, a); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec vscale2(vec a, vec n) { return _mm512_scalef_ps(a, n); }  /* a * 2^n, n integral */
+static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+static inline float vmaxall(vec a) { return _mm512_reduce_max_ps(a); }
+static inline ivec iload(const void *p) { return _mm512_loadu_si512(p); }
+static inline ivec iset1_8(char a) { return _mm512_set1_epi8(a); }
+static inline ivec iand(ivec a, ivec b) { return _mm512_and_si512(a, b); }
+static inline ivec ixor(ivec a, ivec b) { return _mm512_xor_si512(a, b); }
+static inline ivec ishift4(ivec a) { return _mm512_srli_epi16(a, 4); }
+static inline ivec iabs8(ivec w) { return _mm512_abs_epi8(w); }
+static inline ivec isign8(ivec x, ivec w) {  /* x where w >= 0, -x where w < 0 */
+    return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+}
+static inline vec icvt(ivec a) { return _mm512_cvtepi32_ps(a); }
+#if defined(__AVX512VNNI__)
+#define VNNI 1
+static inline ivec idot(ivec acc, ivec u, ivec s) { return _mm512_dpbusd_epi32(acc, u, s); }
+#else
+static inline ivec idot(ivec acc, ivec u, ivec s) {  /* acc + per lane: sum of 4 u8 * s8 */
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+}
+#endif
+static inline vec spread4(const float *d) {  /* d[0..3] -> 16 lanes, each over 4 lanes */
+    return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                 _mm512_castps128_ps512(_mm_loadu_ps(d)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VL 8
+#define IB 32
+typedef __m256 vec;
+typedef __m256i ivec;
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vset1(float a) { return _mm256_set1_ps(a); }
+static inline void vstore(float *p, vec a) { _mm256_storeu_ps(p, a); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec vscale2(vec a, vec n) {  /* a * 2^n, n integral in [-126, 127] */
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(a, _mm256_castsi256_ps(e));
+}
+static inline float vmaxall(vec a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+static inline float vsum(vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline ivec iload(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline ivec iset1_8(char a) { return _mm256_set1_epi8(a); }
+static inline ivec iand(ivec a, ivec b) { return _mm256_and_si256(a, b); }
+static inline ivec ixor(ivec a, ivec b) { return _mm256_xor_si256(a, b); }
+static inline ivec ishift4(ivec a) { return _mm256_srli_epi16(a, 4); }
+static inline ivec iabs8(ivec w) { return _mm256_abs_epi8(w); }
+static inline ivec isign8(ivec x, ivec w) { return _mm256_sign_epi8(x, w); }
+static inline vec icvt(ivec a) { return _mm256_cvtepi32_ps(a); }
+#if defined(__AVXVNNI__)
+#define VNNI 1
+static inline ivec idot(ivec acc, ivec u, ivec s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+#else
+static inline ivec idot(ivec acc, ivec u, ivec s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#endif
+static inline vec spread4(const float *d) {  /* d[0..1] -> 8 lanes, each over 4 lanes */
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)d))),
+                                    _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+}
+#else
+#error "gemv.c needs AVX2 and FMA, or AVX-512 (gptforge uses PyTorch's kernels on other CPUs)"
+#endif
+
+
+
+/* exp(x) to ~2 ulp (Cephes' expf polynomial after reducing x by multiples of ln 2) */
+static inline vec vexp(vec x) {
+    x = vmax(vmin(x, vset1(88.3762626647949f)), vset1(-87.3365447504f));
+    const vec n = vround(x * vset1(1.44269504088896341f));
+    vec r = vfma(n, vset1(-0.693359375f), x);
+    r = vfma(n, vset1(2.12194440e-4f), r);
+    vec p = vset1(1.9875691500e-4f);
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    p = vfma(p, r * r, r + vset1(1.f));
+    return vscale2(p, n);
+}
+#endif

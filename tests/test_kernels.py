@@ -135,3 +135,60 @@ print("ok", next(fast.parameters()).dtype)
 """
     result = _python(code, GPTFORGE_KERNELS="torch")
     assert result.returncode == 0 and result.stdout.startswith("ok torch.bfloat16"), result.stderr
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+@pytest.mark.parametrize("rows, padded", [(1, False), (3, False), (4, True)])
+def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, tiny_config):
+    """One decode step through block.c equals TransformerBlock.forward (PyTorch's layer norms,
+    attention and GELU around the same prepared linears): output and the cache it writes."""
+    import copy
+
+    from gptforge import GPTModel, prepare_for_inference
+    from gptforge.kernels.block import FusedTransformerBlock
+    from gptforge.model import TransformerBlock, _attention_mask
+
+    torch.manual_seed(rows)
+    cfg = tiny_config(vocab_size=256, context_length=40, emb_dim=128, n_heads=4)
+    model = prepare_for_inference(GPTModel(cfg), "auto", quantize)
+    block = model.trf_blocks[1]
+    assert type(block) is FusedTransformerBlock
+    reference = copy.copy(block)
+    reference.__class__ = TransformerBlock
+    start = 9
+    x = torch.randn(rows, 1, 128)
+    cache = model.new_cache(rows, 24)
+    cache.keys.normal_()
+    cache.values.normal_()
+    key_mask = torch.ones(rows, start + 1, dtype=torch.long)
+    if padded:
+        key_mask[1, :4] = 0  # row 1 is left-padded by 4
+    mask = _attention_mask(1, start, key_mask, x.device) if padded else None
+    ours_cache, ref_cache = copy.deepcopy(cache), copy.deepcopy(cache)
+    with torch.no_grad():
+        ours = block(x, ours_cache.layer(1), start, mask)
+        expected = reference(x, ref_cache.layer(1), start, mask)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_cache.keys, ref_cache.keys, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours_cache.values, ref_cache.values, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_fused_model_decodes_like_transformers(tmp_path):
+    """A prepared float32 model's greedy decoding (steps through block.c) equals Hugging Face's
+    GPT2LMHeadModel on the same weights, batch 2 with left padding."""
+    transformers = pytest.importorskip("transformers")
+    from gptforge import GPTModel, generate, prepare_for_inference, save
+
+    torch.manual_seed(0)
+    model = GPTModel({"vocab_size": 50257, "context_length": 48, "emb_dim": 128, "n_heads": 4, "n_layers": 2,
+                      "drop_rate": 0.0, "qkv_bias": True, "init": "gpt2"}).eval()
+    save(model, tmp_path / "hf", format="hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    fast = prepare_for_inference(model, "float32")
+    ours = generate(fast, prompts, 12, stop_token_ids=())
+    for prompt, row in zip(prompts, ours):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=50256)
+        assert row[-12:].tolist() == expected[0, len(prompt):].tolist()

@@ -104,8 +104,9 @@ def test_serve_cli_prepares_the_chosen_mode(monkeypatch, tmp_path, tiny_config):
 
 
 def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(tiny_config, monkeypatch):
-    """Decode steps of 1..16 rows go through gptforge's kernel (where it runs here), a prefill and
-    training through PyTorch; greedy tokens equal the book's generate_text_simple."""
+    """Decode steps of 1..16 rows go through gptforge's kernels (where they run here: each block as
+    one C call, the head through kernels.linear), a prefill and training through PyTorch; greedy
+    tokens equal the book's generate_text_simple."""
     from gptforge import generate_text_simple, kernels
     from gptforge.quant import Float32Linear
 
@@ -121,6 +122,9 @@ def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(tiny_confi
     out = generate(model, idx, 10, stop_token_ids=())  # batch 4: a prefill of 24 rows, then steps of 4
     assert torch.equal(out, generate_text_simple(copy.deepcopy(model).eval(), idx, 10, cfg.context_length))
     if kernels.available():
-        assert calls and set(calls) == {(4, cfg.emb_dim), (4, 4 * cfg.emb_dim)}  # the decode steps only
+        from gptforge.kernels.block import FusedTransformerBlock
+
+        assert all(type(block) is FusedTransformerBlock for block in view.trf_blocks)
+        assert len(calls) == 10 and set(calls) == {(4, cfg.emb_dim)}  # the head: the prompt's last position, 9 steps
     else:
         assert calls == []

@@ -38,8 +38,33 @@
 #define I8_OFFSET 0
 #endif
 
-#define ROWS 4          /* rows of W per tile */
-#define XROWS 4         /* rows of x per pass over a tile (further passes read the tile from cache) */
+/* Tiles: ROWS rows of W meet XROWS rows of x at a time (further passes read the tile from cache).
+ * Batches of more than XROWS rows use narrower, taller tiles (WIDE_ROWS x WIDE_XROWS): as many
+ * accumulators, fewer passes. AVX2 has half AVX-512's registers. */
+#define ROWS 4
+#define XROWS 4
+#define WIDE_ROWS 2
+#if VL == 16
+#define WIDE_XROWS 8
+#else
+#define WIDE_XROWS 4
+#endif
+#define MAX_XROWS 8
+
+/* Calls BLOCK(mb) with mb = min(rows left, XR) as a compile-time constant */
+#define FOR_EACH_XBLOCK(M, XR, BLOCK)                                         \
+    for (int64_t m0 = 0; m0 < (M); m0 += (XR)) {                              \
+        switch ((M) - m0 < (XR) ? (M) - m0 : (XR)) {                          \
+        case 1: BLOCK(1); break;                                              \
+        case 2: BLOCK(2); break;                                              \
+        case 3: BLOCK(3); break;                                              \
+        case 4: BLOCK(4); break;                                              \
+        case 5: if ((XR) >= 5) BLOCK(5); break;                               \
+        case 6: if ((XR) >= 6) BLOCK(6); break;                               \
+        case 7: if ((XR) >= 7) BLOCK(7); break;                               \
+        default: if ((XR) >= 8) BLOCK(8); break;                              \
+        }                                                                     \
+    }
 #define PREFETCH 8192   /* bytes ahead of the weights being read */
 
 /* ---------------------------------------------------------------------------------- float32 */
@@ -50,7 +75,7 @@
 static inline __attribute__((always_inline)) void f32_block(
         const int R, const int MB, const float *x, int64_t m0, int64_t K, const float *W,
         int64_t N, const float *bias, float *y, int64_t n0) {
-    vec acc[XROWS][ROWS];
+    vec acc[MAX_XROWS][ROWS];
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) acc[m][r] = vzero();
     for (int64_t k = 0; k < K; k += VL) {
@@ -70,24 +95,23 @@ static inline __attribute__((always_inline)) void f32_block(
 }
 
 static inline __attribute__((always_inline)) void f32_tile(
-        const int R, const float *x, int64_t M, int64_t K, const float *W, int64_t N,
+        const int R, const int XR, const float *x, int64_t M, int64_t K, const float *W, int64_t N,
         const float *bias, float *y, int64_t n0) {
-    for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
-        switch (M - m0 < XROWS ? M - m0 : XROWS) {
-        case 1: f32_block(R, 1, x, m0, K, W, N, bias, y, n0); break;
-        case 2: f32_block(R, 2, x, m0, K, W, N, bias, y, n0); break;
-        case 3: f32_block(R, 3, x, m0, K, W, N, bias, y, n0); break;
-        default: f32_block(R, XROWS, x, m0, K, W, N, bias, y, n0); break;
-        }
-    }
+#define F32_BLOCK(mb) f32_block(R, mb, x, m0, K, W, N, bias, y, n0)
+    FOR_EACH_XBLOCK(M, XR, F32_BLOCK)
+#undef F32_BLOCK
 }
 
 static void f32_linear(const float *x, int64_t M, int64_t K, const float *W, int64_t N,
                        const float *bias, float *y, int threads) {
-    const int64_t tiles = N / ROWS;
+    const int wide = M > XROWS, rows = wide ? WIDE_ROWS : ROWS;
+    const int64_t tiles = N / rows;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) f32_tile(ROWS, x, M, K, W, N, bias, y, t * ROWS);
-    for (int64_t n = tiles * ROWS; n < N; n++) f32_tile(1, x, M, K, W, N, bias, y, n);
+    for (int64_t t = 0; t < tiles; t++) {
+        if (wide) f32_tile(WIDE_ROWS, WIDE_XROWS, x, M, K, W, N, bias, y, t * WIDE_ROWS);
+        else f32_tile(ROWS, XROWS, x, M, K, W, N, bias, y, t * ROWS);
+    }
+    for (int64_t n = tiles * rows; n < N; n++) f32_tile(1, XROWS, x, M, K, W, N, bias, y, n);
 }
 
 /* ------------------------------------------------------------------------- int8 and 4-bit */
@@ -137,7 +161,7 @@ static qrows quantize_rows(enum format fmt, const float *x, int64_t M, int64_t K
 static inline __attribute__((always_inline)) void int_block(
         enum format fmt, const int R, const int MB, qrows q, int64_t m0, int64_t K,
         const void *W, const float *scale, int64_t N, const float *bias, float *y, int64_t n0) {
-    vec acc[XROWS][ROWS];
+    vec acc[MAX_XROWS][ROWS];
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) acc[m][r] = vzero();
     const int64_t step = fmt == I8 ? IB : 2 * IB;  /* x values per chunk */
@@ -182,26 +206,25 @@ static inline __attribute__((always_inline)) void int_block(
 }
 
 static inline __attribute__((always_inline)) void int_tile(
-        enum format fmt, const int R, qrows q, int64_t M, int64_t K, const void *W,
+        enum format fmt, const int R, const int XR, qrows q, int64_t M, int64_t K, const void *W,
         const float *scale, int64_t N, const float *bias, float *y, int64_t n0) {
-    for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
-        switch (M - m0 < XROWS ? M - m0 : XROWS) {
-        case 1: int_block(fmt, R, 1, q, m0, K, W, scale, N, bias, y, n0); break;
-        case 2: int_block(fmt, R, 2, q, m0, K, W, scale, N, bias, y, n0); break;
-        case 3: int_block(fmt, R, 3, q, m0, K, W, scale, N, bias, y, n0); break;
-        default: int_block(fmt, R, XROWS, q, m0, K, W, scale, N, bias, y, n0); break;
-        }
-    }
+#define INT_BLOCK(mb) int_block(fmt, R, mb, q, m0, K, W, scale, N, bias, y, n0)
+    FOR_EACH_XBLOCK(M, XR, INT_BLOCK)
+#undef INT_BLOCK
 }
 
 static inline __attribute__((always_inline)) void int_linear(
         enum format fmt, const float *x, int64_t M, int64_t K, const void *W, const float *scale,
         int64_t N, const float *bias, float *y, int threads) {
     const qrows q = quantize_rows(fmt, x, M, K);
-    const int64_t tiles = N / ROWS;
+    const int wide = M > XROWS, rows = wide ? WIDE_ROWS : ROWS;
+    const int64_t tiles = N / rows;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) int_tile(fmt, ROWS, q, M, K, W, scale, N, bias, y, t * ROWS);
-    for (int64_t n = tiles * ROWS; n < N; n++) int_tile(fmt, 1, q, M, K, W, scale, N, bias, y, n);
+    for (int64_t t = 0; t < tiles; t++) {
+        if (wide) int_tile(fmt, WIDE_ROWS, WIDE_XROWS, q, M, K, W, scale, N, bias, y, t * WIDE_ROWS);
+        else int_tile(fmt, ROWS, XROWS, q, M, K, W, scale, N, bias, y, t * ROWS);
+    }
+    for (int64_t n = tiles * rows; n < N; n++) int_tile(fmt, 1, XROWS, q, M, K, W, scale, N, bias, y, n);
     free(q.xq); free(q.xd); free(q.x0);
 }
 

@@ -192,3 +192,17 @@ def test_fused_model_decodes_like_transformers(tmp_path):
     for prompt, row in zip(prompts, ours):
         expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=50256)
         assert row[-12:].tolist() == expected[0, len(prompt):].tolist()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_in_c_equals_pytorchs(dtype, monkeypatch):
+    """What a prefill multiplies with: the C conversion against the same in PyTorch operators."""
+    torch.manual_seed(0)
+    linear = nn.Linear(200, 70)  # 200 inputs: padded to 256 inside, cut off again
+    for q in (Int8Linear(linear), Int4Linear(linear)):
+        ours = q.dequantized(dtype)
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        reference = q.dequantized(dtype)
+        monkeypatch.undo()
+        assert ours.shape == (70, 200) and ours.dtype == dtype and torch.equal(ours, reference)

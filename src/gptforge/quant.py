@@ -183,7 +183,9 @@ class Int8Linear(_WeightOnlyLinear):
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight (out, in) these int8 values and scales stand for, in `dtype`."""
-        return (self.weight_int8[:, :self.in_features].to(dtype) * self.scale.to(dtype)[:, None])
+        if kernels.available() and dtype in (torch.float32, torch.bfloat16):
+            return kernels.dequantize("i8", self.weight_int8, self.scale, self.in_features, dtype)
+        return (self.weight_int8[:, :self.in_features].float() * self.scale[:, None]).to(dtype)
 
 
 class Int4Linear(_WeightOnlyLinear):
@@ -225,8 +227,10 @@ class Int4Linear(_WeightOnlyLinear):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (out, in) these 4-bit values and scales stand for, in `dtype`."""
-        scale = self.scale.to(dtype).repeat_interleave(INT4_GROUP, dim=1)
-        return ((self.codes().to(dtype) - 8) * scale)[:, :self.in_features]
+        if kernels.available() and dtype in (torch.float32, torch.bfloat16):
+            return kernels.dequantize("q4", self.packed, self.scale, self.in_features, dtype)
+        scale = self.scale.repeat_interleave(INT4_GROUP, dim=1)
+        return ((self.codes().float() - 8) * scale)[:, :self.in_features].to(dtype)
 
 
 def _swap_linears(module: nn.Module, make: Any) -> None:

@@ -43,7 +43,15 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "gf_linear_args": [_I64, _P, _I64, _I64, _P, _P, _I64, _P, _P, ctypes.c_int],  # fmt, x, M, K, W, scale, N, bias, y, threads
     "gf_block_decode": [_P, _P, _I64, _P, _P, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
+    "gf_dequantize": [_P, _I64, _P, ctypes.c_int, ctypes.c_int],  # layer, k_out, out, bf16, threads
 }
+
+
+class Linear(ctypes.Structure):
+    """gemv.h's gf_lin: one layer's weights as the C kernels read them."""
+
+    _fields_ = [("fmt", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("w", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 _STATUS = ["not loaded"]
 
 
@@ -154,3 +162,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fmt
     else:
         lib.gf_linear_args(*args)
     return y
+
+
+def dequantize(fmt: str, weight: torch.Tensor, scale: torch.Tensor, in_features: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int8 ('i8') or 4-bit ('q4') weights as (N, in_features) float32 or bfloat16 (what a prefill
+    multiplies with), converted in C: ~10x faster than the same in PyTorch operators."""
+    n, k = weight.shape[0], weight.shape[1] * (2 if fmt == "q4" else 1)
+    out = torch.empty(n, in_features, dtype=dtype)
+    layer = Linear(FORMATS[fmt], n, k, weight.data_ptr(), scale.data_ptr(), None)
+    library().gf_dequantize(ctypes.byref(layer), in_features, out.data_ptr(), dtype == torch.bfloat16,
+                            torch.get_num_threads())
+    return out

@@ -15,25 +15,20 @@ import torch
 import torch.nn as nn
 
 from ..model import GELU, TransformerBlock
-from . import FORMATS, MAX_ROWS, library, supported, vector_floats
-
-
-class _Linear(ctypes.Structure):  # gemv.h's gf_lin
-    _fields_ = [("fmt", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("w", ctypes.c_void_p),
-                ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+from . import FORMATS, MAX_ROWS, Linear, library, supported, vector_floats
 
 
 class _Block(ctypes.Structure):  # block.c's gf_block
     _fields_ = [("d", ctypes.c_int64), ("heads", ctypes.c_int64), ("ln1_w", ctypes.c_void_p),
                 ("ln1_b", ctypes.c_void_p), ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p),
-                ("eps", ctypes.c_double), ("qkv", _Linear), ("proj", _Linear), ("fc1", _Linear), ("fc2", _Linear)]
+                ("eps", ctypes.c_double), ("qkv", Linear), ("proj", Linear), ("fc1", Linear), ("fc2", Linear)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _linear_spec(layer: nn.Module, keep: list) -> _Linear | None:
+def _linear_spec(layer: nn.Module, keep: list) -> Linear | None:
     """The C description of a prepared linear layer (float32, int8 or 4-bit), or None if the
     kernels cannot run it; `keep` collects the tensors the description points into."""
     if hasattr(layer, "fmt"):  # quant's Int8Linear / Int4Linear
@@ -49,7 +44,7 @@ def _linear_spec(layer: nn.Module, keep: list) -> _Linear | None:
     if not supported(fmt, weight.shape[1] * (2 if fmt == "q4" else 1)):
         return None
     keep.extend(t for t in (weight, scale, bias) if t is not None)
-    return _Linear(FORMATS[fmt], weight.shape[0], weight.shape[1] * (2 if fmt == "q4" else 1),
+    return Linear(FORMATS[fmt], weight.shape[0], weight.shape[1] * (2 if fmt == "q4" else 1),
                    _ptr(weight), _ptr(scale), _ptr(bias))
 
 

@@ -251,3 +251,38 @@ int gf_vnni(void) { return 1; }
 #else
 int gf_vnni(void) { return 0; }
 #endif
+
+/* ------------------------------------------------------------------------------- dequantize */
+
+static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+}
+
+/* The weights of L (int8 or 4-bit) as floats: out (n, k_out) float32, or bfloat16 where `bf16`
+ * (k_out <= L->k drops padding columns). What a prefill multiplies with. */
+void gf_dequantize(const gf_lin *L, int64_t k_out, void *out, int bf16, int threads) {
+    const int64_t k = L->k;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < L->n; n++) {
+        float row[k];
+        if (L->fmt == I8) {
+            const int8_t *q = (const int8_t *)L->w + n * k;
+            for (int64_t i = 0; i < k; i++) row[i] = q[i] * L->scale[n];
+        } else {
+            const uint8_t *q = (const uint8_t *)L->w + n * (k / 2);
+            for (int64_t g = 0; g < k / 32; g++) {
+                const float d = L->scale[n * (k / 32) + g];
+                for (int j = 0; j < 16; j++) {
+                    row[32 * g + j] = ((q[16 * g + j] & 15) - 8) * d;
+                    row[32 * g + j + 16] = ((q[16 * g + j] >> 4) - 8) * d;
+                }
+            }
+        }
+        if (bf16)
+            for (int64_t i = 0; i < k_out; i++) ((uint16_t *)out)[n * k_out + i] = to_bf16(row[i]);
+        else
+            memcpy((float *)out + n * k_out, row, sizeof(float) * k_out);
+    }
+}

@@ -39,16 +39,20 @@
 #endif
 
 /* Tiles: ROWS rows of W meet XROWS rows of x at a time (further passes read the tile from cache).
- * Batches of more than XROWS rows use narrower, taller tiles (WIDE_ROWS x WIDE_XROWS): as many
+ * One row of x (batch 1) meets SINGLE_ROWS rows of W: more streams from memory at once. Batches
+ * of more than XROWS rows use narrower, taller tiles (WIDE_ROWS x WIDE_XROWS): as many
  * accumulators, fewer passes. AVX2 has half AVX-512's registers. */
 #define ROWS 4
 #define XROWS 4
 #define WIDE_ROWS 2
 #if VL == 16
+#define SINGLE_ROWS 8
 #define WIDE_XROWS 8
 #else
+#define SINGLE_ROWS 4
 #define WIDE_XROWS 4
 #endif
+#define MAX_ROWS 8
 #define MAX_XROWS 8
 
 /* Calls BLOCK(mb) with mb = min(rows left, XR) as a compile-time constant */
@@ -75,11 +79,11 @@
 static inline __attribute__((always_inline)) void f32_block(
         const int R, const int MB, const float *x, int64_t m0, int64_t K, const float *W,
         int64_t N, const float *bias, float *y, int64_t n0) {
-    vec acc[MAX_XROWS][ROWS];
+    vec acc[MAX_XROWS][MAX_ROWS];
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) acc[m][r] = vzero();
     for (int64_t k = 0; k < K; k += VL) {
-        vec w[ROWS];
+        vec w[MAX_ROWS];
         for (int r = 0; r < R; r++) {
             const float *p = W + (n0 + r) * K + k;
             __builtin_prefetch(p + PREFETCH / 4);
@@ -104,12 +108,13 @@ static inline __attribute__((always_inline)) void f32_tile(
 
 static void f32_linear(const float *x, int64_t M, int64_t K, const float *W, int64_t N,
                        const float *bias, float *y, int threads) {
-    const int wide = M > XROWS, rows = wide ? WIDE_ROWS : ROWS;
+    const int rows = M == 1 ? SINGLE_ROWS : M <= XROWS ? ROWS : WIDE_ROWS;
     const int64_t tiles = N / rows;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
-        if (wide) f32_tile(WIDE_ROWS, WIDE_XROWS, x, M, K, W, N, bias, y, t * WIDE_ROWS);
-        else f32_tile(ROWS, XROWS, x, M, K, W, N, bias, y, t * ROWS);
+        if (M == 1) f32_tile(SINGLE_ROWS, 1, x, M, K, W, N, bias, y, t * SINGLE_ROWS);
+        else if (M <= XROWS) f32_tile(ROWS, XROWS, x, M, K, W, N, bias, y, t * ROWS);
+        else f32_tile(WIDE_ROWS, WIDE_XROWS, x, M, K, W, N, bias, y, t * WIDE_ROWS);
     }
     for (int64_t n = tiles * rows; n < N; n++) f32_tile(1, XROWS, x, M, K, W, N, bias, y, n);
 }
@@ -161,13 +166,13 @@ static qrows quantize_rows(enum format fmt, const float *x, int64_t M, int64_t K
 static inline __attribute__((always_inline)) void int_block(
         enum format fmt, const int R, const int MB, qrows q, int64_t m0, int64_t K,
         const void *W, const float *scale, int64_t N, const float *bias, float *y, int64_t n0) {
-    vec acc[MAX_XROWS][ROWS];
+    vec acc[MAX_XROWS][MAX_ROWS];
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) acc[m][r] = vzero();
     const int64_t step = fmt == I8 ? IB : 2 * IB;  /* x values per chunk */
     for (int64_t k = 0; k < K; k += step) {
-        ivec w[ROWS], w2[ROWS];  /* int8: w and its unsigned form; 4-bit: low and high nibbles */
-        vec d[ROWS];             /* 4-bit: each lane's group scale */
+        ivec w[MAX_ROWS], w2[MAX_ROWS];  /* int8: w and its unsigned form; 4-bit: low and high nibbles */
+        vec d[MAX_ROWS];             /* 4-bit: each lane's group scale */
         for (int r = 0; r < R; r++) {
             const int64_t n = n0 + r;
             if (fmt == I8) {
@@ -217,12 +222,14 @@ static inline __attribute__((always_inline)) void int_linear(
         enum format fmt, const float *x, int64_t M, int64_t K, const void *W, const float *scale,
         int64_t N, const float *bias, float *y, int threads) {
     const qrows q = quantize_rows(fmt, x, M, K);
-    const int wide = M > XROWS, rows = wide ? WIDE_ROWS : ROWS;
+    const int single = M == 1 && fmt == I8;  /* 4-bit tiles of SINGLE_ROWS would not fit in registers */
+    const int rows = single ? SINGLE_ROWS : M <= XROWS ? ROWS : WIDE_ROWS;
     const int64_t tiles = N / rows;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
-        if (wide) int_tile(fmt, WIDE_ROWS, WIDE_XROWS, q, M, K, W, scale, N, bias, y, t * WIDE_ROWS);
-        else int_tile(fmt, ROWS, XROWS, q, M, K, W, scale, N, bias, y, t * ROWS);
+        if (single) int_tile(fmt, SINGLE_ROWS, 1, q, M, K, W, scale, N, bias, y, t * SINGLE_ROWS);
+        else if (M <= XROWS) int_tile(fmt, ROWS, XROWS, q, M, K, W, scale, N, bias, y, t * ROWS);
+        else int_tile(fmt, WIDE_ROWS, WIDE_XROWS, q, M, K, W, scale, N, bias, y, t * WIDE_ROWS);
     }
     for (int64_t n = tiles * rows; n < N; n++) int_tile(fmt, 1, XROWS, q, M, K, W, scale, N, bias, y, n);
     free(q.xq); free(q.xd); free(q.x0);

@@ -6,7 +6,8 @@ Modes side by side: gptforge fp32 / llama.cpp F32, gptforge int8 (weight-only) /
 4-bit (when gptforge has one) / Q4_0. Both sides use the same number of threads (2 by default).
 - decode: batch 1, a 16-token prompt, then 128 new tokens greedily; tokens/s over the new tokens
   (prefill excluded), best of --repeats;
-- prefill: one 1024-token prompt, tokens/s, best of --repeats;
+- prefill: one 1024-token prompt into an empty KV cache, logits of its last position only (what
+  generation does, and llama.cpp's `eval`), tokens/s, best of --repeats;
 - greedy agreement: the 128 tokens of each gptforge mode against llama.cpp's in the same mode
   (fraction equal, first difference).
 Top-1 agreement and KL of each gptforge mode against gptforge fp32 are printed too. The CPU model
@@ -79,15 +80,20 @@ def ours_decode(model: GPTModel, prompt: list[int], n: int) -> tuple[float, list
 
 
 @torch.no_grad()
-def ours_prefill(model: GPTModel, ids: list[int], keep: list | None = None) -> float:
-    """Seconds for one forward pass over `ids`; its log-probabilities are appended to `keep`."""
+def ours_prefill(model: GPTModel, ids: list[int]) -> float:
+    """Seconds for the prefill of a prompt as generation does it, and as llama.cpp's `eval` does:
+    every position's keys and values into a KV cache, logits of the last position only."""
     x = torch.tensor([ids])
+    cache = model.new_cache(1, len(ids))
     start = time.perf_counter()
-    logits = model(x)
-    seconds = time.perf_counter() - start
-    if keep is not None:
-        keep.append(logits[0].float().log_softmax(-1))
-    return seconds
+    model(x, cache=cache, last_only=True)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def ours_logprobs(model: GPTModel, ids: list[int]) -> torch.Tensor:
+    """Log-probabilities at every position of `ids` (T, vocab), for the quality comparison."""
+    return model(torch.tensor([ids]))[0].float().log_softmax(-1)
 
 
 def quality(reference: torch.Tensor, logprobs: torch.Tensor) -> str:
@@ -164,7 +170,7 @@ def run(args: argparse.Namespace) -> None:
             our_dec = best(lambda: ours_decode(model, prompt, new)[0], args.repeats)
             our_tokens = ours_decode(model, prompt, new)[1]
             our_pre = best(lambda: ours_prefill(model, long_ids), args.repeats)
-            ours_prefill(model, long_ids, logprobs)
+            logprobs.append(ours_logprobs(model, long_ids))
             quality_lines.append(f"  gptforge {mode}: {quality(logprobs[0], logprobs[-1])}")
             del model
             print(f"{label:28s} {(new - 1) / our_dec:11.1f} {theirs} {their_dec / our_dec:6.2f}   "

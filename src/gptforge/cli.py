@@ -213,8 +213,8 @@ def _add_precision_flags(parser: argparse.ArgumentParser, default: str = "float3
     parser.add_argument("--dtype", choices=("auto", *COMPUTE_DTYPES), default=default,
                         help=f"compute dtype; auto: this CPU's choice (quant.choose_mode) (default: {default})")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                        help="int8: weight-only int8 linears with bf16 activations; int4: 4-bit groups as "
-                             "llama.cpp's Q4_0, float32 activations (CPU)")
+                        help="int8: weight-only int8 linears; int4: 4-bit groups as llama.cpp's Q4_0 "
+                             "(on CPU through gptforge's kernels, activations quantized as Q8_0)")
 
 
 def _add_eval_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:

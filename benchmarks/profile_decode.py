@@ -1,4 +1,4 @@
-"""Where a decode step's time goes: matmuls, attention and the rest, per token, at batch 1 on the
+"""Where a decode step's time goes: fused C blocks, matmuls, attention and the rest, per token, at batch 1 on the
 GPT-2 124M shape (random GPT-2-init weights), for each inference mode.
 
 The step is timed plainly (best of `--repeats` runs of `--tokens` steps after a 64-token prompt);
@@ -25,6 +25,9 @@ from gptforge.quant import inference_view, prepare_for_inference
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "mkldnn::_linear_pointwise", "aten::mkldnn_linear",
               "aten::linear", "gptforge::linear_f32", "gptforge::linear_i8", "gptforge::linear_q4")
+# A FusedTransformerBlock's decode step: one C call doing a whole block (its products, attention,
+# layer norms and GELU), counted as a share of its own.
+BLOCK_OPS = ("gptforge::block_decode",)
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                  "aten::_scaled_dot_product_attention_math", "aten::_softmax")
 # Wall clock by default; `--clock cpu` counts this process's CPU seconds (with --threads 1, the cost
@@ -71,12 +74,13 @@ def breakdown(model: torch.nn.Module, tokens: int) -> dict[str, float]:
         for _ in range(tokens):
             tok = model(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         step = (CLOCK() - start) * 1e3 / tokens
-    split = {"matmul": 0.0, "attention": 0.0}
+    split = {"matmul": 0.0, "attention": 0.0, "block": 0.0}
     for event in prof.key_averages():
-        kind = "matmul" if event.key in MATMUL_OPS else "attention" if event.key in ATTENTION_OPS else None
+        kind = ("matmul" if event.key in MATMUL_OPS else "attention" if event.key in ATTENTION_OPS
+                else "block" if event.key in BLOCK_OPS else None)
         if kind:
             split[kind] += event.self_cpu_time_total / 1e3 / tokens / step
-    split["rest"] = 1 - split["matmul"] - split["attention"]
+    split["rest"] = 1 - split["matmul"] - split["attention"] - split["block"]
     return split
 
 
@@ -94,7 +98,7 @@ def main() -> None:
     print(cpu_summary())
     print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, batch 1, "
           f"{args.tokens} tokens after a 64-token prompt")
-    print(f"{'mode':<6} {'ms/token':>9} {'tok/s':>7}   shares of a step: {'matmul':>7} {'attention':>9} {'rest':>6}"
+    print(f"{'mode':<6} {'ms/token':>9} {'tok/s':>7}   shares of a step: {'C block':>7} {'matmul':>7} {'attention':>9} {'rest':>6}"
           f"   batch-8 tok/s, / batch 1")
     for mode in args.modes:
         model = build(mode)
@@ -102,7 +106,7 @@ def main() -> None:
         step = min(decode(model, args.tokens) for _ in range(args.repeats)) * 1e3
         split = breakdown(model, args.tokens)
         batch8 = 8 / min(decode(model, args.tokens, batch=8) for _ in range(args.repeats))
-        print(f"{mode:<6} {step:>9.2f} {1e3 / step:>7.1f}   {'':>17} {split['matmul']:>7.0%} "
+        print(f"{mode:<6} {step:>9.2f} {1e3 / step:>7.1f}   {'':>17} {split['block']:>7.0%} {split['matmul']:>7.0%} "
               f"{split['attention']:>9.0%} {split['rest']:>6.0%} ({split['rest'] * step:4.1f} ms)"
               f"   {batch8:>6.1f}, {batch8 * step / 1e3:.2f}x")
 

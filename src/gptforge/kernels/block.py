@@ -80,8 +80,13 @@ class FusedTransformerBlock(TransformerBlock):
             return super().forward(x, kv, start, attn_mask)
         mask = None if attn_mask is None else attn_mask.expand(b, 1, 1, start + 1).reshape(b, start + 1).contiguous()
         out = x.contiguous().clone()  # the residual stream, updated in place by the C block
-        library().gf_block_decode(ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(),
-                                  keys.stride(0), keys.shape[2], start, _ptr(mask), torch.get_num_threads())
+        args = (ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(), keys.stride(0),
+                keys.shape[2], start, _ptr(mask), torch.get_num_threads())
+        if torch.autograd.profiler._is_profiler_enabled:  # name the call in torch.profiler's tables
+            with torch.profiler.record_function("gptforge::block_decode"):
+                library().gf_block_decode(*args)
+        else:
+            library().gf_block_decode(*args)
         return out
 
 

@@ -123,7 +123,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     total = 0
     for module in model.modules():
         if isinstance(module, Int8Linear):
-            total += module.weight_int8.numel() + module.scale.numel() * 2
+            total += module.weight_int8.numel() + module.scale.numel() * module.scale.element_size()
         elif isinstance(module, torch.nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
         elif hasattr(module, "packed"):

@@ -206,3 +206,18 @@ def test_dequantize_in_c_equals_pytorchs(dtype, monkeypatch):
         reference = q.dequantized(dtype)
         monkeypatch.undo()
         assert ours.shape == (70, 200) and ours.dtype == dtype and torch.equal(ours, reference)
+
+
+@needs_kernels
+def test_the_avx2_kernels_pass_the_same_tests(tmp_path):
+    """The AVX2 build (what an AVX2-only CPU compiles), run here: these tests again under it."""
+    if kernels.vector_floats() != 16:
+        pytest.skip("this CPU builds the AVX2 kernels already")
+    env = {**os.environ, "GPTFORGE_MARCH": "haswell", "GPTFORGE_CACHE": str(tmp_path)}
+    probe = subprocess.run([sys.executable, "-c", "from gptforge import kernels; print(kernels.describe())"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert probe.stdout.strip() == "AVX2", probe.stderr
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                             "-k", "not avx2 and not build_is_cached"], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:]

@@ -36,7 +36,9 @@ from ..cpu import cpu_flags
 HERE = Path(__file__).parent
 SOURCES = (HERE / "gemv.c", HERE / "block.c")
 HEADERS = (HERE / "gemv.h", HERE / "simd.h")
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# -march: the CPU at hand by default; GPTFORGE_MARCH=haswell builds the AVX2 kernels on an AVX-512
+# machine (how the tests check that path here).
+CFLAGS = ("-O3", f"-march={os.environ.get('GPTFORGE_MARCH', 'native')}", "-fopenmp", "-shared", "-fPIC")
 FORMATS = {"f32": 0, "i8": 1, "q4": 2}  # gemv.h's enum format
 MAX_ROWS = 16  # products of up to this many rows (a decode step of a batch) run here; more (a prefill) on PyTorch's
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64

@@ -209,15 +209,17 @@ def test_dequantize_in_c_equals_pytorchs(dtype, monkeypatch):
 
 
 @needs_kernels
-def test_the_avx2_kernels_pass_the_same_tests(tmp_path):
-    """The AVX2 build (what an AVX2-only CPU compiles), run here: these tests again under it."""
-    if kernels.vector_floats() != 16:
-        pytest.skip("this CPU builds the AVX2 kernels already")
-    env = {**os.environ, "GPTFORGE_MARCH": "haswell", "GPTFORGE_CACHE": str(tmp_path)}
+@pytest.mark.parametrize("march, built", [("haswell", "AVX2"), ("skylake-avx512", "AVX-512")])
+def test_the_other_builds_pass_the_same_tests(tmp_path, march, built):
+    """The builds other CPUs compile, run here where this one is a superset: AVX2 (an AVX2-only
+    EPYC) and AVX-512 without VNNI (vpmaddubsw in place of vpdpbusd): these tests again under each."""
+    if kernels.describe() != "AVX-512 VNNI":
+        pytest.skip(f"this CPU's kernels are {kernels.describe()}, not a superset of {march}'s")
+    env = {**os.environ, "GPTFORGE_MARCH": march, "GPTFORGE_CACHE": str(tmp_path)}
     probe = subprocess.run([sys.executable, "-c", "from gptforge import kernels; print(kernels.describe())"],
                            capture_output=True, text=True, env=env, timeout=300)
-    assert probe.stdout.strip() == "AVX2", probe.stderr
+    assert probe.stdout.strip() == built, probe.stderr
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                             "-k", "not avx2 and not build_is_cached"], capture_output=True, text=True,
+                             "-k", "not other_builds and not build_is_cached"], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:]

@@ -51,7 +51,7 @@ def test_int8_kernel_is_q8_0_activations_times_int8_weights(rows, in_features, o
     q = Int8Linear(linear)
     weight = q.weight_int8.double() * q.scale.double()[:, None]
     expected = q8_0(x) @ weight.t() + linear.bias.double()
-    got = kernels.linear(x, q.weight_int8, q.bias_f32, "i8", q.scale)
+    got = kernels.linear(x, q.weight_int8, q.bias, "i8", q.scale)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     # what activation quantization costs, against the unquantized product
     assert (got.double() - (x.double() @ weight.t() + linear.bias.double())).abs().max() < 0.05 * expected.abs().max()

@@ -141,9 +141,9 @@ class _WeightOnlyLinear(nn.Module):
             if self.in_padded != self.in_features:
                 x2 = F.pad(x2, (0, self.in_padded - self.in_features))
             if kernels.supported(self.fmt, self.in_padded):
-                out = kernels.linear(x2.float(), self.weight_data, self.bias_f32, self.fmt, self.scale)
+                out = kernels.linear(x2.float(), self.weight_data, self.bias, self.fmt, self.scale)
             else:
-                out = self.torch_rows(x2.to(torch.bfloat16).contiguous())
+                out = self.torch_rows(x2.to(torch.bfloat16).contiguous()).float()
                 out = out if self.bias is None else out + self.bias
         else:
             bias = None if self.bias is None else self.bias.to(self.prefill_dtype)
@@ -155,9 +155,7 @@ class _WeightOnlyLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.in_padded = -(-linear.in_features // PAD_IN_FEATURES) * PAD_IN_FEATURES
         self.prefill_dtype = prefill_dtype  # what a prefill dequantizes to (`choose_mode`)
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self.register_buffer("bias_f32", bias)
-        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         return F.pad(linear.weight.detach().float(), (0, self.in_padded - self.in_features))
 
     def extra_repr(self) -> str:

@@ -32,7 +32,7 @@ def _linear_spec(layer: nn.Module, keep: list) -> Linear | None:
     """The C description of a prepared linear layer (float32, int8 or 4-bit), or None if the
     kernels cannot run it; `keep` collects the tensors the description points into."""
     if hasattr(layer, "fmt"):  # quant's Int8Linear / Int4Linear
-        fmt, weight, scale, bias = layer.fmt, layer.weight_data, layer.scale, layer.bias_f32
+        fmt, weight, scale, bias = layer.fmt, layer.weight_data, layer.scale, layer.bias
         if layer.in_padded != layer.in_features:
             return None
     else:  # a Float32Linear or SharedQKV: float32 (out, in)

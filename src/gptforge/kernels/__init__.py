@@ -8,10 +8,10 @@ so decoding ran at about half of llama.cpp's speed (issue 14). `gemv.c` streams 
 per call with prefetching, and multiplies int8 and 4-bit weights with integer instructions (AVX2,
 AVX-512, VNNI) against activations quantized as llama.cpp's Q8_0.
 
-How: the first use compiles `gemv.c` with the system C compiler (`$CC`, else `cc`) and
-`-march=native`, so it uses the widest vectors this CPU has, into
-`$GPTFORGE_CACHE` (default `~/.cache/gptforge`)/kernels/, keyed by the source, the flags and the
-CPU's features (well under a second; later processes only load it). Where that cannot be done
+How: the first use compiles the C files with the system C compiler (`$CC`, else `cc`) and
+`-march=native`, so they use the widest vectors this CPU has, into
+`$GPTFORGE_CACHE` (default `~/.cache/gptforge`)/kernels/, keyed by the sources, the flags and the
+CPU's features (~3 s on 2 cores; later processes only load it). Where that cannot be done
 (no compiler, a CPU without AVX2 and FMA, `GPTFORGE_KERNELS=torch`), `library()` is None and the
 callers use PyTorch's kernels: same results up to rounding (and, for int8/4-bit, the activation
 quantization), slower.
@@ -54,7 +54,9 @@ class Linear(ctypes.Structure):
 
     _fields_ = [("fmt", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("w", ctypes.c_void_p),
                 ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
-_STATUS = ["not loaded"]
+
+
+_STATUS = ["not loaded"]  # what describe() says
 
 
 def cache_dir() -> Path:

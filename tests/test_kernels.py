@@ -100,11 +100,13 @@ def test_build_is_cached_per_cpu_and_falls_back_without_a_compiler(tmp_path):
     probe = "from gptforge import kernels; print(kernels.describe())"
     first = _python(probe, GPTFORGE_CACHE=str(tmp_path))
     assert first.returncode == 0 and first.stdout.strip() == kernels.describe(), first.stderr
+    assert "compiling the decode kernels" in first.stderr  # the one-off wait is announced
     built = list((tmp_path / "kernels").glob("gemv-*.so"))
     assert len(built) == 1 and not list((tmp_path / "kernels").glob("*.tmp"))
     stamp = built[0].stat().st_mtime_ns
     again = _python(probe, GPTFORGE_CACHE=str(tmp_path), CC="/nonexistent/cc")  # cached: no compiler needed
     assert again.stdout.strip() == kernels.describe() and built[0].stat().st_mtime_ns == stamp
+    assert "compiling" not in again.stderr
     none = _python(probe, GPTFORGE_CACHE=str(tmp_path / "empty"), CC="/nonexistent/cc")
     assert none.returncode == 0 and none.stdout.strip() == "unavailable (no C compiler)"
     assert "using PyTorch's" in none.stderr  # a warning, once

@@ -25,6 +25,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -84,6 +85,7 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise _NoCompiler("no C compiler (cc, gcc, clang or $CC)")
+    print(f"gptforge: compiling the decode kernels for this CPU, once (into {folder})", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)  # compile aside, then rename: atomic
     os.close(fd)
     try:

@@ -138,11 +138,11 @@ static qrows quantize_rows(enum format fmt, const float *x, int64_t M, int64_t K
     const qrows q = {malloc(M * K), malloc(M * lanes * sizeof(float)), malloc(M * lanes * sizeof(int32_t)), lanes};
     for (int64_t b = 0; b < M * K / 32; b++) {  /* block b of 32 values */
         const float *xb = x + 32 * b;
-        float amax = 0.f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        vec top = vzero();
+        for (int j = 0; j < 32; j += VL) top = vmax(top, vabs(vload(xb + j)));
+        const float d = vmaxall(top) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
         int8_t v[32];
-        for (int j = 0; j < 32; j++) v[j] = (int8_t)nearbyintf(xb[j] * id);
+        for (int j = 0; j < 32; j += VL) vstore_i8(v + j, vload(xb + j) * vset1(id));
         if (fmt == I8) {
             memcpy(q.xq + 32 * b, v, 32);
             for (int l = 0; l < 8; l++) {

@@ -23,6 +23,10 @@ static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_N
 static inline vec vscale2(vec a, vec n) { return _mm512_scalef_ps(a, n); }  /* a * 2^n, n integral */
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 static inline float vmaxall(vec a) { return _mm512_reduce_max_ps(a); }
+static inline vec vabs(vec a) { return _mm512_abs_ps(a); }
+static inline void vstore_i8(int8_t *p, vec a) {  /* round to nearest even, to int8 (|a| <= 127) */
+    _mm_storeu_si128((__m128i *)p, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(a)));
+}
 static inline ivec iload(const void *p) { return _mm512_loadu_si512(p); }
 static inline ivec iset1_8(char a) { return _mm512_set1_epi8(a); }
 static inline ivec iand(ivec a, ivec b) { return _mm512_and_si512(a, b); }
@@ -61,6 +65,12 @@ static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEARES
 static inline vec vscale2(vec a, vec n) {  /* a * 2^n, n integral in [-126, 127] */
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(a, _mm256_castsi256_ps(e));
+}
+static inline vec vabs(vec a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+static inline void vstore_i8(int8_t *p, vec a) {  /* round to nearest even, to int8 (|a| <= 127) */
+    const __m256i i = _mm256_cvtps_epi32(a);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(w, w));
 }
 static inline float vmaxall(vec a) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

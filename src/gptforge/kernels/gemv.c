@@ -53,9 +53,6 @@
 #define WIDE_XROWS 4
 #endif
 #define MAX_ROWS 8
-/* Threads take tiles TILES_PER_GRAB at a time, as they come free: a thread the OS holds back
- * (another process, the server's event loop) delays a product by one grab, not by half of it. */
-#define TILES_PER_GRAB 16
 #define MAX_XROWS 8
 
 /* Calls BLOCK(mb) with mb = min(rows left, XR) as a compile-time constant */
@@ -113,7 +110,7 @@ static void f32_linear(const float *x, int64_t M, int64_t K, const float *W, int
                        const float *bias, float *y, int threads) {
     const int rows = M == 1 ? SINGLE_ROWS : M <= XROWS ? ROWS : WIDE_ROWS;
     const int64_t tiles = N / rows;
-    #pragma omp parallel for num_threads(threads) schedule(dynamic, TILES_PER_GRAB)
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         if (M == 1) f32_tile(SINGLE_ROWS, 1, x, M, K, W, N, bias, y, t * SINGLE_ROWS);
         else if (M <= XROWS) f32_tile(ROWS, XROWS, x, M, K, W, N, bias, y, t * ROWS);
@@ -228,7 +225,7 @@ static inline __attribute__((always_inline)) void int_linear(
     const int single = M == 1 && fmt == I8;  /* 4-bit tiles of SINGLE_ROWS would not fit in registers */
     const int rows = single ? SINGLE_ROWS : M <= XROWS ? ROWS : WIDE_ROWS;
     const int64_t tiles = N / rows;
-    #pragma omp parallel for num_threads(threads) schedule(dynamic, TILES_PER_GRAB)
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         if (single) int_tile(fmt, SINGLE_ROWS, 1, q, M, K, W, scale, N, bias, y, t * SINGLE_ROWS);
         else if (M <= XROWS) int_tile(fmt, ROWS, XROWS, q, M, K, W, scale, N, bias, y, t * ROWS);

@@ -24,7 +24,7 @@ from gptforge.quant import inference_view, prepare_for_inference
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "mkldnn::_linear_pointwise", "aten::mkldnn_linear",
-              "aten::linear", "gptforge::linear_f32", "gptforge::linear_i8", "gptforge::linear_q4")
+              "aten::linear", "gptforge::linear")
 # A FusedTransformerBlock's decode step: one C call doing a whole block (its products, attention,
 # layer norms and GELU), counted as a share of its own.
 BLOCK_OPS = ("gptforge::block_decode",)

@@ -130,9 +130,10 @@ class _WeightOnlyLinear(nn.Module):
     it runs, else through `torch_rows` (PyTorch's weight-only kernel); many rows (a prefill) through
     the weights dequantized to `prefill_dtype`. x: (..., in) float -> (..., out), x's dtype.
     Subclasses store the weights with their inputs zero-padded to `in_padded` and give `fmt`,
-    `torch_rows` and `dequantized`."""
+    `torch_rows` and `_dequantized_in_torch`."""
 
     fmt = ""
+    dequantized_dtype = torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -158,6 +159,14 @@ class _WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         return F.pad(linear.weight.detach().float(), (0, self.in_padded - self.in_features))
 
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight (out, in) the stored values and scales stand for, in `dtype` (default: the
+        class's `dequantized_dtype`), converted in C where the kernels run."""
+        dtype = dtype or self.dequantized_dtype
+        if kernels.available() and dtype in (torch.float32, torch.bfloat16):
+            return kernels.dequantize(self.fmt, self.weight_data, self.scale, self.in_features, dtype)
+        return self._dequantized_in_torch(dtype)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt} weight-only"
 
@@ -166,6 +175,7 @@ class Int8Linear(_WeightOnlyLinear):
     """Weight-only int8 linear: w ~= int8 (out, in) * scale (out,), per output channel, symmetric."""
 
     fmt = "i8"
+    dequantized_dtype = torch.bfloat16
 
     def __init__(self, linear: nn.Linear, prefill_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -179,10 +189,7 @@ class Int8Linear(_WeightOnlyLinear):
         """(M, in_padded) bf16 -> (M, out) bf16 through PyTorch's int8 kernel, without the bias."""
         return torch._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(torch.bfloat16))
 
-    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """The weight (out, in) these int8 values and scales stand for, in `dtype`."""
-        if kernels.available() and dtype in (torch.float32, torch.bfloat16):
-            return kernels.dequantize("i8", self.weight_int8, self.scale, self.in_features, dtype)
+    def _dequantized_in_torch(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight_int8[:, :self.in_features].float() * self.scale[:, None]).to(dtype)
 
 
@@ -223,10 +230,7 @@ class Int4Linear(_WeightOnlyLinear):
         packed, scale_zeros = self._torch_pack
         return torch._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scale_zeros)[:, :self.out_features]
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight (out, in) these 4-bit values and scales stand for, in `dtype`."""
-        if kernels.available() and dtype in (torch.float32, torch.bfloat16):
-            return kernels.dequantize("q4", self.packed, self.scale, self.in_features, dtype)
+    def _dequantized_in_torch(self, dtype: torch.dtype) -> torch.Tensor:
         scale = self.scale.repeat_interleave(INT4_GROUP, dim=1)
         return ((self.codes().float() - 8) * scale)[:, :self.in_features].to(dtype)
 

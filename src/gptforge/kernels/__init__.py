@@ -44,7 +44,7 @@ FORMATS = {"f32": 0, "i8": 1, "q4": 2}  # gemv.h's enum format
 MAX_ROWS = 16  # products of up to this many rows (a decode step of a batch) run here; more (a prefill) on PyTorch's
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "gf_linear_args": [_I64, _P, _I64, _I64, _P, _P, _I64, _P, _P, ctypes.c_int],  # fmt, x, M, K, W, scale, N, bias, y, threads
+    "gf_linear": [_P, _P, _I64, _P, ctypes.c_int],  # layer, x, M, y, threads (gemv.h)
     "gf_block_decode": [_P, _P, _I64, _P, _P, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
     "gf_dequantize": [_P, _I64, _P, ctypes.c_int, ctypes.c_int],  # layer, k_out, out, bf16, threads
 }
@@ -134,20 +134,37 @@ def describe() -> str:
     return _STATUS[0]
 
 
-def supported(fmt: str, in_features: int) -> bool:
-    """Whether `fmt` ('f32', 'i8', 'q4') products with `in_features` inputs run here; the kernels
-    read whole vectors: 16 (AVX2: 8) floats, 64 (32) int8 values or 128 (64) 4-bit values."""
-    lib = library()
-    if lib is None:
-        return False
-    floats = lib.gf_vector_bits() // 32
-    return in_features % {"f32": floats, "i8": 4 * floats, "q4": 8 * floats}[fmt] == 0
-
-
 def vector_floats() -> int:
     """Floats per vector of the compiled kernels (16 with AVX-512, 8 with AVX2; 0 without them)."""
     lib = library()
     return 0 if lib is None else lib.gf_vector_bits() // 32
+
+
+def supported(fmt: str, in_features: int) -> bool:
+    """Whether `fmt` ('f32', 'i8', 'q4') products with `in_features` inputs run here; the kernels
+    read whole vectors: 16 (AVX2: 8) floats, 64 (32) int8 values or 128 (64) 4-bit values."""
+    floats = vector_floats()
+    return floats > 0 and in_features % {"f32": floats, "i8": 4 * floats, "q4": 8 * floats}[fmt] == 0
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def layer(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> Linear:
+    """The C description of weights in `fmt` (see `linear`); the tensors must outlive it."""
+    k = weight.shape[1] * (2 if fmt == "q4" else 1)  # 4-bit: two weights a byte
+    return Linear(FORMATS[fmt], weight.shape[0], k, _ptr(weight), _ptr(scale), _ptr(bias))
+
+
+def call(name: str, *args) -> None:
+    """The C function `name` on `args`, named `gptforge::name` in torch.profiler's tables when it runs."""
+    function = getattr(library(), name)
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(f"gptforge::{name.removeprefix('gf_')}"):
+            function(*args)
+    else:
+        function(*args)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str = "f32",
@@ -155,18 +172,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fmt
     """x (M, K) float32 @ W^T + bias -> (M, N) float32, for W (N, K) float32 (`fmt` 'f32'), int8
     with `scale` (N,) float32 ('i8'), or 4-bit: (N, K / 2) uint8 with `scale` (N, K / 32) float32
     ('q4', gemv.c's layout). Only call where `supported(fmt, K)`; no autograd."""
-    lib = library()
     x = x.contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    args = (FORMATS[fmt], x.data_ptr(), m, k, weight.data_ptr(), None if scale is None else scale.data_ptr(), n,
-            None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
-    if torch.autograd.profiler._is_profiler_enabled:  # name the call in torch.profiler's tables
-        with torch.profiler.record_function(f"gptforge::linear_{fmt}"):
-            lib.gf_linear_args(*args)
-    else:
-        lib.gf_linear_args(*args)
+    spec = layer(fmt, weight, scale, bias)
+    y = torch.empty(x.shape[0], spec.n, dtype=torch.float32)
+    call("gf_linear", ctypes.byref(spec), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -174,9 +183,7 @@ def dequantize(fmt: str, weight: torch.Tensor, scale: torch.Tensor, in_features:
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """int8 ('i8') or 4-bit ('q4') weights as (N, in_features) float32 or bfloat16 (what a prefill
     multiplies with), converted in C: ~10x faster than the same in PyTorch operators."""
-    n, k = weight.shape[0], weight.shape[1] * (2 if fmt == "q4" else 1)
-    out = torch.empty(n, in_features, dtype=dtype)
-    layer = Linear(FORMATS[fmt], n, k, weight.data_ptr(), scale.data_ptr(), None)
-    library().gf_dequantize(ctypes.byref(layer), in_features, out.data_ptr(), dtype == torch.bfloat16,
-                            torch.get_num_threads())
+    out = torch.empty(weight.shape[0], in_features, dtype=dtype)
+    call("gf_dequantize", ctypes.byref(layer(fmt, weight, scale, None)), in_features, out.data_ptr(),
+         dtype == torch.bfloat16, torch.get_num_threads())
     return out

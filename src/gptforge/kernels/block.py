@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..model import GELU, TransformerBlock
-from . import FORMATS, MAX_ROWS, Linear, library, supported, vector_floats
+from . import MAX_ROWS, Linear, _ptr, call, layer, library, supported, vector_floats
 
 
 class _Block(ctypes.Structure):  # block.c's gf_block
@@ -24,28 +24,24 @@ class _Block(ctypes.Structure):  # block.c's gf_block
                 ("eps", ctypes.c_double), ("qkv", Linear), ("proj", Linear), ("fc1", Linear), ("fc2", Linear)]
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _linear_spec(layer: nn.Module, keep: list) -> Linear | None:
+def _linear_spec(module: nn.Module, keep: list) -> Linear | None:
     """The C description of a prepared linear layer (float32, int8 or 4-bit), or None if the
     kernels cannot run it; `keep` collects the tensors the description points into."""
-    if hasattr(layer, "fmt"):  # quant's Int8Linear / Int4Linear
-        fmt, weight, scale, bias = layer.fmt, layer.weight_data, layer.scale, layer.bias
-        if layer.in_padded != layer.in_features:
+    if hasattr(module, "fmt"):  # quant's Int8Linear / Int4Linear
+        fmt, weight, scale, bias = module.fmt, module.weight_data, module.scale, module.bias
+        if module.in_padded != module.in_features:
             return None
     else:  # a Float32Linear or SharedQKV: float32 (out, in)
         fmt, scale = "f32", None
-        weight, bias = (layer._weight[0], layer._bias[0] if layer._bias else None) if hasattr(layer, "_weight") \
-            else (layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
+        weight, bias = (module._weight[0], module._bias[0] if module._bias else None) if hasattr(module, "_weight") \
+            else (module.weight.detach(), None if module.bias is None else module.bias.detach())
         if weight.dtype != torch.float32 or not weight.is_contiguous():
             return None
-    if not supported(fmt, weight.shape[1] * (2 if fmt == "q4" else 1)):
+    spec = layer(fmt, weight, scale, bias)
+    if not supported(fmt, spec.k):
         return None
     keep.extend(t for t in (weight, scale, bias) if t is not None)
-    return Linear(FORMATS[fmt], weight.shape[0], weight.shape[1] * (2 if fmt == "q4" else 1),
-                   _ptr(weight), _ptr(scale), _ptr(bias))
+    return spec
 
 
 def _block_spec(block: TransformerBlock) -> tuple[_Block, list] | None:
@@ -57,7 +53,7 @@ def _block_spec(block: TransformerBlock) -> tuple[_Block, list] | None:
             or not isinstance(layers[1], GELU)):
         return None
     keep = [p.detach() for p in norms]
-    linears = [_linear_spec(layer, keep) for layer in (att.fused_qkv, att.out_proj, layers[0], layers[2])]
+    linears = [_linear_spec(module, keep) for module in (att.fused_qkv, att.out_proj, layers[0], layers[2])]
     if any(spec is None for spec in linears):
         return None
     return _Block(d, heads, *(_ptr(p) for p in keep[:4]), block.norm1.eps, *linears), keep
@@ -80,13 +76,8 @@ class FusedTransformerBlock(TransformerBlock):
             return super().forward(x, kv, start, attn_mask)
         mask = None if attn_mask is None else attn_mask.expand(b, 1, 1, start + 1).reshape(b, start + 1).contiguous()
         out = x.contiguous().clone()  # the residual stream, updated in place by the C block
-        args = (ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(), keys.stride(0),
-                keys.shape[2], start, _ptr(mask), torch.get_num_threads())
-        if torch.autograd.profiler._is_profiler_enabled:  # name the call in torch.profiler's tables
-            with torch.profiler.record_function("gptforge::block_decode"):
-                library().gf_block_decode(*args)
-        else:
-            library().gf_block_decode(*args)
+        call("gf_block_decode", ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(),
+             keys.stride(0), keys.shape[2], start, _ptr(mask), torch.get_num_threads())
         return out
 
 

@@ -244,13 +244,6 @@ void gf_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads
         int_linear(Q4, x, M, L->k, L->w, L->scale, L->n, L->bias, y, threads);
 }
 
-/* The same, with the layer's fields as arguments (what Python calls for a single product) */
-void gf_linear_args(int64_t fmt, const float *x, int64_t M, int64_t K, const void *W, const float *scale,
-                    int64_t N, const float *bias, float *y, int threads) {
-    const gf_lin L = {fmt, N, K, W, scale, bias};
-    gf_linear(&L, x, M, y, threads);
-}
-
 /* The vector width compiled for, in bits (512 or 256), and whether the integer products are VNNI's. */
 int gf_vector_bits(void) { return VL * 32; }
 #ifdef VNNI

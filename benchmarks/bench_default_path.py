@@ -9,26 +9,14 @@ GPT-2 124M weights, batch 1. Greedy outputs are checked equal first.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
 import bench_generate as bg
 from gptforge import GPTModel, generate, preset
+from gptforge.cpu import cpu_summary
 from gptforge.quant import inference_view
-
-
-def cpu_name() -> str:
-    """The CPU model and its SIMD flags that matter here (from /proc/cpuinfo on Linux)."""
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    return f"{name} ({', '.join(wanted)})"
 
 
 def main() -> None:
@@ -54,7 +42,7 @@ def main() -> None:
     outputs = [e.run(idx, args.tokens) for e in engines]
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2]), "greedy outputs differ"
     assert torch.equal(generate(base, idx, args.tokens, stop_token_ids=()), outputs[0])
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, clock {args.clock}")
+    print(f"{cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads, clock {args.clock}")
     rates = {e.name: 1 / bg.timings(e, idx, args.tokens, args.repeats)[1] for e in engines}
     peer = rates["transformers fp32"]
     for name, rate in rates.items():

@@ -20,7 +20,6 @@ import argparse
 import csv
 import json
 import gc
-import platform
 import random
 import statistics
 import subprocess
@@ -178,9 +177,9 @@ def main() -> int:
     from gptforge.checkpoint import save
     from gptforge.model import GPTModel
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    print(f"CPU: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    from gptforge.cpu import cpu_summary
+
+    print(f"{cpu_summary()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(f"model: the book's 124M shape, batch {args.batch_size} x {args.length} tokens, {args.steps} steps, fp32")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

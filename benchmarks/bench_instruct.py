@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -104,16 +103,6 @@ def run_side(side: str, args: argparse.Namespace) -> tuple[float, float]:
     return float(rate), float(peak)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="timed steps each (after 2 warm-up steps)")
@@ -129,7 +118,9 @@ def main() -> int:
                 rate = gptforge_side(Path(tmp), args.steps, args.batch_size, args.lora_rank)
         print(rate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return 0
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads; model {CFG}; batch {args.batch_size}, "
+    from gptforge.cpu import cpu_summary
+
+    print(f"{cpu_summary()}, {torch.get_num_threads()} torch threads; model {CFG}; batch {args.batch_size}, "
           f"{args.steps} timed steps; a shared machine: figures are noisy")
     book, book_mem = run_side("book", args)
     ours, our_mem = run_side("gptforge", args)

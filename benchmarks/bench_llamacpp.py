@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import platform
 import sys
 import tempfile
 import time
@@ -38,29 +37,17 @@ import numpy as np
 import torch
 
 from gptforge import GPTModel, preset, save
+from gptforge.cpu import cpu_summary
 from gptforge.generation import GenerationConfig, _decode_steps
 from gptforge.quant import QUANTIZATIONS, prepare_for_inference
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
-         "amx_tile", "amx_bf16", "amx_int8")
 # gptforge mode -> (prepare_for_inference arguments, llama.cpp GGUF type); None: gptforge has no such mode.
 MODES = {
     "fp32": (("float32", "none"), "f32"),
     "int8": (("float32", "int8"), "q8_0"),
     "int4": (("float32", "int4") if "int4" in QUANTIZATIONS else None, "q4_0"),
 }
-
-
-def cpu_description() -> str:
-    """The CPU model and the SIMD flags that matter for these kernels (Linux /proc/cpuinfo)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return f"{model}; flags: {' '.join(f for f in FLAGS if f in flags) or 'none of ' + '/'.join(FLAGS)}"
 
 
 def best(fn, repeats: int) -> float:
@@ -142,7 +129,7 @@ def run(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50257, (16,), generator=gen).tolist()
     long_ids = torch.randint(0, 50257, (prefill_len,), generator=gen).tolist()
-    print(f"CPU: {cpu_description()}")
+    print(cpu_summary())
     print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, {args.threads} threads both sides; "
           f"GPT-2 124M shape, GPT-2 init (torch.manual_seed(0)); best of {args.repeats}")
     print(f"decode: batch 1, 16-token prompt, {new} new tokens (tokens/s after the first); prefill: {prefill_len} tokens\n")

@@ -37,9 +37,13 @@ def q8_0(x: torch.Tensor) -> torch.Tensor:
 def test_float32_kernel_is_the_product(rows, in_features, out_features):
     torch.manual_seed(rows)
     x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+    panels = kernels.pack("f32", w)[0]
+    assert torch.equal(kernels.unpack("f32", panels, None, out_features)[0], w)
     for bias in (b, None):
         expected = x.double() @ w.double().t() + (0 if bias is None else bias.double())
-        torch.testing.assert_close(kernels.linear(x, w, bias).double(), expected, rtol=1e-5, atol=1e-4)
+        for spec in (kernels.layer("f32", out_features, in_features, w, None, bias),  # row-major
+                     kernels.layer("f32", out_features, in_features, w, None, bias, panels)):  # and in panels
+            torch.testing.assert_close(kernels.linear(x, spec).double(), expected, rtol=1e-5, atol=1e-4)
 
 
 @needs_kernels
@@ -49,9 +53,10 @@ def test_int8_kernel_is_q8_0_activations_times_int8_weights(rows, in_features, o
     torch.manual_seed(rows)
     x, linear = torch.randn(rows, in_features) * 3, nn.Linear(in_features, out_features)
     q = Int8Linear(linear)
-    weight = q.weight_int8.double() * q.scale.double()[:, None]
+    assert q.panels and q.rows().shape == (out_features, in_features)
+    weight = q.rows().double() * q.scale.double()[:, None]
     expected = q8_0(x) @ weight.t() + linear.bias.double()
-    got = kernels.linear(x, q.weight_int8, q.bias, "i8", q.scale)
+    got = kernels.linear(x, q.spec())
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     # what activation quantization costs, against the unquantized product
     assert (got.double() - (x.double() @ weight.t() + linear.bias.double())).abs().max() < 0.05 * expected.abs().max()
@@ -67,14 +72,15 @@ def test_4bit_kernel_is_q8_0_activations_times_q4_0_weights(rows, in_features, o
     torch.manual_seed(rows)
     x, linear = torch.randn(rows, in_features), nn.Linear(in_features, out_features, bias=False)
     q = Int4Linear(linear)
+    assert q.panels
     # the weights as llama.cpp's Q4_0 holds them, with our float32 scales in place of its fp16 ones
     blocks = quantize(linear.weight.detach().numpy(), GGMLQuantizationType.Q4_0).reshape(-1, 18)
     ones = blocks.copy()
     ones[:, :2] = np.frombuffer(np.float16(1).tobytes(), np.uint8)
     codes = torch.from_numpy(dequantize(ones, GGMLQuantizationType.Q4_0)).double().reshape(out_features, -1)
-    weight = codes * q.scale.double().repeat_interleave(32, dim=1)
+    weight = codes * q.q4_0()[1].double().repeat_interleave(32, dim=1)
     expected = q8_0(x) @ weight.t()
-    got = kernels.linear(x, q.packed, None, "q4", q.scale)
+    got = kernels.linear(x, q.spec())
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -174,6 +180,25 @@ def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, tiny_
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours_cache.keys, ref_cache.keys, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours_cache.values, ref_cache.values, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_float32_panels_follow_the_weights(tiny_config):
+    """Products of several float32 rows read a second copy of the weights in panels, made on the
+    first such step: loading other weights into a prepared model remakes it (no stale copy)."""
+    import copy
+
+    from gptforge import GPTModel, generate, prepare_for_inference
+
+    cfg = tiny_config(vocab_size=256, context_length=32, emb_dim=64, n_heads=4)
+    torch.manual_seed(0)
+    first, second = GPTModel(cfg).eval(), GPTModel(cfg).eval()
+    idx = torch.randint(0, 256, (3, 5))
+    fast = prepare_for_inference(copy.deepcopy(first), "float32")
+    assert torch.equal(generate(fast, idx, 6, stop_token_ids=()), generate(first, idx, 6, stop_token_ids=()))
+    assert "_gf_panels" in fast.out_head.__dict__  # batch 3 went through the panels
+    fast.load_state_dict(second.state_dict())
+    assert torch.equal(generate(fast, idx, 6, stop_token_ids=()), generate(second, idx, 6, stop_token_ids=()))
 
 
 @needs_kernels

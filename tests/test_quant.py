@@ -46,7 +46,7 @@ def test_int8_linear_matches_its_dequantized_weight():
     torch.manual_seed(0)
     linear = nn.Linear(64, 96)
     q = Int8Linear(linear)
-    assert q.weight_int8.dtype == torch.int8 and q.weight_int8.abs().max() == 127
+    assert q.rows().dtype == torch.int8 and q.rows().abs().max() == 127 and q.rows().shape == (96, 128)
     # Quantization error of each weight is at most half a step.
     assert ((q.dequantized().float() - linear.weight).abs() <= q.scale.float()[:, None] * 0.51 + 1e-3).all()
     for rows in (1, 5, 40):  # the int8 kernel up to MAX_DECODE_ROWS, dequantize + bf16 matmul above
@@ -68,7 +68,7 @@ def test_int4_linear_is_llama_cpps_q4_0():
     # the same 4-bit values; the scales differ by float32 (ours) against fp16 (Q4_0) rounding
     assert ((q.dequantized() - q4_0).abs() <= 8 * 2**-11 * step).all()
     blocks = quantize(w, GGMLQuantizationType.Q4_0).reshape(72, 4, 18)  # per group: fp16 d, 16 bytes
-    assert torch.equal(q.packed, torch.from_numpy(blocks[..., 2:].reshape(72, 64).copy()))  # Q4_0's bytes
+    assert torch.equal(q.q4_0()[0], torch.from_numpy(blocks[..., 2:].reshape(72, 64).copy()))  # Q4_0's bytes
     for rows in (1, 5, 40):  # the int4 kernel up to MAX_DECODE_ROWS, dequantize + one matmul above
         x = torch.randn(3, rows, 128).bfloat16()
         ref = torch.nn.functional.linear(x.float(), q.dequantized(), linear.bias.bfloat16().float())

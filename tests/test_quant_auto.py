@@ -72,7 +72,7 @@ def test_int8_prefill_dequantizes_to_the_chosen_dtype(prefill_dtype):
     linear = nn.Linear(64, 96)
     q = Int8Linear(linear, prefill_dtype=prefill_dtype)
     x = torch.randn(40, 64).bfloat16()  # above MAX_DECODE_ROWS: the dequantized path
-    weight = (q.weight_int8[:, :64].float() * q.scale[:, None]).to(prefill_dtype)  # each weight rounded once
+    weight = (q.rows()[:, :64].float() * q.scale[:, None]).to(prefill_dtype)  # each weight rounded once
     ref = torch.nn.functional.linear(x.to(prefill_dtype), weight, linear.bias.detach().to(prefill_dtype)).bfloat16()
     assert torch.equal(q(x), ref)
 

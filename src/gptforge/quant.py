@@ -129,7 +129,8 @@ class _WeightOnlyLinear(nn.Module):
     """A quantized linear: a decode step's few rows through gptforge's integer kernel (`fmt`) where
     it runs, else through `torch_rows` (PyTorch's weight-only kernel); many rows (a prefill) through
     the weights dequantized to `prefill_dtype`. x: (..., in) float -> (..., out), x's dtype.
-    Subclasses store the weights with their inputs zero-padded to `in_padded` and give `fmt`,
+    Subclasses store the weights with their inputs zero-padded to `in_padded`, in the kernels'
+    panel order where they run (`panels`; `kernels.pack`), and give `fmt`, `weight_data`,
     `torch_rows` and `_dequantized_in_torch`."""
 
     fmt = ""
@@ -141,8 +142,8 @@ class _WeightOnlyLinear(nn.Module):
         if x2.shape[0] <= MAX_DECODE_ROWS:
             if self.in_padded != self.in_features:
                 x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-            if kernels.supported(self.fmt, self.in_padded):
-                out = kernels.linear(x2.float(), self.weight_data, self.bias, self.fmt, self.scale)
+            if self.panels:
+                out = kernels.linear(x2.float(), self.spec())
             else:
                 out = self.torch_rows(x2.to(torch.bfloat16).contiguous()).float()
                 out = out if self.bias is None else out + self.bias
@@ -156,15 +157,20 @@ class _WeightOnlyLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.in_padded = -(-linear.in_features // PAD_IN_FEATURES) * PAD_IN_FEATURES
         self.prefill_dtype = prefill_dtype  # what a prefill dequantizes to (`choose_mode`)
+        self.panels = kernels.supported(self.fmt, self.in_padded)  # stored for gptforge's kernels
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         return F.pad(linear.weight.detach().float(), (0, self.in_padded - self.in_features))
+
+    def spec(self) -> kernels.Linear:
+        """The C kernels' description of this layer (only where `panels`)."""
+        return kernels.layer(self.fmt, self.out_features, self.in_padded, self.weight_data, self.scale, self.bias)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight (out, in) the stored values and scales stand for, in `dtype` (default: the
         class's `dequantized_dtype`), converted in C where the kernels run."""
         dtype = dtype or self.dequantized_dtype
-        if kernels.available() and dtype in (torch.float32, torch.bfloat16):
-            return kernels.dequantize(self.fmt, self.weight_data, self.scale, self.in_features, dtype)
+        if self.panels and dtype in (torch.float32, torch.bfloat16):
+            return kernels.dequantize(self.spec(), self.in_features, dtype)
         return self._dequantized_in_torch(dtype)
 
     def extra_repr(self) -> str:
@@ -172,7 +178,8 @@ class _WeightOnlyLinear(nn.Module):
 
 
 class Int8Linear(_WeightOnlyLinear):
-    """Weight-only int8 linear: w ~= int8 (out, in) * scale (out,), per output channel, symmetric."""
+    """Weight-only int8 linear: w ~= int8 (out, in) * scale (out,), per output channel, symmetric.
+    `weight_int8` holds the int8 values (in the kernels' panel order where `panels`: see `rows`)."""
 
     fmt = "i8"
     dequantized_dtype = torch.bfloat16
@@ -181,23 +188,29 @@ class Int8Linear(_WeightOnlyLinear):
         super().__init__()
         weight = self._set_common(linear, prefill_dtype)
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
-        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight_int8", kernels.pack("i8", q)[0] if self.panels else q)
         self.register_buffer("scale", scale)
         self.weight_data = self.weight_int8
 
+    def rows(self) -> torch.Tensor:
+        """The int8 values (out, in_padded), row-major."""
+        return kernels.unpack("i8", self.weight_int8, None, self.out_features)[0] if self.panels else self.weight_int8
+
     def torch_rows(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, in_padded) bf16 -> (M, out) bf16 through PyTorch's int8 kernel, without the bias."""
-        return torch._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(torch.bfloat16))
+        return torch._weight_int8pack_mm(x2, self.rows(), self.scale.to(torch.bfloat16))
 
     def _dequantized_in_torch(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.weight_int8[:, :self.in_features].float() * self.scale[:, None]).to(dtype)
+        return (self.rows()[:, :self.in_features].float() * self.scale[:, None]).to(dtype)
 
 
 class Int4Linear(_WeightOnlyLinear):
     """Weight-only 4-bit linear, llama.cpp's Q4_0: each run of 32 weights along a row shares one
     scale d = (its value of largest magnitude) / -8, and w ~= (q - 8) * d with q in [0, 15].
-    `packed` (out, in / 2) uint8 holds Q4_0's bytes (byte j of a group: q of weight j in the low
-    nibble, of weight j + 16 in the high one), `scale` (out, in / 32) float32 the d's."""
+    `packed` and `scale` hold them: in the kernels' panel order where `panels`, else as Q4_0's
+    bytes (out, in / 2) uint8 (byte j of a group: q of weight j in the low nibble, of weight
+    j + 16 in the high one) and the d's (out, in / 32) float32; `q4_0` gives the latter always."""
 
     fmt = "q4"
 
@@ -208,15 +221,29 @@ class Int4Linear(_WeightOnlyLinear):
         d = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)) / -8  # (out, in/32, 1)
         inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
         q = (groups * inverse + 8.5).floor().clamp(0, 15).to(torch.uint8)  # Q4_0's rounding
-        packed = q[..., :INT4_GROUP // 2] | (q[..., INT4_GROUP // 2:] << 4)
-        self.register_buffer("packed", packed.reshape(self.out_features, -1).contiguous())
-        self.register_buffer("scale", d.squeeze(-1).contiguous())
+        if self.panels:
+            packed, scale = kernels.pack("q4", q.reshape(self.out_features, -1), d.reshape(self.out_features, -1))
+        else:
+            packed = (q[..., :INT4_GROUP // 2] | (q[..., INT4_GROUP // 2:] << 4)).reshape(self.out_features, -1)
+            scale = d.reshape(self.out_features, -1)
+        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer("scale", scale.contiguous())
         self.weight_data = self.packed
 
     def codes(self) -> torch.Tensor:
         """The 4-bit values q (out, in_padded) int32, 0..15."""
+        if self.panels:
+            return kernels.unpack("q4", self.packed, self.scale, self.out_features)[0].to(torch.int32)
         groups = self.packed.view(self.out_features, -1, INT4_GROUP // 2).to(torch.int32)
         return torch.cat([groups & 15, groups >> 4], dim=-1).reshape(self.out_features, -1)
+
+    def q4_0(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q4_0's bytes (out, in_padded / 2) uint8 and scales (out, in_padded / 32) float32."""
+        if not self.panels:
+            return self.packed, self.scale
+        groups = self.codes().to(torch.uint8).view(self.out_features, -1, INT4_GROUP)
+        packed = groups[..., :INT4_GROUP // 2] | (groups[..., INT4_GROUP // 2:] << 4)
+        return packed.reshape(self.out_features, -1), kernels.unpack("q4", self.packed, self.scale, self.out_features)[1]
 
     def torch_rows(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, in_padded) bf16 -> (M, out) bf16 through PyTorch's int4 kernel, without the bias
@@ -224,14 +251,14 @@ class Int4Linear(_WeightOnlyLinear):
         if "_torch_pack" not in self.__dict__:
             pad = -self.out_features % 64
             q = F.pad(self.codes(), (0, 0, 0, pad))
-            scale = F.pad(self.scale, (0, 0, 0, pad)).t().contiguous()  # (in/32, out + pad)
+            scale = F.pad(self.q4_0()[1], (0, 0, 0, pad)).t().contiguous()  # (in/32, out + pad)
             self._torch_pack = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
                                 torch.stack([scale, torch.zeros_like(scale)], -1).to(torch.bfloat16))
         packed, scale_zeros = self._torch_pack
         return torch._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scale_zeros)[:, :self.out_features]
 
     def _dequantized_in_torch(self, dtype: torch.dtype) -> torch.Tensor:
-        scale = self.scale.repeat_interleave(INT4_GROUP, dim=1)
+        scale = self.q4_0()[1].repeat_interleave(INT4_GROUP, dim=1)
         return ((self.codes().float() - 8) * scale)[:, :self.in_features].to(dtype)
 
 
@@ -243,15 +270,18 @@ def _swap_linears(module: nn.Module, make: Any) -> None:
             _swap_linears(child, make)
 
 
-def _float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _float32_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (..., in) @ weight (out, in).T + bias: a decode step's few rows through gptforge's kernel
-    (where it runs here), anything else (a prefill, a training step) through PyTorch."""
+    (where it runs here; several rows through the panels `owner` keeps), anything else (a prefill,
+    a training step) through PyTorch."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if (0 < rows <= MAX_DECODE_ROWS and x.dtype == torch.float32 and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             and x.device.type == "cpu" and kernels.supported("f32", k)):
-        return kernels.linear(x.reshape(rows, k), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+        panels = kernels.f32_panels(owner, weight, owner.weights_version()) if rows > 1 else None
+        spec = kernels.layer("f32", weight.shape[0], k, weight, None, bias, panels)
+        return kernels.linear(x.reshape(rows, k), spec).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -268,6 +298,7 @@ class SharedQKV(nn.Module):
         for i, lin in enumerate(linears):
             lin.weight.data = fused[i * n:(i + 1) * n]  # (out, in) view into the fused matrix
         self._weight = (fused,)  # a tuple, so the view is not registered as a parameter again
+        self._parts = tuple(lin.weight for lin in linears)
         self._bias = None
         if att.W_query.bias is not None:
             fused_b = torch.cat([lin.bias.detach() for lin in linears])
@@ -275,16 +306,24 @@ class SharedQKV(nn.Module):
                 lin.bias.data = fused_b[i * n:(i + 1) * n]
             self._bias = (fused_b,)
 
+    def weights_version(self) -> int:
+        """Grows whenever the weights change in place (the fused matrix has a version counter of its
+        own: the parameters' views of it do not bump it)."""
+        return sum(p._version for p in self._parts)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _float32_linear(x, self._weight[0], self._bias[0] if self._bias else None)
+        return _float32_linear(self, x, self._weight[0], self._bias[0] if self._bias else None)
 
 
 class Float32Linear(nn.Linear):
     """An nn.Linear (same parameters and state-dict keys) whose decode steps run on gptforge's
     kernel; set by `prepare_for_inference(model, "float32")`."""
 
+    def weights_version(self) -> int:
+        return self.weight._version
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _float32_linear(x, self.weight, self.bias)
+        return _float32_linear(self, x, self.weight, self.bias)
 
 
 def _pack_linears(model: nn.Module) -> None:

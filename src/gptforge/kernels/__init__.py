@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..cpu import cpu_flags
 
@@ -54,7 +55,7 @@ class Linear(ctypes.Structure):
     """gemv.h's gf_lin: one layer's weights as the C kernels read them."""
 
     _fields_ = [("fmt", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("w", ctypes.c_void_p),
-                ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("wp", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
 
 _STATUS = ["not loaded"]  # what describe() says
@@ -141,20 +142,62 @@ def vector_floats() -> int:
 
 
 def supported(fmt: str, in_features: int) -> bool:
-    """Whether `fmt` ('f32', 'i8', 'q4') products with `in_features` inputs run here; the kernels
-    read whole vectors: 16 (AVX2: 8) floats, 64 (32) int8 values or 128 (64) 4-bit values."""
+    """Whether `fmt` ('f32', 'i8', 'q4') products with `in_features` inputs run here: float32 reads
+    whole vectors (16 floats with AVX-512, 8 with AVX2), int8 and 4-bit whole Q8_0 blocks of 32."""
     floats = vector_floats()
-    return floats > 0 and in_features % {"f32": floats, "i8": 4 * floats, "q4": 8 * floats}[fmt] == 0
+    return floats > 0 and in_features % (floats if fmt == "f32" else 32) == 0
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def layer(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> Linear:
-    """The C description of weights in `fmt` (see `linear`); the tensors must outlive it."""
-    k = weight.shape[1] * (2 if fmt == "q4" else 1)  # 4-bit: two weights a byte
-    return Linear(FORMATS[fmt], weight.shape[0], k, _ptr(weight), _ptr(scale), _ptr(bias))
+def pack(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weights (N, K) in the panel order gemv.c's kernels read (its header says which), and the
+    4-bit scales likewise; `unpack` undoes it. float32: `weight` float32; int8: `weight` int8
+    (`scale` (N,) is used as it is); 4-bit: `weight` the codes q in [0, 15] (uint8), `scale` (N, K / 32)."""
+    vl = vector_floats()
+    n, k = weight.shape
+    rows = F.pad(weight, (0, 0, 0, -n % vl), value=8 if fmt == "q4" else 0)  # whole panels; 4-bit 8 is 0
+    p = rows.shape[0] // vl
+    if fmt == "f32":
+        return rows.view(p, vl, k).transpose(1, 2).contiguous(), None  # (P, K, VL)
+    if fmt == "i8":
+        return rows.view(p, vl, k // 4, 4).permute(0, 2, 1, 3).contiguous(), scale  # (P, K / 4, VL, 4)
+    q = rows.view(p, vl, k // 32, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # k = 32 g + 8 t + 4 h + j -> g, t, c, j, h
+    packed = (q[..., 0] | (q[..., 1] << 4)).contiguous()  # (P, K / 32, 4, VL, 4)
+    return packed, F.pad(scale, (0, 0, 0, -n % vl)).view(p, vl, k // 32).transpose(1, 2).contiguous()
+
+
+def unpack(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`pack`'s inverse: the (n, K) weights (4-bit: the codes) and scales from panels."""
+    p, vl = weight.shape[0], vector_floats()
+    if fmt == "f32":
+        return weight.transpose(1, 2).reshape(p * vl, -1)[:n], None
+    if fmt == "i8":
+        return weight.permute(0, 2, 1, 3).reshape(p * vl, -1)[:n], scale
+    q = torch.stack([weight & 15, weight >> 4], dim=-1)  # (P, K / 32, 4, VL, 4, 2): g, t, c, j, h
+    codes = q.permute(0, 3, 1, 2, 5, 4).reshape(p * vl, -1)[:n]
+    return codes, scale.transpose(1, 2).reshape(p * vl, -1)[:n]
+
+
+def f32_panels(owner: object, weight: torch.Tensor, version: int) -> torch.Tensor:
+    """`pack("f32", weight)`, kept on `owner` (a module): made on the first product of several rows
+    (a second copy of the weights, 2x faster at 8 rows than the row-major ones), remade when the
+    weights change (a new tensor, or `version`: their version counters' sum)."""
+    key = (weight.data_ptr(), version)
+    cached = owner.__dict__.get("_gf_panels")
+    if cached is None or cached[0] != key:
+        cached = owner.__dict__["_gf_panels"] = (key, pack("f32", weight.detach())[0])
+    return cached[1]
+
+
+def layer(fmt: str, n: int, k: int, weight: torch.Tensor, scale: torch.Tensor | None = None,
+          bias: torch.Tensor | None = None, panels: torch.Tensor | None = None) -> Linear:
+    """The C description of an (n, k) layer in `fmt` (gemv.c): float32 `weight` row-major (and
+    its `panels`, made by `pack`, for products of several rows), int8 and 4-bit in panels; the
+    tensors must outlive it."""
+    return Linear(FORMATS[fmt], n, k, _ptr(weight), _ptr(panels), _ptr(scale), _ptr(bias))
 
 
 def call(name: str, *args) -> None:
@@ -167,23 +210,19 @@ def call(name: str, *args) -> None:
         function(*args)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str = "f32",
-           scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) float32 @ W^T + bias -> (M, N) float32, for W (N, K) float32 (`fmt` 'f32'), int8
-    with `scale` (N,) float32 ('i8'), or 4-bit: (N, K / 2) uint8 with `scale` (N, K / 32) float32
-    ('q4', gemv.c's layout). Only call where `supported(fmt, K)`; no autograd."""
+def linear(x: torch.Tensor, spec: Linear) -> torch.Tensor:
+    """x (M, K) float32 @ W^T + bias -> (M, N) float32 for the layer `spec` (see `layer`). Only
+    call where `supported(fmt, K)` and M <= MAX_ROWS; no autograd."""
     x = x.contiguous()
-    spec = layer(fmt, weight, scale, bias)
     y = torch.empty(x.shape[0], spec.n, dtype=torch.float32)
     call("gf_linear", ctypes.byref(spec), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
     return y
 
 
-def dequantize(fmt: str, weight: torch.Tensor, scale: torch.Tensor, in_features: int,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """int8 ('i8') or 4-bit ('q4') weights as (N, in_features) float32 or bfloat16 (what a prefill
+def dequantize(spec: Linear, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An int8 or 4-bit layer's weights as (N, in_features) float32 or bfloat16 (what a prefill
     multiplies with), converted in C: ~10x faster than the same in PyTorch operators."""
-    out = torch.empty(weight.shape[0], in_features, dtype=dtype)
-    call("gf_dequantize", ctypes.byref(layer(fmt, weight, scale, None)), in_features, out.data_ptr(),
-         dtype == torch.bfloat16, torch.get_num_threads())
+    out = torch.empty(spec.n, in_features, dtype=dtype)
+    call("gf_dequantize", ctypes.byref(spec), in_features, out.data_ptr(), dtype == torch.bfloat16,
+         torch.get_num_threads())
     return out

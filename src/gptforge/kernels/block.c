@@ -66,6 +66,9 @@ static float softmax_numerators(float *p, int64_t n) {
     return sum + vsum(acc);
 }
 
+#define ATT_AHEAD 8   /* cached keys and values prefetched this many positions ahead */
+#define MAX_HEAD 256  /* the largest head size the C block runs (block.py checks) */
+
 /* Causal attention of each row's query over the S = start + 1 cached keys (those `mask` allows:
  * mask (M, S) bytes, or NULL for all), scaled dot products and softmax, as
  * F.scaled_dot_product_attention. qkv (M, 3 d); k, v: row b, head h, position s at
@@ -83,15 +86,21 @@ static void attention(const float *qkv, int64_t M, int64_t d, int64_t heads, con
         float *p = scores + bh * S, *out = ctx + b * d + h * hs;
         for (int64_t s = 0; s < S; s++) {
             vec acc = vset1(0.f);
+            for (int64_t i = 0; i < hs; i += 16) __builtin_prefetch(k + (s + ATT_AHEAD) * hs + i, 0, 0);
             for (int64_t i = 0; i < hs; i += VL) acc = vfma(vload(q + i), vload(k + s * hs + i), acc);
             p[s] = mask && !mask[b * S + s] ? -INFINITY : vsum(acc) * scale;
         }
+        for (int64_t s = 0; s < ATT_AHEAD && s < S; s++)
+            for (int64_t i = 0; i < hs; i += 16) __builtin_prefetch(v + s * hs + i, 0, 0);
         const float inv = 1.f / softmax_numerators(p, S);
-        for (int64_t i = 0; i < hs; i += VL) {
-            vec acc = vset1(0.f);
-            for (int64_t s = 0; s < S; s++) acc = vfma(vset1(p[s]), vload(v + s * hs + i), acc);
-            vstore(out + i, acc * vset1(inv));
+        vec acc[MAX_HEAD / VL];
+        for (int64_t i = 0; i < hs / VL; i++) acc[i] = vset1(0.f);
+        for (int64_t s = 0; s < S; s++) {  /* the values in order, row by row */
+            for (int64_t i = 0; i < hs; i += 16) __builtin_prefetch(v + (s + ATT_AHEAD) * hs + i, 0, 0);
+            const vec ps = vset1(p[s]);
+            for (int64_t i = 0; i < hs / VL; i++) acc[i] = vfma(ps, vload(v + s * hs + i * VL), acc[i]);
         }
+        for (int64_t i = 0; i < hs / VL; i++) vstore(out + i * VL, acc[i] * vset1(inv));
     }
 }
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..model import GELU, TransformerBlock
-from . import MAX_ROWS, Linear, _ptr, call, layer, library, supported, vector_floats
+from . import MAX_ROWS, Linear, _ptr, call, f32_panels, layer, library, supported, vector_floats
 
 
 class _Block(ctypes.Structure):  # block.c's gf_block
@@ -28,32 +28,33 @@ def _linear_spec(module: nn.Module, keep: list) -> Linear | None:
     """The C description of a prepared linear layer (float32, int8 or 4-bit), or None if the
     kernels cannot run it; `keep` collects the tensors the description points into."""
     if hasattr(module, "fmt"):  # quant's Int8Linear / Int4Linear
-        fmt, weight, scale, bias = module.fmt, module.weight_data, module.scale, module.bias
-        if module.in_padded != module.in_features:
+        if not module.panels or module.in_padded != module.in_features:
             return None
-    else:  # a Float32Linear or SharedQKV: float32 (out, in)
-        fmt, scale = "f32", None
-        weight, bias = (module._weight[0], module._bias[0] if module._bias else None) if hasattr(module, "_weight") \
-            else (module.weight.detach(), None if module.bias is None else module.bias.detach())
-        if weight.dtype != torch.float32 or not weight.is_contiguous():
-            return None
-    spec = layer(fmt, weight, scale, bias)
-    if not supported(fmt, spec.k):
+        keep.extend(t for t in (module.weight_data, module.scale, module.bias) if t is not None)
+        return module.spec()
+    weight, bias = _float32_weights(module)  # a Float32Linear or SharedQKV: float32 (out, in)
+    if weight.dtype != torch.float32 or not weight.is_contiguous() or not supported("f32", weight.shape[1]):
         return None
-    keep.extend(t for t in (weight, scale, bias) if t is not None)
-    return spec
+    keep.extend(t for t in (weight, bias) if t is not None)
+    return layer("f32", weight.shape[0], weight.shape[1], weight, None, bias)
+
+
+def _float32_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if hasattr(module, "_weight"):  # SharedQKV
+        return module._weight[0], module._bias[0] if module._bias else None
+    return module.weight.detach(), None if module.bias is None else module.bias.detach()
 
 
 def _block_spec(block: TransformerBlock) -> tuple[_Block, list] | None:
     att, layers = block.att, block.ff.layers
     d, heads, floats = att.d_out, att.num_heads, vector_floats()
     norms = (block.norm1.scale, block.norm1.shift, block.norm2.scale, block.norm2.shift)
-    if (att.fused_qkv is None or not floats or (d // heads) % floats or (4 * d) % floats
+    if (att.fused_qkv is None or not floats or (d // heads) % floats or d // heads > 256 or (4 * d) % floats
             or block.norm1.eps != block.norm2.eps or any(p.dtype != torch.float32 for p in norms)
             or not isinstance(layers[1], GELU)):
         return None
     keep = [p.detach() for p in norms]
-    linears = [_linear_spec(module, keep) for module in (att.fused_qkv, att.out_proj, layers[0], layers[2])]
+    linears = [_linear_spec(module, keep) for module in FusedTransformerBlock._linears(block)]
     if any(spec is None for spec in linears):
         return None
     return _Block(d, heads, *(_ptr(p) for p in keep[:4]), block.norm1.eps, *linears), keep
@@ -61,6 +62,9 @@ def _block_spec(block: TransformerBlock) -> tuple[_Block, list] | None:
 
 class FusedTransformerBlock(TransformerBlock):
     """A TransformerBlock whose decode steps run in C (see the module docstring)."""
+
+    def _linears(self) -> tuple[nn.Module, ...]:
+        return self.att.fused_qkv, self.att.out_proj, self.ff.layers[0], self.ff.layers[2]
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start: int = 0, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,6 +78,11 @@ class FusedTransformerBlock(TransformerBlock):
         if (keys.dtype != torch.float32 or keys.stride()[1:] != inner or values.stride() != keys.stride()
                 or (attn_mask is not None and attn_mask.dtype != torch.bool)):
             return super().forward(x, kv, start, attn_mask)
+        if b > 1:  # several rows: float32 layers multiply through their panels
+            for name, module in zip(("qkv", "proj", "fc1", "fc2"), self._linears()):
+                spec_linear = getattr(spec[0], name)
+                if spec_linear.fmt == 0:
+                    spec_linear.wp = f32_panels(module, _float32_weights(module)[0], module.weights_version()).data_ptr()
         mask = None if attn_mask is None else attn_mask.expand(b, 1, 1, start + 1).reshape(b, start + 1).contiguous()
         out = x.contiguous().clone()  # the residual stream, updated in place by the C block
         call("gf_block_decode", ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(),

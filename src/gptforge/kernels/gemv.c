@@ -1,27 +1,36 @@
 /* Decode-step matrix products for gptforge: y (M, N) = x (M, K) @ W (N, K)^T + bias, for a few
- * rows M (one decode step of a batch of M sequences), float32 x and y, W row-major (N, K) in one
- * of three formats (gemv.h's gf_lin):
+ * rows M (one decode step of a batch of M sequences), float32 x and y, W in one of three formats
+ * (gemv.h's gf_lin):
  *
- *   F32  W float32
- *   I8   W int8 with one float32 scale per row: W[n, k] = q[n, k] * scale[n]
- *   Q4   W in 4-bit groups of 32 along a row, llama.cpp's Q4_0 layout: 16 bytes per group, byte j
- *        holding q of weight j (low nibble) and of weight j + 16 (high nibble), one float32
- *        scale d per group (scale[n, k / 32]): W = (q - 8) * d
+ *   F32  W float32, (N, K) row-major: `w`; and, where the caller made it, `wp`, the same in panels
+ *   I8   W int8 with one float32 scale per row, W[n, k] = q[n, k] * scale[n]: q in panels
+ *   Q4   W in 4-bit groups of 32 along a row, llama.cpp's Q4_0: W = (q - 8) * d, q in [0, 15],
+ *        one float32 d per group: q and d in panels
  *
- * At a few rows the product is memory-bound: the time is that of streaming W from memory once.
- * So every kernel reads each weight once per call whatever M is (a tile of ROWS rows of W, held in
- * registers, meets every row of x), prefetches ahead of what it reads, and splits the rows of W
- * among `threads` OpenMP threads (the same OpenMP runtime as PyTorch's, which is already loaded).
+ * Panels: W's rows (the outputs) in runs of VL (one vector of outputs), each run stored along K
+ * in the order the kernels read it (kernels/__init__.py's `pack` makes them; the last run is
+ * padded with zeros):
+ *   F32  panel p: for each k, VL floats W[p VL + c, k], c = 0..VL-1
+ *   I8   panel p: for each 4 k (k = 4 s + j), IB = 4 VL bytes, byte 4 c + j = q[p VL + c, 4 s + j]
+ *   Q4   panel p: for each group g of 32 and each quarter t of it, IB bytes, byte 4 c + j holding
+ *        q[p VL + c, 32 g + 8 t + j] (low nibble) and q[..., 32 g + 8 t + 4 + j] (high nibble);
+ *        the scales: for each g, VL floats d[p VL + c, g]
+ * So a vector of accumulators holds VL outputs, each x value is broadcast against VL weights at
+ * once, and no sums across a vector are needed. At one row (batch 1) a product is memory-bound:
+ * its time is that of streaming W once, with prefetching, so the tiles read several panels at
+ * once; at 8 rows it is compute-bound, and a tile is one panel meeting 8 rows of x: 8 (AVX2: 4)
+ * multiply-adds per weight loaded. float32 at one row reads the row-major `w` (the same speed,
+ * and no second copy of the weights unless a batch asks for `wp`).
  *
- * The int8 and 4-bit kernels quantize x as llama.cpp does (its Q8_0: per block of 32 values,
- * d = max|x| / 127, xq = round(x / d)) so that the inner products are integer ones: IB byte
- * products per instruction (VNNI's vpdpbusd, or vpmaddubsw + vpmaddwd) instead of converting each
- * weight to float. Lane l of an int32 vector sums 4 byte products; each vector is converted to
- * float once and scaled by its lanes' d.
+ * int8 and 4-bit: x is quantized as llama.cpp's Q8_0 (per block of 32 values d = max|x| / 127,
+ * xq = round(x / d)) so that the inner products are integer ones: 4 byte products per int32 lane
+ * per instruction (VNNI's vpdpbusd, else vpmaddubsw + vpmaddwd). A block's sums are converted to
+ * float once and scaled by d (and, 4-bit, the group's weight scale).
  *
+ * The threads (OpenMP, the same runtime as PyTorch's) split the panels among them.
  * gptforge/kernels/__init__.py compiles this file once per CPU with -march=native: the vectors
  * (simd.h) are AVX-512's where the CPU has it, else AVX2's. K must be a whole number of vectors
- * (F32: VL floats, I8: IB values, Q4: 2 * IB values; the caller checks).
+ * for F32 (VL floats) and of Q8_0 blocks (32) for I8 and Q4 (the caller checks).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -30,218 +39,254 @@
 #include "simd.h"
 
 /* vpdpbusd multiplies unsigned by signed bytes. With VNNI, int8 weights are read as the unsigned
- * w + 128 (a bit flip), and each lane starts at -128 * (the sum of its 4 x values). Without VNNI
- * (vpmaddubsw saturates at 16 bits, too small for that), |w| times x carrying w's sign. */
+ * w + 128 (a bit flip), and each block's sum starts at -128 * (the sum of its x values). Without
+ * VNNI (vpmaddubsw saturates at 16 bits, too small for that), |w| times x carrying w's sign.
+ * 4-bit weights are the unsigned q, and a group's sum starts at -8 * (the sum of its x values). */
 #ifdef VNNI
 #define I8_OFFSET 128
 #else
 #define I8_OFFSET 0
 #endif
 
-/* Tiles: ROWS rows of W meet XROWS rows of x at a time (further passes read the tile from cache).
- * One row of x (batch 1) meets SINGLE_ROWS rows of W: more streams from memory at once. Batches
- * of more than XROWS rows use narrower, taller tiles (WIDE_ROWS x WIDE_XROWS): as many
- * accumulators, fewer passes. AVX2 has half AVX-512's registers. */
-#define ROWS 4
-#define XROWS 4
-#define WIDE_ROWS 2
+/* Tiles. float32 at one row: SINGLE_ROWS rows of `w` at once (more streams from memory). Panels:
+ * at one row PANELS panels at once; at more, one panel meets XROWS rows of x at a time (their
+ * accumulators, twice that for int8/4-bit, must fit in registers: AVX2 has half AVX-512's). */
 #if VL == 16
 #define SINGLE_ROWS 8
-#define WIDE_XROWS 8
+#define XROWS 8
 #else
 #define SINGLE_ROWS 4
-#define WIDE_XROWS 4
+#define XROWS 4
 #endif
-#define MAX_ROWS 8
-#define MAX_XROWS 8
+#define PANELS 4
+#define F32_CHUNK 64  /* float32 panels: k values summed apart before joining an output's sum */
+#define PREFETCH 16384  /* bytes ahead of the weights being read, prefetched into L2 (more misses in flight than L1) */
 
-/* Calls BLOCK(mb) with mb = min(rows left, XR) as a compile-time constant */
-#define FOR_EACH_XBLOCK(M, XR, BLOCK)                                         \
-    for (int64_t m0 = 0; m0 < (M); m0 += (XR)) {                              \
-        switch ((M) - m0 < (XR) ? (M) - m0 : (XR)) {                          \
+static inline int64_t panel_count(int64_t n) { return (n + VL - 1) / VL; }
+
+/* Calls BLOCK(mb) with mb = min(rows left, XROWS) as a compile-time constant */
+#define FOR_EACH_XBLOCK(M, BLOCK)                                             \
+    for (int64_t m0 = 0; m0 < (M); m0 += XROWS) {                            \
+        switch ((M) - m0 < XROWS ? (M) - m0 : XROWS) {                        \
         case 1: BLOCK(1); break;                                              \
         case 2: BLOCK(2); break;                                              \
         case 3: BLOCK(3); break;                                              \
         case 4: BLOCK(4); break;                                              \
-        case 5: if ((XR) >= 5) BLOCK(5); break;                               \
-        case 6: if ((XR) >= 6) BLOCK(6); break;                               \
-        case 7: if ((XR) >= 7) BLOCK(7); break;                               \
-        default: if ((XR) >= 8) BLOCK(8); break;                              \
+        case 5: if (XROWS >= 5) BLOCK(5); break;                              \
+        case 6: if (XROWS >= 6) BLOCK(6); break;                              \
+        case 7: if (XROWS >= 7) BLOCK(7); break;                              \
+        default: if (XROWS >= 8) BLOCK(8); break;                             \
         }                                                                     \
     }
-#define PREFETCH 16384  /* bytes ahead of the weights being read, prefetched into L2 (more misses in flight than L1) */
 
-/* ---------------------------------------------------------------------------------- float32 */
+/* Runs TILE(MB, NP, p0) over all panels of an N-output product, split among the threads: at one
+ * row, PANELS panels per tile; else one panel per tile, XROWS rows of x at a time. */
+#define FOR_EACH_TILE(M, N, TILE)                                                                 \
+    do {                                                                                          \
+        const int64_t P = panel_count(N), np = (M) == 1 ? PANELS : 1, tiles = P / np;            \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                         \
+        for (int64_t t = 0; t < tiles; t++) {                                                     \
+            if ((M) == 1) {                                                                       \
+                const int64_t m0 = 0;                                                             \
+                TILE(1, PANELS, t * PANELS);                                                      \
+            } else {                                                                              \
+                FOR_EACH_XBLOCK(M, ONE_PANEL)                                                     \
+            }                                                                                     \
+        }                                                                                         \
+        for (int64_t p = tiles * np; p < P; p++)                                                  \
+            for (int64_t m = 0; m < (M); m++) TILE_ROW(m, p);                                     \
+    } while (0)
 
-/* Rows [n0, n0 + R) of W against rows [m0, m0 + MB) of x. R and MB are compile-time constants
- * (the callers pass literals into these always-inlined functions), so the accumulators stay in
- * registers. */
-static inline __attribute__((always_inline)) void f32_block(
-        const int R, const int MB, const float *x, int64_t m0, int64_t K, const float *W,
-        int64_t N, const float *bias, float *y, int64_t n0) {
-    vec acc[MAX_XROWS][MAX_ROWS];
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) acc[m][r] = vzero();
+/* Row m of y, outputs [n0, n0 + VL) (those < N): acc * scale (if any) + bias (if any) */
+static inline void store_outputs(vec acc, float *y, int64_t n0, int64_t N, const float *scale,
+                                 const float *bias) {
+    if (n0 + VL <= N) {
+        if (scale) acc = acc * vload(scale + n0);
+        if (bias) acc = acc + vload(bias + n0);
+        vstore(y + n0, acc);
+    } else {
+        float t[VL];
+        vstore(t, acc);
+        for (int64_t c = 0; n0 + c < N; c++) y[n0 + c] = t[c] * (scale ? scale[n0 + c] : 1.f) + (bias ? bias[n0 + c] : 0.f);
+    }
+}
+
+/* ----------------------------------------------------------------------- float32, one row */
+
+/* Rows [n0, n0 + R) of the row-major W against one row of x (R a compile-time constant) */
+static inline __attribute__((always_inline)) void f32_rows(
+        const int R, const float *x, int64_t K, const float *W, const float *bias, float *y, int64_t n0) {
+    vec acc[SINGLE_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = vzero();
     for (int64_t k = 0; k < K; k += VL) {
-        vec w[MAX_ROWS];
+        const vec xv = vload(x + k);
         for (int r = 0; r < R; r++) {
             const float *p = W + (n0 + r) * K + k;
             __builtin_prefetch(p + PREFETCH / 4, 0, 2);
-            w[r] = vload(p);
+            acc[r] = vfma(vload(p), xv, acc[r]);
         }
-        for (int m = 0; m < MB; m++) {
-            const vec xv = vload(x + (m0 + m) * K + k);
-            for (int r = 0; r < R; r++) acc[m][r] = vfma(w[r], xv, acc[m][r]);
+    }
+    for (int r = 0; r < R; r++) y[n0 + r] = vsum(acc[r]) + (bias ? bias[n0 + r] : 0.f);
+}
+
+static void f32_row_product(const float *x, int64_t K, const float *W, int64_t N, const float *bias,
+                            float *y, int threads) {
+    const int64_t tiles = N / SINGLE_ROWS;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) f32_rows(SINGLE_ROWS, x, K, W, bias, y, t * SINGLE_ROWS);
+    for (int64_t n = tiles * SINGLE_ROWS; n < N; n++) f32_rows(1, x, K, W, bias, y, n);
+}
+
+/* ------------------------------------------------------------------------ float32, panels */
+
+/* Panels [p0, p0 + NP) against rows [m0, m0 + MB) of x (compile-time MB and NP, so the
+ * accumulators stay in registers). */
+static inline __attribute__((always_inline)) void f32_panels(
+        const int MB, const int NP, const float *x, int64_t m0, int64_t K, const float *Wp, int64_t N,
+        const float *bias, float *y, int64_t p0) {
+    vec acc[XROWS][PANELS];  /* each output's sum, added to once per CHUNK values of k: a long */
+    for (int m = 0; m < MB; m++)  /* run of float32 additions into one sum loses digits */
+        for (int p = 0; p < NP; p++) acc[m][p] = vzero();
+    for (int64_t k0 = 0; k0 < K; k0 += F32_CHUNK) {
+        vec part[XROWS][PANELS];
+        for (int m = 0; m < MB; m++)
+            for (int p = 0; p < NP; p++) part[m][p] = vzero();
+        for (int64_t k = k0; k < k0 + F32_CHUNK && k < K; k++) {
+            vec w[PANELS];
+            for (int p = 0; p < NP; p++) {
+                const float *ptr = Wp + ((p0 + p) * K + k) * VL;
+                __builtin_prefetch(ptr + PREFETCH / 4, 0, 2);
+                w[p] = vload(ptr);
+            }
+            for (int m = 0; m < MB; m++) {
+                const vec xv = vset1(x[(m0 + m) * K + k]);
+                for (int p = 0; p < NP; p++) part[m][p] = vfma(w[p], xv, part[m][p]);
+            }
         }
+        for (int m = 0; m < MB; m++)
+            for (int p = 0; p < NP; p++) acc[m][p] = acc[m][p] + part[m][p];
     }
     for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) y[(m0 + m) * N + n0 + r] = vsum(acc[m][r]) + (bias ? bias[n0 + r] : 0.f);
+        for (int p = 0; p < NP; p++) store_outputs(acc[m][p], y + (m0 + m) * N, (p0 + p) * VL, N, NULL, bias);
 }
 
-static inline __attribute__((always_inline)) void f32_tile(
-        const int R, const int XR, const float *x, int64_t M, int64_t K, const float *W, int64_t N,
-        const float *bias, float *y, int64_t n0) {
-#define F32_BLOCK(mb) f32_block(R, mb, x, m0, K, W, N, bias, y, n0)
-    FOR_EACH_XBLOCK(M, XR, F32_BLOCK)
-#undef F32_BLOCK
-}
-
-static void f32_linear(const float *x, int64_t M, int64_t K, const float *W, int64_t N,
-                       const float *bias, float *y, int threads) {
-    const int rows = M == 1 ? SINGLE_ROWS : M <= XROWS ? ROWS : WIDE_ROWS;
-    const int64_t tiles = N / rows;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        if (M == 1) f32_tile(SINGLE_ROWS, 1, x, M, K, W, N, bias, y, t * SINGLE_ROWS);
-        else if (M <= XROWS) f32_tile(ROWS, XROWS, x, M, K, W, N, bias, y, t * ROWS);
-        else f32_tile(WIDE_ROWS, WIDE_XROWS, x, M, K, W, N, bias, y, t * WIDE_ROWS);
+static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
+    const int64_t K = L->k, N = L->n;
+    const float *Wp = L->wp;
+    if (M == 1 || !Wp) {  /* the row-major weights, a row at a time */
+        for (int64_t m = 0; m < M; m++) f32_row_product(x + m * K, K, L->w, N, L->bias, y + m * N, threads);
+        return;
     }
-    for (int64_t n = tiles * rows; n < N; n++) f32_tile(1, XROWS, x, M, K, W, N, bias, y, n);
+#define TILE(MB, NP, p0) f32_panels(MB, NP, x, m0, K, Wp, N, L->bias, y, p0)
+#define ONE_PANEL(mb) TILE(mb, 1, t)
+#define TILE_ROW(m, p) f32_panels(1, 1, x, m, K, Wp, N, L->bias, y, p)
+    FOR_EACH_TILE(M, N, TILE);
+#undef TILE
+#undef ONE_PANEL
+#undef TILE_ROW
 }
 
 /* ------------------------------------------------------------------------- int8 and 4-bit */
 
-/* The quantized rows of x. Per row: xq, K int8 values; and per int32 lane of the chunks the
- * kernels read, the x block's scale (xd) and the lane's starting value (x0).
- * int8 weights: chunks of IB values in order; a lane is 4 consecutive values; x0 = -I8_OFFSET *
- * their sum. 4-bit weights: chunks of 2 * IB values (IB / 16 groups of 32), each group's first
- * 16 values in the first half and its last 16 in the second: the order in which the low and the
- * high nibbles of IB packed bytes hold them. Lanes 4g..4g+3 of both halves are group g's;
- * x0 = -8 * (the sum of the lane's 8 values), the weights' zero point. */
-typedef struct { int8_t *xq; float *xd; int32_t *x0; int64_t lanes; } qrows;
+/* x quantized as Q8_0: per row K int8 values xq; per block of 32, its scale xd and the sum's
+ * starting value xs = -offset * (the sum of its 32 xq) (see I8_OFFSET). */
+typedef struct { int8_t *xq; float *xd; int32_t *xs; } qrows;
 
-static qrows quantize_rows(enum format fmt, const float *x, int64_t M, int64_t K) {
-    const int64_t lanes = fmt == I8 ? K / 4 : K / 8;  /* per row */
-    const qrows q = {malloc(M * K), malloc(M * lanes * sizeof(float)), malloc(M * lanes * sizeof(int32_t)), lanes};
-    for (int64_t b = 0; b < M * K / 32; b++) {  /* block b of 32 values */
+static qrows quantize_rows(const float *x, int64_t M, int64_t K, int offset) {
+    const int64_t blocks = M * K / 32;
+    const qrows q = {malloc(M * K), malloc(blocks * sizeof(float)), malloc(blocks * sizeof(int32_t))};
+    for (int64_t b = 0; b < blocks; b++) {
         const float *xb = x + 32 * b;
         vec top = vzero();
         for (int j = 0; j < 32; j += VL) top = vmax(top, vabs(vload(xb + j)));
         const float d = vmaxall(top) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-        int8_t v[32];
+        int8_t *v = q.xq + 32 * b;
         for (int j = 0; j < 32; j += VL) vstore_i8(v + j, vload(xb + j) * vset1(id));
-        if (fmt == I8) {
-            memcpy(q.xq + 32 * b, v, 32);
-            for (int l = 0; l < 8; l++) {
-                q.xd[8 * b + l] = d;
-                q.x0[8 * b + l] = -I8_OFFSET * (v[4 * l] + v[4 * l + 1] + v[4 * l + 2] + v[4 * l + 3]);
-            }
-        } else {
-            const int64_t row = b / (K / 32), chunk = b % (K / 32) / (IB / 16), g = b % (IB / 16);
-            int8_t *c = q.xq + row * K + chunk * 2 * IB;
-            memcpy(c + 16 * g, v, 16);
-            memcpy(c + IB + 16 * g, v + 16, 16);
-            for (int l = 0; l < 4; l++) {
-                const int64_t lane = row * lanes + chunk * (IB / 4) + 4 * g + l;
-                q.xd[lane] = d;
-                q.x0[lane] = -8 * (v[4 * l] + v[4 * l + 1] + v[4 * l + 2] + v[4 * l + 3]
-                                   + v[16 + 4 * l] + v[17 + 4 * l] + v[18 + 4 * l] + v[19 + 4 * l]);
-            }
-        }
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) sum += v[j];
+        q.xd[b] = d;
+        q.xs[b] = -offset * sum;
     }
     return q;
 }
 
-/* Rows [n0, n0 + R) of W against quantized rows [m0, m0 + MB) of x (compile-time R and MB). */
-static inline __attribute__((always_inline)) void int_block(
-        enum format fmt, const int R, const int MB, qrows q, int64_t m0, int64_t K,
-        const void *W, const float *scale, int64_t N, const float *bias, float *y, int64_t n0) {
-    vec acc[MAX_XROWS][MAX_ROWS];
+static inline ivec ibroadcast4(const int8_t *p) {  /* 4 bytes into every int32 lane */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return iset1_32(v);
+}
+
+/* Panels [p0, p0 + NP) against quantized rows [m0, m0 + MB) of x (compile-time MB and NP) */
+static inline __attribute__((always_inline)) void int_panels(
+        enum format fmt, const int MB, const int NP, qrows q, int64_t m0, int64_t K, const void *W,
+        const float *scale, int64_t N, const float *bias, float *y, int64_t p0) {
+    vec acc[XROWS][PANELS];
     for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) acc[m][r] = vzero();
-    const int64_t step = fmt == I8 ? IB : 2 * IB;  /* x values per chunk */
-    for (int64_t k = 0; k < K; k += step) {
-        ivec w[MAX_ROWS], w2[MAX_ROWS];  /* int8: w and its unsigned form; 4-bit: low and high nibbles */
-        vec d[MAX_ROWS];             /* 4-bit: each lane's group scale */
-        for (int r = 0; r < R; r++) {
-            const int64_t n = n0 + r;
-            if (fmt == I8) {
-                const int8_t *p = (const int8_t *)W + n * K + k;
-                __builtin_prefetch(p + PREFETCH, 0, 2);
-                w[r] = iload(p);
-                w2[r] = I8_OFFSET ? ixor(w[r], iset1_8((char)0x80)) : iabs8(w[r]);
-            } else {
-                const uint8_t *p = (const uint8_t *)W + n * (K / 2) + k / 2;
-                __builtin_prefetch(p + PREFETCH, 0, 2);
-                const ivec b = iload(p);
-                w[r] = iand(b, iset1_8(15));
-                w2[r] = iand(ishift4(b), iset1_8(15));
-                d[r] = spread4(scale + n * (K / 32) + k / 32);
+        for (int p = 0; p < NP; p++) acc[m][p] = vzero();
+    for (int64_t b = 0; b < K / 32; b++) {  /* block of 32 values of x (4-bit: a weight group) */
+        ivec sum[XROWS][PANELS];
+        for (int m = 0; m < MB; m++)
+            for (int p = 0; p < NP; p++) sum[m][p] = iset1_32(q.xs[(m0 + m) * (K / 32) + b]);
+        for (int t = 0; t < (fmt == I8 ? 8 : 4); t++) {  /* int8: 4 values a step; 4-bit: 8 */
+            ivec u[PANELS], s[PANELS];  /* int8: w unsigned and w; 4-bit: low and high nibbles */
+            for (int p = 0; p < NP; p++) {
+                const int8_t *ptr = (const int8_t *)W + (p0 + p) * VL * K / (fmt == I8 ? 1 : 2) + (b * (fmt == I8 ? 8 : 4) + t) * IB;
+                __builtin_prefetch(ptr + PREFETCH, 0, 2);
+                const ivec w = iload(ptr);
+                if (fmt == I8) {
+                    u[p] = I8_OFFSET ? ixor(w, iset1_8((char)0x80)) : iabs8(w);
+                    s[p] = w;
+                } else {
+                    u[p] = iand(w, iset1_8(15));
+                    s[p] = iand(ishift4(w), iset1_8(15));
+                }
+            }
+            for (int m = 0; m < MB; m++) {
+                const int8_t *xm = q.xq + (m0 + m) * K + 32 * b + (fmt == I8 ? 4 : 8) * t;
+                const ivec x1 = ibroadcast4(xm);
+                if (fmt == I8) {
+                    for (int p = 0; p < NP; p++) sum[m][p] = idot(sum[m][p], u[p], I8_OFFSET ? x1 : isign8(x1, s[p]));
+                } else {
+                    const ivec x2 = ibroadcast4(xm + 4);
+                    for (int p = 0; p < NP; p++) sum[m][p] = idot(idot(sum[m][p], u[p], x1), s[p], x2);
+                }
             }
         }
-        for (int m = 0; m < MB; m++) {
-            const int64_t lane = (m0 + m) * q.lanes + k / (step / VL);
-            const int8_t *xm = q.xq + (m0 + m) * K + k;
-            const ivec xv = iload(xm), x0 = iload(q.x0 + lane);
-            const vec xd = vload(q.xd + lane);
-            for (int r = 0; r < R; r++) {
-                if (fmt == I8)
-                    acc[m][r] = vfma(icvt(idot(x0, w2[r], I8_OFFSET ? xv : isign8(xv, w[r]))), xd, acc[m][r]);
-                else
-                    acc[m][r] = vfma(icvt(idot(idot(x0, w[r], xv), w2[r], iload(xm + IB))), xd * d[r], acc[m][r]);
+        for (int p = 0; p < NP; p++) {
+            const vec dw = fmt == I8 ? vset1(1.f) : vload(scale + ((p0 + p) * (K / 32) + b) * VL);
+            for (int m = 0; m < MB; m++) {
+                vec d = vset1(q.xd[(m0 + m) * (K / 32) + b]);
+                if (fmt == Q4) d = d * dw;  /* int8's per-row scale is applied once, at the end */
+                acc[m][p] = vfma(icvt(sum[m][p]), d, acc[m][p]);
             }
         }
     }
     for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) {
-            const int64_t n = n0 + r;
-            const float v = vsum(acc[m][r]) * (fmt == I8 ? scale[n] : 1.f);
-            y[(m0 + m) * N + n] = v + (bias ? bias[n] : 0.f);
-        }
-}
-
-static inline __attribute__((always_inline)) void int_tile(
-        enum format fmt, const int R, const int XR, qrows q, int64_t M, int64_t K, const void *W,
-        const float *scale, int64_t N, const float *bias, float *y, int64_t n0) {
-#define INT_BLOCK(mb) int_block(fmt, R, mb, q, m0, K, W, scale, N, bias, y, n0)
-    FOR_EACH_XBLOCK(M, XR, INT_BLOCK)
-#undef INT_BLOCK
+        for (int p = 0; p < NP; p++)
+            store_outputs(acc[m][p], y + (m0 + m) * N, (p0 + p) * VL, N, fmt == I8 ? scale : NULL, bias);
 }
 
 static inline __attribute__((always_inline)) void int_linear(
-        enum format fmt, const float *x, int64_t M, int64_t K, const void *W, const float *scale,
-        int64_t N, const float *bias, float *y, int threads) {
-    const qrows q = quantize_rows(fmt, x, M, K);
-    const int single = M == 1 && fmt == I8;  /* 4-bit tiles of SINGLE_ROWS would not fit in registers */
-    const int rows = single ? SINGLE_ROWS : M <= XROWS ? ROWS : WIDE_ROWS;
-    const int64_t tiles = N / rows;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        if (single) int_tile(fmt, SINGLE_ROWS, 1, q, M, K, W, scale, N, bias, y, t * SINGLE_ROWS);
-        else if (M <= XROWS) int_tile(fmt, ROWS, XROWS, q, M, K, W, scale, N, bias, y, t * ROWS);
-        else int_tile(fmt, WIDE_ROWS, WIDE_XROWS, q, M, K, W, scale, N, bias, y, t * WIDE_ROWS);
-    }
-    for (int64_t n = tiles * rows; n < N; n++) int_tile(fmt, 1, XROWS, q, M, K, W, scale, N, bias, y, n);
-    free(q.xq); free(q.xd); free(q.x0);
+        enum format fmt, const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
+    const int64_t K = L->k, N = L->n;
+    const qrows q = quantize_rows(x, M, K, fmt == I8 ? I8_OFFSET : 8);
+#define TILE(MB, NP, p0) int_panels(fmt, MB, NP, q, m0, K, L->w, L->scale, N, L->bias, y, p0)
+#define ONE_PANEL(mb) TILE(mb, 1, t)
+#define TILE_ROW(m, p) int_panels(fmt, 1, 1, q, m, K, L->w, L->scale, N, L->bias, y, p)
+    FOR_EACH_TILE(M, N, TILE);
+#undef TILE
+#undef ONE_PANEL
+#undef TILE_ROW
+    free(q.xq); free(q.xd); free(q.xs);
 }
 
 void gf_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
     if (L->fmt == F32)
-        f32_linear(x, M, L->k, L->w, L->n, L->bias, y, threads);
+        f32_linear(L, x, M, y, threads);
     else if (L->fmt == I8)
-        int_linear(I8, x, M, L->k, L->w, L->scale, L->n, L->bias, y, threads);
+        int_linear(I8, L, x, M, y, threads);
     else
-        int_linear(Q4, x, M, L->k, L->w, L->scale, L->n, L->bias, y, threads);
+        int_linear(Q4, L, x, M, y, threads);
 }
 
 /* The vector width compiled for, in bits (512 or 256), and whether the integer products are VNNI's. */
@@ -260,29 +305,39 @@ static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch's 
     return (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
 }
 
-/* The weights of L (int8 or 4-bit) as floats: out (n, k_out) float32, or bfloat16 where `bf16`
- * (k_out <= L->k drops padding columns). What a prefill multiplies with. */
+/* The weights of L (int8 or 4-bit, in panels) as floats: out (n, k_out) float32, or bfloat16 where
+ * `bf16` (k_out <= L->k drops padding columns). What a prefill multiplies with. */
 void gf_dequantize(const gf_lin *L, int64_t k_out, void *out, int bf16, int threads) {
-    const int64_t k = L->k;
+    const int64_t K = L->k, N = L->n;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < L->n; n++) {
-        float row[k];
+    for (int64_t p = 0; p < panel_count(N); p++) {
+        float *rows = malloc(sizeof(float) * VL * K);  /* the panel's VL rows of W */
         if (L->fmt == I8) {
-            const int8_t *q = (const int8_t *)L->w + n * k;
-            for (int64_t i = 0; i < k; i++) row[i] = q[i] * L->scale[n];
+            const int8_t *q = (const int8_t *)L->w + p * VL * K;
+            for (int64_t s = 0; s < K / 4; s++)
+                for (int c = 0; c < VL; c++)
+                    for (int j = 0; j < 4; j++) rows[c * K + 4 * s + j] = q[s * IB + 4 * c + j];
         } else {
-            const uint8_t *q = (const uint8_t *)L->w + n * (k / 2);
-            for (int64_t g = 0; g < k / 32; g++) {
-                const float d = L->scale[n * (k / 32) + g];
-                for (int j = 0; j < 16; j++) {
-                    row[32 * g + j] = ((q[16 * g + j] & 15) - 8) * d;
-                    row[32 * g + j + 16] = ((q[16 * g + j] >> 4) - 8) * d;
-                }
-            }
+            const uint8_t *q = (const uint8_t *)L->w + p * VL * K / 2;
+            const float *d = L->scale + p * VL * (K / 32);
+            for (int64_t g = 0; g < K / 32; g++)
+                for (int t = 0; t < 4; t++)
+                    for (int c = 0; c < VL; c++)
+                        for (int j = 0; j < 4; j++) {
+                            const uint8_t byte = q[(4 * g + t) * IB + 4 * c + j];
+                            float *r = rows + c * K + 32 * g + 8 * t + j;
+                            r[0] = ((byte & 15) - 8) * d[g * VL + c];
+                            r[4] = ((byte >> 4) - 8) * d[g * VL + c];
+                        }
         }
-        if (bf16)
-            for (int64_t i = 0; i < k_out; i++) ((uint16_t *)out)[n * k_out + i] = to_bf16(row[i]);
-        else
-            memcpy((float *)out + n * k_out, row, sizeof(float) * k_out);
+        for (int64_t c = 0; c < VL && p * VL + c < N; c++) {
+            const int64_t n = p * VL + c;
+            const float sc = L->fmt == I8 ? L->scale[n] : 1.f;
+            if (bf16)
+                for (int64_t i = 0; i < k_out; i++) ((uint16_t *)out)[n * k_out + i] = to_bf16(rows[c * K + i] * sc);
+            else
+                for (int64_t i = 0; i < k_out; i++) ((float *)out)[n * k_out + i] = rows[c * K + i] * sc;
+        }
+        free(rows);
     }
 }

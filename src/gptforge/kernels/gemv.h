@@ -5,11 +5,12 @@
 
 enum format { F32 = 0, I8 = 1, Q4 = 2 };
 
-/* W (n, k) in `fmt` (see gemv.c), its scales (int8: (n,), 4-bit: (n, k / 32)) and bias (n,) or NULL */
+/* W (n, k) in `fmt` (see gemv.c): `w` (float32: row-major; int8, 4-bit: in panels), float32's
+ * panels `wp` or NULL, the scales (int8: (n,), 4-bit: in panels) and the bias (n,) or NULL */
 typedef struct {
     int64_t fmt, n, k;
     const void *w;
-    const float *scale, *bias;
+    const float *wp, *scale, *bias;
 } gf_lin;
 
 /* y (M, n) = x (M, k) @ W^T + bias */

@@ -29,6 +29,7 @@ static inline void vstore_i8(int8_t *p, vec a) {  /* round to nearest even, to i
 }
 static inline ivec iload(const void *p) { return _mm512_loadu_si512(p); }
 static inline ivec iset1_8(char a) { return _mm512_set1_epi8(a); }
+static inline ivec iset1_32(int32_t a) { return _mm512_set1_epi32(a); }
 static inline ivec iand(ivec a, ivec b) { return _mm512_and_si512(a, b); }
 static inline ivec ixor(ivec a, ivec b) { return _mm512_xor_si512(a, b); }
 static inline ivec ishift4(ivec a) { return _mm512_srli_epi16(a, 4); }
@@ -45,10 +46,6 @@ static inline ivec idot(ivec acc, ivec u, ivec s) {  /* acc + per lane: sum of 4
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
 }
 #endif
-static inline vec spread4(const float *d) {  /* d[0..3] -> 16 lanes, each over 4 lanes */
-    return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
-                                 _mm512_castps128_ps512(_mm_loadu_ps(d)));
-}
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VL 8
 #define IB 32
@@ -84,6 +81,7 @@ static inline float vsum(vec a) {
 }
 static inline ivec iload(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 static inline ivec iset1_8(char a) { return _mm256_set1_epi8(a); }
+static inline ivec iset1_32(int32_t a) { return _mm256_set1_epi32(a); }
 static inline ivec iand(ivec a, ivec b) { return _mm256_and_si256(a, b); }
 static inline ivec ixor(ivec a, ivec b) { return _mm256_xor_si256(a, b); }
 static inline ivec ishift4(ivec a) { return _mm256_srli_epi16(a, 4); }
@@ -98,10 +96,6 @@ static inline ivec idot(ivec acc, ivec u, ivec s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 #endif
-static inline vec spread4(const float *d) {  /* d[0..1] -> 8 lanes, each over 4 lanes */
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)d))),
-                                    _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
-}
 #else
 #error "gemv.c needs AVX2 and FMA, or AVX-512 (gptforge uses PyTorch's kernels on other CPUs)"
 #endif

@@ -49,14 +49,16 @@
 #endif
 
 /* Tiles. float32 at one row: SINGLE_ROWS rows of `w` at once (more streams from memory). Panels:
- * at one row PANELS panels at once; at more, one panel meets XROWS rows of x at a time (their
- * accumulators, twice that for int8/4-bit, must fit in registers: AVX2 has half AVX-512's). */
+ * at one row PANELS panels at once; at more, one panel meets F32_XROWS or INT_XROWS rows of x at
+ * a time (their accumulators, twice that for int8/4-bit, must fit in registers: AVX2 has half
+ * AVX-512's). */
+#define F32_XROWS 8
 #if VL == 16
 #define SINGLE_ROWS 8
-#define XROWS 8
+#define INT_XROWS 8
 #else
 #define SINGLE_ROWS 4
-#define XROWS 4
+#define INT_XROWS 4
 #endif
 #define PANELS 4
 #define F32_CHUNK 64  /* float32 panels: k values summed apart before joining an output's sum */
@@ -65,7 +67,7 @@
 static inline int64_t panel_count(int64_t n) { return (n + VL - 1) / VL; }
 
 /* Calls BLOCK(mb) with mb = min(rows left, XROWS) as a compile-time constant */
-#define FOR_EACH_XBLOCK(M, BLOCK)                                             \
+#define FOR_EACH_XBLOCK(M, XROWS, BLOCK)                                      \
     for (int64_t m0 = 0; m0 < (M); m0 += XROWS) {                            \
         switch ((M) - m0 < XROWS ? (M) - m0 : XROWS) {                        \
         case 1: BLOCK(1); break;                                              \
@@ -81,7 +83,7 @@ static inline int64_t panel_count(int64_t n) { return (n + VL - 1) / VL; }
 
 /* Runs TILE(MB, NP, p0) over all panels of an N-output product, split among the threads: at one
  * row, PANELS panels per tile; else one panel per tile, XROWS rows of x at a time. */
-#define FOR_EACH_TILE(M, N, TILE)                                                                 \
+#define FOR_EACH_TILE(M, N, XROWS, TILE)                                                                 \
     do {                                                                                          \
         const int64_t P = panel_count(N), np = (M) == 1 ? PANELS : 1, tiles = P / np;            \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                         \
@@ -90,7 +92,7 @@ static inline int64_t panel_count(int64_t n) { return (n + VL - 1) / VL; }
                 const int64_t m0 = 0;                                                             \
                 TILE(1, PANELS, t * PANELS);                                                      \
             } else {                                                                              \
-                FOR_EACH_XBLOCK(M, ONE_PANEL)                                                     \
+                FOR_EACH_XBLOCK(M, XROWS, ONE_PANEL)                                                     \
             }                                                                                     \
         }                                                                                         \
         for (int64_t p = tiles * np; p < P; p++)                                                  \
@@ -144,11 +146,11 @@ static void f32_row_product(const float *x, int64_t K, const float *W, int64_t N
 static inline __attribute__((always_inline)) void f32_panels(
         const int MB, const int NP, const float *x, int64_t m0, int64_t K, const float *Wp, int64_t N,
         const float *bias, float *y, int64_t p0) {
-    vec acc[XROWS][PANELS];  /* each output's sum, added to once per CHUNK values of k: a long */
+    vec acc[F32_XROWS][PANELS];  /* each output's sum, added to once per CHUNK values of k: a long */
     for (int m = 0; m < MB; m++)  /* run of float32 additions into one sum loses digits */
         for (int p = 0; p < NP; p++) acc[m][p] = vzero();
     for (int64_t k0 = 0; k0 < K; k0 += F32_CHUNK) {
-        vec part[XROWS][PANELS];
+        vec part[F32_XROWS][PANELS];
         for (int m = 0; m < MB; m++)
             for (int p = 0; p < NP; p++) part[m][p] = vzero();
         for (int64_t k = k0; k < k0 + F32_CHUNK && k < K; k++) {
@@ -180,7 +182,7 @@ static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int
 #define TILE(MB, NP, p0) f32_panels(MB, NP, x, m0, K, Wp, N, L->bias, y, p0)
 #define ONE_PANEL(mb) TILE(mb, 1, t)
 #define TILE_ROW(m, p) f32_panels(1, 1, x, m, K, Wp, N, L->bias, y, p)
-    FOR_EACH_TILE(M, N, TILE);
+    FOR_EACH_TILE(M, N, F32_XROWS, TILE);
 #undef TILE
 #undef ONE_PANEL
 #undef TILE_ROW
@@ -220,11 +222,11 @@ static inline ivec ibroadcast4(const int8_t *p) {  /* 4 bytes into every int32 l
 static inline __attribute__((always_inline)) void int_panels(
         enum format fmt, const int MB, const int NP, qrows q, int64_t m0, int64_t K, const void *W,
         const float *scale, int64_t N, const float *bias, float *y, int64_t p0) {
-    vec acc[XROWS][PANELS];
+    vec acc[INT_XROWS][PANELS];
     for (int m = 0; m < MB; m++)
         for (int p = 0; p < NP; p++) acc[m][p] = vzero();
     for (int64_t b = 0; b < K / 32; b++) {  /* block of 32 values of x (4-bit: a weight group) */
-        ivec sum[XROWS][PANELS];
+        ivec sum[INT_XROWS][PANELS];
         for (int m = 0; m < MB; m++)
             for (int p = 0; p < NP; p++) sum[m][p] = iset1_32(q.xs[(m0 + m) * (K / 32) + b]);
         for (int t = 0; t < (fmt == I8 ? 8 : 4); t++) {  /* int8: 4 values a step; 4-bit: 8 */
@@ -266,27 +268,39 @@ static inline __attribute__((always_inline)) void int_panels(
             store_outputs(acc[m][p], y + (m0 + m) * N, (p0 + p) * VL, N, fmt == I8 ? scale : NULL, bias);
 }
 
-static inline __attribute__((always_inline)) void int_linear(
-        enum format fmt, const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
-    const int64_t K = L->k, N = L->n;
-    const qrows q = quantize_rows(x, M, K, fmt == I8 ? I8_OFFSET : 8);
-#define TILE(MB, NP, p0) int_panels(fmt, MB, NP, q, m0, K, L->w, L->scale, N, L->bias, y, p0)
-#define ONE_PANEL(mb) TILE(mb, 1, t)
-#define TILE_ROW(m, p) int_panels(fmt, 1, 1, q, m, K, L->w, L->scale, N, L->bias, y, p)
-    FOR_EACH_TILE(M, N, TILE);
-#undef TILE
+/* FMT a literal (I8 or Q4), not a variable: OpenMP moves the loop into a function of its own, and
+ * the format must stay a compile-time constant inside it for the tiles to be specialized. */
+#define INT_LINEAR(FMT)                                                                           \
+    const int64_t K = L->k, N = L->n;                                                             \
+    const qrows q = quantize_rows(x, M, K, FMT == I8 ? I8_OFFSET : 8);                            \
+    FOR_EACH_TILE(M, N, INT_XROWS, INT_TILE_##FMT);                                                          \
+    free(q.xq); free(q.xd); free(q.xs);
+#define INT_TILE_I8(MB, NP, p0) int_panels(I8, MB, NP, q, m0, K, L->w, L->scale, N, L->bias, y, p0)
+#define INT_TILE_Q4(MB, NP, p0) int_panels(Q4, MB, NP, q, m0, K, L->w, L->scale, N, L->bias, y, p0)
+
+static void i8_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
+#define ONE_PANEL(mb) INT_TILE_I8(mb, 1, t)
+#define TILE_ROW(m, p) int_panels(I8, 1, 1, q, m, K, L->w, L->scale, N, L->bias, y, p)
+    INT_LINEAR(I8)
 #undef ONE_PANEL
 #undef TILE_ROW
-    free(q.xq); free(q.xd); free(q.xs);
+}
+
+static void q4_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
+#define ONE_PANEL(mb) INT_TILE_Q4(mb, 1, t)
+#define TILE_ROW(m, p) int_panels(Q4, 1, 1, q, m, K, L->w, L->scale, N, L->bias, y, p)
+    INT_LINEAR(Q4)
+#undef ONE_PANEL
+#undef TILE_ROW
 }
 
 void gf_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
     if (L->fmt == F32)
         f32_linear(L, x, M, y, threads);
     else if (L->fmt == I8)
-        int_linear(I8, L, x, M, y, threads);
+        i8_linear(L, x, M, y, threads);
     else
-        int_linear(Q4, L, x, M, y, threads);
+        q4_linear(L, x, M, y, threads);
 }
 
 /* The vector width compiled for, in bits (512 or 256), and whether the integer products are VNNI's. */

@@ -178,8 +178,12 @@ def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, tiny_
         ours = block(x, ours_cache.layer(1), start, mask)
         expected = reference(x, ref_cache.layer(1), start, mask)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours_cache.keys, ref_cache.keys, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(ours_cache.values, ref_cache.values, rtol=1e-6, atol=1e-6)
+    # int8/int4 models keep an fp16 cache: the same rounding, up to one step where the float32
+    # keys and values differ in their last bits
+    assert cache.keys.dtype == (torch.float32 if quantize == "none" else torch.float16)
+    step = 1e-6 if quantize == "none" else 2**-10
+    torch.testing.assert_close(ours_cache.keys, ref_cache.keys, rtol=step, atol=step)
+    torch.testing.assert_close(ours_cache.values, ref_cache.values, rtol=step, atol=step)
 
 
 @needs_kernels

@@ -87,6 +87,8 @@ class MultiHeadAttention(nn.Module):
             k_cache[:, :, start:start + t] = k
             v_cache[:, :, start:start + t] = v
             k, v = k_cache[:, :, :start + t], v_cache[:, :, :start + t]  # (B, nh, S, hs), S = start + T
+            if k.dtype == torch.float16 and k.device.type == "cpu":  # a half cache (GPTModel.kv_dtype)
+                k, v = k.float(), v.float()
             q = q.to(k.dtype)  # a bf16 model on CPU attends in the cache's float32
 
         if attn_mask is None and start > 0 and t > 1:
@@ -247,6 +249,10 @@ class GPTModel(nn.Module):
     """GPT-2: token + position embeddings, dropout, `n_layers` TransformerBlocks, final LayerNorm,
     bias-free output head. Accepts a GPTConfig, the book's plain dict, or a preset name."""
 
+    # The KV cache's dtype, where not the default (see new_cache): prepare_for_inference sets fp16
+    # for int8/int4 models decoding on gptforge's kernels (half the cache's memory traffic).
+    kv_dtype: torch.dtype | None = None
+
     def __init__(self, cfg: GPTConfig | Mapping[str, Any] | str):
         super().__init__()
         cfg = as_config(cfg)
@@ -329,10 +335,11 @@ class GPTModel(nn.Module):
         return total
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """A KV cache on this model's device, in its dtype; on CPU always float32, because
-        PyTorch's CPU attention over a long bf16 cache is ~8x slower than over a float32 one."""
+        """A KV cache on this model's device, in `kv_dtype` where set, else in its dtype; on CPU
+        float32, because PyTorch's CPU attention over a long bf16 cache is ~8x slower than over a
+        float32 one."""
         p = self.tok_emb.weight
-        dtype = torch.float32 if p.device.type == "cpu" else p.dtype
+        dtype = self.kv_dtype or (torch.float32 if p.device.type == "cpu" else p.dtype)
         return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=dtype)
 
 

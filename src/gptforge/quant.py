@@ -394,8 +394,9 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
         _fuse_qkv(model, lambda att: make(_concat_qkv(att)))
         _drop_separate_qkv(model)
         _swap_linears(model, make)
-        if torch_dtype == torch.float32:
+        if torch_dtype == torch.float32 and kernels.available():
             fuse_blocks(model)
+            model.kv_dtype = torch.float16  # the cache in half precision: half the traffic of attention
     elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
         _fuse_qkv(model, lambda att: PackedLinear(_concat_qkv(att)))
         _drop_separate_qkv(model)

@@ -46,7 +46,7 @@ MAX_ROWS = 16  # products of up to this many rows (a decode step of a batch) run
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "gf_linear": [_P, _P, _I64, _P, ctypes.c_int],  # layer, x, M, y, threads (gemv.h)
-    "gf_block_decode": [_P, _P, _I64, _P, _P, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
+    "gf_block_decode": [_P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
     "gf_dequantize": [_P, _I64, _P, ctypes.c_int, ctypes.c_int],  # layer, k_out, out, bf16, threads
 }
 
@@ -107,8 +107,8 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("GPTFORGE_KERNELS", "auto").lower() in ("torch", "off", "0", "none"):
         _STATUS[0] = "off (GPTFORGE_KERNELS=torch)"
         return None
-    if not {"avx2", "fma"} <= cpu_flags():
-        _STATUS[0] = "not for this CPU (needs AVX2 and FMA)"
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
+        _STATUS[0] = "not for this CPU (needs AVX2, FMA and F16C)"
         return None
     try:
         lib = ctypes.CDLL(str(_build()))

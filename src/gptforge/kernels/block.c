@@ -69,47 +69,79 @@ static float softmax_numerators(float *p, int64_t n) {
 #define ATT_AHEAD 8   /* cached keys and values prefetched this many positions ahead */
 #define MAX_HEAD 256  /* the largest head size the C block runs (block.py checks) */
 
-/* Causal attention of each row's query over the S = start + 1 cached keys (those `mask` allows:
- * mask (M, S) bytes, or NULL for all), scaled dot products and softmax, as
- * F.scaled_dot_product_attention. qkv (M, 3 d); k, v: row b, head h, position s at
- * b * row_stride + (h * max_len + s) * hs; ctx (M, d). */
-static void attention(const float *qkv, int64_t M, int64_t d, int64_t heads, const float *kc,
-                      const float *vc, int64_t row_stride, int64_t max_len, int64_t S,
-                      const uint8_t *mask, float *scores, float *ctx, int threads) {
-    const int64_t hs = d / heads;
+/* A cached key or value vector: float32, or half precision (IEEE fp16, F16C's conversions) */
+static inline vec kv_load(const void *base, int64_t i, const int half) {
+    return half ? vload_half((const uint16_t *)base + i) : vload((const float *)base + i);
+}
+
+/* Causal attention of query row b, head h, over the S = start + 1 cached keys (those `mask`
+ * allows: mask (M, S) bytes, or NULL for all): scaled dot products and softmax, as
+ * F.scaled_dot_product_attention. qkv (M, 3 d); k, v: row b, head h, position s at element
+ * b * row_stride + (h * max_len + s) * hs of kc / vc, float32 or (`half`) fp16; ctx (M, d). */
+static inline __attribute__((always_inline)) void attend(
+        const int half, int64_t b, int64_t h, const float *qkv, int64_t d, int64_t heads, const void *kc,
+        const void *vc, int64_t row_stride, int64_t max_len, int64_t S, const uint8_t *mask, float *p,
+        float *ctx) {
+    const int64_t hs = d / heads, size = half ? 2 : 4, first = b * row_stride + h * max_len * hs;
     const float scale = 1.f / sqrtf((float)hs);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t bh = 0; bh < M * heads; bh++) {
-        const int64_t b = bh / heads, h = bh % heads;
-        const float *q = qkv + b * 3 * d + h * hs;
-        const float *k = kc + b * row_stride + h * max_len * hs, *v = vc + b * row_stride + h * max_len * hs;
-        float *p = scores + bh * S, *out = ctx + b * d + h * hs;
-        for (int64_t s = 0; s < S; s++) {
-            vec acc = vset1(0.f);
-            for (int64_t i = 0; i < hs; i += 16) __builtin_prefetch(k + (s + ATT_AHEAD) * hs + i, 0, 0);
-            for (int64_t i = 0; i < hs; i += VL) acc = vfma(vload(q + i), vload(k + s * hs + i), acc);
-            p[s] = mask && !mask[b * S + s] ? -INFINITY : vsum(acc) * scale;
-        }
-        for (int64_t s = 0; s < ATT_AHEAD && s < S; s++)
-            for (int64_t i = 0; i < hs; i += 16) __builtin_prefetch(v + s * hs + i, 0, 0);
-        const float inv = 1.f / softmax_numerators(p, S);
-        vec acc[MAX_HEAD / VL];
-        for (int64_t i = 0; i < hs / VL; i++) acc[i] = vset1(0.f);
-        for (int64_t s = 0; s < S; s++) {  /* the values in order, row by row */
-            for (int64_t i = 0; i < hs; i += 16) __builtin_prefetch(v + (s + ATT_AHEAD) * hs + i, 0, 0);
-            const vec ps = vset1(p[s]);
-            for (int64_t i = 0; i < hs / VL; i++) acc[i] = vfma(ps, vload(v + s * hs + i * VL), acc[i]);
-        }
-        for (int64_t i = 0; i < hs / VL; i++) vstore(out + i * VL, acc[i] * vset1(inv));
+    const float *q = qkv + b * 3 * d + h * hs;
+    const char *k = (const char *)kc + first * size, *v = (const char *)vc + first * size;
+    float *out = ctx + b * d + h * hs;
+    for (int64_t s = 0; s < S; s++) {
+        for (int64_t i = 0; i < hs * size; i += 64) __builtin_prefetch(k + (s + ATT_AHEAD) * hs * size + i, 0, 0);
+        vec acc = vset1(0.f);
+        for (int64_t i = 0; i < hs; i += VL) acc = vfma(vload(q + i), kv_load(k, s * hs + i, half), acc);
+        p[s] = mask && !mask[b * S + s] ? -INFINITY : vsum(acc) * scale;
+    }
+    for (int64_t s = 0; s < ATT_AHEAD && s < S; s++)
+        for (int64_t i = 0; i < hs * size; i += 64) __builtin_prefetch(v + s * hs * size + i, 0, 0);
+    const float inv = 1.f / softmax_numerators(p, S);
+    vec acc[MAX_HEAD / VL];
+    for (int64_t i = 0; i < hs / VL; i++) acc[i] = vset1(0.f);
+    for (int64_t s = 0; s < S; s++) {  /* the values in order, row by row */
+        for (int64_t i = 0; i < hs * size; i += 64) __builtin_prefetch(v + (s + ATT_AHEAD) * hs * size + i, 0, 0);
+        const vec ps = vset1(p[s]);
+        for (int64_t i = 0; i < hs / VL; i++) acc[i] = vfma(ps, kv_load(v, s * hs + i * VL, half), acc[i]);
+    }
+    for (int64_t i = 0; i < hs / VL; i++) vstore(out + i * VL, acc[i] * vset1(inv));
+}
+
+/* Every row and head (see attend), split among the threads; `half` a literal in each parallel
+ * loop, so that each is compiled for its cache type. */
+static void attention(const float *qkv, int64_t M, int64_t d, int64_t heads, const void *kc,
+                      const void *vc, int64_t row_stride, int64_t max_len, int64_t S, int half,
+                      const uint8_t *mask, float *scores, float *ctx, int threads) {
+    if (half) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t bh = 0; bh < M * heads; bh++)
+            attend(1, bh / heads, bh % heads, qkv, d, heads, kc, vc, row_stride, max_len, S, mask, scores + bh * S, ctx);
+    } else {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t bh = 0; bh < M * heads; bh++)
+            attend(0, bh / heads, bh % heads, qkv, d, heads, kc, vc, row_stride, max_len, S, mask, scores + bh * S, ctx);
     }
 }
 
-/* x (M, d), the residual stream, is updated in place; kc/vc are this layer's cache (see attention).
- * Needs d / heads and 4 d to be whole numbers of vectors (the caller checks). */
-void gf_block_decode(const gf_block *blk, float *x, int64_t M, float *kc, float *vc, int64_t row_stride,
-                     int64_t max_len, int64_t start, const uint8_t *mask, int threads) {
+/* The calling thread's working memory for a block step, kept between calls: a fresh malloc of a
+ * batch's few hundred KiB is an mmap, page faults and an munmap every block. */
+static float *scratch(size_t bytes) {
+    static _Thread_local float *buffer;
+    static _Thread_local size_t size;
+    if (bytes > size) {
+        free(buffer);
+        buffer = malloc(bytes);
+        size = buffer ? bytes : 0;
+    }
+    return buffer;
+}
+
+/* x (M, d), the residual stream, is updated in place; kc/vc are this layer's cache (see attend),
+ * float32, or fp16 where `half`. Needs d / heads and 4 d to be whole numbers of vectors (the
+ * caller checks). */
+void gf_block_decode(const gf_block *blk, float *x, int64_t M, void *kc, void *vc, int64_t row_stride,
+                     int64_t max_len, int64_t start, int64_t half, const uint8_t *mask, int threads) {
     const int64_t d = blk->d, heads = blk->heads, hs = d / heads, S = start + 1;
-    float *h = malloc(sizeof(float) * M * (d + 3 * d + d + 4 * d + heads * S));
+    float *h = scratch(sizeof(float) * M * (d + 3 * d + d + 4 * d + heads * S));
     float *qkv = h + M * d, *ctx = qkv + M * 3 * d, *ff = ctx + M * d, *scores = ff + M * 4 * d;
 
     layer_norm(x, M, d, blk->ln1_w, blk->ln1_b, blk->eps, h);
@@ -117,10 +149,18 @@ void gf_block_decode(const gf_block *blk, float *x, int64_t M, float *kc, float 
     for (int64_t b = 0; b < M; b++)  /* this token's keys and values into the cache */
         for (int64_t head = 0; head < heads; head++) {
             const int64_t at = b * row_stride + (head * max_len + start) * hs;
-            memcpy(kc + at, qkv + b * 3 * d + d + head * hs, sizeof(float) * hs);
-            memcpy(vc + at, qkv + b * 3 * d + 2 * d + head * hs, sizeof(float) * hs);
+            const float *key = qkv + b * 3 * d + d + head * hs, *value = key + d;
+            if (half)
+                for (int64_t i = 0; i < hs; i += VL) {
+                    vstore_half((uint16_t *)kc + at + i, vload(key + i));
+                    vstore_half((uint16_t *)vc + at + i, vload(value + i));
+                }
+            else {
+                memcpy((float *)kc + at, key, sizeof(float) * hs);
+                memcpy((float *)vc + at, value, sizeof(float) * hs);
+            }
         }
-    attention(qkv, M, d, heads, kc, vc, row_stride, max_len, S, mask, scores, ctx, threads);
+    attention(qkv, M, d, heads, kc, vc, row_stride, max_len, S, (int)half, mask, scores, ctx, threads);
     gf_linear(&blk->proj, ctx, M, h, threads);
     for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
 
@@ -129,5 +169,4 @@ void gf_block_decode(const gf_block *blk, float *x, int64_t M, float *kc, float 
     gelu(ff, M * 4 * d);
     gf_linear(&blk->fc2, ff, M, h, threads);
     for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
-    free(h);
 }

@@ -73,9 +73,10 @@ class FusedTransformerBlock(TransformerBlock):
         if (spec is None or t != 1 or kv is None or b > MAX_ROWS or x.dtype != torch.float32 or self.training
                 or (torch.is_grad_enabled() and x.requires_grad)):
             return super().forward(x, kv, start, attn_mask)
-        keys, values = kv  # (B, heads, max_len, head_dim) each, float32, rows at a regular stride
+        keys, values = kv  # (B, heads, max_len, head_dim) each, float32 or fp16, rows at a regular stride
         inner = (keys.shape[2] * keys.shape[3], keys.shape[3], 1)
-        if (keys.dtype != torch.float32 or keys.stride()[1:] != inner or values.stride() != keys.stride()
+        if (keys.dtype not in (torch.float32, torch.float16) or values.dtype != keys.dtype
+                or keys.stride()[1:] != inner or values.stride() != keys.stride()
                 or (attn_mask is not None and attn_mask.dtype != torch.bool)):
             return super().forward(x, kv, start, attn_mask)
         if b > 1:  # several rows: float32 layers multiply through their panels
@@ -86,7 +87,7 @@ class FusedTransformerBlock(TransformerBlock):
         mask = None if attn_mask is None else attn_mask.expand(b, 1, 1, start + 1).reshape(b, start + 1).contiguous()
         out = x.contiguous().clone()  # the residual stream, updated in place by the C block
         call("gf_block_decode", ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(),
-             keys.stride(0), keys.shape[2], start, _ptr(mask), torch.get_num_threads())
+             keys.stride(0), keys.shape[2], start, keys.dtype == torch.float16, _ptr(mask), torch.get_num_threads())
         return out
 
 

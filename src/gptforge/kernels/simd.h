@@ -27,6 +27,10 @@ static inline vec vabs(vec a) { return _mm512_abs_ps(a); }
 static inline void vstore_i8(int8_t *p, vec a) {  /* round to nearest even, to int8 (|a| <= 127) */
     _mm_storeu_si128((__m128i *)p, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(a)));
 }
+static inline vec vload_half(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline void vstore_half(uint16_t *p, vec a) {  /* round to nearest even, as torch's .half() */
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 static inline ivec iload(const void *p) { return _mm512_loadu_si512(p); }
 static inline ivec iset1_8(char a) { return _mm512_set1_epi8(a); }
 static inline ivec iset1_32(int32_t a) { return _mm512_set1_epi32(a); }
@@ -46,7 +50,7 @@ static inline ivec idot(ivec acc, ivec u, ivec s) {  /* acc + per lane: sum of 4
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
 }
 #endif
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define VL 8
 #define IB 32
 typedef __m256 vec;
@@ -68,6 +72,10 @@ static inline void vstore_i8(int8_t *p, vec a) {  /* round to nearest even, to i
     const __m256i i = _mm256_cvtps_epi32(a);
     const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
     _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(w, w));
+}
+static inline vec vload_half(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline void vstore_half(uint16_t *p, vec a) {
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 static inline float vmaxall(vec a) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -97,7 +105,7 @@ static inline ivec idot(ivec acc, ivec u, ivec s) {
 }
 #endif
 #else
-#error "gemv.c needs AVX2 and FMA, or AVX-512 (gptforge uses PyTorch's kernels on other CPUs)"
+#error "gemv.c needs AVX2, FMA and F16C, or AVX-512 (gptforge uses PyTorch's kernels on other CPUs)"
 #endif
 
 

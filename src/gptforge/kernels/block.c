@@ -22,17 +22,22 @@ typedef struct {
     gf_lin qkv, proj, fc1, fc2;  /* qkv: (3 d, d), query then key then value */
 } gf_block;
 
-/* y = (x - mean) / sqrt(var + eps) * w + b per row of d values (biased variance, as the book's) */
+/* y = (x - mean) / sqrt(var + eps) * w + b per row of d values (biased variance, as the book's;
+ * two passes, float32 vector sums as PyTorch's). d a whole number of vectors. */
 static void layer_norm(const float *x, int64_t M, int64_t d, const float *w, const float *b, double eps,
                        float *y) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * d;
-        double sum = 0, sq = 0;
-        for (int64_t i = 0; i < d; i++) sum += xm[i];
-        const double mean = sum / d;
-        for (int64_t i = 0; i < d; i++) sq += (xm[i] - mean) * (xm[i] - mean);
-        const float inv = (float)(1.0 / sqrt(sq / d + eps)), mu = (float)mean;
-        for (int64_t i = 0; i < d; i++) y[m * d + i] = (xm[i] - mu) * inv * w[i] + b[i];
+        vec sum = vzero(), sq = vzero();
+        for (int64_t i = 0; i < d; i += VL) sum = sum + vload(xm + i);
+        const vec mean = vset1(vsum(sum) / (float)d);
+        for (int64_t i = 0; i < d; i += VL) {
+            const vec c = vload(xm + i) - mean;
+            sq = vfma(c, c, sq);
+        }
+        const vec inv = vset1((float)(1.0 / sqrt((double)vsum(sq) / d + eps)));
+        for (int64_t i = 0; i < d; i += VL)
+            vstore(y + m * d + i, vfma((vload(xm + i) - mean) * inv, vload(w + i), vload(b + i)));
     }
 }
 

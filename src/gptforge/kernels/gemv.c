@@ -194,20 +194,23 @@ static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int
  * starting value xs = -offset * (the sum of its 32 xq) (see I8_OFFSET). */
 typedef struct { int8_t *xq; float *xd; int32_t *xs; } qrows;
 
-static qrows quantize_rows(const float *x, int64_t M, int64_t K, int offset) {
+static qrows quantize_rows(const float *x, int64_t M, int64_t K, int offset, int threads) {
     const int64_t blocks = M * K / 32;
     const qrows q = {malloc(M * K), malloc(blocks * sizeof(float)), malloc(blocks * sizeof(int32_t))};
+    #pragma omp parallel for num_threads(threads) schedule(static) if (blocks >= 256)
     for (int64_t b = 0; b < blocks; b++) {
         const float *xb = x + 32 * b;
         vec top = vzero();
         for (int j = 0; j < 32; j += VL) top = vmax(top, vabs(vload(xb + j)));
         const float d = vmaxall(top) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-        int8_t *v = q.xq + 32 * b;
-        for (int j = 0; j < 32; j += VL) vstore_i8(v + j, vload(xb + j) * vset1(id));
-        int32_t sum = 0;
-        for (int j = 0; j < 32; j++) sum += v[j];
+        vec sum = vzero();
+        for (int j = 0; j < 32; j += VL) {
+            const vec r = vround(vload(xb + j) * vset1(id));  /* exact integers: their sum is too */
+            vstore_i8(q.xq + 32 * b + j, r);
+            sum = sum + r;
+        }
         q.xd[b] = d;
-        q.xs[b] = -offset * sum;
+        q.xs[b] = -offset * (int32_t)vsum(sum);
     }
     return q;
 }
@@ -272,7 +275,7 @@ static inline __attribute__((always_inline)) void int_panels(
  * the format must stay a compile-time constant inside it for the tiles to be specialized. */
 #define INT_LINEAR(FMT)                                                                           \
     const int64_t K = L->k, N = L->n;                                                             \
-    const qrows q = quantize_rows(x, M, K, FMT == I8 ? I8_OFFSET : 8);                            \
+    const qrows q = quantize_rows(x, M, K, FMT == I8 ? I8_OFFSET : 8, threads);                            \
     FOR_EACH_TILE(M, N, INT_XROWS, INT_TILE_##FMT);                                                          \
     free(q.xq); free(q.xd); free(q.xs);
 #define INT_TILE_I8(MB, NP, p0) int_panels(I8, MB, NP, q, m0, K, L->w, L->scale, N, L->bias, y, p0)

@@ -6,18 +6,20 @@ inference model, in place, and returns it:
 - float32: query, key and value become views of one (3 * out, in) matrix, so one product computes
   all three (`SharedQKV`); every nn.Linear becomes a `Float32Linear` (same parameters and keys).
   A decode step's few rows go through gptforge's own kernel (`gptforge.kernels`, which streams
-  each weight once: PyTorch's reads them at about half the memory bandwidth); a prefill or a
-  training step through PyTorch.
+  each weight once: PyTorch's reads them at about half the memory bandwidth; steps of several
+  rows through a second copy of the weights in the kernels' panel order, made on first use); a
+  prefill or a training step through PyTorch.
 - bfloat16: the model is cast to bf16 and every nn.Linear becomes a `PackedLinear`, whose weight is
   pre-packed once in oneDNN's blocked layout; query/key/value are one packed matrix and the
   feed-forward's GELU is fused into its first matmul.
 - int8 (weight-only): every nn.Linear (query/key/value fused) becomes an `Int8Linear` with
   per-output-channel symmetric int8 weights.
 - int4 (weight-only): every nn.Linear becomes an `Int4Linear`: groups of 32 weights with one scale
-  each, llama.cpp's Q4_0 scheme and byte layout.
+  each, llama.cpp's Q4_0 scheme.
   For int8 and int4, a decode step's rows go through gptforge's integer kernels (activations
-  quantized per block of 32 as llama.cpp's Q8_0, float32 in and out) where this CPU has them, else
-  through PyTorch's weight-only kernels (bf16 activations); a prefill dequantizes the weights to
+  quantized per block of 32 as llama.cpp's Q8_0, float32 in and out; the weights stored in the
+  kernels' panel order, the KV cache in fp16) where this CPU has them, else through PyTorch's
+  weight-only kernels (bf16 activations, weights row by row); a prefill dequantizes the weights to
   this CPU's fastest dense dtype (`choose_mode`) and runs one matmul.
 
 Prepare a model last: moving or casting it afterwards (`.to(...)`) is not supported.

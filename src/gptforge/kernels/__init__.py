@@ -5,14 +5,15 @@ step in one call (`block.c`, used through `block.py`).
 Why: at a few rows a matrix product is memory-bound, and PyTorch's CPU kernels for it read the
 weights at about half the memory bandwidth (and its int8/int4 ones convert every weight to float),
 so decoding ran at about half of llama.cpp's speed (issue 14). `gemv.c` streams each weight once
-per call with prefetching, and multiplies int8 and 4-bit weights with integer instructions (AVX2,
-AVX-512, VNNI) against activations quantized as llama.cpp's Q8_0.
+per call with prefetching, from weights stored in panels (`pack`) so that a batch's rows share
+each load, and multiplies int8 and 4-bit weights with integer instructions (AVX2, AVX-512, VNNI)
+against activations quantized as llama.cpp's Q8_0.
 
 How: the first use compiles the C files with the system C compiler (`$CC`, else `cc`) and
 `-march=native`, so they use the widest vectors this CPU has, into
 `$GPTFORGE_CACHE` (default `~/.cache/gptforge`)/kernels/, keyed by the sources, the flags and the
 CPU's features (~3 s on 2 cores; later processes only load it). Where that cannot be done
-(no compiler, a CPU without AVX2 and FMA, `GPTFORGE_KERNELS=torch`), `library()` is None and the
+(no compiler, a CPU without AVX2, FMA and F16C, `GPTFORGE_KERNELS=torch`), `library()` is None and the
 callers use PyTorch's kernels: same results up to rounding (and, for int8/4-bit, the activation
 quantization), slower.
 """

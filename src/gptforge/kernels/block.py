@@ -80,15 +80,27 @@ class FusedTransformerBlock(TransformerBlock):
                 or (attn_mask is not None and attn_mask.dtype != torch.bool)):
             return super().forward(x, kv, start, attn_mask)
         if b > 1:  # several rows: float32 layers multiply through their panels
-            for name, module in zip(("qkv", "proj", "fc1", "fc2"), self._linears()):
-                spec_linear = getattr(spec[0], name)
-                if spec_linear.fmt == 0:
-                    spec_linear.wp = f32_panels(module, _float32_weights(module)[0], module.weights_version()).data_ptr()
-        mask = None if attn_mask is None else attn_mask.expand(b, 1, 1, start + 1).reshape(b, start + 1).contiguous()
+            for linear, module, weight in self.__dict__["_f32_layers"]:
+                linear.wp = f32_panels(module, weight, module.weights_version()).data_ptr()
+        mask = None if attn_mask is None else _row_mask(attn_mask, b, start)
         out = x.contiguous().clone()  # the residual stream, updated in place by the C block
         call("gf_block_decode", ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(),
              keys.stride(0), keys.shape[2], start, keys.dtype == torch.float16, _ptr(mask), torch.get_num_threads())
         return out
+
+
+# The last mask given to a block, as (the mask, rows, start, C's (rows, start + 1) bytes): every
+# block of a forward pass gets the same one.
+_LAST_MASK: list[tuple | None] = [None]
+
+
+def _row_mask(attn_mask: torch.Tensor, b: int, start: int) -> torch.Tensor:
+    last = _LAST_MASK[0]
+    if last is not None and last[0] is attn_mask and last[1:3] == (b, start):
+        return last[3]
+    mask = attn_mask.expand(b, 1, 1, start + 1).reshape(b, start + 1).contiguous()
+    _LAST_MASK[0] = (attn_mask, b, start, mask)
+    return mask
 
 
 def fuse_blocks(model: nn.Module) -> None:
@@ -102,3 +114,8 @@ def fuse_blocks(model: nn.Module) -> None:
             if spec is not None:
                 block.__class__ = FusedTransformerBlock
                 block.__dict__["_c_block"] = spec
+                # float32 layers: where a step of several rows points the C block at their panels
+                block.__dict__["_f32_layers"] = [
+                    (getattr(spec[0], name), module, _float32_weights(module)[0])
+                    for name, module in zip(("qkv", "proj", "fc1", "fc2"), block._linears())
+                    if getattr(spec[0], name).fmt == 0]

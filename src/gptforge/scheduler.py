@@ -134,6 +134,11 @@ class SequenceState:
         return len(self._text.text) if self._text is not None else 0
 
 
+def _plain_greedy(seq: SequenceState) -> bool:
+    """Whether a sequence's next token is just the argmax of its logits (what `next_tokens` does then)."""
+    return not seq.config.do_sample and not seq.config.processors
+
+
 class BatchScheduler:
     """Decodes many sequences as one batch; see the module docstring for the cache layout.
 
@@ -333,8 +338,11 @@ class BatchScheduler:
         self._column += 1
         self._positions[:n] += 1
         tokens, finished = [], []
+        # plain greedy rows (no processors): one argmax for all of them
+        argmax = logits[:, :self.tokenizer.vocab_size].argmax(-1).tolist() \
+            if any(_plain_greedy(seq) for seq in self._rows) else None
         for i, seq in enumerate(self._rows):
-            tokens.append(self._pick(seq, logits[i:i + 1]))
+            tokens.append(argmax[i] if argmax is not None and _plain_greedy(seq) else self._pick(seq, logits[i:i + 1]))
             if self._emit(seq, tokens[-1], logits[i]):
                 finished.append(i)
         self._next[:n] = torch.tensor(tokens, device=self.device)

@@ -1,7 +1,8 @@
 """Where a decode step's time goes: fused C blocks, matmuls, attention and the rest, per token, at batch 1 on the
 GPT-2 124M shape (random GPT-2-init weights), for each inference mode.
 
-The step is timed plainly (best of `--repeats` runs of `--tokens` steps after a 64-token prompt);
+The step is timed plainly (best of `--repeats` runs of `--tokens` steps after a 64-token prompt,
+batch 1 and batch 8 interleaved);
 a second, profiled run splits it: the operators' own CPU time in matrix products, in attention,
 and everything else (elementwise ops, layer norms, copies, Python and dispatch) as the remainder.
 Machine load makes the absolute figures noisy; compare modes within one run.
@@ -102,10 +103,14 @@ def main() -> None:
           f"   batch-8 tok/s, / batch 1")
     for mode in args.modes:
         model = build(mode)
-        decode(model, 4)  # warm-up
-        step = min(decode(model, args.tokens) for _ in range(args.repeats)) * 1e3
+        decode(model, 4)  # warm-up (and a float32 model's panels, for the batch)
+        decode(model, 4, batch=8)
+        one, eight = [], []
+        for _ in range(args.repeats):  # interleaved: the machine's memory bandwidth drifts, and batch 1
+            one.append(decode(model, args.tokens))  # is memory-bound where batch 8 is compute-bound
+            eight.append(decode(model, args.tokens, batch=8))
+        step, batch8 = min(one) * 1e3, 8 / min(eight)
         split = breakdown(model, args.tokens)
-        batch8 = 8 / min(decode(model, args.tokens, batch=8) for _ in range(args.repeats))
         print(f"{mode:<6} {step:>9.2f} {1e3 / step:>7.1f}   {'':>17} {split['block']:>7.0%} {split['matmul']:>7.0%} "
               f"{split['attention']:>9.0%} {split['rest']:>6.0%} ({split['rest'] * step:4.1f} ms)"
               f"   {batch8:>6.1f}, {batch8 * step / 1e3:.2f}x")

@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from gptforge import GPTModel
 from gptforge.cpu import cpu_summary
+from gptforge.generation import GenerationConfig, next_tokens
 from gptforge.quant import inference_view, prepare_for_inference
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int8pack_mm",
@@ -38,6 +39,14 @@ MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("au
          "int4": ("auto", "int4"), "auto": ("auto", "auto")}
 
 
+GREEDY = GenerationConfig()
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 1) next tokens from (B, 1, V) logits, as `generate` picks them greedily."""
+    return next_tokens(logits[:, -1], None, GREEDY)[:, None]
+
+
 def build(mode: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = GPTModel("gpt2-124m").eval()
@@ -52,7 +61,7 @@ def prefill(model: torch.nn.Module, tokens: int, prompt: int = 64, batch: int = 
     """A KV cache holding `batch` random prompts, room for `tokens` more, and the greedy next tokens."""
     ids = torch.randint(0, 50257, (batch, prompt), generator=torch.Generator().manual_seed(0))
     cache = model.new_cache(batch, prompt + tokens)
-    return cache, model(ids, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    return cache, greedy(model(ids, cache=cache, last_only=True))
 
 
 @torch.no_grad()
@@ -61,7 +70,7 @@ def decode(model: torch.nn.Module, tokens: int, batch: int = 1) -> float:
     cache, tok = prefill(model, tokens, batch=batch)
     start = CLOCK()
     for _ in range(tokens):
-        tok = model(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        tok = greedy(model(tok, cache=cache, last_only=True))  # (B, 1)
     return (CLOCK() - start) / tokens
 
 
@@ -73,7 +82,7 @@ def breakdown(model: torch.nn.Module, tokens: int) -> dict[str, float]:
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         start = CLOCK()
         for _ in range(tokens):
-            tok = model(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            tok = greedy(model(tok, cache=cache, last_only=True))
         step = (CLOCK() - start) * 1e3 / tokens
     split = {"matmul": 0.0, "attention": 0.0, "block": 0.0}
     for event in prof.key_averages():

@@ -96,6 +96,25 @@ def test_quantized_linears_pad_odd_widths_and_match_the_kernel_reference():
         torch.testing.assert_close(q(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("rows, n", [(1, 50257), (8, 50257), (3, 7), (2, 33)])
+def test_argmax_is_torchs(rows, n):
+    """gf_argmax against torch.argmax: ties go to the first maximum, a NaN wins (the first one),
+    -inf rows give 0, and a row view with a stride (a sliced vocabulary) reads right."""
+    torch.manual_seed(n)
+    x = torch.randn(rows, n + 5)
+    x[0, n // 2] = x[0, n // 3] = 10.0  # a tie: the first wins
+    if rows > 1:
+        x[1, :] = -float("inf")
+    if rows > 2:
+        x[2, n - 1] = float("nan")
+        x[2, n // 2] = float("nan")
+    view = x[:, :n]
+    assert torch.equal(kernels.argmax(view), view.argmax(-1))
+    other = torch.randn(4, 9, dtype=torch.float64)  # not float32: PyTorch's argmax
+    assert torch.equal(kernels.argmax(other), other.argmax(-1))
+
+
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env})

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from . import kernels
 from .config import known_fields
 from .errors import GptforgeError
 from .logits_processors import (  # noqa: F401  (re-exported: they were defined here)
@@ -195,14 +196,14 @@ def next_tokens(logits: torch.Tensor, ids: torch.Tensor | None, config: Generati
         raise GptforgeError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}")
     processors = config.processors
     if not processors and not config.do_sample:
-        return logits.argmax(-1)
+        return kernels.argmax(logits)
     if config.needs_context and ids is None:
         raise GptforgeError("the penalties need the ids so far: pass ids of shape (batch, tokens)")
     scores = logits.float()
     for process in processors:
         scores = process(scores, ids)
     if not config.do_sample:
-        return scores.argmax(-1)
+        return kernels.argmax(scores)
     probs = scores.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 

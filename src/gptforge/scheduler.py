@@ -340,10 +340,10 @@ class BatchScheduler:
         self._positions[:n] += 1
         tokens, finished = [], []
         # plain greedy rows (no processors): one argmax for all of them
-        argmax = kernels.argmax(logits[:, :self.tokenizer.vocab_size]).tolist() \
-            if any(_plain_greedy(seq) for seq in self._rows) else None
+        plain = [_plain_greedy(seq) for seq in self._rows]
+        argmax = kernels.argmax(logits[:, :self.tokenizer.vocab_size]).tolist() if any(plain) else None
         for i, seq in enumerate(self._rows):
-            tokens.append(argmax[i] if argmax is not None and _plain_greedy(seq) else self._pick(seq, logits[i:i + 1]))
+            tokens.append(argmax[i] if plain[i] else self._pick(seq, logits[i:i + 1]))
             if self._emit(seq, tokens[-1], logits[i]):
                 finished.append(i)
         self._next[:n] = torch.tensor(tokens, device=self.device)

@@ -167,9 +167,12 @@ print("ok", next(fast.parameters()).dtype)
 @needs_kernels
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 @pytest.mark.parametrize("rows, padded", [(1, False), (3, False), (4, True)])
-def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, tiny_config):
+@pytest.mark.parametrize("n_heads, start", [(4, 9), (2, 37)])
+def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, n_heads, start, tiny_config):
     """One decode step through block.c equals TransformerBlock.forward (PyTorch's layer norms,
-    attention and GELU around the same prepared linears): output and the cache it writes."""
+    attention and GELU around the same prepared linears): output and the cache it writes. Heads
+    of 32 and of GPT-2's 64 values (compiled apart), and 10 cached positions or 38 (scores taken
+    16 at a time, and a remainder)."""
     import copy
 
     from gptforge import GPTModel, prepare_for_inference
@@ -177,15 +180,14 @@ def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, tiny_
     from gptforge.model import TransformerBlock, _attention_mask
 
     torch.manual_seed(rows)
-    cfg = tiny_config(vocab_size=256, context_length=40, emb_dim=128, n_heads=4)
+    cfg = tiny_config(vocab_size=256, context_length=64, emb_dim=128, n_heads=n_heads)
     model = prepare_for_inference(GPTModel(cfg), "auto", quantize)
     block = model.trf_blocks[1]
     assert type(block) is FusedTransformerBlock
     reference = copy.copy(block)
     reference.__class__ = TransformerBlock
-    start = 9
     x = torch.randn(rows, 1, 128)
-    cache = model.new_cache(rows, 24)
+    cache = model.new_cache(rows, 48)
     cache.keys.normal_()
     cache.values.normal_()
     key_mask = torch.ones(rows, start + 1, dtype=torch.long)

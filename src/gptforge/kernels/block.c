@@ -58,17 +58,19 @@ static void gelu(float *x, int64_t n, int threads) {
 
 /* p[0..n) = exp(p - max p), returning their sum */
 static float softmax_numerators(float *p, int64_t n) {
-    float top = -INFINITY;
-    for (int64_t i = 0; i < n; i++) top = p[i] > top ? p[i] : top;
-    float sum = 0.f;
-    int64_t i = 0;
+    const int64_t whole = n / VL * VL;
+    vec most = vset1(-INFINITY);
+    for (int64_t i = 0; i < whole; i += VL) most = vmax(most, vload(p + i));
+    float top = whole ? vmaxall(most) : -INFINITY;
+    for (int64_t i = whole; i < n; i++) top = p[i] > top ? p[i] : top;
     vec acc = vset1(0.f);
-    for (; i + VL <= n; i += VL) {
+    for (int64_t i = 0; i < whole; i += VL) {
         const vec e = vexp(vload(p + i) - vset1(top));
         vstore(p + i, e);
         acc = acc + e;
     }
-    for (; i < n; i++) sum += p[i] = expf(p[i] - top);
+    float sum = 0.f;
+    for (int64_t i = whole; i < n; i++) sum += p[i] = expf(p[i] - top);
     return sum + vsum(acc);
 }
 
@@ -83,48 +85,87 @@ static inline vec kv_load(const void *base, int64_t i, const int half) {
 /* Causal attention of query row b, head h, over the S = start + 1 cached keys (those `mask`
  * allows: mask (M, S) bytes, or NULL for all): scaled dot products and softmax, as
  * F.scaled_dot_product_attention. qkv (M, 3 d); k, v: row b, head h, position s at element
- * b * row_stride + (h * max_len + s) * hs of kc / vc, float32 or (`half`) fp16; ctx (M, d). */
+ * b * row_stride + (h * max_len + s) * hs of kc / vc, float32 or (`half`) fp16; ctx (M, d).
+ * Called with a literal head size `hs` where it is GPT-2's 64, so that the loops over a head's
+ * values unroll and their sums stay in registers. Scores are taken VL positions at a time (their
+ * sums across vectors in one tree, vsums); the values are summed in two interleaved sets.
+ * At a batch's step the cache comes from memory (the weights streamed since the last step evict
+ * it), so while the keys are read the values are prefetched, and while the values are read the
+ * keys of the head this thread does next (ATT_AHEAD's prefetch serves a thread's first head). */
 static inline __attribute__((always_inline)) void attend(
-        const int half, int64_t b, int64_t h, const float *qkv, int64_t d, int64_t heads, const void *kc,
-        const void *vc, int64_t row_stride, int64_t max_len, int64_t S, const uint8_t *mask, float *p,
-        float *ctx) {
-    const int64_t hs = d / heads, size = half ? 2 : 4, first = b * row_stride + h * max_len * hs;
+        const int half, const int64_t hs, int64_t b, int64_t h, int64_t M, const float *qkv, int64_t d,
+        int64_t heads, const void *kc, const void *vc, int64_t row_stride, int64_t max_len, int64_t S,
+        const uint8_t *mask, float *p, float *ctx) {
+    const int64_t size = half ? 2 : 4, first = b * row_stride + h * max_len * hs, row = hs * size;
+    const int64_t next_b = h + 1 < heads ? b : b + 1, next_h = h + 1 < heads ? h + 1 : 0;  /* this thread's next */
+    const char *next_k = next_b < M ? (const char *)kc + (next_b * row_stride + next_h * max_len * hs) * size : NULL;
     const float scale = 1.f / sqrtf((float)hs);
     const float *q = qkv + b * 3 * d + h * hs;
     const char *k = (const char *)kc + first * size, *v = (const char *)vc + first * size;
     float *out = ctx + b * d + h * hs;
-    for (int64_t s = 0; s < S; s++) {
-        for (int64_t i = 0; i < hs * size; i += 64) __builtin_prefetch(k + (s + ATT_AHEAD) * hs * size + i, 0, 0);
-        vec acc = vset1(0.f);
-        for (int64_t i = 0; i < hs; i += VL) acc = vfma(vload(q + i), kv_load(k, s * hs + i, half), acc);
-        p[s] = mask && !mask[b * S + s] ? -INFINITY : vsum(acc) * scale;
+    vec qv[MAX_HEAD / VL];
+    for (int64_t i = 0; i < hs / VL; i++) qv[i] = vload(q + i * VL);
+    int64_t s = 0;
+    for (; s + VL <= S; s += VL) {
+        vec part[VL];
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < VL; j++) {
+            for (int64_t i = 0; i < row; i += 64) {
+                __builtin_prefetch(k + (s + j + ATT_AHEAD) * row + i, 0, 2);
+                __builtin_prefetch(v + (s + j) * row + i, 0, 2);
+            }
+            vec acc = vzero();
+            for (int64_t i = 0; i < hs / VL; i++) acc = vfma(qv[i], kv_load(k, (s + j) * hs + i * VL, half), acc);
+            part[j] = acc;
+        }
+        vstore(p + s, vsums(part) * vset1(scale));
     }
-    for (int64_t s = 0; s < ATT_AHEAD && s < S; s++)
-        for (int64_t i = 0; i < hs * size; i += 64) __builtin_prefetch(v + s * hs * size + i, 0, 0);
+    for (; s < S; s++) {
+        for (int64_t i = 0; i < row; i += 64) __builtin_prefetch(v + s * row + i, 0, 2);
+        vec acc = vzero();
+        for (int64_t i = 0; i < hs / VL; i++) acc = vfma(qv[i], kv_load(k, s * hs + i * VL, half), acc);
+        p[s] = vsum(acc) * scale;
+    }
+    if (mask)
+        for (s = 0; s < S; s++)
+            if (!mask[b * S + s]) p[s] = -INFINITY;
     const float inv = 1.f / softmax_numerators(p, S);
-    vec acc[MAX_HEAD / VL];
-    for (int64_t i = 0; i < hs / VL; i++) acc[i] = vset1(0.f);
-    for (int64_t s = 0; s < S; s++) {  /* the values in order, row by row */
-        for (int64_t i = 0; i < hs * size; i += 64) __builtin_prefetch(v + (s + ATT_AHEAD) * hs * size + i, 0, 0);
-        const vec ps = vset1(p[s]);
-        for (int64_t i = 0; i < hs / VL; i++) acc[i] = vfma(ps, kv_load(v, s * hs + i * VL, half), acc[i]);
+    vec even[MAX_HEAD / VL], odd[MAX_HEAD / VL];  /* positions 0, 2, 4, ... and 1, 3, 5, ... */
+    for (int64_t i = 0; i < hs / VL; i++) even[i] = odd[i] = vzero();
+    for (s = 0; s + 2 <= S; s += 2) {  /* the values in order, two rows at a time */
+        if (next_k)
+            for (int64_t i = 0; i < 2 * row; i += 64) __builtin_prefetch(next_k + s * row + i, 0, 2);
+        const vec p0 = vset1(p[s]), p1 = vset1(p[s + 1]);
+        for (int64_t i = 0; i < hs / VL; i++) {
+            even[i] = vfma(p0, kv_load(v, s * hs + i * VL, half), even[i]);
+            odd[i] = vfma(p1, kv_load(v, (s + 1) * hs + i * VL, half), odd[i]);
+        }
     }
-    for (int64_t i = 0; i < hs / VL; i++) vstore(out + i * VL, acc[i] * vset1(inv));
+    if (s < S)
+        for (int64_t i = 0; i < hs / VL; i++) even[i] = vfma(vset1(p[s]), kv_load(v, s * hs + i * VL, half), even[i]);
+    for (int64_t i = 0; i < hs / VL; i++) vstore(out + i * VL, (even[i] + odd[i]) * vset1(inv));
 }
 
-/* Every row and head (see attend), split among the threads; `half` a literal in each parallel
- * loop, so that each is compiled for its cache type. */
+/* Every row and head (see attend), split among the threads; `half` and GPT-2's head size literal
+ * in each parallel loop, so that each is compiled for its cache type. */
+#define ATTEND_ALL(HALF, HS)                                                                               \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                       \
+    for (int64_t bh = 0; bh < M * heads; bh++)                                                              \
+        attend(HALF, HS, bh / heads, bh % heads, M, qkv, d, heads, kc, vc, row_stride, max_len, S, mask,     \
+               scores + bh * S, ctx);
+
 static void attention(const float *qkv, int64_t M, int64_t d, int64_t heads, const void *kc,
                       const void *vc, int64_t row_stride, int64_t max_len, int64_t S, int half,
                       const uint8_t *mask, float *scores, float *ctx, int threads) {
-    if (half) {
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t bh = 0; bh < M * heads; bh++)
-            attend(1, bh / heads, bh % heads, qkv, d, heads, kc, vc, row_stride, max_len, S, mask, scores + bh * S, ctx);
+    const int64_t hs = d / heads;
+    if (half && hs == 64) {
+        ATTEND_ALL(1, 64)
+    } else if (half) {
+        ATTEND_ALL(1, hs)
+    } else if (hs == 64) {
+        ATTEND_ALL(0, 64)
     } else {
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t bh = 0; bh < M * heads; bh++)
-            attend(0, bh / heads, bh % heads, qkv, d, heads, kc, vc, row_stride, max_len, S, mask, scores + bh * S, ctx);
+        ATTEND_ALL(0, hs)
     }
 }
 

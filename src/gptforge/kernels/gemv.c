@@ -190,27 +190,32 @@ static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int
 
 /* ------------------------------------------------------------------------- int8 and 4-bit */
 
-/* x quantized as Q8_0: per row K int8 values xq; per block of 32, its scale xd and the sum's
- * starting value xs = -offset * (the sum of its 32 xq) (see I8_OFFSET). */
-typedef struct { int8_t *xq; float *xd; int32_t *xs; } qrows;
+/* x (M, K) quantized as Q8_0, the M rows interleaved (so that a tile reaches every row's values
+ * through one pointer): xq, for each 4 values of k (k = 4 g + j), M rows of 4 bytes, byte
+ * 4 (g M + m) + j the quantized x[m, k]; for each block b of 32 values and each row m, at b M + m,
+ * its scale xd and the sum's starting value xs = -offset * (the sum of its 32 xq) (see I8_OFFSET). */
+typedef struct { int8_t *xq; float *xd; int32_t *xs; int64_t M; } qrows;
 
 static qrows quantize_rows(const float *x, int64_t M, int64_t K, int offset, int threads) {
     const int64_t blocks = M * K / 32;
-    const qrows q = {malloc(M * K), malloc(blocks * sizeof(float)), malloc(blocks * sizeof(int32_t))};
+    const qrows q = {malloc(M * K), malloc(blocks * sizeof(float)), malloc(blocks * sizeof(int32_t)), M};
     #pragma omp parallel for num_threads(threads) schedule(static) if (blocks >= 256)
-    for (int64_t b = 0; b < blocks; b++) {
-        const float *xb = x + 32 * b;
+    for (int64_t i = 0; i < blocks; i++) {
+        const int64_t b = i / M, m = i % M;  /* in xq's order: the threads write apart */
+        const float *xb = x + m * K + 32 * b;
         vec top = vzero();
         for (int j = 0; j < 32; j += VL) top = vmax(top, vabs(vload(xb + j)));
         const float d = vmaxall(top) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
         vec sum = vzero();
+        int8_t bytes[32];
         for (int j = 0; j < 32; j += VL) {
             const vec r = vround(vload(xb + j) * vset1(id));  /* exact integers: their sum is too */
-            vstore_i8(q.xq + 32 * b + j, r);
+            vstore_i8(bytes + j, r);
             sum = sum + r;
         }
-        q.xd[b] = d;
-        q.xs[b] = -offset * (int32_t)vsum(sum);
+        for (int g = 0; g < 8; g++) memcpy(q.xq + 4 * ((8 * b + g) * M + m), bytes + 4 * g, 4);
+        q.xd[b * M + m] = d;
+        q.xs[b * M + m] = -offset * (int32_t)vsum(sum);
     }
     return q;
 }
@@ -231,7 +236,7 @@ static inline __attribute__((always_inline)) void int_panels(
     for (int64_t b = 0; b < K / 32; b++) {  /* block of 32 values of x (4-bit: a weight group) */
         ivec sum[INT_XROWS][PANELS];
         for (int m = 0; m < MB; m++)
-            for (int p = 0; p < NP; p++) sum[m][p] = iset1_32(q.xs[(m0 + m) * (K / 32) + b]);
+            for (int p = 0; p < NP; p++) sum[m][p] = iset1_32(q.xs[b * q.M + m0 + m]);
         for (int t = 0; t < (fmt == I8 ? 8 : 4); t++) {  /* int8: 4 values a step; 4-bit: 8 */
             ivec u[PANELS], s[PANELS];  /* int8: w unsigned and w; 4-bit: low and high nibbles */
             for (int p = 0; p < NP; p++) {
@@ -247,12 +252,12 @@ static inline __attribute__((always_inline)) void int_panels(
                 }
             }
             for (int m = 0; m < MB; m++) {
-                const int8_t *xm = q.xq + (m0 + m) * K + 32 * b + (fmt == I8 ? 4 : 8) * t;
-                const ivec x1 = ibroadcast4(xm);
+                const int64_t g = 8 * b + (fmt == I8 ? 1 : 2) * t;  /* x's values 4 g .. 4 g + 3 */
+                const ivec x1 = ibroadcast4(q.xq + 4 * (g * q.M + m0 + m));
                 if (fmt == I8) {
                     for (int p = 0; p < NP; p++) sum[m][p] = idot(sum[m][p], u[p], I8_OFFSET ? x1 : isign8(x1, s[p]));
                 } else {
-                    const ivec x2 = ibroadcast4(xm + 4);
+                    const ivec x2 = ibroadcast4(q.xq + 4 * ((g + 1) * q.M + m0 + m));
                     for (int p = 0; p < NP; p++) sum[m][p] = idot(idot(sum[m][p], u[p], x1), s[p], x2);
                 }
             }
@@ -260,7 +265,7 @@ static inline __attribute__((always_inline)) void int_panels(
         for (int p = 0; p < NP; p++) {
             const vec dw = fmt == I8 ? vset1(1.f) : vload(scale + ((p0 + p) * (K / 32) + b) * VL);
             for (int m = 0; m < MB; m++) {
-                vec d = vset1(q.xd[(m0 + m) * (K / 32) + b]);
+                vec d = vset1(q.xd[b * q.M + m0 + m]);
                 if (fmt == Q4) d = d * dw;  /* int8's per-row scale is applied once, at the end */
                 acc[m][p] = vfma(icvt(sum[m][p]), d, acc[m][p]);
             }

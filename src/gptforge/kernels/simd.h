@@ -23,6 +23,20 @@ static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_N
 static inline vec vscale2(vec a, vec n) { return _mm512_scalef_ps(a, n); }  /* a * 2^n, n integral */
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 static inline float vmaxall(vec a) { return _mm512_reduce_max_ps(a); }
+/* VL sums at once: lane j = the sum of v[j]'s lanes (halves, quarters, pairs of 16 vectors added
+ * in a tree of shuffles; the order the tree leaves its lanes in is undone by reading v 4 x 4 transposed) */
+static inline vec vsums(const vec v[VL]) {
+#define T(j) v[4 * ((j) % 4) + (j) / 4]
+    vec w[8], x[4], y[2];
+    for (int j = 0; j < 8; j++)
+        w[j] = _mm512_shuffle_f32x4(T(2 * j), T(2 * j + 1), 0x44) + _mm512_shuffle_f32x4(T(2 * j), T(2 * j + 1), 0xEE);
+#undef T
+    for (int i = 0; i < 4; i++)
+        x[i] = _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88) + _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD);
+    for (int i = 0; i < 2; i++)
+        y[i] = _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44) + _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE);
+    return _mm512_shuffle_ps(y[0], y[1], 0x88) + _mm512_shuffle_ps(y[0], y[1], 0xDD);
+}
 static inline vec vabs(vec a) { return _mm512_abs_ps(a); }
 static inline unsigned vmask_nan(vec a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }  /* bit i: lane i */
 static inline unsigned vmask_eq(vec a, vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
@@ -90,6 +104,11 @@ static inline float vsum(vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline vec vsums(const vec v[VL]) {  /* lane j = the sum of v[j]'s lanes */
+    const vec a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const vec b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_permute2f128_ps(a, b, 0x20) + _mm256_permute2f128_ps(a, b, 0x31);
 }
 static inline ivec iload(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 static inline ivec iset1_8(char a) { return _mm256_set1_epi8(a); }

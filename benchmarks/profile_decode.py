@@ -1,11 +1,13 @@
-"""Where a decode step's time goes: fused C blocks, matmuls, attention and the rest, per token, at batch 1 on the
-GPT-2 124M shape (random GPT-2-init weights), for each inference mode.
+"""Where a decode step's time goes: matrix products, attention and the rest, per step, at batch 1 and
+batch 8 on the GPT-2 124M shape (random GPT-2-init weights), for each inference mode.
 
 The step is timed plainly (best of `--repeats` runs of `--tokens` steps after a 64-token prompt,
-batch 1 and batch 8 interleaved);
-a second, profiled run splits it: the operators' own CPU time in matrix products, in attention,
-and everything else (elementwise ops, layer norms, copies, Python and dispatch) as the remainder.
-Machine load makes the absolute figures noisy; compare modes within one run.
+batch 1 and batch 8 interleaved: the machine's memory bandwidth drifts, and batch 1 is
+memory-bound where batch 8 is compute-bound); a second, profiled run of each splits it: the
+operators' own CPU time in matrix products and in attention (PyTorch's, from torch.profiler), the
+same parts inside gptforge's fused C blocks (their own timers, `kernels.block_profile`), and
+everything else (embedding, layer norms, GELU, the head's argmax, Python and dispatch) as the
+remainder. Machine load makes the absolute figures noisy; compare modes within one run.
 
     python benchmarks/profile_decode.py                   # fp32 and int8 (and auto)
     python benchmarks/profile_decode.py --modes fp32 --threads 1
@@ -19,7 +21,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from gptforge import GPTModel
+from gptforge import GPTModel, kernels
 from gptforge.cpu import cpu_summary
 from gptforge.generation import GenerationConfig, next_tokens
 from gptforge.quant import inference_view, prepare_for_inference
@@ -27,9 +29,6 @@ from gptforge.quant import inference_view, prepare_for_inference
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "mkldnn::_linear_pointwise", "aten::mkldnn_linear",
               "aten::linear", "gptforge::linear")
-# A FusedTransformerBlock's decode step: one C call doing a whole block (its products, attention,
-# layer norms and GELU), counted as a share of its own.
-BLOCK_OPS = ("gptforge::block_decode",)
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                  "aten::_scaled_dot_product_attention_math", "aten::_softmax")
 # Wall clock by default; `--clock cpu` counts this process's CPU seconds (with --threads 1, the cost
@@ -74,23 +73,24 @@ def decode(model: torch.nn.Module, tokens: int, batch: int = 1) -> float:
     return (CLOCK() - start) / tokens
 
 
-def breakdown(model: torch.nn.Module, tokens: int) -> dict[str, float]:
-    """Shares of one profiled decode (the prefill not profiled): the operators' self time in
-    matmuls, in attention, and the rest of the step (fractions of its wall time, so that machine
-    load cancels out)."""
-    cache, tok = prefill(model, tokens)
+def breakdown(model: torch.nn.Module, tokens: int, batch: int = 1) -> dict[str, float]:
+    """Shares of one profiled decode (the prefill not profiled) in matrix products, attention and
+    the rest (fractions of its wall time, so that machine load cancels out): the operators' own
+    time and the C blocks' timers."""
+    cache, tok = prefill(model, tokens, batch=batch)
+    kernels.block_profile(True)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         start = CLOCK()
         for _ in range(tokens):
             tok = greedy(model(tok, cache=cache, last_only=True))
-        step = (CLOCK() - start) * 1e3 / tokens
-    split = {"matmul": 0.0, "attention": 0.0, "block": 0.0}
+        total = CLOCK() - start
+    in_blocks = kernels.block_profile(False)  # the C blocks' parts (their rest joins the step's)
+    split = {part: in_blocks[part] / total for part in ("products", "attention")}
     for event in prof.key_averages():
-        kind = ("matmul" if event.key in MATMUL_OPS else "attention" if event.key in ATTENTION_OPS
-                else "block" if event.key in BLOCK_OPS else None)
+        kind = "products" if event.key in MATMUL_OPS else "attention" if event.key in ATTENTION_OPS else None
         if kind:
-            split[kind] += event.self_cpu_time_total / 1e3 / tokens / step
-    split["rest"] = 1 - split["matmul"] - split["attention"] - split["block"]
+            split[kind] += event.self_cpu_time_total / 1e6 / total
+    split["rest"] = 1 - split["products"] - split["attention"]
     return split
 
 
@@ -106,10 +106,10 @@ def main() -> None:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     print(cpu_summary())
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, batch 1, "
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "
           f"{args.tokens} tokens after a 64-token prompt")
-    print(f"{'mode':<6} {'ms/token':>9} {'tok/s':>7}   shares of a step: {'C block':>7} {'matmul':>7} {'attention':>9} {'rest':>6}"
-          f"   batch-8 tok/s, / batch 1")
+    print(f"{'mode':<6} {'batch':>5} {'ms/step':>8} {'tok/s':>7}   shares of a step: {'products':>8} {'attention':>9} "
+          f"{'rest':>6}   tok/s / batch 1's")
     for mode in args.modes:
         model = build(mode)
         decode(model, 4)  # warm-up (and a float32 model's panels, for the batch)
@@ -118,11 +118,11 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved: the machine's memory bandwidth drifts, and batch 1
             one.append(decode(model, args.tokens))  # is memory-bound where batch 8 is compute-bound
             eight.append(decode(model, args.tokens, batch=8))
-        step, batch8 = min(one) * 1e3, 8 / min(eight)
-        split = breakdown(model, args.tokens)
-        print(f"{mode:<6} {step:>9.2f} {1e3 / step:>7.1f}   {'':>17} {split['block']:>7.0%} {split['matmul']:>7.0%} "
-              f"{split['attention']:>9.0%} {split['rest']:>6.0%} ({split['rest'] * step:4.1f} ms)"
-              f"   {batch8:>6.1f}, {batch8 * step / 1e3:.2f}x")
+        for batch, best in ((1, min(one)), (8, min(eight))):
+            split = breakdown(model, args.tokens, batch)
+            ratio = f"{batch * min(one) / best:.2f}x" if batch > 1 else ""
+            print(f"{mode:<6} {batch:>5} {best * 1e3:>8.2f} {batch / best:>7.1f}   {'':>17} {split['products']:>8.0%} "
+                  f"{split['attention']:>9.0%} {split['rest']:>6.0%} ({split['rest'] * best * 1e3:3.1f} ms)   {ratio}")
 
 
 if __name__ == "__main__":

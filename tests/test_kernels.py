@@ -208,6 +208,35 @@ def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, n_hea
 
 
 @needs_kernels
+def test_block_profile_times_the_c_blocks_parts_only_while_on(tiny_config):
+    """kernels.block_profile: the C blocks' seconds in products, attention and the rest, summed
+    while timing is on (what profile_decode reports), nothing while it is off."""
+    from gptforge import GPTModel, prepare_for_inference
+    from gptforge.kernels.block import FusedTransformerBlock
+
+    model = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=32, emb_dim=128, n_heads=2)),
+                                  "auto", "int8")
+    assert type(model.trf_blocks[0]) is FusedTransformerBlock
+    ids = torch.randint(0, 256, (2, 5))
+
+    def decode_steps(n: int) -> None:
+        cache = model.new_cache(2, 16)
+        with torch.no_grad():
+            model(ids, cache=cache)
+            for _ in range(n):
+                model(ids[:, :1], cache=cache, last_only=True)
+
+    kernels.block_profile(False)
+    decode_steps(2)
+    assert set(kernels.block_profile(True).values()) == {0.0}  # off: nothing timed
+    decode_steps(3)
+    parts = kernels.block_profile(False)
+    assert set(parts) == {"products", "attention", "rest"} and all(t > 0 for t in parts.values()), parts
+    decode_steps(1)
+    assert set(kernels.block_profile(False).values()) == {0.0}
+
+
+@needs_kernels
 def test_float32_panels_follow_the_weights(tiny_config):
     """Products of several float32 rows read a second copy of the weights in panels, made on the
     first such step: loading other weights into a prepared model remakes it (no stale copy)."""

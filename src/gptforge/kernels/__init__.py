@@ -50,7 +50,9 @@ _SIGNATURES = {
     "gf_block_decode": [_P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
     "gf_dequantize": [_P, _I64, _P, ctypes.c_int, ctypes.c_int],  # layer, k_out, out, bf16, threads
     "gf_argmax": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # x, rows, n, row stride, out, threads
+    "gf_block_profile": [ctypes.c_int, _P],  # on, out (block.c)
 }
+BLOCK_PARTS = ("products", "attention", "rest")  # block.c's timed parts of a block's decode step
 
 
 class Linear(ctypes.Structure):
@@ -231,6 +233,16 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     call("gf_argmax", logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(),
          torch.get_num_threads())
     return out
+
+
+def block_profile(on: bool) -> dict[str, float]:
+    """Seconds the C blocks' decode steps spent in their matrix products, attention and the rest
+    (layer norms, GELU, residual adds) since the last call on this thread, then timing turned on or
+    off (off by default: it costs a clock read per part). Zeros without the kernels."""
+    out = (ctypes.c_double * len(BLOCK_PARTS))()
+    if library() is not None:
+        library().gf_block_profile(int(on), out)
+    return dict(zip(BLOCK_PARTS, out))
 
 
 def dequantize(spec: Linear, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

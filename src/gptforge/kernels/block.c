@@ -10,6 +10,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "gemv.h"
 #include "simd.h"
@@ -182,6 +183,32 @@ static float *scratch(size_t bytes) {
     return buffer;
 }
 
+/* Where gf_block_decode's time goes, for profiling (benchmarks/profile_decode.py): seconds in the
+ * matrix products, in attention (with the cache writes) and in the rest (layer norms, GELU, the
+ * residual adds), summed per calling thread while timing is on. */
+enum { PRODUCTS, ATTENTION, REST, PARTS };
+static _Thread_local int timing;
+static _Thread_local double spent[PARTS], mark;
+
+static inline void lap(int part) {  /* the time since the last lap goes to `part` */
+    if (!timing) return;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    const double now = t.tv_sec + 1e-9 * t.tv_nsec;
+    if (part >= 0) spent[part] += now - mark;
+    mark = now;
+}
+
+/* Turns timing on or off for this thread, and writes the seconds per part since the last call
+ * into out[PARTS] (if not NULL), starting the sums again. */
+void gf_block_profile(int on, double *out) {
+    for (int i = 0; i < PARTS; i++) {
+        if (out) out[i] = spent[i];
+        spent[i] = 0.;
+    }
+    timing = on;
+}
+
 /* x (M, d), the residual stream, is updated in place; kc/vc are this layer's cache (see attend),
  * float32, or fp16 where `half`. Needs d / heads and 4 d to be whole numbers of vectors (the
  * caller checks). */
@@ -191,8 +218,11 @@ void gf_block_decode(const gf_block *blk, float *x, int64_t M, void *kc, void *v
     float *h = scratch(sizeof(float) * M * (d + 3 * d + d + 4 * d + heads * S));
     float *qkv = h + M * d, *ctx = qkv + M * 3 * d, *ff = ctx + M * d, *scores = ff + M * 4 * d;
 
+    lap(-1);
     layer_norm(x, M, d, blk->ln1_w, blk->ln1_b, blk->eps, h);
+    lap(REST);
     gf_linear(&blk->qkv, h, M, qkv, threads);
+    lap(PRODUCTS);
     for (int64_t b = 0; b < M; b++)  /* this token's keys and values into the cache */
         for (int64_t head = 0; head < heads; head++) {
             const int64_t at = b * row_stride + (head * max_len + start) * hs;
@@ -208,12 +238,19 @@ void gf_block_decode(const gf_block *blk, float *x, int64_t M, void *kc, void *v
             }
         }
     attention(qkv, M, d, heads, kc, vc, row_stride, max_len, S, (int)half, mask, scores, ctx, threads);
+    lap(ATTENTION);
     gf_linear(&blk->proj, ctx, M, h, threads);
+    lap(PRODUCTS);
     for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
 
     layer_norm(x, M, d, blk->ln2_w, blk->ln2_b, blk->eps, h);
+    lap(REST);
     gf_linear(&blk->fc1, h, M, ff, threads);
+    lap(PRODUCTS);
     gelu(ff, M * 4 * d, threads);
+    lap(REST);
     gf_linear(&blk->fc2, ff, M, h, threads);
+    lap(PRODUCTS);
     for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
+    lap(REST);
 }

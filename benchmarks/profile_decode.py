@@ -3,11 +3,10 @@ batch 8 on the GPT-2 124M shape (random GPT-2-init weights), for each inference 
 
 The step is timed plainly (best of `--repeats` runs of `--tokens` steps after a 64-token prompt,
 batch 1 and batch 8 interleaved: the machine's memory bandwidth drifts, and batch 1 is
-memory-bound where batch 8 is compute-bound); a second, profiled run of each splits it: the
-operators' own CPU time in matrix products and in attention (PyTorch's, from torch.profiler), the
-same parts inside gptforge's fused C blocks (their own timers, `kernels.block_profile`), and
-everything else (embedding, layer norms, GELU, the head's argmax, Python and dispatch) as the
-remainder. Machine load makes the absolute figures noisy; compare modes within one run.
+memory-bound where batch 8 is compute-bound); a second run of each splits it into matrix products, attention and the rest (embedding, layer
+norms, GELU, the argmax, Python and dispatch): by gptforge's kernels' own timers
+(`kernels.profile`) where the model runs on them, else by torch.profiler (PyTorch operators' own
+time). Machine load makes the absolute figures noisy; compare modes within one run.
 
     python benchmarks/profile_decode.py                   # fp32 and int8 (and auto)
     python benchmarks/profile_decode.py --modes fp32 --threads 1
@@ -74,22 +73,29 @@ def decode(model: torch.nn.Module, tokens: int, batch: int = 1) -> float:
 
 
 def breakdown(model: torch.nn.Module, tokens: int, batch: int = 1) -> dict[str, float]:
-    """Shares of one profiled decode (the prefill not profiled) in matrix products, attention and
-    the rest (fractions of its wall time, so that machine load cancels out): the operators' own
-    time and the C blocks' timers."""
+    """Shares of one decode (the prefill not timed) in matrix products, attention and the rest
+    (fractions of its wall time, so that machine load cancels out). A model on gptforge's
+    kernels is split by their own timers (`kernels.profile`); one on PyTorch's operators, by
+    torch.profiler (the operators' own time), whose bookkeeping then joins the rest."""
     cache, tok = prefill(model, tokens, batch=batch)
-    kernels.block_profile(True)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = CLOCK()
+    kernels.profile(True)
+    start = CLOCK()
+    with torch.no_grad():
         for _ in range(tokens):
             tok = greedy(model(tok, cache=cache, last_only=True))
-        total = CLOCK() - start
-    in_blocks = kernels.block_profile(False)  # the C blocks' parts (their rest joins the step's)
-    split = {part: in_blocks[part] / total for part in ("products", "attention")}
-    for event in prof.key_averages():
-        kind = "products" if event.key in MATMUL_OPS else "attention" if event.key in ATTENTION_OPS else None
-        if kind:
-            split[kind] += event.self_cpu_time_total / 1e6 / total
+    total = CLOCK() - start
+    split = {part: seconds / total for part, seconds in kernels.profile(False).items() if part != "block rest"}
+    if split["products"] == 0:  # PyTorch's operators
+        cache, tok = prefill(model, tokens, batch=batch)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = CLOCK()
+            for _ in range(tokens):
+                tok = greedy(model(tok, cache=cache, last_only=True))
+            total = CLOCK() - start
+        for event in prof.key_averages():
+            kind = "products" if event.key in MATMUL_OPS else "attention" if event.key in ATTENTION_OPS else None
+            if kind:
+                split[kind] += event.self_cpu_time_total / 1e6 / total
     split["rest"] = 1 - split["products"] - split["attention"]
     return split
 

@@ -208,9 +208,10 @@ def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, n_hea
 
 
 @needs_kernels
-def test_block_profile_times_the_c_blocks_parts_only_while_on(tiny_config):
-    """kernels.block_profile: the C blocks' seconds in products, attention and the rest, summed
-    while timing is on (what profile_decode reports), nothing while it is off."""
+def test_profile_times_the_kernels_parts_only_while_on(tiny_config):
+    """kernels.profile: seconds in the C blocks' products (and the head's, through `linear`),
+    attention and the rest, summed while timing is on (what profile_decode reports), nothing while
+    it is off."""
     from gptforge import GPTModel, prepare_for_inference
     from gptforge.kernels.block import FusedTransformerBlock
 
@@ -226,14 +227,17 @@ def test_block_profile_times_the_c_blocks_parts_only_while_on(tiny_config):
             for _ in range(n):
                 model(ids[:, :1], cache=cache, last_only=True)
 
-    kernels.block_profile(False)
+    kernels.profile(False)
     decode_steps(2)
-    assert set(kernels.block_profile(True).values()) == {0.0}  # off: nothing timed
+    assert set(kernels.profile(True).values()) == {0.0}  # off: nothing timed
     decode_steps(3)
-    parts = kernels.block_profile(False)
-    assert set(parts) == {"products", "attention", "rest"} and all(t > 0 for t in parts.values()), parts
+    parts = kernels.profile(False)
+    assert set(parts) == {"products", "attention", "block rest"} and all(t > 0 for t in parts.values()), parts
+    kernels.profile(True)
+    kernels.linear(torch.randn(3, 128), model.out_head.spec())  # the head's product alone
+    assert kernels.profile(False)["products"] > 0
     decode_steps(1)
-    assert set(kernels.block_profile(False).values()) == {0.0}
+    assert set(kernels.profile(False).values()) == {0.0}
 
 
 @needs_kernels

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -204,12 +205,19 @@ def layer(fmt: str, n: int, k: int, weight: torch.Tensor, scale: torch.Tensor | 
     return Linear(FORMATS[fmt], n, k, _ptr(weight), _ptr(panels), _ptr(scale), _ptr(bias))
 
 
+_LINEAR_SECONDS: list[float | None] = [None]  # gf_linear's time while `profile` is on, else None
+
+
 def call(name: str, *args) -> None:
     """The C function `name` on `args`, named `gptforge::name` in torch.profiler's tables when it runs."""
     function = getattr(library(), name)
     if torch.autograd.profiler._is_profiler_enabled:
         with torch.profiler.record_function(f"gptforge::{name.removeprefix('gf_')}"):
             function(*args)
+    elif _LINEAR_SECONDS[0] is not None and name == "gf_linear":
+        start = time.perf_counter()
+        function(*args)
+        _LINEAR_SECONDS[0] += time.perf_counter() - start
     else:
         function(*args)
 
@@ -235,14 +243,19 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def block_profile(on: bool) -> dict[str, float]:
-    """Seconds the C blocks' decode steps spent in their matrix products, attention and the rest
-    (layer norms, GELU, residual adds) since the last call on this thread, then timing turned on or
-    off (off by default: it costs a clock read per part). Zeros without the kernels."""
+def profile(on: bool) -> dict[str, float]:
+    """Seconds spent in these kernels since the last call on this thread, by part: "products"
+    (matrix products: the C blocks' and `linear`'s), "attention" and "block rest" (the C blocks'
+    layer norms, GELU and residual adds); then timing turned on or off (off by default: it costs
+    a clock read per part). What benchmarks/profile_decode.py splits a step with. Zeros without
+    the kernels."""
     out = (ctypes.c_double * len(BLOCK_PARTS))()
     if library() is not None:
         library().gf_block_profile(int(on), out)
-    return dict(zip(BLOCK_PARTS, out))
+    blocks = dict(zip(BLOCK_PARTS, out))
+    linear_seconds, _LINEAR_SECONDS[0] = _LINEAR_SECONDS[0] or 0.0, 0.0 if on else None
+    return {"products": blocks["products"] + linear_seconds, "attention": blocks["attention"],
+            "block rest": blocks["rest"]}
 
 
 def dequantize(spec: Linear, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

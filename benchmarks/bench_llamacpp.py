@@ -10,6 +10,9 @@ Modes side by side: gptforge fp32 / llama.cpp F32, gptforge int8 (weight-only) /
   generation does, and llama.cpp's `eval`), tokens/s, best of --repeats;
 - greedy agreement: the 128 tokens of each gptforge mode against llama.cpp's in the same mode
   (fraction equal, first difference).
+With --serve, each gptforge mode's decode is also timed through `gptforge serve` (started on a
+loopback port on the same weights, `--quantize` as the mode): one client streaming the same
+greedy completion, tokens/s after the first streamed token, best of --repeats.
 Top-1 agreement and KL of each gptforge mode against gptforge fp32 are printed too. The CPU model
 and its SIMD flags are printed with the figures; the output is also written to
 benchmarks/results/bench_llamacpp.txt.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import sys
 import tempfile
 import time
@@ -113,6 +117,47 @@ def llama_prefill(llm, ids: list[int]) -> float:
     return time.perf_counter() - start
 
 
+def served_decode(port: int, prompt: list[int], n: int) -> tuple[float, int]:
+    """(seconds from the first streamed token to the last, tokens) of one greedy completion of
+    `prompt` (token ids) streamed by the server on `port` (it stops early at <|endoftext|>)."""
+    import httpx
+
+    body = {"model": "bench", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    first = last = None
+    tokens = 0
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if chunk["choices"]:
+                last = time.perf_counter()
+                first = first or last
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return last - first, tokens
+
+
+def serve_column(path: Path, mode: str, prompt: list[int], n: int, args: argparse.Namespace) -> float:
+    """Decode tokens/s of `gptforge serve` on `path` in `mode`, one client (see served_decode)."""
+    from load_test import free_port, start_server
+
+    port = free_port()
+    server = start_server(str(path), port, args.threads, ("--served-model-name", "bench", "--dtype", "float32",
+                                                          "--quantize", MODES[mode][0][1]))
+    try:
+        served_decode(port, prompt, 4)  # warm-up
+        seconds, tokens = min(served_decode(port, prompt, n) for _ in range(args.repeats))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    if tokens < n:
+        print(f"  (serve {mode}: {tokens} of {n} tokens, stopped at <|endoftext|>)")
+    return (tokens - 1) / seconds
+
+
 def agreement(a: list[int], b: list[int]) -> str:
     same = [x == y for x, y in zip(a, b)]
     first = same.index(False) if False in same else len(same)
@@ -134,10 +179,12 @@ def run(args: argparse.Namespace) -> None:
           f"GPT-2 124M shape, GPT-2 init (torch.manual_seed(0)); best of {args.repeats}")
     print(f"decode: batch 1, 16-token prompt, {new} new tokens (tokens/s after the first); prefill: {prefill_len} tokens\n")
     header = (f"{'mode (gptforge / llama.cpp)':28s} {'decode ours':>11s} {'llama.cpp':>9s} {'ratio':>6s}   "
-              f"{'prefill ours':>12s} {'llama.cpp':>9s} {'ratio':>6s}   greedy agreement ({new} tokens)")
+              f"{'prefill ours':>12s} {'llama.cpp':>9s} {'ratio':>6s}   greedy agreement ({new} tokens)"
+              + (f"   {'serve':>6s} {'ratio':>6s}" if args.serve else ""))
     print(header)
     quality_lines, logprobs = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        f32_path = save(base, Path(tmp) / "serve-f32.gguf", format="gguf", gguf_type="f32") if args.serve else None
         for mode, (prep, gguf_type) in MODES.items():
             path = save(base, Path(tmp) / f"m-{gguf_type}.gguf", format="gguf", gguf_type=gguf_type)
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(prefill_len, 256), n_batch=prefill_len,
@@ -160,9 +207,13 @@ def run(args: argparse.Namespace) -> None:
             logprobs.append(ours_logprobs(model, long_ids))
             quality_lines.append(f"  gptforge {mode}: {quality(logprobs[0], logprobs[-1])}")
             del model
+            served = ""
+            if args.serve:
+                rate = serve_column(f32_path, mode, prompt, new, args)
+                served = f"   {rate:6.1f} {rate * their_dec / (new - 1):6.2f}"
             print(f"{label:28s} {(new - 1) / our_dec:11.1f} {theirs} {their_dec / our_dec:6.2f}   "
                   f"{prefill_len / our_pre:12.1f} {prefill_len / their_pre:9.1f} {their_pre / our_pre:6.2f}   "
-                  f"{agreement(our_tokens, their_tokens)}")
+                  f"{agreement(our_tokens, their_tokens):36s}{served}")
     print("\nratio = gptforge tokens/s / llama.cpp tokens/s (> 1: gptforge faster)")
     print(f"quality against gptforge fp32, teacher-forced on the {prefill_len}-token prompt (random weights):")
     print("\n".join(quality_lines))
@@ -173,6 +224,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="32 new tokens and a 256-token prefill (smoke test)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per figure, best kept (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="threads on both sides (default 2)")
+    parser.add_argument("--serve", action="store_true",
+                        help="also time each gptforge mode's decode through `gptforge serve` (one streaming client)")
     args = parser.parse_args()
     out = io.StringIO()
 

@@ -109,10 +109,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, threads: int) -> subprocess.Popen:
+def start_server(model: str, port: int, threads: int, options: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`gptforge serve --model model` (and `options`) on loopback `port`, once it answers /health."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "gptforge", "serve", "--model", model, "--port", str(port),
-           "--max-batch-size", "16", "--shutdown-grace", "0"]
+           "--max-batch-size", "16", "--shutdown-grace", "0", *options]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

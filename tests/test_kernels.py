@@ -241,6 +241,31 @@ def test_profile_times_the_kernels_parts_only_while_on(tiny_config):
 
 
 @needs_kernels
+def test_release_threads_lets_the_callers_openmp_workers_go():
+    """kernels.release_threads (what BatchScheduler.start calls): the OpenMP worker threads this
+    thread's parallel work started end, and come back with its next parallel work."""
+    import ctypes
+
+    weight = torch.randn(64, 64)
+    spec = kernels.layer("f32", 64, 64, weight)
+    x, y = torch.randn(1, 64), torch.empty(1, 64)
+
+    def product_on_two_threads() -> None:
+        kernels.call("gf_linear", ctypes.byref(spec), x.data_ptr(), 1, y.data_ptr(), 2)
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    product_on_two_threads()
+    working = threads()
+    assert kernels.release_threads()
+    assert threads() < working
+    product_on_two_threads()
+    assert threads() == working
+    torch.testing.assert_close(y, x @ weight.T)
+
+
+@needs_kernels
 def test_float32_panels_follow_the_weights(tiny_config):
     """Products of several float32 rows read a second copy of the weights in panels, made on the
     first such step: loading other weights into a prepared model remakes it (no stale copy)."""

@@ -206,8 +206,10 @@ class BatchScheduler:
         return {"active": len(self._rows), "waiting": len(self._waiting), **self.counters}
 
     def start(self) -> None:
-        """Run the scheduler in a daemon thread."""
+        """Run the scheduler in a daemon thread (the calling thread's OpenMP workers are let go:
+        see `kernels.release_threads`)."""
         if self._thread is None:
+            kernels.release_threads()
             self._thread = threading.Thread(target=self._run, name="gptforge-scheduler", daemon=True)
             self._thread.start()
 

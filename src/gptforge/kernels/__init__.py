@@ -258,6 +258,20 @@ def profile(on: bool) -> dict[str, float]:
             "block rest": blocks["rest"]}
 
 
+def release_threads() -> bool:
+    """Let the calling thread's OpenMP worker threads go (OpenMP's `omp_pause_resource_all`, soft),
+    for a thread that hands its parallel work to another, as the server hands decoding to its
+    scheduler thread. libgomp keeps a team of workers for each thread that has run parallel work,
+    and while there are more of them than cores every team barely spins at its barriers before
+    sleeping, so each of a decode step's ~100 parallel regions waits on wake-ups: decoding on a
+    second thread ran at half the speed of the same on the main thread. The workers come back on
+    this thread's next parallel work. Returns whether the OpenMP runtime did it."""
+    try:
+        return ctypes.CDLL("libgomp.so.1").omp_pause_resource_all(1) == 0  # 1: omp_pause_soft
+    except (OSError, AttributeError):  # another OpenMP runtime, or one without pause (OpenMP < 5)
+        return False
+
+
 def dequantize(spec: Linear, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An int8 or 4-bit layer's weights as (N, in_features) float32 or bfloat16 (what a prefill
     multiplies with), converted in C: ~10x faster than the same in PyTorch operators."""

@@ -160,6 +160,11 @@ class GenerationConfig:
         return tuple(steps)
 
     @property
+    def plain_greedy(self) -> bool:
+        """Whether the next token is just the argmax of the logits (no sampling, no processors)."""
+        return not self.do_sample and not self.processors
+
+    @property
     def needs_context(self) -> bool:
         """Whether a processor reads the ids so far (the penalties do)."""
         return self.repetition_penalty != 1 or bool(self.presence_penalty or self.frequency_penalty)
@@ -194,9 +199,9 @@ def next_tokens(logits: torch.Tensor, ids: torch.Tensor | None, config: Generati
     """
     if logits.dim() != 2:
         raise GptforgeError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}")
-    processors = config.processors
-    if not processors and not config.do_sample:
+    if config.plain_greedy:
         return kernels.argmax(logits)
+    processors = config.processors
     if config.needs_context and ids is None:
         raise GptforgeError("the penalties need the ids so far: pass ids of shape (batch, tokens)")
     scores = logits.float()

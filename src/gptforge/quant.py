@@ -249,12 +249,13 @@ class Int4Linear(_WeightOnlyLinear):
         groups = self.packed.view(self.out_features, -1, INT4_GROUP // 2).to(torch.int32)
         return torch.cat([groups & 15, groups >> 4], dim=-1).reshape(self.out_features, -1)
 
+    def scales(self) -> torch.Tensor:
+        """The groups' scales d (out, in_padded / 32) float32, row-major."""
+        return kernels.unpack("q4", self.packed, self.scale, self.out_features)[1] if self.panels else self.scale
+
     def q4_0(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Q4_0's bytes (out, in_padded / 2) uint8 and scales (out, in_padded / 32) float32."""
-        if not self.panels:
-            return self.packed, self.scale
-        return (_q4_0_bytes(self.codes().to(torch.uint8)),
-                kernels.unpack("q4", self.packed, self.scale, self.out_features)[1])
+        return (_q4_0_bytes(self.codes().to(torch.uint8)) if self.panels else self.packed), self.scales()
 
     def torch_rows(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, in_padded) bf16 -> (M, out) bf16 through PyTorch's int4 kernel, without the bias
@@ -262,14 +263,14 @@ class Int4Linear(_WeightOnlyLinear):
         if "_torch_pack" not in self.__dict__:
             pad = -self.out_features % 64
             q = F.pad(self.codes(), (0, 0, 0, pad))
-            scale = F.pad(self.q4_0()[1], (0, 0, 0, pad)).t().contiguous()  # (in/32, out + pad)
+            scale = F.pad(self.scales(), (0, 0, 0, pad)).t().contiguous()  # (in/32, out + pad)
             self._torch_pack = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
                                 torch.stack([scale, torch.zeros_like(scale)], -1).to(torch.bfloat16))
         packed, scale_zeros = self._torch_pack
         return torch._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scale_zeros)[:, :self.out_features]
 
     def _dequantized_in_torch(self, dtype: torch.dtype) -> torch.Tensor:
-        scale = self.q4_0()[1].repeat_interleave(INT4_GROUP, dim=1)
+        scale = self.scales().repeat_interleave(INT4_GROUP, dim=1)
         return ((self.codes().float() - 8) * scale)[:, :self.in_features].to(dtype)
 
 

@@ -135,11 +135,6 @@ class SequenceState:
         return len(self._text.text) if self._text is not None else 0
 
 
-def _plain_greedy(seq: SequenceState) -> bool:
-    """Whether a sequence's next token is just the argmax of its logits (what `next_tokens` does then)."""
-    return not seq.config.do_sample and not seq.config.processors
-
-
 class BatchScheduler:
     """Decodes many sequences as one batch; see the module docstring for the cache layout.
 
@@ -342,7 +337,7 @@ class BatchScheduler:
         self._positions[:n] += 1
         tokens, finished = [], []
         # plain greedy rows (no processors): one argmax for all of them
-        plain = [_plain_greedy(seq) for seq in self._rows]
+        plain = [seq.config.plain_greedy for seq in self._rows]
         argmax = kernels.argmax(logits[:, :self.tokenizer.vocab_size]).tolist() if any(plain) else None
         for i, seq in enumerate(self._rows):
             tokens.append(argmax[i] if plain[i] else self._pick(seq, logits[i:i + 1]))

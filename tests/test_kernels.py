@@ -209,6 +209,68 @@ def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, n_hea
 
 
 @needs_kernels
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+@pytest.mark.parametrize("rows, padded", [(1, False), (3, True)])
+def test_fused_model_step_is_the_block_by_block_step(quantize, rows, padded, tiny_config):
+    """A FusedGPTModel's decode step (embeddings, every block, final norm and head in one C call)
+    equals GPTModel.forward over the same prepared blocks and head (each block in C, the rest in
+    PyTorch): logits and the cache written; with left padding and per-row positions, and without."""
+    from gptforge import GPTModel, prepare_for_inference
+    from gptforge.kernels.block import FusedGPTModel
+
+    torch.manual_seed(rows)
+    model = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=64, emb_dim=128, n_heads=2)),
+                                  "auto", quantize)
+    assert type(model) is FusedGPTModel
+    ids = torch.randint(0, 256, (rows, 10))
+    mask = torch.ones(rows, 10, dtype=torch.long)
+    if padded:
+        mask[1, :4] = 0  # row 1 is left-padded by 4
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    prompt = {"positions": positions[:, :9], "attention_mask": mask[:, :9]} if padded else {}
+    step = {"positions": positions[:, 9:], "attention_mask": mask} if padded else {}
+    caches, logits = [], []
+    with torch.no_grad():
+        for forward in (FusedGPTModel.forward, GPTModel.forward):
+            cache = model.new_cache(rows, 16)
+            model(ids[:, :9], cache=cache, **prompt)  # the prefill: PyTorch's, both times
+            logits.append(forward(model, ids[:, 9:], cache=cache, last_only=True, **step))
+            caches.append(cache)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    assert logits[0].shape == (rows, 1, 256) and caches[0].length == caches[1].length == 10
+    assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
+
+
+@needs_kernels
+def test_fused_model_step_leaves_what_c_cannot_take_to_pytorch(tiny_config):
+    """What the C step does not take goes through GPTModel.forward, with its errors and results: a
+    token outside the vocabulary (IndexError, the cache untouched), a full cache, autograd on."""
+    from gptforge import GPTModel, prepare_for_inference
+    from gptforge.errors import GptforgeError
+    from gptforge.kernels.block import FusedGPTModel
+
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=64, emb_dim=128, n_heads=2)),
+                                  "auto", "int8")
+    assert type(model) is FusedGPTModel
+    ids = torch.randint(0, 256, (2, 4))
+    cache = model.new_cache(2, 5)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        snapshot = cache.keys.clone()
+        with pytest.raises(IndexError):
+            model(torch.tensor([[1], [256]]), cache=cache)
+        assert cache.length == 4 and torch.equal(cache.keys, snapshot)
+        in_c = model(ids[:, :1], cache=cache)
+        with pytest.raises(GptforgeError, match="exceeds"):
+            model(ids[:, :1], cache=cache)  # the cache is full
+    cache.length = 4
+    with torch.enable_grad():
+        through_pytorch = model(ids[:, :1], cache=cache)
+    torch.testing.assert_close(through_pytorch, in_c, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
 def test_profile_times_the_kernels_parts_only_while_on(tiny_config):
     """kernels.profile: seconds in the C blocks' products (and the head's, through `linear`),
     attention and the rest, summed while timing is on (what profile_decode reports), nothing while

@@ -104,10 +104,11 @@ def test_serve_cli_prepares_the_chosen_mode(monkeypatch, tmp_path, tiny_config):
 
 
 def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(tiny_config, monkeypatch):
-    """Decode steps of 1..16 rows go through gptforge's kernels (where they run here: each block as
-    one C call, the head through kernels.linear), a prefill and training through PyTorch; greedy
-    tokens equal the book's generate_text_simple."""
+    """Decode steps of 1..16 rows go through gptforge's kernels (where they run here: the whole
+    step as one C call), a prefill and training through PyTorch (the head at the prompt's last
+    position through kernels.linear); greedy tokens equal the book's generate_text_simple."""
     from gptforge import generate_text_simple, kernels
+    from gptforge.kernels import block
     from gptforge.quant import Float32Linear
 
     cfg = generation_config(tiny_config)
@@ -115,16 +116,16 @@ def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(tiny_confi
     keys = list(model.state_dict())
     view = inference_view(model)
     assert isinstance(view.out_head, Float32Linear) and list(view.state_dict()) == keys
-    calls = []
-    original = kernels.linear
+    calls, steps = [], []
+    original, original_call = kernels.linear, block.call
     monkeypatch.setattr(kernels, "linear", lambda x, *a, **k: calls.append(tuple(x.shape)) or original(x, *a, **k))
+    monkeypatch.setattr(block, "call", lambda name, *a: steps.append(name) or original_call(name, *a))
     idx = torch.randint(0, cfg.vocab_size, (4, 6), generator=torch.Generator().manual_seed(5))
     out = generate(model, idx, 10, stop_token_ids=())  # batch 4: a prefill of 24 rows, then steps of 4
     assert torch.equal(out, generate_text_simple(copy.deepcopy(model).eval(), idx, 10, cfg.context_length))
     if kernels.available():
-        from gptforge.kernels.block import FusedTransformerBlock
-
-        assert all(type(block) is FusedTransformerBlock for block in view.trf_blocks)
-        assert len(calls) == 10 and set(calls) == {(4, cfg.emb_dim)}  # the head: the prompt's last position, 9 steps
+        assert type(view) is block.FusedGPTModel
+        assert all(type(b) is block.FusedTransformerBlock for b in view.trf_blocks)
+        assert calls == [(4, cfg.emb_dim)] and steps == ["gf_model_decode"] * 9
     else:
         assert calls == []

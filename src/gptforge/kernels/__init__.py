@@ -52,7 +52,10 @@ _SIGNATURES = {
     "gf_dequantize": [_P, _I64, _P, ctypes.c_int, ctypes.c_int],  # layer, k_out, out, bf16, threads
     "gf_argmax": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # x, rows, n, row stride, out, threads
     "gf_block_profile": [ctypes.c_int, _P],  # on, out (block.c)
+    # model, tokens, positions, M, kc, vc, layer stride, row stride, max_len, start, half, mask, work, logits, threads
+    "gf_model_decode": [_P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int],
 }
+_RETURNS_INT = ("gf_model_decode",)  # the others return nothing
 BLOCK_PARTS = ("products", "attention", "rest")  # block.c's timed parts of a block's decode step
 
 
@@ -125,7 +128,7 @@ def library() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = ctypes.c_int if name in _RETURNS_INT else None
     _STATUS[0] = f"AVX{'-512' if lib.gf_vector_bits() == 512 else '2'}{' VNNI' if lib.gf_vnni() else ''}"
     return lib
 
@@ -208,18 +211,19 @@ def layer(fmt: str, n: int, k: int, weight: torch.Tensor, scale: torch.Tensor | 
 _LINEAR_SECONDS: list[float | None] = [None]  # gf_linear's time while `profile` is on, else None
 
 
-def call(name: str, *args) -> None:
-    """The C function `name` on `args`, named `gptforge::name` in torch.profiler's tables when it runs."""
+def call(name: str, *args) -> int | None:
+    """The C function `name` on `args` (and what it returns), named `gptforge::name` in
+    torch.profiler's tables when it runs."""
     function = getattr(library(), name)
     if torch.autograd.profiler._is_profiler_enabled:
         with torch.profiler.record_function(f"gptforge::{name.removeprefix('gf_')}"):
-            function(*args)
-    elif _LINEAR_SECONDS[0] is not None and name == "gf_linear":
+            return function(*args)
+    if _LINEAR_SECONDS[0] is not None and name == "gf_linear":
         start = time.perf_counter()
-        function(*args)
+        result = function(*args)
         _LINEAR_SECONDS[0] += time.perf_counter() - start
-    else:
-        function(*args)
+        return result
+    return function(*args)
 
 
 def linear(x: torch.Tensor, spec: Linear) -> torch.Tensor:
@@ -245,8 +249,9 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def profile(on: bool) -> dict[str, float]:
     """Seconds spent in these kernels since the last call on this thread, by part: "products"
-    (matrix products: the C blocks' and `linear`'s), "attention" and "block rest" (the C blocks'
-    layer norms, GELU and residual adds); then timing turned on or off (off by default: it costs
+    (matrix products: the C blocks', the C model step's head and `linear`'s), "attention" and
+    "block rest" (the C blocks' layer norms, GELU and residual adds, and the C model step's
+    embeddings and final layer norm); then timing turned on or off (off by default: it costs
     a clock read per part). What benchmarks/profile_decode.py splits a step with. Zeros without
     the kernels."""
     out = (ctypes.c_double * len(BLOCK_PARTS))()

@@ -1,10 +1,12 @@
-"""A TransformerBlock whose decode steps run as one C call (block.c's `gf_block_decode`).
+"""A TransformerBlock, and a whole GPTModel, whose decode steps run as one C call (block.c's
+`gf_block_decode` and `gf_model_decode`).
 
 `fuse_blocks(model)` (called by `quant.prepare_for_inference` for float32, int8 and 4-bit CPU
-models) turns each block of a prepared model into a `FusedTransformerBlock`: same parameters,
-same state-dict keys, same `forward`. A decode step (one new token per row, up to
-`kernels.MAX_ROWS` rows, float32, no autograd) goes through the C block; anything else (a
-prefill, training, a cache it cannot read) through `TransformerBlock.forward`, PyTorch's.
+models) turns each block of a prepared model into a `FusedTransformerBlock` and, where every
+block and the output head run in C, the model into a `FusedGPTModel`: same parameters, same
+state-dict keys, same `forward`. A decode step (one new token per row, up to `kernels.MAX_ROWS`
+rows, float32, no autograd) goes through C; anything else (a prefill, training, a cache it
+cannot read) through PyTorch's `TransformerBlock.forward` and `GPTModel.forward`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import ctypes
 import torch
 import torch.nn as nn
 
-from ..model import GELU, TransformerBlock
+from ..model import GELU, GPTModel, KVCache, TransformerBlock
 from . import MAX_ROWS, Linear, _ptr, call, f32_panels, layer, library, supported, vector_floats
 
 
@@ -80,13 +82,109 @@ class FusedTransformerBlock(TransformerBlock):
                 or (attn_mask is not None and attn_mask.dtype != torch.bool)):
             return super().forward(x, kv, start, attn_mask)
         if b > 1:  # several rows: float32 layers multiply through their panels
-            for linear, module, weight in self.__dict__["_f32_layers"]:
-                linear.wp = f32_panels(module, weight, module.weights_version()).data_ptr()
+            _point_at_panels(self.__dict__["_f32_layers"])
         mask = None if attn_mask is None else _row_mask(attn_mask, b, start)
         out = x.contiguous().clone()  # the residual stream, updated in place by the C block
         call("gf_block_decode", ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(),
              keys.stride(0), keys.shape[2], start, keys.dtype == torch.float16, _ptr(mask), torch.get_num_threads())
         return out
+
+
+def _point_at_panels(layers: list[tuple[Linear, nn.Module, torch.Tensor]]) -> None:
+    """Point each float32 layer's C description at its panels (made or remade by f32_panels)."""
+    for linear, module, weight in layers:
+        linear.wp = f32_panels(module, weight, module.weights_version()).data_ptr()
+
+
+def _f32_layers(specs: list[Linear], modules: list[nn.Module]) -> list[tuple[Linear, nn.Module, torch.Tensor]]:
+    """The float32 ones among layers' C descriptions, with their modules and weights."""
+    return [(spec, module, _float32_weights(module)[0]) for spec, module in zip(specs, modules) if spec.fmt == 0]
+
+
+class _Model(ctypes.Structure):  # block.c's gf_model
+    _fields_ = [("layers", ctypes.c_int64), ("d", ctypes.c_int64), ("vocab", ctypes.c_int64),
+                ("positions", ctypes.c_int64), ("tok_emb", ctypes.c_void_p), ("pos_emb", ctypes.c_void_p),
+                ("blocks", ctypes.c_void_p), ("lnf_w", ctypes.c_void_p), ("lnf_b", ctypes.c_void_p),
+                ("eps", ctypes.c_double), ("head", Linear)]
+
+
+def _model_spec(model: GPTModel) -> tuple[_Model, list] | None:
+    """The C description of a model whose blocks are all fused, or None if its embeddings, final
+    norm or head cannot run in C."""
+    blocks = list(model.trf_blocks)
+    tables = (model.tok_emb.weight, model.pos_emb.weight, model.final_norm.scale, model.final_norm.shift)
+    if (not blocks or any(type(block) is not FusedTransformerBlock for block in blocks)
+            or any(p.dtype != torch.float32 or not p.is_contiguous() for p in tables)):
+        return None
+    keep = [p.detach() for p in tables]
+    head = _linear_spec(model.out_head, keep)
+    if head is None:
+        return None
+    pointers = (ctypes.c_void_p * len(blocks))(*(ctypes.addressof(block.__dict__["_c_block"][0]) for block in blocks))
+    keep.append(pointers)
+    (vocab, d), positions = tables[0].shape, tables[1].shape[0]
+    spec = _Model(len(blocks), d, vocab, positions, *(_ptr(p) for p in keep[:2]), ctypes.addressof(pointers),
+                  *(_ptr(p) for p in keep[2:4]), model.final_norm.eps, head)
+    return spec, keep
+
+
+class FusedGPTModel(GPTModel):
+    """A GPTModel whose decode steps run in C, whole (see the module docstring). The modules the C
+    step stands in for (embeddings, blocks, final norm, head) are called as modules only by
+    PyTorch's path, so while any of them has a forward hook, every step goes that way."""
+
+    def forward(self, in_idx: torch.Tensor, *, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        b, t = in_idx.shape
+        spec = self.__dict__.get("_c_model")
+        step = self._c_step(spec, in_idx, cache, positions, attention_mask) if (
+            spec is not None and t == 1 and cache is not None and targets is None and b <= MAX_ROWS
+            and not self.training and not torch.is_grad_enabled() and in_idx.device.type == "cpu"
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in self.__dict__["_c_modules"])) else None
+        if step is None:
+            return super().forward(in_idx, cache=cache, positions=positions, attention_mask=attention_mask,
+                                   last_only=last_only, targets=targets)
+        return step
+
+    def _c_step(self, spec: tuple, in_idx: torch.Tensor, cache: KVCache, positions: torch.Tensor | None,
+                attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, 1, V) logits of one decode step in C, or None where C cannot take it (then nothing
+        has changed): a cache of other rows, layout or dtype, a position past the cache or outside
+        the tables, a token outside the vocabulary."""
+        b, start = in_idx.shape[0], cache.length
+        keys, values = cache.keys, cache.values  # (layers, B, heads, max_len, head_dim)
+        if (start >= cache.max_len or keys.dtype not in (torch.float32, torch.float16) or values.dtype != keys.dtype
+                or keys.shape[1] != b or keys.stride()[2:] != (keys.shape[3] * keys.shape[4], keys.shape[4], 1)
+                or values.stride() != keys.stride()
+                or (attention_mask is not None and (attention_mask.shape[0] != b or attention_mask.shape[1] <= start))):
+            return None
+        if positions is None:
+            positions = torch.full((b,), start, dtype=torch.int64)
+        else:
+            positions = positions.reshape(-1).to(torch.int64)
+            if positions.numel() not in (1, b):
+                return None
+            positions = positions.expand(b).contiguous()
+        mask = None
+        if attention_mask is not None:  # (B, start + 1) bytes; a query always sees itself
+            mask = attention_mask[:, :start + 1] != 0
+            mask[:, start] = True
+        if b > 1:  # several rows: float32 layers multiply through their panels
+            for block in self.trf_blocks:
+                _point_at_panels(block.__dict__["_f32_layers"])
+            _point_at_panels(self.__dict__["_f32_head"])
+        ids = in_idx.reshape(b).to(torch.int64).contiguous()
+        work = torch.empty(2 * b * self.cfg.emb_dim)
+        logits = torch.empty(b, spec[0].head.n)
+        failed = call("gf_model_decode", ctypes.addressof(spec[0]), ids.data_ptr(), positions.data_ptr(), b,
+                      keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.shape[3], start,
+                      keys.dtype == torch.float16, _ptr(mask), work.data_ptr(), logits.data_ptr(),
+                      torch.get_num_threads())
+        if failed:
+            return None
+        cache.length = start + 1
+        return logits[:, None]
 
 
 # The last mask given to a block, as (the mask, rows, start, C's (rows, start + 1) bytes): every
@@ -105,7 +203,8 @@ def _row_mask(attn_mask: torch.Tensor, b: int, start: int) -> torch.Tensor:
 
 def fuse_blocks(model: nn.Module) -> None:
     """Turn each block of a prepared model into a FusedTransformerBlock where the kernels can run
-    it (in place; parameters and keys unchanged)."""
+    it, and the model into a FusedGPTModel where they run every block and the head (in place;
+    parameters and keys unchanged)."""
     if library() is None:
         return
     for block in getattr(model, "trf_blocks", []):
@@ -115,7 +214,12 @@ def fuse_blocks(model: nn.Module) -> None:
                 block.__class__ = FusedTransformerBlock
                 block.__dict__["_c_block"] = spec
                 # float32 layers: where a step of several rows points the C block at their panels
-                block.__dict__["_f32_layers"] = [
-                    (getattr(spec[0], name), module, _float32_weights(module)[0])
-                    for name, module in zip(("qkv", "proj", "fc1", "fc2"), block._linears())
-                    if getattr(spec[0], name).fmt == 0]
+                block.__dict__["_f32_layers"] = _f32_layers(
+                    [getattr(spec[0], name) for name in ("qkv", "proj", "fc1", "fc2")], block._linears())
+    spec = _model_spec(model) if type(model) is GPTModel else None
+    if spec is not None:
+        model.__class__ = FusedGPTModel
+        model.__dict__["_c_model"] = spec
+        model.__dict__["_c_modules"] = (model.tok_emb, model.pos_emb, *model.trf_blocks, model.final_norm,
+                                        model.out_head)
+        model.__dict__["_f32_head"] = _f32_layers([spec[0].head], [model.out_head])

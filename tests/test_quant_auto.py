@@ -23,11 +23,13 @@ GRAVITON3 = frozenset({"asimd", "sve", "bf16", "i8mm"})
 @pytest.mark.parametrize("flags, native, dtype, quantize, expected", [
     (AVX2_EPYC, True, "auto", "none", InferenceMode("float32", "none", torch.float32)),
     (AMX_XEON, True, "auto", "none", InferenceMode("float32", "none", torch.bfloat16)),  # auto stays exact
-    (AVX2_EPYC, True, "auto", "int8", InferenceMode("float32", "int8", torch.float32)),  # no bf16 prefill here
+    # quantized on gptforge's kernels: a prefill's products on them too (kernel_rows None: any number)
+    (AVX2_EPYC, True, "auto", "int8", InferenceMode("float32", "int8", torch.float32, None)),  # no bf16 here
     (AVX2_EPYC, False, "auto", "int8", InferenceMode("bfloat16", "int8", torch.float32)),  # torch's int8 kernel
-    (AVX512_BF16_EPYC, True, "auto", "int8", InferenceMode("float32", "int8", torch.bfloat16)),
-    (AVX2_EPYC, True, "auto", "int4", InferenceMode("float32", "int4", torch.float32)),
-    (AMX_XEON, True, "bfloat16", "int8", InferenceMode("float32", "int8", torch.bfloat16)),
+    (AVX512_BF16_EPYC, True, "auto", "int8", InferenceMode("float32", "int8", torch.bfloat16, None)),
+    (AVX2_EPYC, True, "auto", "int4", InferenceMode("float32", "int4", torch.float32, None)),
+    # with AMX, products of more than 64 rows dequantize for oneDNN's AMX matmul
+    (AMX_XEON, True, "bfloat16", "int8", InferenceMode("float32", "int8", torch.bfloat16, 64)),
     (GRAVITON3, False, "auto", "int8", InferenceMode("bfloat16", "int8", torch.bfloat16)),
     (frozenset(), False, "bfloat16", "none", InferenceMode("bfloat16", "none", torch.float32)),
     (AVX2_EPYC, True, torch.float32, "none", InferenceMode("float32", "none", torch.float32)),
@@ -75,6 +77,27 @@ def test_int8_prefill_dequantizes_to_the_chosen_dtype(prefill_dtype):
     weight = (q.rows()[:, :64].float() * q.scale[:, None]).to(prefill_dtype)  # each weight rounded once
     ref = torch.nn.functional.linear(x.to(prefill_dtype), weight, linear.bias.detach().to(prefill_dtype)).bfloat16()
     assert torch.equal(q(x), ref)
+
+
+@pytest.mark.parametrize("kernel_rows, through_kernels", [(None, True), (64, True), (16, False)])
+def test_a_quantized_prefill_runs_where_kernel_rows_says(kernel_rows, through_kernels, monkeypatch):
+    """A product of 40 rows (a prefill) goes through gptforge's kernels up to `kernel_rows` rows
+    (None: any number; choose_mode's choice where they run), else through the dequantized weights."""
+    from gptforge import kernels
+
+    if not kernels.available():
+        pytest.skip(f"gptforge kernels: {kernels.describe()}")
+    torch.manual_seed(0)
+    q = Int8Linear(nn.Linear(128, 96), prefill_dtype=torch.float32, kernel_rows=kernel_rows)
+    x = torch.randn(40, 128)
+    calls = []
+    original = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda x, *a: calls.append(x.shape[0]) or original(x, *a))
+    out = q(x)
+    assert calls == ([40] if through_kernels else [])
+    # either way the product of the same int8 weights: the kernels' also quantize x per block of 32
+    weight = q.rows().float() * q.scale[:, None]
+    torch.testing.assert_close(out, x @ weight.t() + q.bias, rtol=0.02, atol=0.05)
 
 
 def test_scheduler_decodes_through_the_fast_view(tiny_config):

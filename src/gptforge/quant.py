@@ -19,8 +19,10 @@ inference model, in place, and returns it:
   For int8 and int4, a decode step's rows go through gptforge's integer kernels (activations
   quantized per block of 32 as llama.cpp's Q8_0, float32 in and out; the weights stored in the
   kernels' panel order, the KV cache in fp16) where this CPU has them, else through PyTorch's
-  weight-only kernels (bf16 activations, weights row by row); a prefill dequantizes the weights to
-  this CPU's fastest dense dtype (`choose_mode`) and runs one matmul.
+  weight-only kernels (bf16 activations, weights row by row). A prefill's products go through the
+  same kernels too (64 rows at a time), except on a CPU with AMX, where one of more than 64 rows
+  dequantizes the weights to bf16 for one matmul, as every prefill does without the kernels (to
+  this CPU's fastest dense dtype: `choose_mode`).
 
 Prepare a model last: moving or casting it afterwards (`.to(...)`) is not supported.
 
@@ -30,7 +32,8 @@ Packed, int8 and int4 models are for inference only (no autograd through the wei
 `generate_text` and `stream_text` decode with by default.
 
 `choose_mode(dtype, quantize, flags)` is the one table of per-CPU choices (what `dtype="auto"`
-resolves to, and which dtype a quantized prefill dequantizes to), a pure function of the CPU's
+resolves to, how many rows of a quantized product gptforge's kernels take, and which dtype a
+quantized prefill dequantizes to beyond that), a pure function of the CPU's
 feature flags so that it can be tested for CPUs other than the one at hand.
 """
 
@@ -56,8 +59,13 @@ from .lora import merge_lora
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("none", "int8", "int4")
 # Up to this many rows (a decode step of a batch) the matrix-vector kernels run; above it (a
-# prefill) one dense matmul is faster.
+# prefill) one dense matmul is faster, except for quantized weights where `choose_mode` says.
 MAX_DECODE_ROWS = kernels.MAX_ROWS
+# Where the CPU has AMX, quantized products of more rows dequantize for oneDNN's AMX matmul: at 64
+# rows gptforge's kernels take about as long as dequantizing the weights alone (measured on an
+# EPYC without AMX: int8 GPT-2 124M's blocks 17 ms; no AMX machine was at hand to time the matmul).
+AMX_KERNEL_ROWS = 64
+AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
 INT4_GROUP = 32  # weights per scale, as in llama.cpp's Q4_0
 PAD_IN_FEATURES = 128  # quantized weights' inputs are zero-padded to this multiple (whole kernel vectors)
 
@@ -72,12 +80,14 @@ def _packed_bf16_available() -> bool:
 @dataclasses.dataclass(frozen=True)
 class InferenceMode:
     """What a model is prepared as: `dtype` of the activations (and unquantized weights),
-    `quantize` of the linear weights, and `prefill_dtype`, the dtype quantized weights are
-    dequantized to for a prefill (many rows, where a dense matmul beats the vector kernels)."""
+    `quantize` of the linear weights, `prefill_dtype`, the dtype quantized weights are
+    dequantized to for a product of more than `kernel_rows` rows (None: gptforge's kernels take
+    any number)."""
 
     dtype: str
     quantize: str
     prefill_dtype: torch.dtype
+    kernel_rows: int | None = MAX_DECODE_ROWS
 
 
 def choose_mode(dtype: str = "auto", quantize: str = "none", flags: frozenset[str] | None = None,
@@ -89,8 +99,11 @@ def choose_mode(dtype: str = "auto", quantize: str = "none", flags: frozenset[st
     'auto' never trades accuracy for speed by itself: without quantization it is float32 (exactly
     the seed's outputs). With int8/int4 weights the activations are float32 where gptforge's
     kernels run, else bf16 (PyTorch's int8 and int4 matrix-vector kernels are ~14x slower with
-    float32 activations). A quantized prefill dequantizes to bf16 only where the CPU has bf16
-    hardware, else to float32.
+    float32 activations). Where the kernels run, a quantized prefill goes through them too (on an
+    EPYC with AVX-512 VNNI 1.4x faster at 1024 tokens and 3-5x at 32 than dequantizing for one
+    matmul; in its AVX2 build 1.1-1.3x and 3-4x), except beyond AMX_KERNEL_ROWS rows on a CPU with
+    AMX. A prefill that dequantizes does so to bf16 only where the CPU has bf16 hardware, else to
+    float32.
     """
     if quantize not in QUANTIZATIONS:
         raise GptforgeError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
@@ -104,7 +117,10 @@ def choose_mode(dtype: str = "auto", quantize: str = "none", flags: frozenset[st
     elif dtype == "auto":
         dtype = "float32"
     prefill = torch.bfloat16 if bf16_hardware or device_type != "cpu" else torch.float32
-    return InferenceMode(dtype, quantize, prefill)
+    kernel_rows = MAX_DECODE_ROWS
+    if quantize != "none" and native and device_type == "cpu":
+        kernel_rows = AMX_KERNEL_ROWS if any(flag in flags for flag in AMX_FLAGS) else None
+    return InferenceMode(dtype, quantize, prefill, kernel_rows)
 
 
 class PackedLinear(nn.Module):
@@ -141,7 +157,7 @@ class _WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, in)
-        if x2.shape[0] <= MAX_DECODE_ROWS:
+        if x2.shape[0] <= self.vector_rows():
             if self.in_padded != self.in_features:
                 x2 = F.pad(x2, (0, self.in_padded - self.in_features))
             if self.panels:
@@ -154,11 +170,20 @@ class _WeightOnlyLinear(nn.Module):
             out = F.linear(x2.to(self.prefill_dtype), self.dequantized(self.prefill_dtype), bias)
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
-    def _set_common(self, linear: nn.Linear, prefill_dtype: torch.dtype) -> torch.Tensor:
-        """Sizes, bias and prefill dtype from `linear`; returns its weight (out, in_padded) float32."""
+    def vector_rows(self) -> int | float:
+        """The most rows a product runs with without dequantizing the weights: `kernel_rows` on
+        gptforge's kernels (inf for any number), MAX_DECODE_ROWS on PyTorch's weight-only ones."""
+        if not self.panels:
+            return MAX_DECODE_ROWS
+        return float("inf") if self.kernel_rows is None else self.kernel_rows
+
+    def _set_common(self, linear: nn.Linear, prefill_dtype: torch.dtype, kernel_rows: int | None) -> torch.Tensor:
+        """Sizes, bias, prefill dtype and kernel rows from `linear` and `choose_mode`; returns its
+        weight (out, in_padded) float32."""
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.in_padded = -(-linear.in_features // PAD_IN_FEATURES) * PAD_IN_FEATURES
         self.prefill_dtype = prefill_dtype  # what a prefill dequantizes to (`choose_mode`)
+        self.kernel_rows = kernel_rows  # the most rows of a product on gptforge's kernels (None: any)
         self.panels = kernels.supported(self.fmt, self.in_padded)  # stored for gptforge's kernels
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         return F.pad(linear.weight.detach().float(), (0, self.in_padded - self.in_features))
@@ -186,9 +211,10 @@ class Int8Linear(_WeightOnlyLinear):
     fmt = "i8"
     dequantized_dtype = torch.bfloat16
 
-    def __init__(self, linear: nn.Linear, prefill_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, linear: nn.Linear, prefill_dtype: torch.dtype = torch.bfloat16,
+                 kernel_rows: int | None = MAX_DECODE_ROWS):
         super().__init__()
-        weight = self._set_common(linear, prefill_dtype)
+        weight = self._set_common(linear, prefill_dtype, kernel_rows)
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
         q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("weight_int8", kernels.pack("i8", q)[0] if self.panels else q)
@@ -226,9 +252,10 @@ class Int4Linear(_WeightOnlyLinear):
 
     fmt = "q4"
 
-    def __init__(self, linear: nn.Linear, prefill_dtype: torch.dtype | None = None):
+    def __init__(self, linear: nn.Linear, prefill_dtype: torch.dtype | None = None,
+                 kernel_rows: int | None = MAX_DECODE_ROWS):
         super().__init__()
-        weight = self._set_common(linear, prefill_dtype or choose_mode("auto", "int4").prefill_dtype)
+        weight = self._set_common(linear, prefill_dtype or choose_mode("auto", "int4").prefill_dtype, kernel_rows)
         groups = weight.reshape(self.out_features, -1, INT4_GROUP)
         d = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)) / -8  # (out, in/32, 1)
         inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
@@ -402,7 +429,8 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     if device_type != "cpu":
         return model
     if quantize in ("int8", "int4"):
-        make = functools.partial(Int8Linear if quantize == "int8" else Int4Linear, prefill_dtype=mode.prefill_dtype)
+        make = functools.partial(Int8Linear if quantize == "int8" else Int4Linear, prefill_dtype=mode.prefill_dtype,
+                                 kernel_rows=mode.kernel_rows)
         _fuse_qkv(model, lambda att: make(_concat_qkv(att)))
         _drop_separate_qkv(model)
         _swap_linears(model, make)

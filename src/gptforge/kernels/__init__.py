@@ -44,7 +44,9 @@ HEADERS = (HERE / "gemv.h", HERE / "simd.h")
 # machine (how the tests check that path here).
 CFLAGS = ("-O3", f"-march={os.environ.get('GPTFORGE_MARCH', 'native')}", "-fopenmp", "-shared", "-fPIC")
 FORMATS = {"f32": 0, "i8": 1, "q4": 2}  # gemv.h's enum format
-MAX_ROWS = 16  # products of up to this many rows (a decode step of a batch) run here; more (a prefill) on PyTorch's
+# A decode step of up to this many rows (a batch) runs here; products of more (a prefill) where
+# quant.choose_mode says: float32 on PyTorch's, int8 and 4-bit here too on most CPUs.
+MAX_ROWS = 16
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "gf_linear": [_P, _P, _I64, _P, ctypes.c_int],  # layer, x, M, y, threads (gemv.h)
@@ -227,8 +229,8 @@ def call(name: str, *args) -> int | None:
 
 
 def linear(x: torch.Tensor, spec: Linear) -> torch.Tensor:
-    """x (M, K) float32 @ W^T + bias -> (M, N) float32 for the layer `spec` (see `layer`). Only
-    call where `supported(fmt, K)` and M <= MAX_ROWS; no autograd."""
+    """x (M, K) float32 @ W^T + bias -> (M, N) float32 for the layer `spec` (see `layer`), any M
+    (64 rows at a time). Only call where `supported(fmt, K)`; no autograd."""
     x = x.contiguous()
     y = torch.empty(x.shape[0], spec.n, dtype=torch.float32)
     call("gf_linear", ctypes.byref(spec), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())

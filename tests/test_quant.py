@@ -107,8 +107,10 @@ def test_bad_dtype_and_quantize_are_value_errors(cfg):
 def test_quantized_modes_cost_under_one_percent_perplexity_on_the_builtin_model(data_dir, quantize):
     """The issue's bar for a 4-bit mode: at most 1% perplexity against fp32 on the built-in model
     and tinyshakespeare's last 10% (llama.cpp's Q4_0 of the same model: +0.19%), measured both
-    ways a quantized model runs: a prefill (dequantized weights, one matmul) and decode steps (the
-    int8/4-bit kernels, activations quantized as Q8_0), here 8 sequences a token at a time."""
+    ways a quantized model runs: a prefill (PyTorch's attention; the products on the int8/4-bit
+    kernels, activations quantized as Q8_0, or, where choose_mode says, dequantized weights and
+    one matmul) and decode steps (the C model step, its fp16 cache), here 8 sequences a token at a
+    time."""
     import math
 
     from gptforge import load

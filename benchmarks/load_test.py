@@ -139,6 +139,8 @@ def main() -> int:
                         help="torch threads in the server it starts (default: 1, best on a shared 2-core box)")
     parser.add_argument("--levels", default="1,4,16", help="concurrency levels (default: 1,4,16; none: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the batching comparison (default: 3)")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                        help="the started server's weights (its --quantize; default: none, float32)")
     args = parser.parse_args()
     if (not 0 < args.requests <= 10_000 or not 0 < args.max_tokens <= 1024 or not 0 < args.time_limit <= 3600
             or not 0 < args.rounds <= 20):
@@ -152,8 +154,9 @@ def main() -> int:
         url = args.url.rstrip("/")
     else:
         port = free_port()
-        print(f"starting gptforge serve --model {args.model} on 127.0.0.1:{port} ...", flush=True)
-        proc = start_server(args.model, port, args.threads)
+        options = ("--quantize", args.quantize) if args.quantize != "none" else ()
+        print(f"starting gptforge serve --model {args.model} {' '.join(options)} on 127.0.0.1:{port} ...", flush=True)
+        proc = start_server(args.model, port, args.threads, options)
         url = f"http://127.0.0.1:{port}"
     failures = 0
     try:

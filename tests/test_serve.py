@@ -336,6 +336,24 @@ def test_cli_serve_binds_loopback_by_default():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
 
 
+def test_the_server_runs_with_its_long_lived_objects_frozen_out_of_the_collector(model, monkeypatch):
+    """run_server freezes what exists before it serves (gc.freeze), so that the collector's full
+    passes walk only the requests' objects: it checks as uvicorn would start serving."""
+    import gc
+
+    import uvicorn
+
+    from gptforge.serve import ServeSettings, run_server
+
+    seen = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: seen.update(frozen=gc.get_freeze_count()))
+    try:
+        run_server(model, ServeSettings(model_name="tiny"), port=free_port())
+    finally:
+        gc.unfreeze()
+    assert seen["frozen"] > 10_000  # the model's, torch's and the server's objects
+
+
 def test_cli_serve_rejects_bad_options(capsys):
     assert main(["serve", "--model", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err

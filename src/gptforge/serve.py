@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import gc
 import ipaddress
 import json
 import logging
@@ -241,11 +243,15 @@ def _plan(req: CompletionRequest, settings: ServeSettings, tokenizer: Tokenizer,
 
 class _Completion:
     """One request in flight: a SequenceState per choice, whose outputs arrive on `queue` (the scheduler
-    thread hands them to the event loop), folded into choices for the JSON body or SSE chunks."""
+    thread hands them to the event loop), folded into choices for the JSON body or SSE chunks. A
+    request that is not streamed gets only each choice's last output on `queue`: the others are
+    folded in on the scheduler's thread, so that the event loop is not woken for every token (with
+    8 such requests at once on 2 cores, ~10% more tokens/s)."""
 
     def __init__(self, req: CompletionRequest, prompts: list[_Prompt], max_tokens: int,
                  config: GenerationConfig, model_name: str, loop: asyncio.AbstractEventLoop, chat: bool = False):
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.loop, self.stream = loop, bool(req.stream)
         self.prompts = prompts
         self.include_usage = req.stream_options is not None and req.stream_options.include_usage
         self.chat = chat
@@ -263,9 +269,16 @@ class _Completion:
                 self.choices.append(_Choice(p, bool(req.echo), req.logprobs is not None))
                 self.seqs.append(SequenceState(
                     p.ids, max_tokens, config.replace(seed=seed),
-                    on_output=lambda out, i=index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, out)),
+                    on_output=functools.partial(self._receive, index),
                     logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
                 ))
+
+    def _receive(self, index: int, out: Output) -> None:
+        """A choice's output, on the scheduler's thread: onto `queue`, or folded in at once."""
+        if self.stream or out.finish_reason is not None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+        else:
+            self.choices[index].add(out)
 
     def cancel(self, scheduler: BatchScheduler) -> None:
         """Free every sequence still running (a no-op for finished ones)."""
@@ -536,4 +549,14 @@ def run_server(model: nn.Module, settings: ServeSettings, *, host: str = "127.0.
             scheduler.drain(settings.shutdown_grace_s)
             super().handle_exit(sig, frame)
 
+    settle_heap()
     DrainingServer(config).run()
+
+
+def settle_heap() -> None:
+    """Keep what lives as long as the server (the model, the tokenizer, the imported modules) out of
+    the garbage collector's full passes (`gc.freeze`). Such a pass walked ~250,000 objects in 115 ms
+    in a server on GPT-2 124M, and ran whenever the requests' own garbage piled up: a stall of every
+    stream, on the scheduler's thread or with the GIL held against it."""
+    gc.collect()
+    gc.freeze()

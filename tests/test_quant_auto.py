@@ -21,8 +21,9 @@ GRAVITON3 = frozenset({"asimd", "sve", "bf16", "i8mm"})
 
 
 @pytest.mark.parametrize("flags, native, dtype, quantize, expected", [
-    (AVX2_EPYC, True, "auto", "none", InferenceMode("float32", "none", torch.float32)),
-    (AMX_XEON, True, "auto", "none", InferenceMode("float32", "none", torch.bfloat16)),  # auto stays exact
+    # float32 products on gptforge's kernels: any number of rows with AVX-512, up to 128 with AVX2
+    (AVX2_EPYC, True, "auto", "none", InferenceMode("float32", "none", torch.float32, 128)),
+    (AMX_XEON, True, "auto", "none", InferenceMode("float32", "none", torch.bfloat16, None)),  # auto stays exact
     # quantized on gptforge's kernels: a prefill's products on them too (kernel_rows None: any number)
     (AVX2_EPYC, True, "auto", "int8", InferenceMode("float32", "int8", torch.float32, None)),  # no bf16 here
     (AVX2_EPYC, False, "auto", "int8", InferenceMode("bfloat16", "int8", torch.float32)),  # torch's int8 kernel
@@ -32,7 +33,8 @@ GRAVITON3 = frozenset({"asimd", "sve", "bf16", "i8mm"})
     (AMX_XEON, True, "bfloat16", "int8", InferenceMode("float32", "int8", torch.bfloat16, 64)),
     (GRAVITON3, False, "auto", "int8", InferenceMode("bfloat16", "int8", torch.bfloat16)),
     (frozenset(), False, "bfloat16", "none", InferenceMode("bfloat16", "none", torch.float32)),
-    (AVX2_EPYC, True, torch.float32, "none", InferenceMode("float32", "none", torch.float32)),
+    (AVX2_EPYC, True, torch.float32, "none", InferenceMode("float32", "none", torch.float32, 128)),
+    (AVX2_EPYC, False, "auto", "none", InferenceMode("float32", "none", torch.float32)),  # no kernels: 16 (unused)
 ])
 def test_choice_table(flags, native, dtype, quantize, expected):
     assert choose_mode(dtype, quantize, flags, native=native) == expected
@@ -128,8 +130,9 @@ def test_serve_cli_prepares_the_chosen_mode(monkeypatch, tmp_path, tiny_config):
 
 def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(tiny_config, monkeypatch):
     """Decode steps of 1..16 rows go through gptforge's kernels (where they run here: the whole
-    step as one C call), a prefill and training through PyTorch (the head at the prompt's last
-    position through kernels.linear); greedy tokens equal the book's generate_text_simple."""
+    step as one C call), a prefill's products too (through kernels.linear: 24 rows, under
+    choose_mode's kernel_rows on any CPU with the kernels; PyTorch's attention between them), then
+    the head at the prompt's last position; greedy tokens equal the book's generate_text_simple."""
     from gptforge import generate_text_simple, kernels
     from gptforge.kernels import block
     from gptforge.quant import Float32Linear
@@ -149,6 +152,8 @@ def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(tiny_confi
     if kernels.available():
         assert type(view) is block.FusedGPTModel
         assert all(type(b) is block.FusedTransformerBlock for b in view.trf_blocks)
-        assert calls == [(4, cfg.emb_dim)] and steps == ["gf_model_decode"] * 9
+        d = cfg.emb_dim
+        assert calls == [(24, d), (24, d), (24, d), (24, 4 * d)] * cfg.n_layers + [(4, d)]
+        assert steps == ["gf_model_decode"] * 9
     else:
         assert calls == []

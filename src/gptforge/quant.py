@@ -6,9 +6,9 @@ inference model, in place, and returns it:
 - float32: query, key and value become views of one (3 * out, in) matrix, so one product computes
   all three (`SharedQKV`); every nn.Linear becomes a `Float32Linear` (same parameters and keys).
   A decode step's few rows go through gptforge's own kernel (`gptforge.kernels`, which streams
-  each weight once: PyTorch's reads them at about half the memory bandwidth; steps of several
-  rows through a second copy of the weights in the kernels' panel order, made on first use); a
-  prefill or a training step through PyTorch.
+  each weight once: PyTorch's reads them at about half the memory bandwidth; products of several
+  rows through a second copy of the weights in the kernels' panel order, made on first use), and
+  a prefill's products too, up to `choose_mode`'s rows; a training step through PyTorch.
 - bfloat16: the model is cast to bf16 and every nn.Linear becomes a `PackedLinear`, whose weight is
   pre-packed once in oneDNN's blocked layout; query/key/value are one packed matrix and the
   feed-forward's GELU is fused into its first matmul.
@@ -58,14 +58,18 @@ from .lora import merge_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("none", "int8", "int4")
-# Up to this many rows (a decode step of a batch) the matrix-vector kernels run; above it (a
-# prefill) one dense matmul is faster, except for quantized weights where `choose_mode` says.
+# A decode step's rows at most (a batch); where the kernels run, products of more (a prefill) go
+# where `choose_mode`'s kernel_rows says.
 MAX_DECODE_ROWS = kernels.MAX_ROWS
 # Where the CPU has AMX, quantized products of more rows dequantize for oneDNN's AMX matmul: at 64
 # rows gptforge's kernels take about as long as dequantizing the weights alone (measured on an
 # EPYC without AMX: int8 GPT-2 124M's blocks 17 ms; no AMX machine was at hand to time the matmul).
 AMX_KERNEL_ROWS = 64
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
+# float32 products of more rows than this go to PyTorch's (MKL) on a CPU without AVX-512: in the
+# kernels' AVX2 build (on an EPYC, PyTorch held to AVX2) they were 1.5x faster at 24 rows, even at
+# 128, 1.2x slower at 256. With AVX-512 they were faster at every size (2x at 24, 1.1x at 1024).
+AVX2_F32_KERNEL_ROWS = 128
 INT4_GROUP = 32  # weights per scale, as in llama.cpp's Q4_0
 PAD_IN_FEATURES = 128  # quantized weights' inputs are zero-padded to this multiple (whole kernel vectors)
 
@@ -80,9 +84,9 @@ def _packed_bf16_available() -> bool:
 @dataclasses.dataclass(frozen=True)
 class InferenceMode:
     """What a model is prepared as: `dtype` of the activations (and unquantized weights),
-    `quantize` of the linear weights, `prefill_dtype`, the dtype quantized weights are
-    dequantized to for a product of more than `kernel_rows` rows (None: gptforge's kernels take
-    any number)."""
+    `quantize` of the linear weights, `kernel_rows`, the most rows of a float32 or quantized
+    product that gptforge's kernels take (None: any number; more go to PyTorch's), and
+    `prefill_dtype`, the dtype quantized weights are dequantized to for a product of more."""
 
     dtype: str
     quantize: str
@@ -103,7 +107,8 @@ def choose_mode(dtype: str = "auto", quantize: str = "none", flags: frozenset[st
     EPYC with AVX-512 VNNI 1.4x faster at 1024 tokens and 3-5x at 32 than dequantizing for one
     matmul; in its AVX2 build 1.1-1.3x and 3-4x), except beyond AMX_KERNEL_ROWS rows on a CPU with
     AMX. A prefill that dequantizes does so to bf16 only where the CPU has bf16 hardware, else to
-    float32.
+    float32. A float32 prefill goes through the kernels too (through their panel-ordered copy of
+    the weights), where the CPU has AVX-512, else up to AVX2_F32_KERNEL_ROWS rows.
     """
     if quantize not in QUANTIZATIONS:
         raise GptforgeError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
@@ -118,8 +123,11 @@ def choose_mode(dtype: str = "auto", quantize: str = "none", flags: frozenset[st
         dtype = "float32"
     prefill = torch.bfloat16 if bf16_hardware or device_type != "cpu" else torch.float32
     kernel_rows = MAX_DECODE_ROWS
-    if quantize != "none" and native and device_type == "cpu":
-        kernel_rows = AMX_KERNEL_ROWS if any(flag in flags for flag in AMX_FLAGS) else None
+    if native and device_type == "cpu":
+        if quantize != "none":
+            kernel_rows = AMX_KERNEL_ROWS if any(flag in flags for flag in AMX_FLAGS) else None
+        elif dtype == "float32":
+            kernel_rows = None if "avx512f" in flags else AVX2_F32_KERNEL_ROWS
     return InferenceMode(dtype, quantize, prefill, kernel_rows)
 
 
@@ -172,10 +180,8 @@ class _WeightOnlyLinear(nn.Module):
 
     def vector_rows(self) -> int | float:
         """The most rows a product runs with without dequantizing the weights: `kernel_rows` on
-        gptforge's kernels (inf for any number), MAX_DECODE_ROWS on PyTorch's weight-only ones."""
-        if not self.panels:
-            return MAX_DECODE_ROWS
-        return float("inf") if self.kernel_rows is None else self.kernel_rows
+        gptforge's kernels, MAX_DECODE_ROWS on PyTorch's weight-only ones."""
+        return _most_rows(self.kernel_rows) if self.panels else MAX_DECODE_ROWS
 
     def _set_common(self, linear: nn.Linear, prefill_dtype: torch.dtype, kernel_rows: int | None) -> torch.Tensor:
         """Sizes, bias, prefill dtype and kernel rows from `linear` and `choose_mode`; returns its
@@ -309,13 +315,18 @@ def _swap_linears(module: nn.Module, make: Any) -> None:
             _swap_linears(child, make)
 
 
+def _most_rows(kernel_rows: int | None) -> int | float:
+    """A `kernel_rows` (choose_mode) as a bound on a product's rows: None is no bound."""
+    return float("inf") if kernel_rows is None else kernel_rows
+
+
 def _float32_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) @ weight (out, in).T + bias: a decode step's few rows through gptforge's kernel
-    (where it runs here; several rows through the panels `owner` keeps), anything else (a prefill,
-    a training step) through PyTorch."""
+    """x (..., in) @ weight (out, in).T + bias: up to `owner.kernel_rows` rows (a decode step, and
+    a prefill where choose_mode says) through gptforge's kernel (where it runs here; several rows
+    through the panels `owner` keeps), anything else (training) through PyTorch."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if (0 < rows <= MAX_DECODE_ROWS and x.dtype == torch.float32 and weight.is_contiguous()
+    if (0 < rows <= _most_rows(owner.kernel_rows) and x.dtype == torch.float32 and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             and x.device.type == "cpu" and kernels.supported("f32", k)):
         panels = kernels.f32_panels(owner, weight, owner.weights_version()) if rows > 1 else None
@@ -328,6 +339,8 @@ class SharedQKV(nn.Module):
     """float32 fused projection whose weight is one contiguous (3 * out, in) matrix that the three
     separate W_query / W_key / W_value parameters are views of: one product, and the state dict,
     the parameters and training stay exactly as they were. (Holds no parameters of its own.)"""
+
+    kernel_rows: int | None = MAX_DECODE_ROWS  # see _float32_linear; prepare_for_inference sets choose_mode's
 
     def __init__(self, att: nn.Module):
         super().__init__()
@@ -357,6 +370,8 @@ class SharedQKV(nn.Module):
 class Float32Linear(nn.Linear):
     """An nn.Linear (same parameters and state-dict keys) whose decode steps run on gptforge's
     kernel; set by `prepare_for_inference(model, "float32")`."""
+
+    kernel_rows: int | None = MAX_DECODE_ROWS  # see _float32_linear; prepare_for_inference sets choose_mode's
 
     def weights_version(self) -> int:
         return self.weight._version
@@ -447,6 +462,9 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     elif torch_dtype == torch.float32:
         _fuse_qkv(model, SharedQKV)
         _pack_linears(model)
+        for module in model.modules():
+            if isinstance(module, (SharedQKV, Float32Linear)):
+                module.kernel_rows = mode.kernel_rows
         fuse_blocks(model)
     return model
 

@@ -361,6 +361,21 @@ def test_float32_panels_follow_the_weights(tiny_config):
 
 
 @needs_kernels
+def test_only_a_batchs_decode_steps_make_the_float32_panels(tiny_config):
+    """The panels are a second copy of a float32 model's weights: a batch of one, its prompt's
+    products included (several rows, on the row-major weights), never makes them; a batch does."""
+    from gptforge import GPTModel, generate, prepare_for_inference
+
+    torch.manual_seed(0)
+    fast = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=32, emb_dim=64)).eval(),
+                                 "float32")
+    generate(fast, torch.randint(0, 256, (1, 12)), 4, stop_token_ids=())
+    assert not any("_gf_panels" in module.__dict__ for module in fast.modules())
+    generate(fast, torch.randint(0, 256, (2, 12)), 2, stop_token_ids=())
+    assert "_gf_panels" in fast.out_head.__dict__
+
+
+@needs_kernels
 def test_fused_model_decodes_like_transformers(tmp_path):
     """A prepared float32 model's greedy decoding (steps through block.c) equals Hugging Face's
     GPT2LMHeadModel on the same weights, batch 2 with left padding."""

@@ -21,9 +21,9 @@ GRAVITON3 = frozenset({"asimd", "sve", "bf16", "i8mm"})
 
 
 @pytest.mark.parametrize("flags, native, dtype, quantize, expected", [
-    # float32 products on gptforge's kernels: any number of rows with AVX-512, up to 128 with AVX2
-    (AVX2_EPYC, True, "auto", "none", InferenceMode("float32", "none", torch.float32, 128)),
-    (AMX_XEON, True, "auto", "none", InferenceMode("float32", "none", torch.bfloat16, None)),  # auto stays exact
+    # float32 products on gptforge's kernels: up to 128 rows with AVX-512, 64 with AVX2
+    (AVX2_EPYC, True, "auto", "none", InferenceMode("float32", "none", torch.float32, 64)),
+    (AMX_XEON, True, "auto", "none", InferenceMode("float32", "none", torch.bfloat16, 128)),  # auto stays exact
     # quantized on gptforge's kernels: a prefill's products on them too (kernel_rows None: any number)
     (AVX2_EPYC, True, "auto", "int8", InferenceMode("float32", "int8", torch.float32, None)),  # no bf16 here
     (AVX2_EPYC, False, "auto", "int8", InferenceMode("bfloat16", "int8", torch.float32)),  # torch's int8 kernel
@@ -33,7 +33,7 @@ GRAVITON3 = frozenset({"asimd", "sve", "bf16", "i8mm"})
     (AMX_XEON, True, "bfloat16", "int8", InferenceMode("float32", "int8", torch.bfloat16, 64)),
     (GRAVITON3, False, "auto", "int8", InferenceMode("bfloat16", "int8", torch.bfloat16)),
     (frozenset(), False, "bfloat16", "none", InferenceMode("bfloat16", "none", torch.float32)),
-    (AVX2_EPYC, True, torch.float32, "none", InferenceMode("float32", "none", torch.float32, 128)),
+    (AVX2_EPYC, True, torch.float32, "none", InferenceMode("float32", "none", torch.float32, 64)),
     (AVX2_EPYC, False, "auto", "none", InferenceMode("float32", "none", torch.float32)),  # no kernels: 16 (unused)
 ])
 def test_choice_table(flags, native, dtype, quantize, expected):

@@ -6,9 +6,10 @@ inference model, in place, and returns it:
 - float32: query, key and value become views of one (3 * out, in) matrix, so one product computes
   all three (`SharedQKV`); every nn.Linear becomes a `Float32Linear` (same parameters and keys).
   A decode step's few rows go through gptforge's own kernel (`gptforge.kernels`, which streams
-  each weight once: PyTorch's reads them at about half the memory bandwidth; products of several
-  rows through a second copy of the weights in the kernels' panel order, made on first use), and
-  a prefill's products too, up to `choose_mode`'s rows; a training step through PyTorch.
+  each weight once: PyTorch's reads them at about half the memory bandwidth; a batch's decode
+  steps through a second copy of the weights in the kernels' panel order, made on first use), and
+  a short prefill's products too (`choose_mode`'s rows); a long prefill and a training step through
+  PyTorch.
 - bfloat16: the model is cast to bf16 and every nn.Linear becomes a `PackedLinear`, whose weight is
   pre-packed once in oneDNN's blocked layout; query/key/value are one packed matrix and the
   feed-forward's GELU is fused into its first matmul.
@@ -66,10 +67,12 @@ MAX_DECODE_ROWS = kernels.MAX_ROWS
 # EPYC without AMX: int8 GPT-2 124M's blocks 17 ms; no AMX machine was at hand to time the matmul).
 AMX_KERNEL_ROWS = 64
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
-# float32 products of more rows than this go to PyTorch's (MKL) on a CPU without AVX-512: in the
-# kernels' AVX2 build (on an EPYC, PyTorch held to AVX2) they were 1.5x faster at 24 rows, even at
-# 128, 1.2x slower at 256. With AVX-512 they were faster at every size (2x at 24, 1.1x at 1024).
-AVX2_F32_KERNEL_ROWS = 128
+# float32 products of more rows than this go to PyTorch's (MKL). gptforge's kernels multiply them
+# from the row-major weights (no second copy): a GPT-2 124M prefill was 3x faster than MKL at 3
+# tokens, 1.6x at 24 and 1.2x at 64, even at 128, 1.1x slower from 256 up (AVX-512); in the AVX2
+# build (PyTorch held to AVX2) 3x, 1.5x, even at 64, 1.1x slower at 128.
+F32_KERNEL_ROWS = 128
+AVX2_F32_KERNEL_ROWS = 64
 INT4_GROUP = 32  # weights per scale, as in llama.cpp's Q4_0
 PAD_IN_FEATURES = 128  # quantized weights' inputs are zero-padded to this multiple (whole kernel vectors)
 
@@ -107,8 +110,8 @@ def choose_mode(dtype: str = "auto", quantize: str = "none", flags: frozenset[st
     EPYC with AVX-512 VNNI 1.4x faster at 1024 tokens and 3-5x at 32 than dequantizing for one
     matmul; in its AVX2 build 1.1-1.3x and 3-4x), except beyond AMX_KERNEL_ROWS rows on a CPU with
     AMX. A prefill that dequantizes does so to bf16 only where the CPU has bf16 hardware, else to
-    float32. A float32 prefill goes through the kernels too (through their panel-ordered copy of
-    the weights), where the CPU has AVX-512, else up to AVX2_F32_KERNEL_ROWS rows.
+    float32. A float32 prefill goes through the kernels up to F32_KERNEL_ROWS rows with AVX-512,
+    AVX2_F32_KERNEL_ROWS without; longer ones through MKL.
     """
     if quantize not in QUANTIZATIONS:
         raise GptforgeError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
@@ -127,7 +130,7 @@ def choose_mode(dtype: str = "auto", quantize: str = "none", flags: frozenset[st
         if quantize != "none":
             kernel_rows = AMX_KERNEL_ROWS if any(flag in flags for flag in AMX_FLAGS) else None
         elif dtype == "float32":
-            kernel_rows = None if "avx512f" in flags else AVX2_F32_KERNEL_ROWS
+            kernel_rows = F32_KERNEL_ROWS if "avx512f" in flags else AVX2_F32_KERNEL_ROWS
     return InferenceMode(dtype, quantize, prefill, kernel_rows)
 
 
@@ -321,16 +324,16 @@ def _most_rows(kernel_rows: int | None) -> int | float:
 
 
 def _float32_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) @ weight (out, in).T + bias: up to `owner.kernel_rows` rows (a decode step, and
-    a prefill where choose_mode says) through gptforge's kernel (where it runs here; several rows
-    through the panels `owner` keeps), anything else (training) through PyTorch."""
+    """x (..., in) @ weight (out, in).T + bias: up to `owner.kernel_rows` rows (a prefill, where
+    choose_mode says) through gptforge's kernel (where it runs here), from the row-major weights:
+    the panel-ordered copy is made only for a batch's decode steps (kernels/block.py). More rows,
+    and training, through PyTorch."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if (0 < rows <= _most_rows(owner.kernel_rows) and x.dtype == torch.float32 and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             and x.device.type == "cpu" and kernels.supported("f32", k)):
-        panels = kernels.f32_panels(owner, weight, owner.weights_version()) if rows > 1 else None
-        spec = kernels.layer("f32", weight.shape[0], k, weight, None, bias, panels)
+        spec = kernels.layer("f32", weight.shape[0], k, weight, None, bias)
         return kernels.linear(x.reshape(rows, k), spec).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 

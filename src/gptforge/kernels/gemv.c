@@ -1,6 +1,6 @@
-/* Decode-step matrix products for gptforge: y (M, N) = x (M, K) @ W (N, K)^T + bias, for a few
- * rows M (one decode step of a batch of M sequences), float32 x and y, W in one of three formats
- * (gemv.h's gf_lin):
+/* Matrix products for gptforge: y (M, N) = x (M, K) @ W (N, K)^T + bias, for a few rows M (one
+ * decode step of a batch of M sequences) or many (a prefill, LINEAR_ROWS at a time), float32 x
+ * and y, W in one of three formats (gemv.h's gf_lin):
  *
  *   F32  W float32, (N, K) row-major: `w`; and, where the caller made it, `wp`, the same in panels
  *   I8   W int8 with one float32 scale per row, W[n, k] = q[n, k] * scale[n]: q in panels
@@ -19,8 +19,10 @@
  * once, and no sums across a vector are needed. At one row (batch 1) a product is memory-bound:
  * its time is that of streaming W once, with prefetching, so the tiles read several panels at
  * once; at 8 rows it is compute-bound, and a tile is one panel meeting 8 rows of x: 8 (AVX2: 4)
- * multiply-adds per weight loaded. float32 at one row reads the row-major `w` (the same speed,
- * and no second copy of the weights unless a batch asks for `wp`).
+ * multiply-adds per weight loaded. float32 reads the row-major `w` unless given `wp`: at one row
+ * at the same speed; at several, each few rows of W meet a block of rows of x (sums along k in
+ * vectors, added across them at the end), 1.2-1.4x slower than the panels but without their
+ * second copy of the weights, which only a batch's decode steps ask for.
  *
  * int8 and 4-bit: x is quantized as llama.cpp's Q8_0 (per block of 32 values d = max|x| / 127,
  * xq = round(x / d)) so that the inner products are integer ones: 4 byte products per int32 lane
@@ -139,6 +141,55 @@ static void f32_row_product(const float *x, int64_t K, const float *W, int64_t N
     for (int64_t n = tiles * SINGLE_ROWS; n < N; n++) f32_rows(1, x, K, W, bias, y, n);
 }
 
+/* ------------------------------------------------------------- float32, several rows, row-major */
+
+/* Rows [n0, n0 + R) of the row-major W against rows [m0, m0 + MB) of x (compile-time MB and R):
+ * each R rows of W are read once for MB rows of x, their sums kept along k in vectors */
+#if VL == 16
+#define NT_XROWS 8
+#else
+#define NT_XROWS 4
+#endif
+#define NT_ROWS 3
+static inline __attribute__((always_inline)) void f32_rows_x(
+        const int MB, const int R, const float *x, int64_t m0, int64_t K, const float *W, const float *bias,
+        float *y, int64_t N, int64_t n0) {
+    vec acc[NT_XROWS][NT_ROWS];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) acc[m][r] = vzero();
+    for (int64_t k = 0; k < K; k += VL) {
+        vec w[NT_ROWS];
+        for (int r = 0; r < R; r++) {
+            const float *p = W + (n0 + r) * K + k;
+            __builtin_prefetch(p + PREFETCH / 4, 0, 2);
+            w[r] = vload(p);
+        }
+        for (int m = 0; m < MB; m++) {
+            const vec xv = vload(x + (m0 + m) * K + k);
+            for (int r = 0; r < R; r++) acc[m][r] = vfma(w[r], xv, acc[m][r]);
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) y[(m0 + m) * N + n0 + r] = vsum(acc[m][r]) + (bias ? bias[n0 + r] : 0.f);
+}
+
+static void f32_rows_product(const float *x, int64_t M, int64_t K, const float *W, int64_t N, const float *bias,
+                             float *y, int threads) {
+    const int64_t tiles = N / NT_ROWS;
+#define NT_BLOCK(mb) f32_rows_x(mb, NT_ROWS, x, m0, K, W, bias, y, N, n0)
+#define NT_LAST(mb) f32_rows_x(mb, 1, x, m0, K, W, bias, y, N, n0)
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t n0 = t * NT_ROWS;
+        FOR_EACH_XBLOCK(M, NT_XROWS, NT_BLOCK)
+    }
+    for (int64_t n0 = tiles * NT_ROWS; n0 < N; n0++) {
+        FOR_EACH_XBLOCK(M, NT_XROWS, NT_LAST)
+    }
+#undef NT_BLOCK
+#undef NT_LAST
+}
+
 /* ------------------------------------------------------------------------ float32, panels */
 
 /* Panels [p0, p0 + NP) against rows [m0, m0 + MB) of x (compile-time MB and NP, so the
@@ -175,8 +226,12 @@ static inline __attribute__((always_inline)) void f32_panels(
 static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
     const int64_t K = L->k, N = L->n;
     const float *Wp = L->wp;
-    if (M == 1 || !Wp) {  /* the row-major weights, a row at a time */
-        for (int64_t m = 0; m < M; m++) f32_row_product(x + m * K, K, L->w, N, L->bias, y + m * N, threads);
+    if (M == 1) {  /* the row-major weights */
+        f32_row_product(x, K, L->w, N, L->bias, y, threads);
+        return;
+    }
+    if (!Wp) {
+        f32_rows_product(x, M, K, L->w, N, L->bias, y, threads);
         return;
     }
 #define TILE(MB, NP, p0) f32_panels(MB, NP, x, m0, K, Wp, N, L->bias, y, p0)

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels
+from .kernels.block import make_panels
 from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
 from .model import KVCache
 from .quant import inference_view
@@ -202,8 +203,11 @@ class BatchScheduler:
 
     def start(self) -> None:
         """Run the scheduler in a daemon thread (the calling thread's OpenMP workers are let go:
-        see `kernels.release_threads`)."""
+        see `kernels.release_threads`; a float32 model's panels for batches are made first: see
+        `kernels.block.make_panels`)."""
         if self._thread is None:
+            if self.max_batch_size > 1:
+                make_panels(self.model)
             kernels.release_threads()
             self._thread = threading.Thread(target=self._run, name="gptforge-scheduler", daemon=True)
             self._thread.start()

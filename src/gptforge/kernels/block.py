@@ -187,6 +187,16 @@ class FusedGPTModel(GPTModel):
         return logits[:, None]
 
 
+def make_panels(model: nn.Module) -> None:
+    """Make a FusedGPTModel's float32 panels now, which its first decode step of a batch would make
+    (GPT-2 124M: ~0.6 s, a stall of every sequence in that step): for a server, at start. Does
+    nothing for other models, and for int8/4-bit ones (their weights are stored in panels)."""
+    if type(model) is FusedGPTModel:
+        for block in model.trf_blocks:
+            _point_at_panels(block.__dict__["_f32_layers"])
+        _point_at_panels(model.__dict__["_f32_head"])
+
+
 # The last mask given to a block, as (the mask, rows, start, C's (rows, start + 1) bytes): every
 # block of a forward pass gets the same one.
 _LAST_MASK: list[tuple | None] = [None]

@@ -33,8 +33,8 @@ Packed, int8 and int4 models are for inference only (no autograd through the wei
 `generate_text` and `stream_text` decode with by default.
 
 `choose_mode(dtype, quantize, flags)` is the one table of per-CPU choices (what `dtype="auto"`
-resolves to, how many rows of a quantized product gptforge's kernels take, and which dtype a
-quantized prefill dequantizes to beyond that), a pure function of the CPU's
+resolves to, how many rows of a float32 or quantized product gptforge's kernels take, and which
+dtype a quantized prefill dequantizes to beyond that), a pure function of the CPU's
 feature flags so that it can be tested for CPUs other than the one at hand.
 """
 

@@ -45,7 +45,7 @@ HEADERS = (HERE / "gemv.h", HERE / "simd.h")
 CFLAGS = ("-O3", f"-march={os.environ.get('GPTFORGE_MARCH', 'native')}", "-fopenmp", "-shared", "-fPIC")
 FORMATS = {"f32": 0, "i8": 1, "q4": 2}  # gemv.h's enum format
 # A decode step of up to this many rows (a batch) runs here; products of more (a prefill) where
-# quant.choose_mode says: float32 on PyTorch's, int8 and 4-bit here too on most CPUs.
+# quant.choose_mode's kernel_rows says: here too up to a bound, or at any length.
 MAX_ROWS = 16
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {

@@ -171,9 +171,7 @@ class FusedGPTModel(GPTModel):
             mask = attention_mask[:, :start + 1] != 0
             mask[:, start] = True
         if b > 1:  # several rows: float32 layers multiply through their panels
-            for block in self.trf_blocks:
-                _point_at_panels(block.__dict__["_f32_layers"])
-            _point_at_panels(self.__dict__["_f32_head"])
+            self._point_at_panels()
         ids = in_idx.reshape(b).to(torch.int64).contiguous()
         work = torch.empty(2 * b * self.cfg.emb_dim)
         logits = torch.empty(b, spec[0].head.n)
@@ -186,15 +184,19 @@ class FusedGPTModel(GPTModel):
         cache.length = start + 1
         return logits[:, None]
 
+    def _point_at_panels(self) -> None:
+        """Point every float32 layer of the C step at its panels (made, or remade, where needed)."""
+        for block in self.trf_blocks:
+            _point_at_panels(block.__dict__["_f32_layers"])
+        _point_at_panels(self.__dict__["_f32_head"])
+
 
 def make_panels(model: nn.Module) -> None:
     """Make a FusedGPTModel's float32 panels now, which its first decode step of a batch would make
     (GPT-2 124M: ~0.6 s, a stall of every sequence in that step): for a server, at start. Does
     nothing for other models, and for int8/4-bit ones (their weights are stored in panels)."""
     if type(model) is FusedGPTModel:
-        for block in model.trf_blocks:
-            _point_at_panels(block.__dict__["_f32_layers"])
-        _point_at_panels(model.__dict__["_f32_head"])
+        model._point_at_panels()
 
 
 # The last mask given to a block, as (the mask, rows, start, C's (rows, start + 1) bytes): every

@@ -75,11 +75,8 @@ class FusedTransformerBlock(TransformerBlock):
         if (spec is None or t != 1 or kv is None or b > MAX_ROWS or x.dtype != torch.float32 or self.training
                 or (torch.is_grad_enabled() and x.requires_grad)):
             return super().forward(x, kv, start, attn_mask)
-        keys, values = kv  # (B, heads, max_len, head_dim) each, float32 or fp16, rows at a regular stride
-        inner = (keys.shape[2] * keys.shape[3], keys.shape[3], 1)
-        if (keys.dtype not in (torch.float32, torch.float16) or values.dtype != keys.dtype
-                or keys.stride()[1:] != inner or values.stride() != keys.stride()
-                or (attn_mask is not None and attn_mask.dtype != torch.bool)):
+        keys, values = kv  # (B, heads, max_len, head_dim) each
+        if not _cache_readable(keys, values) or (attn_mask is not None and attn_mask.dtype != torch.bool):
             return super().forward(x, kv, start, attn_mask)
         if b > 1:  # several rows: float32 layers multiply through their panels
             _point_at_panels(self.__dict__["_f32_layers"])
@@ -88,6 +85,15 @@ class FusedTransformerBlock(TransformerBlock):
         call("gf_block_decode", ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(),
              keys.stride(0), keys.shape[2], start, keys.dtype == torch.float16, _ptr(mask), torch.get_num_threads())
         return out
+
+
+def _cache_readable(keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the C blocks read this KV cache, one layer's or all of them (..., B, heads, max_len,
+    head_dim): float32 or fp16, keys and values alike, the heads and positions of a row at their
+    regular strides (rows and layers may be views into a larger cache)."""
+    max_len, head_dim = keys.shape[-2:]
+    return (keys.dtype in (torch.float32, torch.float16) and values.dtype == keys.dtype
+            and keys.stride()[-3:] == (max_len * head_dim, head_dim, 1) and values.stride() == keys.stride())
 
 
 def _point_at_panels(layers: list[tuple[Linear, nn.Module, torch.Tensor]]) -> None:
@@ -154,9 +160,7 @@ class FusedGPTModel(GPTModel):
         the tables, a token outside the vocabulary."""
         b, start = in_idx.shape[0], cache.length
         keys, values = cache.keys, cache.values  # (layers, B, heads, max_len, head_dim)
-        if (start >= cache.max_len or keys.dtype not in (torch.float32, torch.float16) or values.dtype != keys.dtype
-                or keys.shape[1] != b or keys.stride()[2:] != (keys.shape[3] * keys.shape[4], keys.shape[4], 1)
-                or values.stride() != keys.stride()
+        if (start >= cache.max_len or keys.shape[1] != b or not _cache_readable(keys, values)
                 or (attention_mask is not None and (attention_mask.shape[0] != b or attention_mask.shape[1] <= start))):
             return None
         if positions is None:

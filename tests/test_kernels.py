@@ -424,3 +424,22 @@ def test_the_other_builds_pass_the_same_tests(tmp_path, march, built):
                              "-k", "not other_builds and not build_is_cached"], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_row_major_is_torch_cat_of_transposed_weights(use_kernels, monkeypatch):
+    """kernels.row_major lays Hugging Face's (in, out) weights, read as (out, in) transposed views,
+    out as rows: torch.cat's result exactly, for sizes off the 8 x 8 tiles, column slices of a
+    wider matrix (c_attn's query, key and value), a contiguous part among them, and other dtypes;
+    also with the kernels off (PyTorch's copy)."""
+    if use_kernels and not kernels.available():
+        pytest.skip(f"gptforge kernels: {kernels.describe()}")
+    if not use_kernels:
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    torch.manual_seed(0)
+    c_attn = torch.randn(77, 3 * 69)  # (in, 3 out), as in a GPT-2 file
+    parts = [c_attn[:, i * 69:(i + 1) * 69].t() for i in range(3)]  # (out, in) views, strides (1, 207)
+    for group in (parts, [parts[0], torch.randn(5, 77), parts[2]], [torch.randn(130, 64).t()],
+                  [torch.randn(8, 8).t()], [torch.randn(3, 2).t()], [torch.randn(40, 24).t().to(torch.bfloat16)]):
+        got = kernels.row_major(group)
+        assert got.is_contiguous() and got.dtype == group[0].dtype and torch.equal(got, torch.cat(group))

@@ -348,7 +348,7 @@ class SharedQKV(nn.Module):
     def __init__(self, att: nn.Module):
         super().__init__()
         linears = (att.W_query, att.W_key, att.W_value)
-        fused = torch.cat([lin.weight.detach() for lin in linears])  # (3*out, in)
+        fused = kernels.row_major([lin.weight.detach() for lin in linears])  # (3*out, in)
         n = att.d_out
         for i, lin in enumerate(linears):
             lin.weight.data = fused[i * n:(i + 1) * n]  # (out, in) view into the fused matrix
@@ -390,7 +390,7 @@ def _pack_linears(model: nn.Module) -> None:
         if type(module) is nn.Linear:
             module.__class__ = Float32Linear
             if not module.weight.is_contiguous():
-                module.weight.data = module.weight.data.contiguous()
+                module.weight.data = kernels.row_major([module.weight.data])
 
 
 def _fuse_qkv(model: nn.Module, make) -> None:
@@ -402,7 +402,7 @@ def _fuse_qkv(model: nn.Module, make) -> None:
 def _concat_qkv(att: nn.Module) -> nn.Linear:
     linears = (att.W_query, att.W_key, att.W_value)
     fused = nn.Linear(att.W_query.in_features, 3 * att.d_out, bias=att.W_query.bias is not None)
-    fused.weight.data = torch.cat([lin.weight.detach() for lin in linears]).to(att.W_query.weight.dtype)
+    fused.weight.data = kernels.row_major([lin.weight.detach() for lin in linears]).to(att.W_query.weight.dtype)
     if fused.bias is not None:
         fused.bias.data = torch.cat([lin.bias.detach() for lin in linears]).to(att.W_query.weight.dtype)
     return fused

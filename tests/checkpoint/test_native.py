@@ -89,14 +89,17 @@ def test_truncated_weights_fail_checksum(tmp_path, tiny):
         gptforge.load(tmp_path / "ckpt")
 
 
-def test_flipped_byte_fails_checksum(tmp_path, tiny):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_flipped_byte_fails_checksum(tmp_path, tiny, dtype):
+    """Both routes: in the saved dtype (the file read once, hashed as it comes in) and converted
+    (hashed, then each tensor read)."""
     gptforge.save(_tiny(tiny), tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum"):
-        gptforge.load(tmp_path / "ckpt")
+        gptforge.load(tmp_path / "ckpt", dtype=dtype)
 
 
 def _edit_config(ckpt, **changes):

@@ -13,7 +13,7 @@ import torch
 
 from ..config import GPTConfig
 from ..errors import GptforgeError
-from ..io import atomic_directory, read_safetensors_from, sha256_file, sha256_of, write_safetensors
+from ..io import atomic_directory, read_hashed, read_safetensors_from, sha256_file, sha256_of, write_safetensors
 from ..model import GPTModel
 from .base import (
     CHECKPOINT_FILES, CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, TRAINING_STATE_FILE, WEIGHTS_FILE,
@@ -101,10 +101,12 @@ def parse_meta(meta: Mapping[str, Any], ckpt_dir: Path) -> GPTConfig:
     return cfg
 
 
-def _open_verified(ckpt_dir: Path, meta: Mapping[str, Any], name: str) -> BinaryIO:
+def _open_verified(ckpt_dir: Path, meta: Mapping[str, Any], name: str, *,
+                   whole: bool = False) -> BinaryIO | memoryview:
     """The checkpoint file `name`, open for reading, its sha256 checked against config.json. The
     caller reads from this same handle, so what it reads is what was verified, even if the
-    directory is replaced meanwhile."""
+    directory is replaced meanwhile. whole: instead, the file's bytes in memory, read once and
+    hashed as they come in (`read_hashed`)."""
     path = ckpt_dir / name
     expected = meta["sha256"].get(name)
     if expected is None:
@@ -113,21 +115,35 @@ def _open_verified(ckpt_dir: Path, meta: Mapping[str, Any], name: str) -> Binary
         f = open(path, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"{ckpt_dir}: {name} is missing; the checkpoint is incomplete") from None
-    actual = sha256_of(f)
-    if actual != expected:
+    try:
+        data, actual = read_hashed(f) if whole else (None, sha256_of(f))
+    except BaseException:
         f.close()
+        raise
+    if whole or actual != expected:
+        f.close()
+    if actual != expected:
         raise GptforgeError(f"{path} fails its checksum (sha256 {actual[:12]}..., config.json says "
                          f"{expected[:12]}...): the file is truncated or corrupted; restore or re-save it")
+    if whole:
+        return data
     f.seek(0)
     return f
 
 
 def load_native(ckpt_dir: Path, dtype: torch.dtype | None) -> GPTModel:
-    """The model in a gptforge checkpoint directory, its weights' sha256 verified first."""
+    """The model in a gptforge checkpoint directory, its weights' sha256 verified first. In the
+    dtype it was saved in, the weights are views of the file's bytes, read once; converted, each
+    tensor is read by itself (the peak stays at one copy of the weights)."""
     meta, cfg = _read_gptforge_meta(ckpt_dir)
-    with _open_verified(ckpt_dir, meta, WEIGHTS_FILE) as f:
-        state = read_safetensors_from(f, ckpt_dir / WEIGHTS_FILE, lambda name: True, dtype)
-    return build_model(cfg, state, str(ckpt_dir / WEIGHTS_FILE))
+    path = ckpt_dir / WEIGHTS_FILE
+    if dtype is None or str(dtype).removeprefix("torch.") == meta.get("dtype"):
+        state = read_safetensors_from(None, path, lambda name: True, dtype,
+                                      data=_open_verified(ckpt_dir, meta, WEIGHTS_FILE, whole=True))
+    else:
+        with _open_verified(ckpt_dir, meta, WEIGHTS_FILE) as f:
+            state = read_safetensors_from(f, path, lambda name: True, dtype)
+    return build_model(cfg, state, str(path))
 
 
 

@@ -1,6 +1,7 @@
 """gptforge's own decode kernels, in C, compiled once per CPU: the matrix products of a decode step
 (a few rows) for float32, int8 and 4-bit weights (`gemv.c`), a whole TransformerBlock's decode
-step in one call (`block.c`, used through `block.py`), and greedy decoding's argmax (`argmax.c`).
+step in one call (`block.c`, used through `block.py`), greedy decoding's argmax (`argmax.c`), and
+the transposes that lay Hugging Face's (in, out) weights out as rows (`transpose.c`).
 
 Why: at a few rows a matrix product is memory-bound, and PyTorch's CPU kernels for it read the
 weights at about half the memory bandwidth (and its int8/int4 ones convert every weight to float),
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from ..cpu import cpu_flags
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "gemv.c", HERE / "block.c", HERE / "argmax.c")
+SOURCES = (HERE / "gemv.c", HERE / "block.c", HERE / "argmax.c", HERE / "transpose.c")
 HEADERS = (HERE / "gemv.h", HERE / "simd.h")
 # -march: the CPU at hand by default; GPTFORGE_MARCH=haswell builds the AVX2 kernels on an AVX-512
 # machine (how the tests check that path here).
@@ -53,6 +54,7 @@ _SIGNATURES = {
     "gf_block_decode": [_P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
     "gf_dequantize": [_P, _I64, _P, ctypes.c_int, ctypes.c_int],  # layer, k_out, out, bf16, threads
     "gf_argmax": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # x, rows, n, row stride, out, threads
+    "gf_transpose": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # src, rows, cols, src row stride, dst, threads
     "gf_block_profile": [ctypes.c_int, _P],  # on, out (block.c)
     # model, tokens, positions, M, kc, vc, layer stride, row stride, max_len, start, half, mask, work, logits, threads
     "gf_model_decode": [_P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int],
@@ -246,6 +248,25 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(logits.shape[0], dtype=torch.int64)
     call("gf_argmax", logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(),
          torch.get_num_threads())
+    return out
+
+
+def row_major(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(parts)`: the (n_0 + n_1 + ..., k) matrices one below the other, contiguous. A
+    part that is a transposed float32 view (a Hugging Face Conv1D weight (in, out), read as
+    (out, in)) is turned in C on all of torch's threads where the kernels run here: 4-6 GB/s on
+    one thread against PyTorch's 1.9 (`bench_startup.py`: the first logits of a Hugging Face
+    checkpoint wait for every weight to be laid out so)."""
+    out = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=parts[0].dtype)
+    row = 0
+    for part in parts:
+        n, k = part.shape
+        if (library() is not None and part.dtype == torch.float32 and part.device.type == "cpu" and n > 1
+                and part.stride(0) == 1 and part.stride(1) >= n):
+            call("gf_transpose", part.data_ptr(), k, n, part.stride(1), out[row].data_ptr(), torch.get_num_threads())
+        else:
+            out[row:row + n] = part
+        row += n
     return out
 
 

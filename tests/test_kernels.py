@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from gptforge import kernels
-from gptforge.quant import Int4Linear, Int8Linear
+from gptforge.quant import Int4Linear, Int8Linear, quantize_int8, quantize_q4_0
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"gptforge kernels: {kernels.describe()}")
 
@@ -443,3 +444,29 @@ def test_row_major_is_torch_cat_of_transposed_weights(use_kernels, monkeypatch):
                   [torch.randn(8, 8).t()], [torch.randn(3, 2).t()], [torch.randn(40, 24).t().to(torch.bfloat16)]):
         got = kernels.row_major(group)
         assert got.is_contiguous() and got.dtype == group[0].dtype and torch.equal(got, torch.cat(group))
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["i8", "q4"])
+def test_quantizing_in_c_gives_pytorchs_bytes(fmt):
+    """kernels.quantize (what makes an int8 or 4-bit model where the kernels run) against quant.py's
+    PyTorch quantizers then `pack`, byte for byte: rows not a whole panel, inputs padded, a
+    transposed view (Hugging Face's layout) as well as rows, int8 values exactly halfway (to even),
+    a 4-bit group whose largest magnitudes tie with opposite signs (the first wins), a zero group,
+    and two values whose codes a fused multiply-add in floor(w * (1 / d) + 8.5) would move."""
+    torch.manual_seed(0)
+    n, k, k_padded = 37, 200, 256
+    weight = torch.randn(n, k) * torch.rand(n, 1) * 3
+    weight[0, :8] = torch.tensor([127.0, 2.5, -2.5, 3.5, 0.5, -0.5, 1.5, 126.5])  # scale 1: exact halves
+    weight[1, 32:64] = 0.25
+    weight[1, 40], weight[1, 50] = -4.0, 4.0  # a tie of magnitudes: -4 comes first
+    weight[2, 64:96] = 0.0
+    weight[3, 96:128] = 0.01  # d = 0.1 / -8: w / d + 8.5 rounded twice floors one higher than fused
+    weight[3, 96:99] = torch.tensor([0.1, 0.056250002, 0.031250004])
+    big = torch.randn(2000, 512)
+    reference = {"i8": quantize_int8, "q4": quantize_q4_0}[fmt]
+    for w, padded_to in ((weight, k_padded), (weight.t().contiguous().t(), k_padded), (big, 512)):
+        expected = kernels.pack(fmt, *reference(F.pad(w, (0, padded_to - w.shape[1]))))
+        got = kernels.quantize(fmt, w, padded_to)
+        assert got[0].dtype == expected[0].dtype and torch.equal(got[0], expected[0])
+        assert torch.equal(got[1], expected[1])

@@ -188,14 +188,18 @@ class _WeightOnlyLinear(nn.Module):
 
     def _set_common(self, linear: nn.Linear, prefill_dtype: torch.dtype, kernel_rows: int | None) -> torch.Tensor:
         """Sizes, bias, prefill dtype and kernel rows from `linear` and `choose_mode`; returns its
-        weight (out, in_padded) float32."""
+        weight (out, in) float32."""
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.in_padded = -(-linear.in_features // PAD_IN_FEATURES) * PAD_IN_FEATURES
         self.prefill_dtype = prefill_dtype  # what a prefill dequantizes to (`choose_mode`)
         self.kernel_rows = kernel_rows  # the most rows of a product on gptforge's kernels (None: any)
         self.panels = kernels.supported(self.fmt, self.in_padded)  # stored for gptforge's kernels
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
-        return F.pad(linear.weight.detach().float(), (0, self.in_padded - self.in_features))
+        return linear.weight.detach().float()
+
+    def _padded(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (out, in) with its inputs zero-padded to `in_padded`."""
+        return F.pad(weight, (0, self.in_padded - self.in_features))
 
     def spec(self) -> kernels.Linear:
         """The C kernels' description of this layer (only where `panels`)."""
@@ -213,6 +217,24 @@ class _WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt} weight-only"
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float32 -> int8 values (out, in) and per-row scales (out,): symmetric, scale =
+    max |w| / 127, w ~= q * scale. (`kernels.quantize` gives the same, in panels.)"""
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_q4_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float32, in a whole number of groups of 32 -> llama.cpp's Q4_0: codes q (out, in)
+    uint8 in [0, 15] and scales d (out, in / 32), w ~= (q - 8) * d. A group's d is its first value
+    of largest magnitude over -8. (`kernels.quantize` gives the same, in panels.)"""
+    groups = weight.reshape(weight.shape[0], -1, INT4_GROUP)
+    d = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)) / -8  # (out, in/32, 1)
+    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = (groups * inverse + 8.5).floor().clamp(0, 15).to(torch.uint8)  # Q4_0's rounding
+    return q.reshape(weight.shape[0], -1), d.reshape(weight.shape[0], -1)
+
+
 class Int8Linear(_WeightOnlyLinear):
     """Weight-only int8 linear: w ~= int8 (out, in) * scale (out,), per output channel, symmetric.
     `weight_int8` holds the int8 values (in the kernels' panel order where `panels`: see `rows`)."""
@@ -224,9 +246,8 @@ class Int8Linear(_WeightOnlyLinear):
                  kernel_rows: int | None = MAX_DECODE_ROWS):
         super().__init__()
         weight = self._set_common(linear, prefill_dtype, kernel_rows)
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
-        q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight_int8", kernels.pack("i8", q)[0] if self.panels else q)
+        q, scale = kernels.quantize("i8", weight, self.in_padded) if self.panels else quantize_int8(self._padded(weight))
+        self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
 
     @property
@@ -265,12 +286,11 @@ class Int4Linear(_WeightOnlyLinear):
                  kernel_rows: int | None = MAX_DECODE_ROWS):
         super().__init__()
         weight = self._set_common(linear, prefill_dtype or choose_mode("auto", "int4").prefill_dtype, kernel_rows)
-        groups = weight.reshape(self.out_features, -1, INT4_GROUP)
-        d = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)) / -8  # (out, in/32, 1)
-        inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        q = (groups * inverse + 8.5).floor().clamp(0, 15).to(torch.uint8)  # Q4_0's rounding
-        q, d = q.reshape(self.out_features, -1), d.reshape(self.out_features, -1)
-        packed, scale = kernels.pack("q4", q, d) if self.panels else (_q4_0_bytes(q), d)
+        if self.panels:
+            packed, scale = kernels.quantize("q4", weight, self.in_padded)
+        else:
+            q, scale = quantize_q4_0(self._padded(weight))
+            packed = _q4_0_bytes(q)
         self.register_buffer("packed", packed.contiguous())
         self.register_buffer("scale", scale.contiguous())
 
@@ -400,11 +420,14 @@ def _fuse_qkv(model: nn.Module, make) -> None:
 
 
 def _concat_qkv(att: nn.Module) -> nn.Linear:
+    """One Linear (3 d_out, in) holding the query, key and value projections one below the other."""
     linears = (att.W_query, att.W_key, att.W_value)
-    fused = nn.Linear(att.W_query.in_features, 3 * att.d_out, bias=att.W_query.bias is not None)
-    fused.weight.data = kernels.row_major([lin.weight.detach() for lin in linears]).to(att.W_query.weight.dtype)
+    dtype = att.W_query.weight.dtype
+    fused = nn.Linear(att.W_query.in_features, 3 * att.d_out, bias=att.W_query.bias is not None,
+                      device="meta")  # no random initialization of weights about to be replaced
+    fused.weight = nn.Parameter(kernels.row_major([lin.weight.detach() for lin in linears]).to(dtype))
     if fused.bias is not None:
-        fused.bias.data = torch.cat([lin.bias.detach() for lin in linears]).to(att.W_query.weight.dtype)
+        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]).to(dtype))
     return fused
 
 

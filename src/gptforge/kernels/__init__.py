@@ -53,6 +53,8 @@ _SIGNATURES = {
     "gf_linear": [_P, _P, _I64, _P, ctypes.c_int],  # layer, x, M, y, threads (gemv.h)
     "gf_block_decode": [_P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
     "gf_dequantize": [_P, _I64, _P, ctypes.c_int, ctypes.c_int],  # layer, k_out, out, bf16, threads
+    # fmt, W, its row and column strides, n, k, k padded, out, scale, threads
+    "gf_quantize": [_I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int],
     "gf_argmax": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # x, rows, n, row stride, out, threads
     "gf_transpose": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # src, rows, cols, src row stride, dst, threads
     "gf_block_profile": [ctypes.c_int, _P],  # on, out (block.c)
@@ -179,6 +181,23 @@ def pack(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None) -> t
     q = rows.view(p, vl, k // 32, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # k = 32 g + 8 t + 4 h + j -> g, t, c, j, h
     packed = (q[..., 0] | (q[..., 1] << 4)).contiguous()  # (P, K / 32, 4, VL, 4)
     return packed, F.pad(scale, (0, 0, 0, -n % vl)).view(p, vl, k // 32).transpose(1, 2).contiguous()
+
+
+def quantize(fmt: str, weight: torch.Tensor, k_padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack(fmt, *q)` of quant.py's PyTorch quantization q of `weight` (N, K) float32 zero-padded
+    to `k_padded` inputs ('i8': per-row int8 and its (N,) scales; 'q4': Q4_0), the same bytes,
+    quantized in C straight into the panels (GPT-2 124M: ~0.1 s against ~1.2 s)."""
+    n, k = weight.shape
+    vl, groups = vector_floats(), k_padded // (4 if fmt == "i8" else 32)
+    panels = -(-n // vl)
+    if fmt == "i8":
+        out, scale = torch.empty(panels, groups, vl, 4, dtype=torch.int8), torch.empty(n)
+    else:
+        out, scale = torch.empty(panels, groups, 4, vl, 4, dtype=torch.uint8), torch.empty(panels, groups, vl)
+    weight = weight.detach().float()  # any strides: a Hugging Face weight is a transposed view
+    call("gf_quantize", FORMATS[fmt], weight.data_ptr(), *weight.stride(), n, k, k_padded, out.data_ptr(),
+         scale.data_ptr(), torch.get_num_threads())
+    return out, scale
 
 
 def unpack(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -7,6 +7,8 @@ cache (one untimed run first), so that it measures the loaders rather than the d
 - gptforge, Hugging Face directory: `gptforge.load(dir)` + `generate(model, ids, 1)` (the first
   generate also builds the fast float32 view);
 - gptforge, native directory: the same, the sha256 of the weights verified on load;
+- gptforge int8 / int4, Hugging Face directory: the same, the weights quantized before the first
+  logits (what `--quantize` does);
 - transformers: `GPT2LMHeadModel.from_pretrained(dir)` + one forward (safetensors memory-mapped).
 
     python benchmarks/bench_startup.py [--repeats 3] [--threads 1]
@@ -35,6 +37,20 @@ t0 = time.perf_counter()
 model = gptforge.load(path)
 t1 = time.perf_counter()
 gptforge.generate(model, torch.tensor([[464, 3290, 318]]), 1)
+""",
+    "gptforge int8": """
+import gptforge
+t0 = time.perf_counter()
+model = gptforge.load(path)
+t1 = time.perf_counter()
+gptforge.generate(gptforge.prepare_for_inference(model, "auto", "int8"), torch.tensor([[464, 3290, 318]]), 1)
+""",
+    "gptforge int4": """
+import gptforge
+t0 = time.perf_counter()
+model = gptforge.load(path)
+t1 = time.perf_counter()
+gptforge.generate(gptforge.prepare_for_inference(model, "auto", "int4"), torch.tensor([[464, 3290, 318]]), 1)
 """,
     "transformers": """
 from transformers import GPT2LMHeadModel
@@ -73,15 +89,17 @@ def main() -> None:
         del model
         cases = [("transformers, HF directory", "transformers", hf_dir),
                  ("gptforge, HF directory", "gptforge", hf_dir),
-                 ("gptforge, native (sha256 checked)", "gptforge", native_dir)]
+                 ("gptforge, native (sha256 checked)", "gptforge", native_dir),
+                 ("gptforge --quantize int8, HF directory", "gptforge int8", hf_dir),
+                 ("gptforge --quantize int4, HF directory", "gptforge int4", hf_dir)]
         results = {}
         for name, loader, path in cases:
             run(loader, path, args.threads)  # into the page cache
             results[name] = min((run(loader, path, args.threads) for _ in range(args.repeats)), key=lambda r: r[1])
     reference = results["transformers, HF directory"][1]
-    print(f"{'loader':<36} {'load s':>7} {'+ first logits s':>17} {'vs transformers':>16}")
+    print(f"{'loader':<40} {'load s':>7} {'+ first logits s':>17} {'vs transformers':>16}")
     for name, (load_s, total_s) in results.items():
-        print(f"{name:<36} {load_s:>7.2f} {total_s:>17.2f} {total_s / reference:>15.2f}x")
+        print(f"{name:<40} {load_s:>7.2f} {total_s:>17.2f} {total_s / reference:>15.2f}x")
 
 
 if __name__ == "__main__":

@@ -158,8 +158,9 @@ def read_hashed(f: BinaryIO, chunk_bytes: int = 16 << 20) -> tuple[memoryview, s
 
 
 # ----------------------------------------------------------------------------------------------
-# Safetensors, read with one copy: each tensor is allocated once and filled with readinto, so the
-# peak is the weights plus nothing (no mmap pages counted twice, no intermediate buffers).
+# Safetensors, read with one copy: each tensor is allocated once and filled with readinto, or is a
+# view of the file's bytes already in memory (a verified checkpoint's), so the peak is the weights
+# plus nothing (no mmap pages counted twice, no intermediate buffers).
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

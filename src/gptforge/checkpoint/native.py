@@ -117,15 +117,14 @@ def _open_verified(ckpt_dir: Path, meta: Mapping[str, Any], name: str, *,
         raise FileNotFoundError(f"{ckpt_dir}: {name} is missing; the checkpoint is incomplete") from None
     try:
         data, actual = read_hashed(f) if whole else (None, sha256_of(f))
+        if actual != expected:
+            raise GptforgeError(f"{path} fails its checksum (sha256 {actual[:12]}..., config.json says "
+                                f"{expected[:12]}...): the file is truncated or corrupted; restore or re-save it")
     except BaseException:
         f.close()
         raise
-    if whole or actual != expected:
-        f.close()
-    if actual != expected:
-        raise GptforgeError(f"{path} fails its checksum (sha256 {actual[:12]}..., config.json says "
-                         f"{expected[:12]}...): the file is truncated or corrupted; restore or re-save it")
     if whole:
+        f.close()
         return data
     f.seek(0)
     return f

@@ -5,9 +5,9 @@ gptforge exports to GGUF (`gptforge.save(..., format="gguf")`) for llama.cpp to 
 Modes side by side: gptforge fp32 / llama.cpp F32, gptforge int8 (weight-only) / Q8_0, gptforge
 4-bit (when gptforge has one) / Q4_0. Both sides use the same number of threads (2 by default).
 - decode: batch 1, a 16-token prompt, then 128 new tokens greedily; tokens/s over the new tokens
-  (prefill excluded), best of --repeats;
+  (prefill excluded), best of --repeats, the two sides taking turns;
 - prefill: one 1024-token prompt into an empty KV cache, logits of its last position only (what
-  generation does, and llama.cpp's `eval`), tokens/s, best of --repeats;
+  generation does, and llama.cpp's `eval`), tokens/s, best of --repeats, taking turns too;
 - greedy agreement: the 128 tokens of each gptforge mode against llama.cpp's in the same mode
   (fraction equal, first difference).
 With --serve, each gptforge mode's decode is also timed through `gptforge serve` (started on a
@@ -52,11 +52,6 @@ MODES = {
     "int8": (("float32", "int8"), "q8_0"),
     "int4": (("float32", "int4") if "int4" in QUANTIZATIONS else None, "q4_0"),
 }
-
-
-def best(fn, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls of `fn`, which returns its own timed seconds."""
-    return min(fn() for _ in range(repeats))
 
 
 @torch.no_grad()
@@ -190,20 +185,28 @@ def run(args: argparse.Namespace) -> None:
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(prefill_len, 256), n_batch=prefill_len,
                                   n_ubatch=min(prefill_len, 512), n_threads=args.threads,
                                   n_threads_batch=args.threads, verbose=False)
-            their_dec = best(lambda: llama_decode(llm, prompt, new)[0], args.repeats)
+            model = None if prep is None else prepare_for_inference(copy.deepcopy(base), *prep)
+            # The two sides take turns, each keeping its best: the memory bandwidth both decodes
+            # depend on drifts over minutes here (one side measured after the other read up to 0.9x
+            # where taking turns read 1.16-1.25x).
+            their_dec = their_pre = our_dec = our_pre = float("inf")
+            for _ in range(args.repeats):
+                their_dec = min(their_dec, llama_decode(llm, prompt, new)[0])
+                if model is not None:
+                    our_dec = min(our_dec, ours_decode(model, prompt, new)[0])
+            for _ in range(args.repeats):
+                their_pre = min(their_pre, llama_prefill(llm, long_ids))
+                if model is not None:
+                    our_pre = min(our_pre, ours_prefill(model, long_ids))
             their_tokens = llama_decode(llm, prompt, new)[1]
-            their_pre = best(lambda: llama_prefill(llm, long_ids), args.repeats)
             llm.close()
             theirs = f"{(new - 1) / their_dec:9.1f}"
             label = f"{mode} / {gguf_type.upper()}"
-            if prep is None:
+            if model is None:
                 print(f"{label:28s} {'-':>11s} {theirs} {'-':>6s}   {'-':>12s} {prefill_len / their_pre:9.1f} "
                       f"{'-':>6s}   - (gptforge has no 4-bit mode)")
                 continue
-            model = prepare_for_inference(copy.deepcopy(base), *prep)
-            our_dec = best(lambda: ours_decode(model, prompt, new)[0], args.repeats)
             our_tokens = ours_decode(model, prompt, new)[1]
-            our_pre = best(lambda: ours_prefill(model, long_ids), args.repeats)
             logprobs.append(ours_logprobs(model, long_ids))
             quality_lines.append(f"  gptforge {mode}: {quality(logprobs[0], logprobs[-1])}")
             del model

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptforge import kernels
+from gptforge.model import KV_Q8_0, q8_0_floats, q8_0_rows
 from gptforge.quant import Int4Linear, Int8Linear, quantize_int8, quantize_q4_0
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"gptforge kernels: {kernels.describe()}")
@@ -171,15 +172,37 @@ print("ok", next(fast.parameters()).dtype)
     assert result.returncode == 0 and result.stdout.startswith("ok torch.bfloat16"), result.stderr
 
 
+def _fill_at_random(cache) -> None:
+    """Random keys and values in a KV cache, stored as its format stores them."""
+    for buffer in (cache.keys, cache.values):
+        if buffer.dtype == KV_Q8_0:
+            buffer.copy_(q8_0_rows(torch.randn(*buffer.shape[:-1], buffer.shape[-1] * 16 // 17)))
+        else:
+            buffer.normal_()
+
+
+def _assert_caches_close(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    """Caches written from float32 keys and values that differ in their last bits: fp16 the same
+    up to one rounding step, Q8_0 up to one quantization step of each block of 32."""
+    if ours.dtype == KV_Q8_0:
+        a, b = q8_0_floats(ours).unflatten(-1, (-1, 32)), q8_0_floats(expected).unflatten(-1, (-1, 32))
+        assert ((a - b).abs() <= b.abs().amax(-1, keepdim=True) / 127 * 1.01 + 1e-6).all()
+        assert (ours == expected).float().mean() > 0.98
+        return
+    step = 1e-6 if ours.dtype == torch.float32 else 2**-10
+    torch.testing.assert_close(ours, expected, rtol=step, atol=step)
+
+
 @needs_kernels
-@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4", "int4, fp16 cache"])
 @pytest.mark.parametrize("rows, padded", [(1, False), (3, False), (4, True)])
 @pytest.mark.parametrize("n_heads, start", [(4, 9), (2, 37)])
 def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, n_heads, start, tiny_config):
     """One decode step through block.c equals TransformerBlock.forward (PyTorch's layer norms,
-    attention and GELU around the same prepared linears): output and the cache it writes. Heads
-    of 32 and of GPT-2's 64 values (compiled apart), and 10 cached positions or 38 (scores taken
-    16 at a time, and a remainder)."""
+    attention and GELU around the same prepared linears): output and the cache it writes, in each
+    of the cache's formats (float32; int8/int4 models Q8_0 rows, or fp16). Heads of 32 and of
+    GPT-2's 64 values (compiled apart), and 10 cached positions or 38 (scores taken 16 at a time,
+    and a remainder)."""
     import copy
 
     from gptforge import GPTModel, prepare_for_inference
@@ -188,15 +211,16 @@ def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, n_hea
 
     torch.manual_seed(rows)
     cfg = tiny_config(vocab_size=256, context_length=64, emb_dim=128, n_heads=n_heads)
-    model = prepare_for_inference(GPTModel(cfg), "auto", quantize)
+    model = prepare_for_inference(GPTModel(cfg), "auto", quantize.split(",")[0])
+    if quantize.endswith("fp16 cache"):
+        model.kv_dtype = torch.float16
     block = model.trf_blocks[1]
     assert type(block) is FusedTransformerBlock
     reference = copy.copy(block)
     reference.__class__ = TransformerBlock
     x = torch.randn(rows, 1, 128)
     cache = model.new_cache(rows, 48)
-    cache.keys.normal_()
-    cache.values.normal_()
+    _fill_at_random(cache)
     key_mask = torch.ones(rows, start + 1, dtype=torch.long)
     if padded:
         key_mask[1, :4] = 0  # row 1 is left-padded by 4
@@ -206,12 +230,9 @@ def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, n_hea
         ours = block(x, ours_cache.layer(1), start, mask)
         expected = reference(x, ref_cache.layer(1), start, mask)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
-    # int8/int4 models keep an fp16 cache: the same rounding, up to one step where the float32
-    # keys and values differ in their last bits
-    assert cache.keys.dtype == (torch.float32 if quantize == "none" else torch.float16)
-    step = 1e-6 if quantize == "none" else 2**-10
-    torch.testing.assert_close(ours_cache.keys, ref_cache.keys, rtol=step, atol=step)
-    torch.testing.assert_close(ours_cache.values, ref_cache.values, rtol=step, atol=step)
+    assert cache.keys.dtype == {"none": torch.float32, "int4, fp16 cache": torch.float16}.get(quantize, KV_Q8_0)
+    _assert_caches_close(ours_cache.keys, ref_cache.keys)
+    _assert_caches_close(ours_cache.values, ref_cache.values)
 
 
 @needs_kernels

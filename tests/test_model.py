@@ -134,6 +134,60 @@ def test_kv_cache_and_left_padding_give_the_full_forward_logits(tiny_config):
         torch.testing.assert_close(out[:, 3:], full[:1, :9], rtol=1e-5, atol=1e-5)
 
 
+def test_q8_0_cache_rows_are_llama_cpps_q8_0_blocks():
+    """q8_0_rows (a KV_Q8_0 cache's rows) against the `gguf` package's Q8_0 quantizer (a bit-exact
+    port of llama.cpp's): the same int8 values and fp16 scales, laid out as the hs values then the
+    hs / 32 scales; exact halves round to even (as llama.cpp's x86 SIMD quantizer and the kernels),
+    where gguf's port rounds away from zero. q8_0_floats reads back q * d."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from gptforge.model import q8_0_floats, q8_0_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64) * torch.rand(3, 5, 1) * 10
+    x[0, 0, :32] = 0.0  # a zero block: d = 0
+    x[0, 1, :32] = torch.arange(32) - 15.5  # halves: max 16.5 -> x / d with many ties
+    x[0, 1, 0] = 127.0
+    rows = q8_0_rows(x)
+    assert rows.shape == (3, 5, 68) and rows.dtype == torch.uint8
+    blocks = quantize(x.reshape(-1, 64).numpy(), GGMLQuantizationType.Q8_0).reshape(-1, 2, 34)  # (rows, 2 blocks, d + 32 q)
+    d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)).reshape(3, 5, 2)
+    q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(3, 5, 64)
+    scaled = x.unflatten(-1, (2, 32)) * torch.where(d.float() > 0, 1 / (x.unflatten(-1, (2, 32)).abs().amax(-1) / 127), 0)[..., None]
+    ties = ((scaled - scaled.trunc()).abs() == 0.5).flatten(-2)
+    assert ties.any()
+    q = torch.where(ties, scaled.flatten(-2).round().to(torch.int8), q)
+    assert torch.equal(rows[..., :64].view(torch.int8), q)
+    assert torch.equal(rows[..., 64:].view(torch.float16), d)
+    expected = (q.float().unflatten(-1, (2, 32)) * d.float()[..., None]).flatten(-2)
+    assert torch.equal(q8_0_floats(rows), expected)
+    assert torch.equal(q8_0_floats(q8_0_rows(torch.zeros(2, 32))), torch.zeros(2, 32))
+
+
+def test_q8_0_cache_decodes_like_the_full_forward(tiny_config):
+    """A KV_Q8_0 cache through PyTorch's path (a prefill, then steps; no kernels involved): the
+    logits of the full forward up to the cache's rounding, and the same greedy choices."""
+    from gptforge.model import KV_Q8_0, KVCache
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(emb_dim=64, n_heads=2)).eval()  # heads of 32 values
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(batch_size=2)
+        model.kv_dtype = KV_Q8_0
+        q8 = model.new_cache(batch_size=2)
+        assert q8.keys.dtype == KV_Q8_0 and q8.keys.shape[-1] == 34 and cache.keys.dtype == torch.float32
+        steps = [model(idx[:, :5], cache=q8)] + [model(idx[:, t:t + 1], cache=q8) for t in range(5, 12)]
+    steps = torch.cat(steps, dim=1)
+    assert (steps - full).abs().max() < 0.02 * full.abs().max()
+    assert torch.equal(steps.argmax(-1), full.argmax(-1))
+    with pytest.raises(ValueError, match="divisible by 32"):  # heads of 24 values
+        KVCache(GPTConfig(**tiny_config(emb_dim=48, n_heads=2)), 1, dtype=KV_Q8_0)
+
+
 def test_too_long_input_is_a_clear_error(tiny_config):
     model = GPTModel(tiny_config())
     with pytest.raises(ValueError, match="exceeds the model's 16 positions"):

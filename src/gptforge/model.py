@@ -84,11 +84,15 @@ class MultiHeadAttention(nn.Module):
             v = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if kv is not None:
             k_cache, v_cache = kv
-            k_cache[:, :, start:start + t] = k
-            v_cache[:, :, start:start + t] = v
-            k, v = k_cache[:, :, :start + t], v_cache[:, :, :start + t]  # (B, nh, S, hs), S = start + T
-            if k.dtype == torch.float16 and k.device.type == "cpu":  # a half cache (GPTModel.kv_dtype)
-                k, v = k.float(), v.float()
+            if k_cache.dtype == KV_Q8_0:  # rows of Q8_0 blocks (GPTModel.kv_dtype)
+                k_cache[:, :, start:start + t], v_cache[:, :, start:start + t] = q8_0_rows(k), q8_0_rows(v)
+                k, v = q8_0_floats(k_cache[:, :, :start + t]), q8_0_floats(v_cache[:, :, :start + t])
+            else:
+                k_cache[:, :, start:start + t] = k
+                v_cache[:, :, start:start + t] = v
+                k, v = k_cache[:, :, :start + t], v_cache[:, :, :start + t]  # (B, nh, S, hs), S = start + T
+                if k.dtype == torch.float16 and k.device.type == "cpu":  # a half cache (GPTModel.kv_dtype)
+                    k, v = k.float(), v.float()
             q = q.to(k.dtype)  # a bf16 model on CPU attends in the cache's float32
 
         if attn_mask is None and start > 0 and t > 1:
@@ -211,8 +215,33 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
+# A KVCache of this dtype holds each head's key or value vector at a position as llama.cpp's Q8_0
+# blocks (`q8_0_rows`): 68 bytes for GPT-2's 64 values, against fp16's 128, where attention reads
+# the whole cache at every decode step.
+KV_Q8_0 = torch.uint8
+
+
+def q8_0_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., hs) float, hs a multiple of 32 -> (..., hs + hs / 16) uint8, Q8_0 per block of 32
+    values: d = max |x| / 127, q = round(x * (1 / d)) (to even), stored as the hs int8 q, then
+    the hs / 32 d's as fp16. `q8_0_floats` reads them back."""
+    blocks = x.float().unflatten(-1, (-1, 32))  # (..., hs / 32, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = (blocks * torch.where(d > 0, 1 / d, 0)).round().to(torch.int8)
+    return torch.cat([q.flatten(-2).view(torch.uint8), d.squeeze(-1).half().view(torch.uint8)], -1)
+
+
+def q8_0_floats(rows: torch.Tensor) -> torch.Tensor:
+    """`q8_0_rows`' (..., hs + hs / 16) uint8 -> (..., hs) float32: each q times its block's d."""
+    hs = rows.shape[-1] * 16 // 17
+    q = rows[..., :hs].view(torch.int8).float().unflatten(-1, (-1, 32))  # (..., hs / 32, 32)
+    return (q * rows[..., hs:].view(torch.float16).float()[..., None]).flatten(-2)
+
+
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
+    """Keys and values of every layer, preallocated for `max_len` positions: (layers, batch,
+    heads, max_len, head_dim) tensors in `dtype`, or, for KV_Q8_0, each row head_dim + head_dim / 16
+    bytes of Q8_0 blocks.
 
     `length` counts the positions already written; `GPTModel.forward` writes the next ones and
     advances it.
@@ -223,7 +252,12 @@ class KVCache:
         max_len = cfg.context_length if max_len is None else max_len
         if not 0 < max_len <= cfg.context_length:
             raise GptforgeError(f"max_len must be in [1, {cfg.context_length}], got {max_len}")
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
+        row = cfg.head_dim
+        if dtype == KV_Q8_0:
+            if cfg.head_dim % 32:
+                raise GptforgeError(f"a Q8_0 KV cache needs a head size divisible by 32, got {cfg.head_dim}")
+            row += cfg.head_dim // 16
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, row)
         # Zeros, not torch.empty: a padded slot is read under a zero attention weight, and 0 * NaN
         # from uninitialised memory would poison the row.
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
@@ -249,8 +283,9 @@ class GPTModel(nn.Module):
     """GPT-2: token + position embeddings, dropout, `n_layers` TransformerBlocks, final LayerNorm,
     bias-free output head. Accepts a GPTConfig, the book's plain dict, or a preset name."""
 
-    # The KV cache's dtype, where not the default (see new_cache): prepare_for_inference sets fp16
-    # for int8/int4 models decoding on gptforge's kernels (half the cache's memory traffic).
+    # The KV cache's dtype, where not the default (see new_cache): prepare_for_inference sets
+    # KV_Q8_0 for int8/int4 models decoding on gptforge's kernels (a quarter of float32's memory
+    # traffic, half of fp16's).
     kv_dtype: torch.dtype | None = None
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any] | str):

@@ -19,7 +19,7 @@ inference model, in place, and returns it:
   each, llama.cpp's Q4_0 scheme.
   For int8 and int4, a decode step's rows go through gptforge's integer kernels (activations
   quantized per block of 32 as llama.cpp's Q8_0, float32 in and out; the weights stored in the
-  kernels' panel order, the KV cache in fp16) where this CPU has them, else through PyTorch's
+  kernels' panel order, the KV cache as Q8_0 rows) where this CPU has them, else through PyTorch's
   weight-only kernels (bf16 activations, weights row by row). A prefill's products go through the
   same kernels too (64 rows at a time), except on a CPU with AMX, where one of more than 64 rows
   dequantizes the weights to bf16 for one matmul, as every prefill does without the kernels (to
@@ -56,6 +56,7 @@ from .cpu import BF16_HARDWARE_FLAGS, cpu_flags
 from .errors import GptforgeError
 from .kernels.block import fuse_blocks
 from .lora import merge_lora
+from .model import KV_Q8_0
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -477,7 +478,8 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
         _swap_linears(model, make)
         if torch_dtype == torch.float32 and kernels.available():
             fuse_blocks(model)
-            model.kv_dtype = torch.float16  # the cache in half precision: half the traffic of attention
+            # the cache as Q8_0 rows: a quarter of float32's bytes for attention to read (fp16's half)
+            model.kv_dtype = KV_Q8_0 if model.cfg.head_dim % 32 == 0 else torch.float16
     elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
         _fuse_qkv(model, lambda att: PackedLinear(_concat_qkv(att)))
         _drop_separate_qkv(model)

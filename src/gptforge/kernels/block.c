@@ -78,15 +78,42 @@ static float softmax_numerators(float *p, int64_t n) {
 #define ATT_AHEAD 8   /* cached keys and values prefetched this many positions ahead */
 #define MAX_HEAD 256  /* the largest head size the C block runs (block.py checks) */
 
-/* A cached key or value vector: float32, or half precision (IEEE fp16, F16C's conversions) */
-static inline vec kv_load(const void *base, int64_t i, const int half) {
-    return half ? vload_half((const uint16_t *)base + i) : vload((const float *)base + i);
+/* The KV cache's formats (block.py's KV_FORMATS): float32, half precision (IEEE fp16, F16C's
+ * conversions), and Q8_0 rows: a head's hs values at a position as hs int8 q then hs / 32 fp16
+ * scales d, one per block of 32 (model.py's q8_0_rows). */
+enum { KV_F32 = 0, KV_F16 = 1, KV_Q8 = 2 };
+
+static inline int64_t kv_row_elements(int kv, int64_t hs) { return kv == KV_Q8 ? hs + hs / 16 : hs; }
+static inline int64_t kv_element_size(int kv) { return kv == KV_F32 ? 4 : kv == KV_F16 ? 2 : 1; }
+
+/* Values [i, i + VL) of a cached key or value row (i a multiple of VL, VL divides 32) */
+static inline vec kv_load(const char *row, int64_t i, const int kv, const int64_t hs) {
+    if (kv == KV_Q8)
+        return vload_i8((const int8_t *)row + i) * vset1(_cvtsh_ss(((const uint16_t *)(row + hs))[i / 32]));
+    return kv == KV_F16 ? vload_half((const uint16_t *)row + i) : vload((const float *)row + i);
+}
+
+/* x (hs floats) into a cache row in format kv; Q8_0 as q8_0_rows (and gemv.c's quantize_rows) */
+static inline void kv_store(char *row, const float *x, const int kv, const int64_t hs) {
+    if (kv == KV_F32) {
+        memcpy(row, x, sizeof(float) * hs);
+    } else if (kv == KV_F16) {
+        for (int64_t i = 0; i < hs; i += VL) vstore_half((uint16_t *)row + i, vload(x + i));
+    } else {
+        for (int64_t b = 0; b < hs / 32; b++) {
+            vec top = vzero();
+            for (int j = 0; j < 32; j += VL) top = vmax(top, vabs(vload(x + 32 * b + j)));
+            const float d = vmaxall(top) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+            for (int j = 0; j < 32; j += VL) vstore_i8((int8_t *)row + 32 * b + j, vround(vload(x + 32 * b + j) * vset1(id)));
+            ((uint16_t *)(row + hs))[b] = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+    }
 }
 
 /* Causal attention of query row b, head h, over the S = start + 1 cached keys (those `mask`
  * allows: mask (M, S) bytes, or NULL for all): scaled dot products and softmax, as
  * F.scaled_dot_product_attention. qkv (M, 3 d); k, v: row b, head h, position s at element
- * b * row_stride + (h * max_len + s) * hs of kc / vc, float32 or (`half`) fp16; ctx (M, d).
+ * b * row_stride + (h * max_len + s) * kv_row_elements of kc / vc, in format `kv`; ctx (M, d).
  * Called with a literal head size `hs` where it is GPT-2's 64, so that the loops over a head's
  * values unroll and their sums stay in registers. Scores are taken VL positions at a time (their
  * sums across vectors in one tree, vsums); the values are summed in two interleaved sets.
@@ -94,12 +121,13 @@ static inline vec kv_load(const void *base, int64_t i, const int half) {
  * it), so while the keys are read the values are prefetched, and while the values are read the
  * keys of the head this thread does next (ATT_AHEAD's prefetch serves a thread's first head). */
 static inline __attribute__((always_inline)) void attend(
-        const int half, const int64_t hs, int64_t b, int64_t h, int64_t M, const float *qkv, int64_t d,
+        const int kv, const int64_t hs, int64_t b, int64_t h, int64_t M, const float *qkv, int64_t d,
         int64_t heads, const void *kc, const void *vc, int64_t row_stride, int64_t max_len, int64_t S,
         const uint8_t *mask, float *p, float *ctx) {
-    const int64_t size = half ? 2 : 4, first = b * row_stride + h * max_len * hs, row = hs * size;
+    const int64_t size = kv_element_size(kv), elements = kv_row_elements(kv, hs), row = elements * size;
+    const int64_t first = b * row_stride + h * max_len * elements;
     const int64_t next_b = h + 1 < heads ? b : b + 1, next_h = h + 1 < heads ? h + 1 : 0;  /* this thread's next */
-    const char *next_k = next_b < M ? (const char *)kc + (next_b * row_stride + next_h * max_len * hs) * size : NULL;
+    const char *next_k = next_b < M ? (const char *)kc + (next_b * row_stride + next_h * max_len * elements) * size : NULL;
     const float scale = 1.f / sqrtf((float)hs);
     const float *q = qkv + b * 3 * d + h * hs;
     const char *k = (const char *)kc + first * size, *v = (const char *)vc + first * size;
@@ -116,7 +144,7 @@ static inline __attribute__((always_inline)) void attend(
                 __builtin_prefetch(v + (s + j) * row + i, 0, 2);
             }
             vec acc = vzero();
-            for (int64_t i = 0; i < hs / VL; i++) acc = vfma(qv[i], kv_load(k, (s + j) * hs + i * VL, half), acc);
+            for (int64_t i = 0; i < hs / VL; i++) acc = vfma(qv[i], kv_load(k + (s + j) * row, i * VL, kv, hs), acc);
             part[j] = acc;
         }
         vstore(p + s, vsums(part) * vset1(scale));
@@ -124,7 +152,7 @@ static inline __attribute__((always_inline)) void attend(
     for (; s < S; s++) {
         for (int64_t i = 0; i < row; i += 64) __builtin_prefetch(v + s * row + i, 0, 2);
         vec acc = vzero();
-        for (int64_t i = 0; i < hs / VL; i++) acc = vfma(qv[i], kv_load(k, s * hs + i * VL, half), acc);
+        for (int64_t i = 0; i < hs / VL; i++) acc = vfma(qv[i], kv_load(k + s * row, i * VL, kv, hs), acc);
         p[s] = vsum(acc) * scale;
     }
     if (mask)
@@ -138,35 +166,39 @@ static inline __attribute__((always_inline)) void attend(
             for (int64_t i = 0; i < 2 * row; i += 64) __builtin_prefetch(next_k + s * row + i, 0, 2);
         const vec p0 = vset1(p[s]), p1 = vset1(p[s + 1]);
         for (int64_t i = 0; i < hs / VL; i++) {
-            even[i] = vfma(p0, kv_load(v, s * hs + i * VL, half), even[i]);
-            odd[i] = vfma(p1, kv_load(v, (s + 1) * hs + i * VL, half), odd[i]);
+            even[i] = vfma(p0, kv_load(v + s * row, i * VL, kv, hs), even[i]);
+            odd[i] = vfma(p1, kv_load(v + (s + 1) * row, i * VL, kv, hs), odd[i]);
         }
     }
     if (s < S)
-        for (int64_t i = 0; i < hs / VL; i++) even[i] = vfma(vset1(p[s]), kv_load(v, s * hs + i * VL, half), even[i]);
+        for (int64_t i = 0; i < hs / VL; i++) even[i] = vfma(vset1(p[s]), kv_load(v + s * row, i * VL, kv, hs), even[i]);
     for (int64_t i = 0; i < hs / VL; i++) vstore(out + i * VL, (even[i] + odd[i]) * vset1(inv));
 }
 
-/* Every row and head (see attend), split among the threads; `half` and GPT-2's head size literal
- * in each parallel loop, so that each is compiled for its cache type. */
-#define ATTEND_ALL(HALF, HS)                                                                               \
+/* Every row and head (see attend), split among the threads; the cache format and GPT-2's head
+ * size literal in each parallel loop, so that each is compiled for its cache type. */
+#define ATTEND_ALL(KV, HS)                                                                                 \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                       \
     for (int64_t bh = 0; bh < M * heads; bh++)                                                              \
-        attend(HALF, HS, bh / heads, bh % heads, M, qkv, d, heads, kc, vc, row_stride, max_len, S, mask,     \
+        attend(KV, HS, bh / heads, bh % heads, M, qkv, d, heads, kc, vc, row_stride, max_len, S, mask,       \
                scores + bh * S, ctx);
 
 static void attention(const float *qkv, int64_t M, int64_t d, int64_t heads, const void *kc,
-                      const void *vc, int64_t row_stride, int64_t max_len, int64_t S, int half,
+                      const void *vc, int64_t row_stride, int64_t max_len, int64_t S, int kv,
                       const uint8_t *mask, float *scores, float *ctx, int threads) {
     const int64_t hs = d / heads;
-    if (half && hs == 64) {
-        ATTEND_ALL(1, 64)
-    } else if (half) {
-        ATTEND_ALL(1, hs)
+    if (kv == KV_Q8 && hs == 64) {
+        ATTEND_ALL(KV_Q8, 64)
+    } else if (kv == KV_Q8) {
+        ATTEND_ALL(KV_Q8, hs)
+    } else if (kv == KV_F16 && hs == 64) {
+        ATTEND_ALL(KV_F16, 64)
+    } else if (kv == KV_F16) {
+        ATTEND_ALL(KV_F16, hs)
     } else if (hs == 64) {
-        ATTEND_ALL(0, 64)
+        ATTEND_ALL(KV_F32, 64)
     } else {
-        ATTEND_ALL(0, hs)
+        ATTEND_ALL(KV_F32, hs)
     }
 }
 
@@ -210,10 +242,10 @@ void gf_block_profile(int on, double *out) {
 }
 
 /* x (M, d), the residual stream, is updated in place; kc/vc are this layer's cache (see attend),
- * float32, or fp16 where `half`. Needs d / heads and 4 d to be whole numbers of vectors (the
- * caller checks). */
+ * in format kv (KV_F32, KV_F16, KV_Q8). Needs d / heads and 4 d to be whole numbers of vectors,
+ * and for KV_Q8 d / heads a multiple of 32 (the caller checks). */
 void gf_block_decode(const gf_block *blk, float *x, int64_t M, void *kc, void *vc, int64_t row_stride,
-                     int64_t max_len, int64_t start, int64_t half, const uint8_t *mask, int threads) {
+                     int64_t max_len, int64_t start, int64_t kv, const uint8_t *mask, int threads) {
     const int64_t d = blk->d, heads = blk->heads, hs = d / heads, S = start + 1;
     float *h = scratch(sizeof(float) * M * (d + 3 * d + d + 4 * d + heads * S));
     float *qkv = h + M * d, *ctx = qkv + M * 3 * d, *ff = ctx + M * d, *scores = ff + M * 4 * d;
@@ -225,19 +257,12 @@ void gf_block_decode(const gf_block *blk, float *x, int64_t M, void *kc, void *v
     lap(PRODUCTS);
     for (int64_t b = 0; b < M; b++)  /* this token's keys and values into the cache */
         for (int64_t head = 0; head < heads; head++) {
-            const int64_t at = b * row_stride + (head * max_len + start) * hs;
+            const int64_t at = (b * row_stride + (head * max_len + start) * kv_row_elements((int)kv, hs)) * kv_element_size((int)kv);
             const float *key = qkv + b * 3 * d + d + head * hs, *value = key + d;
-            if (half)
-                for (int64_t i = 0; i < hs; i += VL) {
-                    vstore_half((uint16_t *)kc + at + i, vload(key + i));
-                    vstore_half((uint16_t *)vc + at + i, vload(value + i));
-                }
-            else {
-                memcpy((float *)kc + at, key, sizeof(float) * hs);
-                memcpy((float *)vc + at, value, sizeof(float) * hs);
-            }
+            kv_store((char *)kc + at, key, (int)kv, hs);
+            kv_store((char *)vc + at, value, (int)kv, hs);
         }
-    attention(qkv, M, d, heads, kc, vc, row_stride, max_len, S, (int)half, mask, scores, ctx, threads);
+    attention(qkv, M, d, heads, kc, vc, row_stride, max_len, S, (int)kv, mask, scores, ctx, threads);
     lap(ATTENTION);
     gf_linear(&blk->proj, ctx, M, h, threads);
     lap(PRODUCTS);
@@ -274,8 +299,8 @@ typedef struct {
  * (nothing done) where a token or position is outside its embedding table. */
 int gf_model_decode(const gf_model *mdl, const int64_t *tokens, const int64_t *positions, int64_t M,
                     void *kc, void *vc, int64_t layer_stride, int64_t row_stride, int64_t max_len,
-                    int64_t start, int64_t half, const uint8_t *mask, float *work, float *logits, int threads) {
-    const int64_t d = mdl->d, size = half ? 2 : 4;
+                    int64_t start, int64_t kv, const uint8_t *mask, float *work, float *logits, int threads) {
+    const int64_t d = mdl->d, size = kv_element_size((int)kv);
     for (int64_t m = 0; m < M; m++)
         if (tokens[m] < 0 || tokens[m] >= mdl->vocab || positions[m] < 0 || positions[m] >= mdl->positions)
             return 1;
@@ -288,7 +313,7 @@ int gf_model_decode(const gf_model *mdl, const int64_t *tokens, const int64_t *p
     lap(REST);
     for (int64_t l = 0; l < mdl->layers; l++)
         gf_block_decode(mdl->blocks[l], x, M, (char *)kc + l * layer_stride * size, (char *)vc + l * layer_stride * size,
-                        row_stride, max_len, start, half, mask, threads);
+                        row_stride, max_len, start, kv, mask, threads);
     layer_norm(x, M, d, mdl->lnf_w, mdl->lnf_b, mdl->eps, h);
     lap(REST);
     gf_linear(&mdl->head, h, M, logits, threads);

@@ -16,8 +16,12 @@ import ctypes
 import torch
 import torch.nn as nn
 
-from ..model import GELU, GPTModel, KVCache, TransformerBlock
+from ..model import GELU, KV_Q8_0, GPTModel, KVCache, TransformerBlock
 from . import MAX_ROWS, Linear, _ptr, call, f32_panels, layer, library, supported, vector_floats
+
+
+# The KV caches the C blocks read: dtype -> block.c's format (KV_F32, KV_F16, KV_Q8)
+KV_FORMATS = {torch.float32: 0, torch.float16: 1, KV_Q8_0: 2}
 
 
 class _Block(ctypes.Structure):  # block.c's gf_block
@@ -75,25 +79,29 @@ class FusedTransformerBlock(TransformerBlock):
         if (spec is None or t != 1 or kv is None or b > MAX_ROWS or x.dtype != torch.float32 or self.training
                 or (torch.is_grad_enabled() and x.requires_grad)):
             return super().forward(x, kv, start, attn_mask)
-        keys, values = kv  # (B, heads, max_len, head_dim) each
-        if not _cache_readable(keys, values) or (attn_mask is not None and attn_mask.dtype != torch.bool):
+        keys, values = kv  # (B, heads, max_len, head_dim) each (Q8_0: head_dim * 17 / 16 bytes)
+        if (not _cache_readable(keys, values, self.att.head_dim)
+                or (attn_mask is not None and attn_mask.dtype != torch.bool)):
             return super().forward(x, kv, start, attn_mask)
         if b > 1:  # several rows: float32 layers multiply through their panels
             _point_at_panels(self.__dict__["_f32_layers"])
         mask = None if attn_mask is None else _row_mask(attn_mask, b, start)
         out = x.contiguous().clone()  # the residual stream, updated in place by the C block
         call("gf_block_decode", ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(),
-             keys.stride(0), keys.shape[2], start, keys.dtype == torch.float16, _ptr(mask), torch.get_num_threads())
+             keys.stride(0), keys.shape[2], start, KV_FORMATS[keys.dtype], _ptr(mask), torch.get_num_threads())
         return out
 
 
-def _cache_readable(keys: torch.Tensor, values: torch.Tensor) -> bool:
+def _cache_readable(keys: torch.Tensor, values: torch.Tensor, head_dim: int) -> bool:
     """Whether the C blocks read this KV cache, one layer's or all of them (..., B, heads, max_len,
-    head_dim): float32 or fp16, keys and values alike, the heads and positions of a row at their
-    regular strides (rows and layers may be views into a larger cache)."""
-    max_len, head_dim = keys.shape[-2:]
-    return (keys.dtype in (torch.float32, torch.float16) and values.dtype == keys.dtype
-            and keys.stride()[-3:] == (max_len * head_dim, head_dim, 1) and values.stride() == keys.stride())
+    row): float32, fp16 or Q8_0 rows (KV_FORMATS), keys and values alike, a row holding one head's
+    head_dim values, the heads and positions of a row at their regular strides (rows and layers
+    may be views into a larger cache)."""
+    max_len, row = keys.shape[-2:]
+    q8 = keys.dtype == KV_Q8_0
+    return (keys.dtype in KV_FORMATS and values.dtype == keys.dtype and not (q8 and head_dim % 32)
+            and row == (head_dim + head_dim // 16 if q8 else head_dim)
+            and keys.stride()[-3:] == (max_len * row, row, 1) and values.stride() == keys.stride())
 
 
 def _point_at_panels(layers: list[tuple[Linear, nn.Module, torch.Tensor]]) -> None:
@@ -159,8 +167,8 @@ class FusedGPTModel(GPTModel):
         has changed): a cache of other rows, layout or dtype, a position past the cache or outside
         the tables, a token outside the vocabulary."""
         b, start = in_idx.shape[0], cache.length
-        keys, values = cache.keys, cache.values  # (layers, B, heads, max_len, head_dim)
-        if (start >= cache.max_len or keys.shape[1] != b or not _cache_readable(keys, values)
+        keys, values = cache.keys, cache.values  # (layers, B, heads, max_len, head_dim or Q8_0's row)
+        if (start >= cache.max_len or keys.shape[1] != b or not _cache_readable(keys, values, self.cfg.head_dim)
                 or (attention_mask is not None and (attention_mask.shape[0] != b or attention_mask.shape[1] <= start))):
             return None
         if positions is None:
@@ -181,7 +189,7 @@ class FusedGPTModel(GPTModel):
         logits = torch.empty(b, spec[0].head.n)
         failed = call("gf_model_decode", ctypes.addressof(spec[0]), ids.data_ptr(), positions.data_ptr(), b,
                       keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.shape[3], start,
-                      keys.dtype == torch.float16, _ptr(mask), work.data_ptr(), logits.data_ptr(),
+                      KV_FORMATS[keys.dtype], _ptr(mask), work.data_ptr(), logits.data_ptr(),
                       torch.get_num_threads())
         if failed:
             return None

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptforge import GPTModel, generate
+from gptforge import GPTModel, generate, kernels, prepare_for_inference
+from gptforge.model import KV_Q8_0
 from gptforge.generation import GenerationConfig, prompt_ids
 from gptforge.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, BatchScheduler, SequenceState
 
@@ -64,10 +65,24 @@ def test_concurrent_greedy_sequences_equal_alone_in_one_step_per_token(model):
         assert sum(len(o.text) for o in out) > 0
 
 
-def test_joining_leaving_shifting_and_compacting_keep_results_exact(model):
+@pytest.fixture(scope="module")
+def int4_model(tiny_config) -> GPTModel:
+    """On gptforge's kernels, its KV cache as Q8_0 rows (heads of 32 values)."""
+    if not kernels.available():
+        pytest.skip(f"gptforge kernels: {kernels.describe()}")
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPTModel(tiny_config(vocab_size=VOCAB, context_length=32, emb_dim=128)),
+                                  "float32", "int4")
+    assert model.new_cache(1, 4).keys.dtype == KV_Q8_0
+    return model
+
+
+@pytest.mark.parametrize("which", ["model", "int4_model"])
+def test_joining_leaving_shifting_and_compacting_keep_results_exact(which, request):
     # A 32-position context and newcomers of every length force each layout move: a prompt longer
     # than the column joins (existing rows shift right), the column reaches the end (rows shift
-    # left), rows leave mid-batch (the last row moves into the gap).
+    # left), rows leave mid-batch (the last row moves into the gap). Also for a cache of Q8_0 rows.
+    model = request.getfixturevalue(which)
     scheduler = BatchScheduler(model, max_batch_size=3)
     shifts = []
     shift = scheduler._shift

@@ -12,7 +12,8 @@ Modes side by side: gptforge fp32 / llama.cpp F32, gptforge int8 (weight-only) /
   (fraction equal, first difference).
 With --serve, each gptforge mode's decode is also timed through `gptforge serve` (started on a
 loopback port on the same weights, `--quantize` as the mode): one client streaming the same
-greedy completion, tokens/s after the first streamed token, best of --repeats.
+greedy completion, tokens/s after the first streamed token, best of --repeats, in turns with the
+other two.
 Top-1 agreement and KL of each gptforge mode against gptforge fp32 are printed too. The CPU model
 and its SIMD flags are printed with the figures; the output is also written to
 benchmarks/results/bench_llamacpp.txt.
@@ -34,7 +35,8 @@ import json
 import sys
 import tempfile
 import time
-from contextlib import redirect_stdout
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +137,13 @@ def served_decode(port: int, prompt: list[int], n: int) -> tuple[float, int]:
     return last - first, tokens
 
 
-def serve_column(path: Path, mode: str, prompt: list[int], n: int, args: argparse.Namespace) -> float:
-    """Decode tokens/s of `gptforge serve` on `path` in `mode`, one client (see served_decode)."""
+@contextmanager
+def server_for(path: Path, mode: str, prompt: list[int], args: argparse.Namespace) -> Iterator[int | None]:
+    """`gptforge serve` on `path` in `mode` (`--quantize` as the mode), warmed up: yields its
+    port, and stops it at the end; yields None without --serve."""
+    if not args.serve:
+        yield None
+        return
     from load_test import free_port, start_server
 
     port = free_port()
@@ -144,13 +151,10 @@ def serve_column(path: Path, mode: str, prompt: list[int], n: int, args: argpars
                                                           "--quantize", MODES[mode][0][1]))
     try:
         served_decode(port, prompt, 4)  # warm-up
-        seconds, tokens = min(served_decode(port, prompt, n) for _ in range(args.repeats))
+        yield port
     finally:
         server.terminate()
         server.wait(timeout=60)
-    if tokens < n:
-        print(f"  (serve {mode}: {tokens} of {n} tokens, stopped at <|endoftext|>)")
-    return (tokens - 1) / seconds
 
 
 def agreement(a: list[int], b: list[int]) -> str:
@@ -186,14 +190,18 @@ def run(args: argparse.Namespace) -> None:
                                   n_ubatch=min(prefill_len, 512), n_threads=args.threads,
                                   n_threads_batch=args.threads, verbose=False)
             model = None if prep is None else prepare_for_inference(copy.deepcopy(base), *prep)
-            # The two sides take turns, each keeping its best: the memory bandwidth both decodes
-            # depend on drifts over minutes here (one side measured after the other read up to 0.9x
-            # where taking turns read 1.16-1.25x).
+            # The sides take turns (llama.cpp, gptforge in process, gptforge serve), each keeping
+            # its best: the memory bandwidth every decode depends on drifts over minutes here (one
+            # side timed after the other read 0.90x where taking turns read 1.16-1.25x).
             their_dec = their_pre = our_dec = our_pre = float("inf")
-            for _ in range(args.repeats):
-                their_dec = min(their_dec, llama_decode(llm, prompt, new)[0])
-                if model is not None:
-                    our_dec = min(our_dec, ours_decode(model, prompt, new)[0])
+            served = (float("inf"), 0)  # (seconds, tokens) of the fastest streamed completion
+            with server_for(f32_path, mode, prompt, args) if model is not None else nullcontext() as port:
+                for _ in range(args.repeats):
+                    their_dec = min(their_dec, llama_decode(llm, prompt, new)[0])
+                    if model is not None:
+                        our_dec = min(our_dec, ours_decode(model, prompt, new)[0])
+                    if port is not None:
+                        served = min(served, served_decode(port, prompt, new))
             for _ in range(args.repeats):
                 their_pre = min(their_pre, llama_prefill(llm, long_ids))
                 if model is not None:
@@ -210,13 +218,16 @@ def run(args: argparse.Namespace) -> None:
             logprobs.append(ours_logprobs(model, long_ids))
             quality_lines.append(f"  gptforge {mode}: {quality(logprobs[0], logprobs[-1])}")
             del model
-            served = ""
+            serve_column = ""
             if args.serve:
-                rate = serve_column(f32_path, mode, prompt, new, args)
-                served = f"   {rate:6.1f} {rate * their_dec / (new - 1):6.2f}"
+                seconds, tokens = served
+                if tokens < new:
+                    print(f"  (serve {mode}: {tokens} of {new} tokens, stopped at <|endoftext|>)")
+                rate = (tokens - 1) / seconds
+                serve_column = f"   {rate:6.1f} {rate * their_dec / (new - 1):6.2f}"
             print(f"{label:28s} {(new - 1) / our_dec:11.1f} {theirs} {their_dec / our_dec:6.2f}   "
                   f"{prefill_len / our_pre:12.1f} {prefill_len / their_pre:9.1f} {their_pre / our_pre:6.2f}   "
-                  f"{agreement(our_tokens, their_tokens):36s}{served}")
+                  f"{agreement(our_tokens, their_tokens):36s}{serve_column}")
     print("\nratio = gptforge tokens/s / llama.cpp tokens/s (> 1: gptforge faster)")
     print(f"quality against gptforge fp32, teacher-forced on the {prefill_len}-token prompt (random weights):")
     print("\n".join(quality_lines))

@@ -23,6 +23,7 @@ import torch
 
 from gptforge import GenerationConfig, GPTModel, generate, generate_text_simple, get_tokenizer, preset
 from gptforge.checkpoint import config_to_hf, state_to_hf
+from gptforge.cpu import cpu_summary
 from gptforge.generation import _decode_steps
 from gptforge.quant import Int8Linear, prepare_for_inference
 
@@ -178,6 +179,7 @@ def main() -> None:
         Engine("seed generate_text_simple", "simple", base),
     ]
     by_name = {e.name: e for e in engines}
+    print(cpu_summary())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock}-clock time; GPT-2 124M "
           f"random weights (gpt2-124m preset, torch.manual_seed(123)); best of {args.repeats} runs")
 

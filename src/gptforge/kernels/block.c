@@ -93,7 +93,7 @@ static inline vec kv_load(const char *row, int64_t i, const int kv, const int64_
     return kv == KV_F16 ? vload_half((const uint16_t *)row + i) : vload((const float *)row + i);
 }
 
-/* x (hs floats) into a cache row in format kv; Q8_0 as q8_0_rows (and gemv.c's quantize_rows) */
+/* x (hs floats) into a cache row in format kv */
 static inline void kv_store(char *row, const float *x, const int kv, const int64_t hs) {
     if (kv == KV_F32) {
         memcpy(row, x, sizeof(float) * hs);
@@ -101,10 +101,7 @@ static inline void kv_store(char *row, const float *x, const int kv, const int64
         for (int64_t i = 0; i < hs; i += VL) vstore_half((uint16_t *)row + i, vload(x + i));
     } else {
         for (int64_t b = 0; b < hs / 32; b++) {
-            vec top = vzero();
-            for (int j = 0; j < 32; j += VL) top = vmax(top, vabs(vload(x + 32 * b + j)));
-            const float d = vmaxall(top) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-            for (int j = 0; j < 32; j += VL) vstore_i8((int8_t *)row + 32 * b + j, vround(vload(x + 32 * b + j) * vset1(id)));
+            const float d = q8_0_block(x + 32 * b, (int8_t *)row + 32 * b, NULL);
             ((uint16_t *)(row + hs))[b] = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         }
     }

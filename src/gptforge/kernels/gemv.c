@@ -257,20 +257,11 @@ static qrows quantize_rows(const float *x, int64_t M, int64_t K, int offset, int
     #pragma omp parallel for num_threads(threads) schedule(static) if (blocks >= 256)
     for (int64_t i = 0; i < blocks; i++) {
         const int64_t b = i / M, m = i % M;  /* in xq's order: the threads write apart */
-        const float *xb = x + m * K + 32 * b;
-        vec top = vzero();
-        for (int j = 0; j < 32; j += VL) top = vmax(top, vabs(vload(xb + j)));
-        const float d = vmaxall(top) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-        vec sum = vzero();
         int8_t bytes[32];
-        for (int j = 0; j < 32; j += VL) {
-            const vec r = vround(vload(xb + j) * vset1(id));  /* exact integers: their sum is too */
-            vstore_i8(bytes + j, r);
-            sum = sum + r;
-        }
+        int32_t sum;
+        q.xd[b * M + m] = q8_0_block(x + m * K + 32 * b, bytes, &sum);
         for (int g = 0; g < 8; g++) memcpy(q.xq + 4 * ((8 * b + g) * M + m), bytes + 4 * g, 4);
-        q.xd[b * M + m] = d;
-        q.xs[b * M + m] = -offset * (int32_t)vsum(sum);
+        q.xs[b * M + m] = -offset * sum;
     }
     return q;
 }
@@ -439,8 +430,9 @@ static inline float times_plus(float v, float inverse, float plus) {
 }
 
 /* W (n, k) float32 (W[n, i] at W + n * rs + i * cs: row-major, or a transposed view, whose
- * panels of VL rows still read whole cache lines) quantized as quant.py's PyTorch quantizers do it (the same bytes),
- * its inputs zero-padded to k_padded, straight into the panels `kernels.pack` lays out: I8 per row
+ * panels of VL rows still read whole cache lines) quantized as quant.py's PyTorch quantizers do
+ * it (the same bytes), its inputs zero-padded to k_padded, straight into the panels `kernels.pack`
+ * lays out: I8 per row
  * scale = max(max |w|, 1e-12) / 127 (scale (n,)), q = round-to-even(w / scale); Q4 per group of 32
  * d = (its first value of largest magnitude) / -8 (scale in panels), q = floor(w / d + 8.5) in
  * [0, 15], rows past n the code 8 (0) with d = 0. What made an int8 or 4-bit model took ~1.2 s

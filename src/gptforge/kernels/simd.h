@@ -150,4 +150,21 @@ static inline vec vexp(vec x) {
     p = vfma(p, r * r, r + vset1(1.f));
     return vscale2(p, n);
 }
+
+/* One block of 32 floats as llama.cpp's Q8_0: returns d = max |x| / 127, and q[j] =
+ * round-to-even(x[j] * (1 / d)) (0 where d is 0); *sum, if asked for, the q's sum. gemv.c's
+ * activations and block.c's KV cache rows (model.py's q8_0_rows) are both quantized so. */
+static inline float q8_0_block(const float *x, int8_t q[32], int32_t *sum) {
+    vec top = vzero();
+    for (int j = 0; j < 32; j += VL) top = vmax(top, vabs(vload(x + j)));
+    const float d = vmaxall(top) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    vec total = vzero();
+    for (int j = 0; j < 32; j += VL) {
+        const vec r = vround(vload(x + j) * vset1(id));  /* exact integers: their sum is too */
+        vstore_i8(q + j, r);
+        total = total + r;
+    }
+    if (sum) *sum = (int32_t)vsum(total);
+    return d;
+}
 #endif

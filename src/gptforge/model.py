@@ -238,6 +238,12 @@ def q8_0_floats(rows: torch.Tensor) -> torch.Tensor:
     return (q * rows[..., hs:].view(torch.float16).float()[..., None]).flatten(-2)
 
 
+def kv_row(head_dim: int, dtype: torch.dtype) -> int:
+    """A KVCache row's length, in elements of `dtype`, for heads of `head_dim` values: Q8_0 rows
+    hold head_dim int8 values and head_dim / 32 fp16 scales (head_dim + head_dim / 16 bytes)."""
+    return head_dim + head_dim // 16 if dtype == KV_Q8_0 else head_dim
+
+
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions: (layers, batch,
     heads, max_len, head_dim) tensors in `dtype`, or, for KV_Q8_0, each row head_dim + head_dim / 16
@@ -252,12 +258,9 @@ class KVCache:
         max_len = cfg.context_length if max_len is None else max_len
         if not 0 < max_len <= cfg.context_length:
             raise GptforgeError(f"max_len must be in [1, {cfg.context_length}], got {max_len}")
-        row = cfg.head_dim
-        if dtype == KV_Q8_0:
-            if cfg.head_dim % 32:
-                raise GptforgeError(f"a Q8_0 KV cache needs a head size divisible by 32, got {cfg.head_dim}")
-            row += cfg.head_dim // 16
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, row)
+        if dtype == KV_Q8_0 and cfg.head_dim % 32:
+            raise GptforgeError(f"a Q8_0 KV cache needs a head size divisible by 32, got {cfg.head_dim}")
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, kv_row(cfg.head_dim, dtype))
         # Zeros, not torch.empty: a padded slot is read under a zero attention weight, and 0 * NaN
         # from uninitialised memory would poison the row.
         self.keys = torch.zeros(shape, device=device, dtype=dtype)

@@ -33,6 +33,11 @@ def save_native(model: GPTModel, out_dir: str | Path, training_state: dict[str, 
     return write_native(out_dir, model_state(model), model.cfg, model.tok_emb.weight.dtype, training_state)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as config.json's "dtype" holds it: 'float32', 'bfloat16', ..."""
+    return str(dtype).removeprefix("torch.")
+
+
 def write_native(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], cfg: GPTConfig, dtype: torch.dtype,
                  training_state: dict[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
     """A gptforge checkpoint directory of `tensors`, atomically: config.json holds `cfg`'s fields,
@@ -51,7 +56,7 @@ def write_native(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], cfg: 
             "format_version": FORMAT_VERSION,
             **cfg.to_dict(),
             **(extra or {}),
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": _dtype_name(dtype),
             "sha256": {name: sha256_file(tmp / name) for name in files},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -136,7 +141,7 @@ def load_native(ckpt_dir: Path, dtype: torch.dtype | None) -> GPTModel:
     tensor is read by itself (the peak stays at one copy of the weights)."""
     meta, cfg = _read_gptforge_meta(ckpt_dir)
     path = ckpt_dir / WEIGHTS_FILE
-    if dtype is None or str(dtype).removeprefix("torch.") == meta.get("dtype"):
+    if dtype is None or _dtype_name(dtype) == meta.get("dtype"):
         state = read_safetensors_from(None, path, lambda name: True, dtype,
                                       data=_open_verified(ckpt_dir, meta, WEIGHTS_FILE, whole=True))
     else:

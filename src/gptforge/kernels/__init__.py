@@ -58,7 +58,7 @@ _SIGNATURES = {
     "gf_argmax": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # x, rows, n, row stride, out, threads
     "gf_transpose": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # src, rows, cols, src row stride, dst, threads
     "gf_block_profile": [ctypes.c_int, _P],  # on, out (block.c)
-    # model, tokens, positions, M, kc, vc, layer stride, row stride, max_len, start, half, mask, work, logits, threads
+    # model, tokens, positions, M, kc, vc, layer stride, row stride, max_len, start, kv format, mask, work, logits, threads
     "gf_model_decode": [_P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int],
 }
 _RETURNS_INT = ("gf_model_decode",)  # the others return nothing

@@ -16,7 +16,7 @@ import ctypes
 import torch
 import torch.nn as nn
 
-from ..model import GELU, KV_Q8_0, GPTModel, KVCache, TransformerBlock
+from ..model import GELU, KV_Q8_0, GPTModel, KVCache, TransformerBlock, kv_row
 from . import MAX_ROWS, Linear, _ptr, call, f32_panels, layer, library, supported, vector_floats
 
 
@@ -98,9 +98,8 @@ def _cache_readable(keys: torch.Tensor, values: torch.Tensor, head_dim: int) -> 
     head_dim values, the heads and positions of a row at their regular strides (rows and layers
     may be views into a larger cache)."""
     max_len, row = keys.shape[-2:]
-    q8 = keys.dtype == KV_Q8_0
-    return (keys.dtype in KV_FORMATS and values.dtype == keys.dtype and not (q8 and head_dim % 32)
-            and row == (head_dim + head_dim // 16 if q8 else head_dim)
+    return (keys.dtype in KV_FORMATS and values.dtype == keys.dtype and not (keys.dtype == KV_Q8_0 and head_dim % 32)
+            and row == kv_row(head_dim, keys.dtype)
             and keys.stride()[-3:] == (max_len * row, row, 1) and values.stride() == keys.stride())
 
 

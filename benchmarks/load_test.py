@@ -146,6 +146,9 @@ def main() -> int:
             or not 0 < args.rounds <= 20):
         parser.error("--requests in 1..10000, --max-tokens in 1..1024, --time-limit in (0, 3600], --rounds in 1..20")
 
+    from gptforge.cpu import cpu_summary  # this machine, printed with the figures
+
+    print(cpu_summary())
     proc = None
     if args.url:
         host = urlparse(args.url).hostname or ""

@@ -65,3 +65,19 @@ def test_generate_flags_come_from_the_generation_config_fields():
     args = parser.parse_args(["generate", "x"])
     from gptforge.cli import _generation_options
     assert GenerationConfig(**_generation_options(args)) == GenerationConfig(seed=123)
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`gptforge generate ... | head -c 5`: once the reader has gone, the next write fails with
+    EPIPE; the command ends quietly (exit 141, as a program stopped by SIGPIPE), no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "gptforge", "generate", "ROMEO:", "--max-new-tokens", "200",
+                             "--temperature", "0.8", "--seed", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(5) == b"ROMEO"
+    proc.stdout.close()  # the reader goes away while tokens are still coming
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "Error" not in err, err

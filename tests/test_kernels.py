@@ -235,13 +235,9 @@ def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, n_hea
     _assert_caches_close(ours_cache.values, ref_cache.values)
 
 
-@needs_kernels
-@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
-@pytest.mark.parametrize("rows, padded", [(1, False), (3, True)])
-def test_fused_model_step_is_the_block_by_block_step(quantize, rows, padded, tiny_config):
-    """A FusedGPTModel's decode step (embeddings, every block, final norm and head in one C call)
-    equals GPTModel.forward over the same prepared blocks and head (each block in C, the rest in
-    PyTorch): logits and the cache written; with left padding and per-row positions, and without."""
+def _fused_tiny_batch(quantize: str, rows: int, padded: bool, length: int, tiny_config):
+    """A prepared tiny FusedGPTModel and a batch for it: ids, a 0/1 mask (row 1 left-padded by 4
+    where `padded`) and the positions counted from it."""
     from gptforge import GPTModel, prepare_for_inference
     from gptforge.kernels.block import FusedGPTModel
 
@@ -249,11 +245,24 @@ def test_fused_model_step_is_the_block_by_block_step(quantize, rows, padded, tin
     model = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=64, emb_dim=128, n_heads=2)),
                                   "auto", quantize)
     assert type(model) is FusedGPTModel
-    ids = torch.randint(0, 256, (rows, 10))
-    mask = torch.ones(rows, 10, dtype=torch.long)
+    ids = torch.randint(0, 256, (rows, length))
+    mask = torch.ones(rows, length, dtype=torch.long)
     if padded:
-        mask[1, :4] = 0  # row 1 is left-padded by 4
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask[1, :4] = 0
+    return model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+@pytest.mark.parametrize("rows, padded", [(1, False), (3, True)])
+def test_fused_model_step_is_the_block_by_block_step(quantize, rows, padded, tiny_config):
+    """A FusedGPTModel's decode step (embeddings, every block, final norm and head in one C call)
+    equals GPTModel.forward over the same prepared blocks and head (each block in C, the rest in
+    PyTorch): logits and the cache written; with left padding and per-row positions, and without."""
+    from gptforge import GPTModel
+    from gptforge.kernels.block import FusedGPTModel
+
+    model, ids, mask, positions = _fused_tiny_batch(quantize, rows, padded, 10, tiny_config)
     prompt = {"positions": positions[:, :9], "attention_mask": mask[:, :9]} if padded else {}
     step = {"positions": positions[:, 9:], "attention_mask": mask} if padded else {}
     caches, logits = [], []
@@ -266,6 +275,40 @@ def test_fused_model_step_is_the_block_by_block_step(quantize, rows, padded, tin
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
     assert logits[0].shape == (rows, 1, 256) and caches[0].length == caches[1].length == 10
     assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+@pytest.mark.parametrize("rows, padded", [(1, False), (3, True)])
+def test_short_prefill_in_c_is_pytorchs_prefill(quantize, rows, padded, tiny_config, monkeypatch):
+    """A short prefill into a cache (T tokens per row, last position's logits) runs as one C call
+    and equals GPTModel.forward's PyTorch prefill over the same prepared blocks and head: the
+    logits and the cache written; a first chunk from position 0, then a second chunk after it
+    (causal within the chunk, every cached position before it), with left padding and per-row
+    positions, and without."""
+    from gptforge import GPTModel
+    from gptforge.kernels import block
+    from gptforge.kernels.block import FusedGPTModel
+
+    model, ids, mask, positions = _fused_tiny_batch(quantize, rows, padded, 12, tiny_config)
+    calls, original = [], block.call
+    monkeypatch.setattr(block, "call", lambda name, *a: calls.append(name) or original(name, *a))
+    results = []
+    with torch.no_grad():
+        for forward in (FusedGPTModel.forward, GPTModel.forward):
+            cache, logits = model.new_cache(rows, 16), []
+            for begin, end in [(0, 7), (7, 12)]:
+                extra = {"positions": positions[:, begin:end], "attention_mask": mask[:, :end]} if padded else {}
+                logits.append(forward(model, ids[:, begin:end], cache=cache, last_only=True, **extra))
+            results.append((logits, cache))
+    assert calls == ["gf_model_decode"] * 2  # the fused model's two chunks, each one C call
+    (ours, ours_cache), (theirs, their_cache) = results
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape == (rows, 1, 256)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert ours_cache.length == their_cache.length == 12
+    _assert_caches_close(ours_cache.keys, their_cache.keys)
+    _assert_caches_close(ours_cache.values, their_cache.values)
 
 
 @needs_kernels

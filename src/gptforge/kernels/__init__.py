@@ -51,15 +51,16 @@ MAX_ROWS = 16
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "gf_linear": [_P, _P, _I64, _P, ctypes.c_int],  # layer, x, M, y, threads (gemv.h)
-    "gf_block_decode": [_P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
+    "gf_block_decode": [_P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
     "gf_dequantize": [_P, _I64, _P, ctypes.c_int, ctypes.c_int],  # layer, k_out, out, bf16, threads
     # fmt, W, its row and column strides, n, k, k padded, out, scale, threads
     "gf_quantize": [_I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int],
     "gf_argmax": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # x, rows, n, row stride, out, threads
     "gf_transpose": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # src, rows, cols, src row stride, dst, threads
     "gf_block_profile": [ctypes.c_int, _P],  # on, out (block.c)
-    # model, tokens, positions, M, kc, vc, layer stride, row stride, max_len, start, kv format, mask, work, logits, threads
-    "gf_model_decode": [_P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int],
+    # model, tokens, positions, M, T, kc, vc, layer stride, row stride, max_len, start, kv format, mask, work,
+    # logits, threads
+    "gf_model_decode": [_P, _P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int],
 }
 _RETURNS_INT = ("gf_model_decode",)  # the others return nothing
 BLOCK_PARTS = ("products", "attention", "rest")  # block.c's timed parts of a block's decode step

@@ -3,8 +3,8 @@
  *     x = x + out_proj(attention(W_qkv(norm1(x)), with the KV cache))
  *     x = x + fc2(gelu(fc1(norm2(x))))
  *
- * computes for one new token in each of M sequences (M rows), with its keys and values written
- * into the cache at position `start`. Between the matrix products of a decode step PyTorch spends
+ * computes for T new tokens in each of M sequences (M T rows: T = 1 at a decode step, more for a
+ * short prefill), their keys and values written into the cache at positions [start, start + T). Between the matrix products of a decode step PyTorch spends
  * about as long dispatching ~20 small operators per block as the 4-bit products take; here they
  * are a few loops. The products are gemv.c's (any weight format, one per layer).
  */
@@ -107,10 +107,12 @@ static inline void kv_store(char *row, const float *x, const int kv, const int64
     }
 }
 
-/* Causal attention of query row b, head h, over the S = start + 1 cached keys (those `mask`
- * allows: mask (M, S) bytes, or NULL for all): scaled dot products and softmax, as
- * F.scaled_dot_product_attention. qkv (M, 3 d); k, v: row b, head h, position s at element
- * b * row_stride + (h * max_len + s) * kv_row_elements of kc / vc, in format `kv`; ctx (M, d).
+/* Causal attention of query r (token t = r % T of sequence b = r / T, at position start + t), head
+ * h, over the S = start + t + 1 cached keys up to its own (those `mask` allows, and always its own:
+ * mask (M, start + T) bytes, or NULL for all): scaled dot products and softmax, as model.py's
+ * F.scaled_dot_product_attention with _attention_mask. qkv (M T, 3 d); k, v: sequence b, head h,
+ * position s at element b * row_stride + (h * max_len + s) * kv_row_elements of kc / vc, in format
+ * `kv`; ctx (M T, d).
  * Called with a literal head size `hs` where it is GPT-2's 64, so that the loops over a head's
  * values unroll and their sums stay in registers. Scores are taken VL positions at a time (their
  * sums across vectors in one tree, vsums); the values are summed in two interleaved sets.
@@ -118,17 +120,18 @@ static inline void kv_store(char *row, const float *x, const int kv, const int64
  * it), so while the keys are read the values are prefetched, and while the values are read the
  * keys of the head this thread does next (ATT_AHEAD's prefetch serves a thread's first head). */
 static inline __attribute__((always_inline)) void attend(
-        const int kv, const int64_t hs, int64_t b, int64_t h, int64_t M, const float *qkv, int64_t d,
-        int64_t heads, const void *kc, const void *vc, int64_t row_stride, int64_t max_len, int64_t S,
+        const int kv, const int64_t hs, int64_t r, int64_t h, int64_t M, int64_t T, const float *qkv, int64_t d,
+        int64_t heads, const void *kc, const void *vc, int64_t row_stride, int64_t max_len, int64_t start,
         const uint8_t *mask, float *p, float *ctx) {
     const int64_t size = kv_element_size(kv), elements = kv_row_elements(kv, hs), row = elements * size;
+    const int64_t b = r / T, S = start + r % T + 1, width = start + T;
     const int64_t first = b * row_stride + h * max_len * elements;
-    const int64_t next_b = h + 1 < heads ? b : b + 1, next_h = h + 1 < heads ? h + 1 : 0;  /* this thread's next */
-    const char *next_k = next_b < M ? (const char *)kc + (next_b * row_stride + next_h * max_len * elements) * size : NULL;
+    const int64_t next_r = h + 1 < heads ? r : r + 1, next_h = h + 1 < heads ? h + 1 : 0;  /* this thread's next */
+    const char *next_k = next_r < M * T ? (const char *)kc + (next_r / T * row_stride + next_h * max_len * elements) * size : NULL;
     const float scale = 1.f / sqrtf((float)hs);
-    const float *q = qkv + b * 3 * d + h * hs;
+    const float *q = qkv + r * 3 * d + h * hs;
     const char *k = (const char *)kc + first * size, *v = (const char *)vc + first * size;
-    float *out = ctx + b * d + h * hs;
+    float *out = ctx + r * d + h * hs;
     vec qv[MAX_HEAD / VL];
     for (int64_t i = 0; i < hs / VL; i++) qv[i] = vload(q + i * VL);
     int64_t s = 0;
@@ -153,8 +156,8 @@ static inline __attribute__((always_inline)) void attend(
         p[s] = vsum(acc) * scale;
     }
     if (mask)
-        for (s = 0; s < S; s++)
-            if (!mask[b * S + s]) p[s] = -INFINITY;
+        for (s = 0; s + 1 < S; s++)
+            if (!mask[b * width + s]) p[s] = -INFINITY;
     const float inv = 1.f / softmax_numerators(p, S);
     vec even[MAX_HEAD / VL], odd[MAX_HEAD / VL];  /* positions 0, 2, 4, ... and 1, 3, 5, ... */
     for (int64_t i = 0; i < hs / VL; i++) even[i] = odd[i] = vzero();
@@ -172,16 +175,16 @@ static inline __attribute__((always_inline)) void attend(
     for (int64_t i = 0; i < hs / VL; i++) vstore(out + i * VL, (even[i] + odd[i]) * vset1(inv));
 }
 
-/* Every row and head (see attend), split among the threads; the cache format and GPT-2's head
+/* Every query and head (see attend), split among the threads; the cache format and GPT-2's head
  * size literal in each parallel loop, so that each is compiled for its cache type. */
 #define ATTEND_ALL(KV, HS)                                                                                 \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                       \
-    for (int64_t bh = 0; bh < M * heads; bh++)                                                              \
-        attend(KV, HS, bh / heads, bh % heads, M, qkv, d, heads, kc, vc, row_stride, max_len, S, mask,       \
-               scores + bh * S, ctx);
+    for (int64_t rh = 0; rh < M * T * heads; rh++)                                                          \
+        attend(KV, HS, rh / heads, rh % heads, M, T, qkv, d, heads, kc, vc, row_stride, max_len, start,     \
+               mask, scores + rh * (start + T), ctx);
 
-static void attention(const float *qkv, int64_t M, int64_t d, int64_t heads, const void *kc,
-                      const void *vc, int64_t row_stride, int64_t max_len, int64_t S, int kv,
+static void attention(const float *qkv, int64_t M, int64_t T, int64_t d, int64_t heads, const void *kc,
+                      const void *vc, int64_t row_stride, int64_t max_len, int64_t start, int kv,
                       const uint8_t *mask, float *scores, float *ctx, int threads) {
     const int64_t hs = d / heads;
     if (kv == KV_Q8 && hs == 64) {
@@ -238,42 +241,44 @@ void gf_block_profile(int on, double *out) {
     timing = on;
 }
 
-/* x (M, d), the residual stream, is updated in place; kc/vc are this layer's cache (see attend),
- * in format kv (KV_F32, KV_F16, KV_Q8). Needs d / heads and 4 d to be whole numbers of vectors,
- * and for KV_Q8 d / heads a multiple of 32 (the caller checks). */
-void gf_block_decode(const gf_block *blk, float *x, int64_t M, void *kc, void *vc, int64_t row_stride,
+/* x (M T, d), the residual stream (sequence b's tokens in rows b T .. b T + T - 1), is updated in
+ * place; kc/vc are this layer's cache (see attend), in format kv (KV_F32, KV_F16, KV_Q8). Needs
+ * d / heads and 4 d to be whole numbers of vectors, and for KV_Q8 d / heads a multiple of 32 (the
+ * caller checks). */
+void gf_block_decode(const gf_block *blk, float *x, int64_t M, int64_t T, void *kc, void *vc, int64_t row_stride,
                      int64_t max_len, int64_t start, int64_t kv, const uint8_t *mask, int threads) {
-    const int64_t d = blk->d, heads = blk->heads, hs = d / heads, S = start + 1;
-    float *h = scratch(sizeof(float) * M * (d + 3 * d + d + 4 * d + heads * S));
-    float *qkv = h + M * d, *ctx = qkv + M * 3 * d, *ff = ctx + M * d, *scores = ff + M * 4 * d;
+    const int64_t d = blk->d, heads = blk->heads, hs = d / heads, R = M * T;
+    float *h = scratch(sizeof(float) * R * (d + 3 * d + d + 4 * d + heads * (start + T)));
+    float *qkv = h + R * d, *ctx = qkv + R * 3 * d, *ff = ctx + R * d, *scores = ff + R * 4 * d;
 
     lap(-1);
-    layer_norm(x, M, d, blk->ln1_w, blk->ln1_b, blk->eps, h);
+    layer_norm(x, R, d, blk->ln1_w, blk->ln1_b, blk->eps, h);
     lap(REST);
-    gf_linear(&blk->qkv, h, M, qkv, threads);
+    gf_linear(&blk->qkv, h, R, qkv, threads);
     lap(PRODUCTS);
-    for (int64_t b = 0; b < M; b++)  /* this token's keys and values into the cache */
+    for (int64_t r = 0; r < R; r++)  /* the new tokens' keys and values into the cache, all before any attends */
         for (int64_t head = 0; head < heads; head++) {
-            const int64_t at = (b * row_stride + (head * max_len + start) * kv_row_elements((int)kv, hs)) * kv_element_size((int)kv);
-            const float *key = qkv + b * 3 * d + d + head * hs, *value = key + d;
+            const int64_t position = start + r % T;
+            const int64_t at = (r / T * row_stride + (head * max_len + position) * kv_row_elements((int)kv, hs)) * kv_element_size((int)kv);
+            const float *key = qkv + r * 3 * d + d + head * hs, *value = key + d;
             kv_store((char *)kc + at, key, (int)kv, hs);
             kv_store((char *)vc + at, value, (int)kv, hs);
         }
-    attention(qkv, M, d, heads, kc, vc, row_stride, max_len, S, (int)kv, mask, scores, ctx, threads);
+    attention(qkv, M, T, d, heads, kc, vc, row_stride, max_len, start, (int)kv, mask, scores, ctx, threads);
     lap(ATTENTION);
-    gf_linear(&blk->proj, ctx, M, h, threads);
+    gf_linear(&blk->proj, ctx, R, h, threads);
     lap(PRODUCTS);
-    for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
+    for (int64_t i = 0; i < R * d; i++) x[i] += h[i];
 
-    layer_norm(x, M, d, blk->ln2_w, blk->ln2_b, blk->eps, h);
+    layer_norm(x, R, d, blk->ln2_w, blk->ln2_b, blk->eps, h);
     lap(REST);
-    gf_linear(&blk->fc1, h, M, ff, threads);
+    gf_linear(&blk->fc1, h, R, ff, threads);
     lap(PRODUCTS);
-    gelu(ff, M * 4 * d, threads);
+    gelu(ff, R * 4 * d, threads);
     lap(REST);
-    gf_linear(&blk->fc2, ff, M, h, threads);
+    gf_linear(&blk->fc2, ff, R, h, threads);
     lap(PRODUCTS);
-    for (int64_t i = 0; i < M * d; i++) x[i] += h[i];
+    for (int64_t i = 0; i < R * d; i++) x[i] += h[i];
     lap(REST);
 }
 
@@ -290,27 +295,30 @@ typedef struct {
     gf_lin head;                          /* (n, d): logits (M, n) */
 } gf_model;
 
-/* One new token per row: tokens, positions (M,); the cache of layer l at kc / vc + l * layer_stride
- * elements (rows as in gf_block_decode), positions [0, start) cached, this step's written at
- * `start`; mask as gf_block_decode's; work (2 M d floats); logits (M, head.n). Returns 0, or 1
- * (nothing done) where a token or position is outside its embedding table. */
-int gf_model_decode(const gf_model *mdl, const int64_t *tokens, const int64_t *positions, int64_t M,
+/* T new tokens in each of M rows: tokens, positions (M, T); the cache of layer l at kc / vc +
+ * l * layer_stride elements (rows as in gf_block_decode), positions [0, start) cached, these
+ * written at [start, start + T); mask as gf_block_decode's; work (2 M T d floats); logits (M, head.n),
+ * of each row's last token. Returns 0, or 1 (nothing done) where a token or position is outside its
+ * embedding table. */
+int gf_model_decode(const gf_model *mdl, const int64_t *tokens, const int64_t *positions, int64_t M, int64_t T,
                     void *kc, void *vc, int64_t layer_stride, int64_t row_stride, int64_t max_len,
                     int64_t start, int64_t kv, const uint8_t *mask, float *work, float *logits, int threads) {
-    const int64_t d = mdl->d, size = kv_element_size((int)kv);
-    for (int64_t m = 0; m < M; m++)
-        if (tokens[m] < 0 || tokens[m] >= mdl->vocab || positions[m] < 0 || positions[m] >= mdl->positions)
+    const int64_t d = mdl->d, size = kv_element_size((int)kv), R = M * T;
+    for (int64_t r = 0; r < R; r++)
+        if (tokens[r] < 0 || tokens[r] >= mdl->vocab || positions[r] < 0 || positions[r] >= mdl->positions)
             return 1;
-    float *x = work, *h = work + M * d;
+    float *x = work, *h = work + R * d;
     lap(-1);
-    for (int64_t m = 0; m < M; m++) {
-        const float *te = mdl->tok_emb + tokens[m] * d, *pe = mdl->pos_emb + positions[m] * d;
-        for (int64_t i = 0; i < d; i += VL) vstore(x + m * d + i, vload(te + i) + vload(pe + i));
+    for (int64_t r = 0; r < R; r++) {
+        const float *te = mdl->tok_emb + tokens[r] * d, *pe = mdl->pos_emb + positions[r] * d;
+        for (int64_t i = 0; i < d; i += VL) vstore(x + r * d + i, vload(te + i) + vload(pe + i));
     }
     lap(REST);
     for (int64_t l = 0; l < mdl->layers; l++)
-        gf_block_decode(mdl->blocks[l], x, M, (char *)kc + l * layer_stride * size, (char *)vc + l * layer_stride * size,
+        gf_block_decode(mdl->blocks[l], x, M, T, (char *)kc + l * layer_stride * size, (char *)vc + l * layer_stride * size,
                         row_stride, max_len, start, kv, mask, threads);
+    for (int64_t m = 0; m < M; m++)  /* each row's last token goes on to the head */
+        memmove(x + m * d, x + (m * T + T - 1) * d, sizeof(float) * d);
     layer_norm(x, M, d, mdl->lnf_w, mdl->lnf_b, mdl->eps, h);
     lap(REST);
     gf_linear(&mdl->head, h, M, logits, threads);

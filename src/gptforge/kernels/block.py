@@ -5,8 +5,10 @@
 models) turns each block of a prepared model into a `FusedTransformerBlock` and, where every
 block and the output head run in C, the model into a `FusedGPTModel`: same parameters, same
 state-dict keys, same `forward`. A decode step (one new token per row, up to `kernels.MAX_ROWS`
-rows, float32, no autograd) goes through C; anything else (a prefill, training, a cache it
-cannot read) through PyTorch's `TransformerBlock.forward` and `GPTModel.forward`.
+rows, float32, no autograd) goes through C, and so does a short prefill into a cache (up to
+`PREFILL_ROWS` tokens in all, the last position's logits only); anything else (a long prefill,
+training, a cache it cannot read) through PyTorch's `TransformerBlock.forward` and
+`GPTModel.forward`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from . import MAX_ROWS, Linear, _ptr, call, f32_panels, layer, library, supporte
 
 # The KV caches the C blocks read: dtype -> block.c's format (KV_F32, KV_F16, KV_Q8)
 KV_FORMATS = {torch.float32: 0, torch.float16: 1, KV_Q8_0: 2}
+# A prefill of at most this many tokens (all rows together) into a cache runs as one C call, like a
+# decode step; longer ones through PyTorch, whose attention and (float32) matmuls win there. The
+# products of a prefill stay within the layers' own `kernel_rows` (quant.choose_mode) too.
+PREFILL_ROWS = 64
 
 
 class _Block(ctypes.Structure):  # block.c's gf_block
@@ -87,7 +93,7 @@ class FusedTransformerBlock(TransformerBlock):
             _point_at_panels(self.__dict__["_f32_layers"])
         mask = None if attn_mask is None else _row_mask(attn_mask, b, start)
         out = x.contiguous().clone()  # the residual stream, updated in place by the C block
-        call("gf_block_decode", ctypes.addressof(spec[0]), out.data_ptr(), b, keys.data_ptr(), values.data_ptr(),
+        call("gf_block_decode", ctypes.addressof(spec[0]), out.data_ptr(), b, 1, keys.data_ptr(), values.data_ptr(),
              keys.stride(0), keys.shape[2], start, KV_FORMATS[keys.dtype], _ptr(mask), torch.get_num_threads())
         return out
 
@@ -103,10 +109,12 @@ def _cache_readable(keys: torch.Tensor, values: torch.Tensor, head_dim: int) -> 
             and keys.stride()[-3:] == (max_len * row, row, 1) and values.stride() == keys.stride())
 
 
-def _point_at_panels(layers: list[tuple[Linear, nn.Module, torch.Tensor]]) -> None:
-    """Point each float32 layer's C description at its panels (made or remade by f32_panels)."""
+def _point_at_panels(layers: list[tuple[Linear, nn.Module, torch.Tensor]], make: bool = True) -> None:
+    """Point each float32 layer's C description at its panels (made or remade by f32_panels); with
+    make=False, only a layer that has had them (kept up to date), others at no panels (row-major)."""
     for linear, module, weight in layers:
-        linear.wp = f32_panels(module, weight, module.weights_version()).data_ptr()
+        has = make or "_gf_panels" in module.__dict__
+        linear.wp = f32_panels(module, weight, module.weights_version()).data_ptr() if has else None
 
 
 def _f32_layers(specs: list[Linear], modules: list[nn.Module]) -> list[tuple[Linear, nn.Module, torch.Tensor]]:
@@ -152,7 +160,8 @@ class FusedGPTModel(GPTModel):
         b, t = in_idx.shape
         spec = self.__dict__.get("_c_model")
         step = self._c_step(spec, in_idx, cache, positions, attention_mask) if (
-            spec is not None and t == 1 and cache is not None and targets is None and b <= MAX_ROWS
+            spec is not None and cache is not None and targets is None and b <= MAX_ROWS
+            and (t == 1 or last_only and b * t <= self.__dict__["_c_rows"])
             and not self.training and not torch.is_grad_enabled() and in_idx.device.type == "cpu"
             and not any(m._forward_hooks or m._forward_pre_hooks for m in self.__dict__["_c_modules"])) else None
         if step is None:
@@ -162,44 +171,47 @@ class FusedGPTModel(GPTModel):
 
     def _c_step(self, spec: tuple, in_idx: torch.Tensor, cache: KVCache, positions: torch.Tensor | None,
                 attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """(B, 1, V) logits of one decode step in C, or None where C cannot take it (then nothing
-        has changed): a cache of other rows, layout or dtype, a position past the cache or outside
-        the tables, a token outside the vocabulary."""
-        b, start = in_idx.shape[0], cache.length
+        """(B, 1, V) logits of the last of T new tokens per row (a decode step: T = 1; a short
+        prefill) in C, or None where C cannot take it (then nothing has changed): a cache of other
+        rows, layout or dtype, a position past the cache or outside the tables, a token outside
+        the vocabulary."""
+        (b, t), start = in_idx.shape, cache.length
         keys, values = cache.keys, cache.values  # (layers, B, heads, max_len, head_dim or Q8_0's row)
-        if (start >= cache.max_len or keys.shape[1] != b or not _cache_readable(keys, values, self.cfg.head_dim)
-                or (attention_mask is not None and (attention_mask.shape[0] != b or attention_mask.shape[1] <= start))):
+        if (start + t > cache.max_len or keys.shape[1] != b or not _cache_readable(keys, values, self.cfg.head_dim)
+                or (attention_mask is not None
+                    and (attention_mask.shape[0] != b or attention_mask.shape[1] < start + t))):
             return None
         if positions is None:
-            positions = torch.full((b,), start, dtype=torch.int64)
+            positions = torch.arange(start, start + t, dtype=torch.int64).expand(b, t).contiguous()
         else:
-            positions = positions.reshape(-1).to(torch.int64)
-            if positions.numel() not in (1, b):
+            positions = positions.to(torch.int64)
+            if positions.numel() not in (t, b * t):
                 return None
-            positions = positions.expand(b).contiguous()
-        mask = None
-        if attention_mask is not None:  # (B, start + 1) bytes; a query always sees itself
-            mask = attention_mask[:, :start + 1] != 0
-            mask[:, start] = True
-        if b > 1:  # several rows: float32 layers multiply through their panels
-            self._point_at_panels()
-        ids = in_idx.reshape(b).to(torch.int64).contiguous()
-        work = torch.empty(2 * b * self.cfg.emb_dim)
+            positions = positions.reshape(-1, t).expand(b, t).contiguous()
+        # (B, start + T) bytes; a query always sees itself (block.c)
+        mask = None if attention_mask is None else (attention_mask[:, :start + t] != 0).contiguous()
+        # float32 layers multiply several rows through their panels: made for a batch, used by a
+        # prefill of one row where a batch has made them (else their row-major weights)
+        if b * t > 1:
+            self._point_at_panels(make=b > 1)
+        ids = in_idx.to(torch.int64).contiguous()
+        work = torch.empty(2 * b * t * self.cfg.emb_dim)
         logits = torch.empty(b, spec[0].head.n)
-        failed = call("gf_model_decode", ctypes.addressof(spec[0]), ids.data_ptr(), positions.data_ptr(), b,
+        failed = call("gf_model_decode", ctypes.addressof(spec[0]), ids.data_ptr(), positions.data_ptr(), b, t,
                       keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.shape[3], start,
                       KV_FORMATS[keys.dtype], _ptr(mask), work.data_ptr(), logits.data_ptr(),
                       torch.get_num_threads())
         if failed:
             return None
-        cache.length = start + 1
+        cache.length = start + t
         return logits[:, None]
 
-    def _point_at_panels(self) -> None:
-        """Point every float32 layer of the C step at its panels (made, or remade, where needed)."""
+    def _point_at_panels(self, make: bool = True) -> None:
+        """Point every float32 layer of the C step at its panels (made, or remade, where needed;
+        with make=False, only those made before, the others at their row-major weights)."""
         for block in self.trf_blocks:
-            _point_at_panels(block.__dict__["_f32_layers"])
-        _point_at_panels(self.__dict__["_f32_head"])
+            _point_at_panels(block.__dict__["_f32_layers"], make)
+        _point_at_panels(self.__dict__["_f32_head"], make)
 
 
 def make_panels(model: nn.Module) -> None:
@@ -246,3 +258,6 @@ def fuse_blocks(model: nn.Module) -> None:
         model.__dict__["_c_modules"] = (model.tok_emb, model.pos_emb, *model.trf_blocks, model.final_norm,
                                         model.out_head)
         model.__dict__["_f32_head"] = _f32_layers([spec[0].head], [model.out_head])
+        # the most tokens of a prefill in C: PREFILL_ROWS, within every layer's kernel_rows
+        bounds = [getattr(m, "kernel_rows", None) for b in model.trf_blocks for m in b._linears()]
+        model.__dict__["_c_rows"] = min([PREFILL_ROWS] + [bound for bound in bounds if bound is not None])

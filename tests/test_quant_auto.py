@@ -181,3 +181,21 @@ def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(prompt, ti
     assert steps == ["gf_model_decode"] * 9
     on_kernel = rows <= (view.trf_blocks[0].att.fused_qkv.kernel_rows or rows)
     assert calls == ([(rows, d), (rows, d), (rows, d), (rows, 4 * d)] * cfg.n_layers + [(4, d)] if on_kernel else [])
+
+
+def test_bf16_asked_for_on_a_cpu_without_bf16_hardware_warns(tiny_config, monkeypatch):
+    """--dtype bfloat16 by name on a CPU without bf16 hardware (an AVX2-only EPYC's flags) says
+    that PyTorch emulates its products there; with bf16 hardware, and for 'auto', nothing is said."""
+    import warnings
+
+    from gptforge import GPTModel, quant
+
+    avx2_only = frozenset({"avx2", "fma", "f16c"})
+    monkeypatch.setattr(quant, "cpu_flags", lambda: avx2_only)
+    with pytest.warns(UserWarning, match="no bf16 hardware"):
+        prepare_for_inference(GPTModel(tiny_config()), "bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_for_inference(GPTModel(tiny_config()), "auto")
+        monkeypatch.setattr(quant, "cpu_flags", lambda: avx2_only | {"avx512_bf16"})
+        prepare_for_inference(GPTModel(tiny_config()), "bfloat16")

@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import warnings
 import weakref
 from typing import Any
 
@@ -465,6 +466,13 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     device_type = next(model.parameters()).device.type
     mode = choose_mode(dtype, quantize, device_type=device_type)
     torch_dtype = DTYPES[mode.dtype]
+    flags = cpu_flags()
+    if (torch_dtype == torch.bfloat16 and device_type == "cpu" and flags
+            and not any(flag in flags for flag in BF16_HARDWARE_FLAGS)):
+        # 'auto' never comes here: only a bf16 asked for by name on such a CPU
+        warnings.warn("gptforge: this CPU has no bf16 hardware, so PyTorch emulates bf16 matrix products (0.3 "
+                      "GFLOP/s measured on an AVX2-only EPYC): --dtype float32 (or auto) or --quantize int8 "
+                      "run far faster here", stacklevel=2)
     model.eval()
     merge_lora(model)  # the layouts below read plain Linear weights: adapters are added into them first
     model.to(torch_dtype)

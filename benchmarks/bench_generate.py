@@ -25,7 +25,7 @@ from gptforge import GenerationConfig, GPTModel, generate, generate_text_simple,
 from gptforge.checkpoint import config_to_hf, state_to_hf
 from gptforge.cpu import cpu_summary
 from gptforge.generation import _decode_steps
-from gptforge.quant import Int8Linear, prepare_for_inference
+from gptforge.quant import prepare_for_inference
 
 # Wall-clock by default; `--clock cpu` counts this process's CPU seconds instead (with --threads 1,
 # the cost on one core, robust to other processes sharing the machine).
@@ -122,8 +122,10 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes a batch-1 decode step must read: every linear weight (the head included) once."""
     total = 0
     for module in model.modules():
-        if isinstance(module, Int8Linear):
-            total += module.weight_int8.numel() + module.scale.numel() * module.scale.element_size()
+        if hasattr(module, "weight_data"):  # int8, 4-bit and bf16 weight-only layers (quant.py)
+            scale = module.scale
+            total += module.weight_data.numel() * module.weight_data.element_size()
+            total += 0 if scale is None else scale.numel() * scale.element_size()
         elif isinstance(module, torch.nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
         elif hasattr(module, "packed"):

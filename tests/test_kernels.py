@@ -55,6 +55,24 @@ def test_float32_kernel_is_the_product(rows, in_features, out_features):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 16, 131])  # 131: a prefill's product, 64 rows at a time
+@pytest.mark.parametrize("in_features, out_features", [(128, 37), (768, 2304), (3072, 66)])
+def test_bf16_kernel_is_float32_activations_times_bf16_weights(rows, in_features, out_features):
+    """A Bf16Linear on the kernels: the product of float32 x with the weights rounded to bf16 as
+    PyTorch rounds them, summed in float32; its panels unpack to those bf16 weights."""
+    from gptforge.quant import Bf16Linear
+
+    torch.manual_seed(rows)
+    x, linear = torch.randn(rows, in_features), nn.Linear(in_features, out_features)
+    q = Bf16Linear(linear)
+    rounded = linear.weight.detach().to(torch.bfloat16)
+    assert q.panels and torch.equal(q.rows(), rounded) and torch.equal(q.dequantized(), rounded)
+    assert torch.equal(q.dequantized(torch.float32), rounded.float())
+    expected = x.double() @ rounded.double().t() + linear.bias.double()
+    torch.testing.assert_close(kernels.linear(x, q.spec()).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 131])  # 131: a prefill's product, 64 rows at a time
 @pytest.mark.parametrize("in_features, out_features", [(128, 37), (768, 130), (3072, 9)])
 def test_int8_kernel_is_q8_0_activations_times_int8_weights(rows, in_features, out_features):

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from gptforge import generate, kernels
 from gptforge.model import KV_Q8_0
-from gptforge.quant import Int4Linear, Int8Linear, PackedLinear, prepare_for_inference
+from gptforge.quant import Bf16Linear, Int4Linear, Int8Linear, PackedLinear, prepare_for_inference
 
 from gen_helpers import generation_config, tiny_model
 
@@ -84,8 +84,10 @@ def test_low_precision_models_track_float32(cfg, dtype, quantize, kind):
     ref_logits = model(idx).detach()
     ref = generate(model, idx, 16, stop_token_ids=())
     fast = prepare_for_inference(copy.deepcopy(model), dtype, quantize)
-    if kind is PackedLinear and not any(isinstance(m, PackedLinear) for m in fast.modules()):
-        pytest.skip("this CPU's oneDNN has no bf16 support")
+    if kind is PackedLinear and kernels.available():
+        kind = Bf16Linear  # bf16 weights on gptforge's kernels (their own test below)
+    elif kind is PackedLinear and not any(isinstance(m, PackedLinear) for m in fast.modules()):
+        pytest.skip("this CPU's oneDNN has no bf16 support and gptforge's kernels do not run here")
     assert isinstance(fast.out_head, kind) and isinstance(fast.trf_blocks[1].att.fused_qkv, kind)
     # CPU attention is fastest over a float32 cache (PyTorch's) or, on gptforge's kernels, Q8_0 rows
     # (heads of a multiple of 32 values) or fp16
@@ -143,3 +145,40 @@ def test_quantized_modes_cost_under_one_percent_perplexity_on_the_builtin_model(
         print(f"{quantize} {way}: perplexity {ppl[way]:.3f} (fp32 {ppl['none']:.3f}), top-1 {top1:.3f}, KL {kl:.2e}")
         assert abs(ppl[way] / ppl["none"] - 1) < 0.01
         assert top1 > 0.85 and kl < 0.02
+
+
+@pytest.mark.skipif(not kernels.available(), reason="gptforge's kernels do not run on this machine")
+def test_bf16_on_the_kernels_is_float32_with_bf16_rounded_weights(tiny_config):
+    """--dtype bfloat16 where gptforge's kernels run: the float32 model with every weight rounded
+    to bf16 (as PyTorch's .to(bfloat16)), computed in float32: a short prefill and the decode steps
+    in one C call each (FusedGPTModel), batch 2 with left padding, give its logits and greedy
+    tokens; a prefill too long for the C call (dequantized to bf16 for one matmul) stays close."""
+    from gptforge.kernels.block import PREFILL_ROWS, FusedGPTModel
+    from gptforge.quant import choose_mode
+
+    cfg = generation_config(tiny_config, emb_dim=128)  # the C blocks need no padded inputs
+    model = tiny_model(cfg)
+    rounded = copy.deepcopy(model).to(torch.bfloat16).float().eval()
+    fast = prepare_for_inference(copy.deepcopy(model), "bfloat16")
+    assert type(fast) is FusedGPTModel and isinstance(fast.trf_blocks[0].ff.layers[0], Bf16Linear)
+    assert fast.tok_emb.weight.dtype == torch.float32 and torch.equal(fast.tok_emb.weight, rounded.tok_emb.weight)
+    idx = _prompt(cfg)
+    mask = torch.ones_like(idx)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        for forward in (fast, rounded):
+            cache = forward.new_cache(idx.shape[0], idx.shape[1] + 1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = forward(idx, cache=cache, positions=positions, attention_mask=mask, last_only=True)
+            if forward is fast:
+                ours = logits
+        torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(generate(fast, idx, 12, attention_mask=mask, stop_token_ids=()),
+                       generate(rounded, idx, 12, attention_mask=mask, stop_token_ids=()))
+    # 150 rows: past the C call and past kernel_rows (128 at most): the weights dequantized for one
+    # matmul, in bf16 on a CPU with bf16 hardware (else float32)
+    long = torch.randint(0, cfg.vocab_size, (5, 30), generator=torch.Generator().manual_seed(3))
+    assert long.numel() > max(PREFILL_ROWS, choose_mode("bfloat16").kernel_rows)
+    with torch.no_grad():
+        expected = rounded(long, last_only=True)
+        assert (fast(long, last_only=True) - expected).abs().max() < 0.05 * expected.abs().max()

@@ -34,6 +34,9 @@ GRAVITON3 = frozenset({"asimd", "sve", "bf16", "i8mm"})
     (GRAVITON3, False, "auto", "int8", InferenceMode("bfloat16", "int8", torch.bfloat16)),
     (frozenset(), False, "bfloat16", "none", InferenceMode("bfloat16", "none", torch.float32)),
     (AVX2_EPYC, True, torch.float32, "none", InferenceMode("float32", "none", torch.float32, 64)),
+    # bf16 weights on gptforge's kernels: read as float32's panels are, the same rows
+    (AVX2_EPYC, True, "bfloat16", "none", InferenceMode("bfloat16", "none", torch.float32, 64)),
+    (AVX512_BF16_EPYC, True, "bfloat16", "none", InferenceMode("bfloat16", "none", torch.bfloat16, 128)),
     (AVX2_EPYC, False, "auto", "none", InferenceMode("float32", "none", torch.float32)),  # no kernels: 16 (unused)
 ])
 def test_choice_table(flags, native, dtype, quantize, expected):
@@ -184,14 +187,21 @@ def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(prompt, ti
 
 
 def test_bf16_asked_for_on_a_cpu_without_bf16_hardware_warns(tiny_config, monkeypatch):
-    """--dtype bfloat16 by name on a CPU without bf16 hardware (an AVX2-only EPYC's flags) says
-    that PyTorch emulates its products there; with bf16 hardware, and for 'auto', nothing is said."""
+    """--dtype bfloat16 by name on a CPU without bf16 hardware (an AVX2-only EPYC's flags), where
+    gptforge's kernels do not run, says that PyTorch emulates its products there; with bf16
+    hardware, for 'auto', and where the kernels run (bf16 weights, float32 activations), nothing
+    is said."""
     import warnings
 
     from gptforge import GPTModel, quant
 
     avx2_only = frozenset({"avx2", "fma", "f16c"})
     monkeypatch.setattr(quant, "cpu_flags", lambda: avx2_only)
+    if quant.kernels.available():  # bf16 weights on the kernels: nothing emulated, nothing to say
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            prepare_for_inference(GPTModel(tiny_config()), "bfloat16")
+    monkeypatch.setattr(quant.kernels, "available", lambda: False)
     with pytest.warns(UserWarning, match="no bf16 hardware"):
         prepare_for_inference(GPTModel(tiny_config()), "bfloat16")
     with warnings.catch_warnings():

@@ -10,9 +10,13 @@ inference model, in place, and returns it:
   steps through a second copy of the weights in the kernels' panel order, made on first use), and
   a short prefill's products too (`choose_mode`'s rows); a long prefill and a training step through
   PyTorch.
-- bfloat16: the model is cast to bf16 and every nn.Linear becomes a `PackedLinear`, whose weight is
-  pre-packed once in oneDNN's blocked layout; query/key/value are one packed matrix and the
-  feed-forward's GELU is fused into its first matmul.
+- bfloat16: the model's weights are rounded to bf16. Where gptforge's kernels run (CPU), every
+  nn.Linear (query/key/value fused) becomes a `Bf16Linear`: bf16 weights in the kernels' panel
+  order, float32 activations and sums, half float32's bytes to stream at a decode step; the rest
+  of the model (embeddings, norms) holds its bf16 values as float32, and decoding runs on the
+  kernels as float32's does. Elsewhere the model is cast to bf16 and every nn.Linear becomes a
+  `PackedLinear`, whose weight is pre-packed once in oneDNN's blocked layout (query/key/value
+  one packed matrix, the feed-forward's GELU fused into its first matmul).
 - int8 (weight-only): every nn.Linear (query/key/value fused) becomes an `Int8Linear` with
   per-output-channel symmetric int8 weights.
 - int4 (weight-only): every nn.Linear becomes an `Int4Linear`: groups of 32 weights with one scale
@@ -131,7 +135,7 @@ def choose_mode(dtype: str = "auto", quantize: str = "none", flags: frozenset[st
     if native and device_type == "cpu":
         if quantize != "none":
             kernel_rows = AMX_KERNEL_ROWS if any(flag in flags for flag in AMX_FLAGS) else None
-        elif dtype == "float32":
+        else:  # float32, and bfloat16 weights (Bf16Linear) read as float32's panels are
             kernel_rows = F32_KERNEL_ROWS if "avx512f" in flags else AVX2_F32_KERNEL_ROWS
     return InferenceMode(dtype, quantize, prefill, kernel_rows)
 
@@ -235,6 +239,37 @@ def quantize_q4_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     q = (groups * inverse + 8.5).floor().clamp(0, 15).to(torch.uint8)  # Q4_0's rounding
     return q.reshape(weight.shape[0], -1), d.reshape(weight.shape[0], -1)
+
+
+class Bf16Linear(_WeightOnlyLinear):
+    """Weight-only bfloat16 linear: the weights rounded to bf16 (as `.to(torch.bfloat16)`), in the
+    kernels' panel order where they run (else row-major: see `rows`); on the kernels the
+    activations and the sums stay float32, so the products are float32's with bf16 weights."""
+
+    fmt = "bf16"
+    dequantized_dtype = torch.bfloat16
+    scale = None
+
+    def __init__(self, linear: nn.Linear, prefill_dtype: torch.dtype = torch.bfloat16,
+                 kernel_rows: int | None = MAX_DECODE_ROWS):
+        super().__init__()
+        weight = self._padded(self._set_common(linear, prefill_dtype, kernel_rows)).to(torch.bfloat16)
+        self.register_buffer("weight_bf16", kernels.pack("bf16", weight)[0] if self.panels else weight.contiguous())
+
+    @property
+    def weight_data(self) -> torch.Tensor:
+        return self.weight_bf16
+
+    def rows(self) -> torch.Tensor:
+        """The bf16 weights (out, in_padded), row-major."""
+        return kernels.unpack("bf16", self.weight_bf16, None, self.out_features)[0] if self.panels else self.weight_bf16
+
+    def torch_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, in_padded) bf16 -> (M, out) bf16, without the bias."""
+        return F.linear(x2, self.rows())
+
+    def _dequantized_in_torch(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.rows()[:, :self.in_features].to(dtype)
 
 
 class Int8Linear(_WeightOnlyLinear):
@@ -467,9 +502,10 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     mode = choose_mode(dtype, quantize, device_type=device_type)
     torch_dtype = DTYPES[mode.dtype]
     flags = cpu_flags()
-    if (torch_dtype == torch.bfloat16 and device_type == "cpu" and flags
+    if (torch_dtype == torch.bfloat16 and device_type == "cpu" and flags and not kernels.available()
             and not any(flag in flags for flag in BF16_HARDWARE_FLAGS)):
-        # 'auto' never comes here: only a bf16 asked for by name on such a CPU
+        # 'auto' never comes here: only a bf16 asked for by name on such a CPU, where gptforge's
+        # kernels (whose bf16 weights meet float32 activations: Bf16Linear) do not run
         warnings.warn("gptforge: this CPU has no bf16 hardware, so PyTorch emulates bf16 matrix products (0.3 "
                       "GFLOP/s measured on an AVX2-only EPYC): --dtype float32 (or auto) or --quantize int8 "
                       "run far faster here", stacklevel=2)
@@ -488,6 +524,13 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
             fuse_blocks(model)
             # the cache as Q8_0 rows: a quarter of float32's bytes for attention to read (fp16's half)
             model.kv_dtype = KV_Q8_0 if model.cfg.head_dim % 32 == 0 else torch.float16
+    elif torch_dtype == torch.bfloat16 and kernels.available():
+        model.float()  # the bf16 values as float32: embeddings and norms as the C step reads them
+        make = functools.partial(Bf16Linear, prefill_dtype=mode.prefill_dtype, kernel_rows=mode.kernel_rows)
+        _fuse_qkv(model, lambda att: make(_concat_qkv(att)))
+        _drop_separate_qkv(model)
+        _swap_linears(model, make)
+        fuse_blocks(model)
     elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
         _fuse_qkv(model, lambda att: PackedLinear(_concat_qkv(att)))
         _drop_separate_qkv(model)

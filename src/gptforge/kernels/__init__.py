@@ -44,7 +44,7 @@ HEADERS = (HERE / "gemv.h", HERE / "simd.h")
 # -march: the CPU at hand by default; GPTFORGE_MARCH=haswell builds the AVX2 kernels on an AVX-512
 # machine (how the tests check that path here).
 CFLAGS = ("-O3", f"-march={os.environ.get('GPTFORGE_MARCH', 'native')}", "-fopenmp", "-shared", "-fPIC")
-FORMATS = {"f32": 0, "i8": 1, "q4": 2}  # gemv.h's enum format
+FORMATS = {"f32": 0, "i8": 1, "q4": 2, "bf16": 3}  # gemv.h's enum format
 # A decode step of up to this many rows (a batch) runs here; products of more (a prefill) where
 # quant.choose_mode's kernel_rows says: here too up to a bound, or at any length.
 MAX_ROWS = 16
@@ -157,10 +157,11 @@ def vector_floats() -> int:
 
 
 def supported(fmt: str, in_features: int) -> bool:
-    """Whether `fmt` ('f32', 'i8', 'q4') products with `in_features` inputs run here: float32 reads
-    whole vectors (16 floats with AVX-512, 8 with AVX2), int8 and 4-bit whole Q8_0 blocks of 32."""
+    """Whether `fmt` ('f32', 'bf16', 'i8', 'q4') products with `in_features` inputs run here: float32
+    and bfloat16 read whole vectors (16 values with AVX-512, 8 with AVX2), int8 and 4-bit whole
+    Q8_0 blocks of 32."""
     floats = vector_floats()
-    return floats > 0 and in_features % (floats if fmt == "f32" else 32) == 0
+    return floats > 0 and in_features % (floats if fmt in ("f32", "bf16") else 32) == 0
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -169,13 +170,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def pack(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weights (N, K) in the panel order gemv.c's kernels read (its header says which), and the
-    4-bit scales likewise; `unpack` undoes it. float32: `weight` float32; int8: `weight` int8
+    4-bit scales likewise; `unpack` undoes it. float32 / bfloat16: `weight` in that dtype; int8: `weight` int8
     (`scale` (N,) is used as it is); 4-bit: `weight` the codes q in [0, 15] (uint8), `scale` (N, K / 32)."""
     vl = vector_floats()
     n, k = weight.shape
     rows = F.pad(weight, (0, 0, 0, -n % vl), value=8 if fmt == "q4" else 0)  # whole panels; 4-bit 8 is 0
     p = rows.shape[0] // vl
-    if fmt == "f32":
+    if fmt in ("f32", "bf16"):
         return rows.view(p, vl, k).transpose(1, 2).contiguous(), None  # (P, K, VL)
     if fmt == "i8":
         return rows.view(p, vl, k // 4, 4).permute(0, 2, 1, 3).contiguous(), scale  # (P, K / 4, VL, 4)
@@ -205,7 +206,7 @@ def quantize(fmt: str, weight: torch.Tensor, k_padded: int) -> tuple[torch.Tenso
 def unpack(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`pack`'s inverse: the (n, K) weights (4-bit: the codes) and scales from panels."""
     p, vl = weight.shape[0], vector_floats()
-    if fmt == "f32":
+    if fmt in ("f32", "bf16"):
         return weight.transpose(1, 2).reshape(p * vl, -1)[:n], None
     if fmt == "i8":
         return weight.permute(0, 2, 1, 3).reshape(p * vl, -1)[:n], scale
@@ -323,7 +324,7 @@ def release_threads() -> bool:
 
 
 def dequantize(spec: Linear, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An int8 or 4-bit layer's weights as (N, in_features) float32 or bfloat16 (what a prefill
+    """An int8, 4-bit or bfloat16 layer's weights as (N, in_features) float32 or bfloat16 (what a prefill
     multiplies with), converted in C: ~10x faster than the same in PyTorch operators."""
     out = torch.empty(spec.n, in_features, dtype=dtype)
     call("gf_dequantize", ctypes.byref(spec), in_features, out.data_ptr(), dtype == torch.bfloat16,

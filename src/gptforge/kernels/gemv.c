@@ -1,16 +1,17 @@
 /* Matrix products for gptforge: y (M, N) = x (M, K) @ W (N, K)^T + bias, for a few rows M (one
  * decode step of a batch of M sequences) or many (a prefill, LINEAR_ROWS at a time), float32 x
- * and y, W in one of three formats (gemv.h's gf_lin):
+ * and y, W in one of four formats (gemv.h's gf_lin):
  *
  *   F32  W float32, (N, K) row-major: `w`; and, where the caller made it, `wp`, the same in panels
  *   I8   W int8 with one float32 scale per row, W[n, k] = q[n, k] * scale[n]: q in panels
  *   Q4   W in 4-bit groups of 32 along a row, llama.cpp's Q4_0: W = (q - 8) * d, q in [0, 15],
  *        one float32 d per group: q and d in panels
+ *   BF16 W bfloat16, in panels (float32's panels, half the bytes): x and the sums stay float32
  *
  * Panels: W's rows (the outputs) in runs of VL (one vector of outputs), each run stored along K
  * in the order the kernels read it (kernels/__init__.py's `pack` makes them; the last run is
  * padded with zeros):
- *   F32  panel p: for each k, VL floats W[p VL + c, k], c = 0..VL-1
+ *   F32  panel p: for each k, VL floats W[p VL + c, k], c = 0..VL-1 (BF16: VL bfloat16s)
  *   I8   panel p: for each 4 k (k = 4 s + j), IB = 4 VL bytes, byte 4 c + j = q[p VL + c, 4 s + j]
  *   Q4   panel p: for each group g of 32 and each quarter t of it, IB bytes, byte 4 c + j holding
  *        q[p VL + c, 32 g + 8 t + j] (low nibble) and q[..., 32 g + 8 t + 4 + j] (high nibble);
@@ -193,10 +194,12 @@ static void f32_rows_product(const float *x, int64_t M, int64_t K, const float *
 /* ------------------------------------------------------------------------ float32, panels */
 
 /* Panels [p0, p0 + NP) against rows [m0, m0 + MB) of x (compile-time MB and NP, so the
- * accumulators stay in registers). */
+ * accumulators stay in registers); the weights float32, or bfloat16 where `bf16` (a compile-time
+ * constant too: each weight widened to float32 as it is loaded). */
 static inline __attribute__((always_inline)) void f32_panels(
-        const int MB, const int NP, const float *x, int64_t m0, int64_t K, const float *Wp, int64_t N,
+        const int bf16, const int MB, const int NP, const float *x, int64_t m0, int64_t K, const void *Wp, int64_t N,
         const float *bias, float *y, int64_t p0) {
+    const int64_t size = bf16 ? 2 : 4;
     vec acc[F32_XROWS][PANELS];  /* each output's sum, added to once per CHUNK values of k: a long */
     for (int m = 0; m < MB; m++)  /* run of float32 additions into one sum loses digits */
         for (int p = 0; p < NP; p++) acc[m][p] = vzero();
@@ -207,9 +210,9 @@ static inline __attribute__((always_inline)) void f32_panels(
         for (int64_t k = k0; k < k0 + F32_CHUNK && k < K; k++) {
             vec w[PANELS];
             for (int p = 0; p < NP; p++) {
-                const float *ptr = Wp + ((p0 + p) * K + k) * VL;
-                __builtin_prefetch(ptr + PREFETCH / 4, 0, 2);
-                w[p] = vload(ptr);
+                const char *ptr = (const char *)Wp + ((p0 + p) * K + k) * VL * size;
+                __builtin_prefetch(ptr + PREFETCH, 0, 2);
+                w[p] = bf16 ? vload_bf16((const uint16_t *)ptr) : vload((const float *)ptr);
             }
             for (int m = 0; m < MB; m++) {
                 const vec xv = vset1(x[(m0 + m) * K + k]);
@@ -234,9 +237,22 @@ static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int
         f32_rows_product(x, M, K, L->w, N, L->bias, y, threads);
         return;
     }
-#define TILE(MB, NP, p0) f32_panels(MB, NP, x, m0, K, Wp, N, L->bias, y, p0)
+#define TILE(MB, NP, p0) f32_panels(0, MB, NP, x, m0, K, Wp, N, L->bias, y, p0)
 #define ONE_PANEL(mb) TILE(mb, 1, t)
-#define TILE_ROW(m, p) f32_panels(1, 1, x, m, K, Wp, N, L->bias, y, p)
+#define TILE_ROW(m, p) f32_panels(0, 1, 1, x, m, K, Wp, N, L->bias, y, p)
+    FOR_EACH_TILE(M, N, F32_XROWS, TILE);
+#undef TILE
+#undef ONE_PANEL
+#undef TILE_ROW
+}
+
+/* bfloat16 panels, at one row as at several: the float32 panels' tiles, half the bytes to stream */
+static void bf16_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
+    const int64_t K = L->k, N = L->n;
+    const void *Wp = L->w;
+#define TILE(MB, NP, p0) f32_panels(1, MB, NP, x, m0, K, Wp, N, L->bias, y, p0)
+#define ONE_PANEL(mb) TILE(mb, 1, t)
+#define TILE_ROW(m, p) f32_panels(1, 1, 1, x, m, K, Wp, N, L->bias, y, p)
     FOR_EACH_TILE(M, N, F32_XROWS, TILE);
 #undef TILE
 #undef ONE_PANEL
@@ -361,6 +377,8 @@ void gf_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads
             f32_linear(L, xm, rows, ym, threads);
         else if (L->fmt == I8)
             i8_linear(L, xm, rows, ym, threads);
+        else if (L->fmt == BF16)
+            bf16_linear(L, xm, rows, ym, threads);
         else
             q4_linear(L, xm, rows, ym, threads);
     }
@@ -382,14 +400,27 @@ static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch's 
     return (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
 }
 
-/* The weights of L (int8 or 4-bit, in panels) as floats: out (n, k_out) float32, or bfloat16 where
- * `bf16` (k_out <= L->k drops padding columns). What a prefill multiplies with. */
+/* The weights of L (int8, 4-bit or bfloat16, in panels) as floats: out (n, k_out) float32, or
+ * bfloat16 where `bf16` (k_out <= L->k drops padding columns). What a prefill multiplies with. */
 void gf_dequantize(const gf_lin *L, int64_t k_out, void *out, int bf16, int threads) {
     const int64_t K = L->k, N = L->n;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p = 0; p < panel_count(N); p++) {
+        if (L->fmt == BF16 && bf16) {  /* the same bits, out of the panel's order */
+            const uint16_t *q = (const uint16_t *)L->w + p * VL * K;
+            for (int64_t c = 0; c < VL && p * VL + c < N; c++)
+                for (int64_t i = 0; i < k_out; i++) ((uint16_t *)out)[(p * VL + c) * k_out + i] = q[i * VL + c];
+            continue;
+        }
         float *rows = malloc(sizeof(float) * VL * K);  /* the panel's VL rows of W */
-        if (L->fmt == I8) {
+        if (L->fmt == BF16) {
+            const uint16_t *q = (const uint16_t *)L->w + p * VL * K;
+            for (int64_t k = 0; k < K; k++)
+                for (int c = 0; c < VL; c++) {
+                    const uint32_t bits = (uint32_t)q[k * VL + c] << 16;
+                    memcpy(rows + c * K + k, &bits, 4);
+                }
+        } else if (L->fmt == I8) {
             const int8_t *q = (const int8_t *)L->w + p * VL * K;
             for (int64_t s = 0; s < K / 4; s++)
                 for (int c = 0; c < VL; c++)

@@ -1,11 +1,11 @@
-/* gemv.c's interface to the other kernels: one linear layer, in any of the three weight formats. */
+/* gemv.c's interface to the other kernels: one linear layer, in any of the four weight formats. */
 #ifndef GPTFORGE_GEMV_H
 #define GPTFORGE_GEMV_H
 #include <stdint.h>
 
-enum format { F32 = 0, I8 = 1, Q4 = 2 };
+enum format { F32 = 0, I8 = 1, Q4 = 2, BF16 = 3 };
 
-/* W (n, k) in `fmt` (see gemv.c): `w` (float32: row-major; int8, 4-bit: in panels), float32's
+/* W (n, k) in `fmt` (see gemv.c): `w` (float32: row-major; int8, 4-bit, bf16: in panels), float32's
  * panels `wp` or NULL, the scales (int8: (n,), 4-bit: in panels) and the bias (n,) or NULL */
 typedef struct {
     int64_t fmt, n, k;

@@ -212,7 +212,8 @@ def _add_precision_flags(parser: argparse.ArgumentParser, default: str = "float3
     from .quant import DTYPES as COMPUTE_DTYPES, QUANTIZATIONS
 
     parser.add_argument("--dtype", choices=("auto", *COMPUTE_DTYPES), default=default,
-                        help=f"compute dtype; auto: this CPU's choice (quant.choose_mode) (default: {default})")
+                        help="compute dtype; bfloat16: bf16 weights (on CPU through gptforge's kernels, float32 "
+                             f"activations); auto: this CPU's choice (quant.choose_mode) (default: {default})")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                         help="int8: weight-only int8 linears; int4: 4-bit groups as llama.cpp's Q4_0 "
                              "(on CPU through gptforge's kernels, activations quantized as Q8_0)")

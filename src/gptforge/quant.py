@@ -161,8 +161,8 @@ class PackedLinear(nn.Module):
 
 
 class _WeightOnlyLinear(nn.Module):
-    """A quantized linear: a decode step's few rows through gptforge's integer kernel (`fmt`) where
-    it runs, else through `torch_rows` (PyTorch's weight-only kernel); many rows (a prefill) through
+    """A weight-only linear (int8, 4-bit, bf16): a decode step's few rows through gptforge's kernel
+    for `fmt` where it runs, else through `torch_rows` (PyTorch's kernel); many rows (a prefill) through
     the weights dequantized to `prefill_dtype`. x: (..., in) float -> (..., out), x's dtype.
     Subclasses store the weights with their inputs zero-padded to `in_padded`, in the kernels'
     panel order where they run (`panels`; `kernels.pack`), and give `fmt`, `weight_data` (the

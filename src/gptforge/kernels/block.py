@@ -1,8 +1,8 @@
 """A TransformerBlock, and a whole GPTModel, whose decode steps run as one C call (block.c's
 `gf_block_decode` and `gf_model_decode`).
 
-`fuse_blocks(model)` (called by `quant.prepare_for_inference` for float32, int8 and 4-bit CPU
-models) turns each block of a prepared model into a `FusedTransformerBlock` and, where every
+`fuse_blocks(model)` (called by `quant.prepare_for_inference` for float32, bf16, int8 and 4-bit
+CPU models) turns each block of a prepared model into a `FusedTransformerBlock` and, where every
 block and the output head run in C, the model into a `FusedGPTModel`: same parameters, same
 state-dict keys, same `forward`. A decode step (one new token per row, up to `kernels.MAX_ROWS`
 rows, float32, no autograd) goes through C, and so does a short prefill into a cache (up to
@@ -37,9 +37,9 @@ class _Block(ctypes.Structure):  # block.c's gf_block
 
 
 def _linear_spec(module: nn.Module, keep: list) -> Linear | None:
-    """The C description of a prepared linear layer (float32, int8 or 4-bit), or None if the
+    """The C description of a prepared linear layer (float32, bf16, int8 or 4-bit), or None if the
     kernels cannot run it; `keep` collects the tensors the description points into."""
-    if hasattr(module, "fmt"):  # quant's Int8Linear / Int4Linear
+    if hasattr(module, "fmt"):  # quant's Int8Linear / Int4Linear / Bf16Linear
         if not module.panels or module.in_padded != module.in_features:
             return None
         keep.extend(t for t in (module.weight_data, module.scale, module.bias) if t is not None)

@@ -514,23 +514,20 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     model.to(torch_dtype)
     if device_type != "cpu":
         return model
-    if quantize in ("int8", "int4"):
-        make = functools.partial(Int8Linear if quantize == "int8" else Int4Linear, prefill_dtype=mode.prefill_dtype,
-                                 kernel_rows=mode.kernel_rows)
+    weight_only = {"int8": Int8Linear, "int4": Int4Linear}.get(quantize)
+    if weight_only is None and torch_dtype == torch.bfloat16 and kernels.available():
+        model.float()  # bf16 values held as float32: embeddings and norms as the C step reads them
+        weight_only = Bf16Linear
+    if weight_only is not None:
+        make = functools.partial(weight_only, prefill_dtype=mode.prefill_dtype, kernel_rows=mode.kernel_rows)
         _fuse_qkv(model, lambda att: make(_concat_qkv(att)))
         _drop_separate_qkv(model)
         _swap_linears(model, make)
-        if torch_dtype == torch.float32 and kernels.available():
+        if kernels.available() and (torch_dtype == torch.float32 or weight_only is Bf16Linear):
             fuse_blocks(model)
-            # the cache as Q8_0 rows: a quarter of float32's bytes for attention to read (fp16's half)
-            model.kv_dtype = KV_Q8_0 if model.cfg.head_dim % 32 == 0 else torch.float16
-    elif torch_dtype == torch.bfloat16 and kernels.available():
-        model.float()  # the bf16 values as float32: embeddings and norms as the C step reads them
-        make = functools.partial(Bf16Linear, prefill_dtype=mode.prefill_dtype, kernel_rows=mode.kernel_rows)
-        _fuse_qkv(model, lambda att: make(_concat_qkv(att)))
-        _drop_separate_qkv(model)
-        _swap_linears(model, make)
-        fuse_blocks(model)
+            if weight_only is not Bf16Linear:
+                # the cache as Q8_0 rows: a quarter of float32's bytes for attention to read (fp16's half)
+                model.kv_dtype = KV_Q8_0 if model.cfg.head_dim % 32 == 0 else torch.float16
     elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
         _fuse_qkv(model, lambda att: PackedLinear(_concat_qkv(att)))
         _drop_separate_qkv(model)

@@ -330,6 +330,35 @@ def test_short_prefill_in_c_is_pytorchs_prefill(quantize, rows, padded, tiny_con
 
 
 @needs_kernels
+def test_a_hook_on_a_module_the_c_step_stands_in_for_takes_pytorchs_path(tiny_config, monkeypatch):
+    """While a forward hook (or pre-hook) sits on a block or the head of a FusedGPTModel, its
+    prefill and decode steps go through PyTorch's modules, so the hook sees every one; once removed,
+    each is one C call again, with the same tokens."""
+    from gptforge import GPTModel, generate, prepare_for_inference
+    from gptforge.kernels import block
+
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=64, emb_dim=128, n_heads=2)),
+                                  "auto", "int8")
+    calls, original = [], block.call
+    monkeypatch.setattr(block, "call", lambda name, *a: calls.append(name) or original(name, *a))
+    ids = torch.randint(0, 256, (2, 5))
+    plain = generate(model, ids, 4, stop_token_ids=())
+    assert calls.count("gf_model_decode") == 4  # the prefill and three steps
+    for register in (model.trf_blocks[1].register_forward_hook, model.out_head.register_forward_pre_hook):
+        seen, calls[:] = [], []
+        handle = register(lambda *args: seen.append(1) and None)
+        try:
+            assert torch.equal(generate(model, ids, 4, stop_token_ids=()), plain)
+        finally:
+            handle.remove()
+        assert len(seen) == 4 and "gf_model_decode" not in calls
+    calls[:] = []
+    assert torch.equal(generate(model, ids, 4, stop_token_ids=()), plain)
+    assert calls.count("gf_model_decode") == 4
+
+
+@needs_kernels
 def test_fused_model_step_leaves_what_c_cannot_take_to_pytorch(tiny_config):
     """What the C step does not take goes through GPTModel.forward, with its errors and results: a
     token outside the vocabulary (IndexError, the cache untouched), a full cache, autograd on."""

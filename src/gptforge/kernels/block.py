@@ -163,7 +163,7 @@ class FusedGPTModel(GPTModel):
             spec is not None and cache is not None and targets is None and b <= MAX_ROWS
             and (t == 1 or last_only and b * t <= self.__dict__["_c_rows"])
             and not self.training and not torch.is_grad_enabled() and in_idx.device.type == "cpu"
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in self.__dict__["_c_modules"])) else None
+            and not any(self.__dict__["_c_hook_dicts"])) else None
         if step is None:
             return super().forward(in_idx, cache=cache, positions=positions, attention_mask=attention_mask,
                                    last_only=last_only, targets=targets)
@@ -182,7 +182,8 @@ class FusedGPTModel(GPTModel):
                     and (attention_mask.shape[0] != b or attention_mask.shape[1] < start + t))):
             return None
         if positions is None:
-            positions = torch.arange(start, start + t, dtype=torch.int64).expand(b, t).contiguous()
+            positions = (torch.full((b, 1), start, dtype=torch.int64) if t == 1
+                         else torch.arange(start, start + t, dtype=torch.int64).expand(b, t).contiguous())
         else:
             positions = positions.to(torch.int64)
             if positions.numel() not in (t, b * t):
@@ -255,8 +256,10 @@ def fuse_blocks(model: nn.Module) -> None:
     if spec is not None:
         model.__class__ = FusedGPTModel
         model.__dict__["_c_model"] = spec
-        model.__dict__["_c_modules"] = (model.tok_emb, model.pos_emb, *model.trf_blocks, model.final_norm,
-                                        model.out_head)
+        # the forward hooks of the modules the C step stands in for: their dicts, which registering a
+        # hook adds to (a check of ~15 modules' attributes each step cost ~20 us after the C call)
+        modules = (model.tok_emb, model.pos_emb, *model.trf_blocks, model.final_norm, model.out_head)
+        model.__dict__["_c_hook_dicts"] = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
         model.__dict__["_f32_head"] = _f32_layers([spec[0].head], [model.out_head])
         # the most tokens of a prefill in C: PREFILL_ROWS, within every layer's kernel_rows
         bounds = [getattr(m, "kernel_rows", None) for b in model.trf_blocks for m in b._linears()]

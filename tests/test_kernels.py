@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from gptforge import kernels
 from gptforge.model import KV_Q8_0, q8_0_floats, q8_0_rows
-from gptforge.quant import Int4Linear, Int8Linear, quantize_int8, quantize_q4_0
+from gptforge.quant import Bf16Linear, Int4Linear, Int8Linear, quantize_int8, quantize_q4_0
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"gptforge kernels: {kernels.describe()}")
 
@@ -513,7 +513,7 @@ def test_dequantize_in_c_equals_pytorchs(dtype, monkeypatch):
     """What a prefill multiplies with: the C conversion against the same in PyTorch operators."""
     torch.manual_seed(0)
     linear = nn.Linear(200, 70)  # 200 inputs: padded to 256 inside, cut off again
-    for q in (Int8Linear(linear), Int4Linear(linear)):
+    for q in (Int8Linear(linear), Int4Linear(linear), Bf16Linear(linear)):
         ours = q.dequantized(dtype)
         monkeypatch.setattr(kernels, "available", lambda: False)
         reference = q.dequantized(dtype)
@@ -558,10 +558,10 @@ def test_row_major_is_torch_cat_of_transposed_weights(use_kernels, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["i8", "q4"])
+@pytest.mark.parametrize("fmt", ["i8", "q4", "bf16"])
 def test_quantizing_in_c_gives_pytorchs_bytes(fmt):
-    """kernels.quantize (what makes an int8 or 4-bit model where the kernels run) against quant.py's
-    PyTorch quantizers then `pack`, byte for byte: rows not a whole panel, inputs padded, a
+    """kernels.quantize (what makes an int8, 4-bit or bf16 model where the kernels run) against
+    quant.py's PyTorch quantizers (bf16: `.to(torch.bfloat16)`) then `pack`, byte for byte: rows not a whole panel, inputs padded, a
     transposed view (Hugging Face's layout) as well as rows, int8 values exactly halfway (to even),
     a 4-bit group whose largest magnitudes tie with opposite signs (the first wins), a zero group,
     and two values whose codes a fused multiply-add in floor(w * (1 / d) + 8.5) would move."""
@@ -575,9 +575,16 @@ def test_quantizing_in_c_gives_pytorchs_bytes(fmt):
     weight[3, 96:128] = 0.01  # d = 0.1 / -8: w / d + 8.5 rounded twice floors one higher than fused
     weight[3, 96:99] = torch.tensor([0.1, 0.056250002, 0.031250004])
     big = torch.randn(2000, 512)
-    reference = {"i8": quantize_int8, "q4": quantize_q4_0}[fmt]
+    reference = {"i8": quantize_int8, "q4": quantize_q4_0, "bf16": lambda w: (w.to(torch.bfloat16), None)}[fmt]
+    if fmt == "bf16":  # halfway between two bf16 values both ways (to even), infinities, a NaN
+        weight[4, :6] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), float("inf"), float("-inf"), float("nan")])
     for w, padded_to in ((weight, k_padded), (weight.t().contiguous().t(), k_padded), (big, 512)):
         expected = kernels.pack(fmt, *reference(F.pad(w, (0, padded_to - w.shape[1]))))
         got = kernels.quantize(fmt, w, padded_to)
-        assert got[0].dtype == expected[0].dtype and torch.equal(got[0], expected[0])
-        assert torch.equal(got[1], expected[1])
+        assert got[0].dtype == expected[0].dtype
+        nan = expected[0].isnan() if fmt == "bf16" else torch.zeros_like(expected[0], dtype=torch.bool)
+        if fmt == "bf16":  # a NaN stays NaN (its bits may differ); every other value, bit for bit
+            assert torch.equal(got[0].isnan(), nan)
+        bits = {torch.bfloat16: torch.int16}.get(got[0].dtype, got[0].dtype)
+        assert torch.equal(got[0].view(bits)[~nan], expected[0].view(bits)[~nan])
+        assert got[1] is expected[1] is None or torch.equal(got[1], expected[1])

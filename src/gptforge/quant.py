@@ -253,8 +253,9 @@ class Bf16Linear(_WeightOnlyLinear):
     def __init__(self, linear: nn.Linear, prefill_dtype: torch.dtype = torch.bfloat16,
                  kernel_rows: int | None = MAX_DECODE_ROWS):
         super().__init__()
-        weight = self._padded(self._set_common(linear, prefill_dtype, kernel_rows)).to(torch.bfloat16)
-        self.register_buffer("weight_bf16", kernels.pack("bf16", weight)[0] if self.panels else weight.contiguous())
+        weight = self._set_common(linear, prefill_dtype, kernel_rows)
+        self.register_buffer("weight_bf16", kernels.quantize("bf16", weight, self.in_padded)[0] if self.panels
+                             else self._padded(weight).to(torch.bfloat16))
 
     @property
     def weight_data(self) -> torch.Tensor:
@@ -511,13 +512,20 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
                       "run far faster here", stacklevel=2)
     model.eval()
     merge_lora(model)  # the layouts below read plain Linear weights: adapters are added into them first
-    model.to(torch_dtype)
+    weight_only = {"int8": Int8Linear, "int4": Int4Linear}.get(quantize)
+    if device_type == "cpu" and weight_only is None and torch_dtype == torch.bfloat16 and kernels.available():
+        weight_only = Bf16Linear  # bf16 weights on gptforge's kernels, float32 activations
+        model.float()
+        # every other parameter (embeddings, norms, biases) takes its bf16 value, held as float32 as
+        # the C step reads it; the linears' weights are rounded as Bf16Linear stores them (not twice)
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if not (isinstance(module, nn.Linear) and name == "weight"):
+                    param.data = param.data.to(torch.bfloat16).float()
+    else:
+        model.to(torch_dtype)
     if device_type != "cpu":
         return model
-    weight_only = {"int8": Int8Linear, "int4": Int4Linear}.get(quantize)
-    if weight_only is None and torch_dtype == torch.bfloat16 and kernels.available():
-        model.float()  # bf16 values held as float32: embeddings and norms as the C step reads them
-        weight_only = Bf16Linear
     if weight_only is not None:
         make = functools.partial(weight_only, prefill_dtype=mode.prefill_dtype, kernel_rows=mode.kernel_rows)
         _fuse_qkv(model, lambda att: make(_concat_qkv(att)))

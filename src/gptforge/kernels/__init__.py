@@ -187,20 +187,23 @@ def pack(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None) -> t
 
 def quantize(fmt: str, weight: torch.Tensor, k_padded: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`pack(fmt, *q)` of quant.py's PyTorch quantization q of `weight` (N, K) float32 zero-padded
-    to `k_padded` inputs ('i8': per-row int8 and its (N,) scales; 'q4': Q4_0), the same bytes,
+    to `k_padded` inputs ('i8': per-row int8 and its (N,) scales; 'q4': Q4_0; 'bf16': rounded to
+    bfloat16, no scales: None), the same bytes,
     quantized in C straight into the panels, reading `weight` with any strides (making GPT-2 124M's
     int8 or int4 layers took 1.1-1.3 s of PyTorch operators on two threads, now 0.24-0.38 s)."""
     n, k = weight.shape
     vl, groups = vector_floats(), k_padded // (4 if fmt == "i8" else 32)
     panels = -(-n // vl)
-    if fmt == "i8":
+    if fmt == "bf16":
+        out, scale = torch.empty(panels, k_padded, vl, dtype=torch.bfloat16), torch.empty(0)
+    elif fmt == "i8":
         out, scale = torch.empty(panels, groups, vl, 4, dtype=torch.int8), torch.empty(n)
     else:
         out, scale = torch.empty(panels, groups, 4, vl, 4, dtype=torch.uint8), torch.empty(panels, groups, vl)
     weight = weight.detach().float()  # any strides: a Hugging Face weight is a transposed view
     call("gf_quantize", FORMATS[fmt], weight.data_ptr(), *weight.stride(), n, k, k_padded, out.data_ptr(),
          scale.data_ptr(), torch.get_num_threads())
-    return out, scale
+    return out, None if fmt == "bf16" else scale
 
 
 def unpack(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -466,8 +466,9 @@ static inline float times_plus(float v, float inverse, float plus) {
  * lays out: I8 per row
  * scale = max(max |w|, 1e-12) / 127 (scale (n,)), q = round-to-even(w / scale); Q4 per group of 32
  * d = (its first value of largest magnitude) / -8 (scale in panels), q = floor(w / d + 8.5) in
- * [0, 15], rows past n the code 8 (0) with d = 0. What made an int8 or 4-bit model took ~1.2 s
- * of PyTorch operators for GPT-2 124M. */
+ * [0, 15], rows past n the code 8 (0) with d = 0; BF16 each w rounded to bfloat16 (to nearest even,
+ * as torch's .to(bfloat16)), rows past n zero (scale unused). What made an int8 or 4-bit model
+ * took ~1.2 s of PyTorch operators for GPT-2 124M. */
 void gf_quantize(int64_t fmt, const float *W, int64_t rs, int64_t cs, int64_t N, int64_t k, int64_t K, void *out,
                  float *scale, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -481,6 +482,13 @@ void gf_quantize(int64_t fmt, const float *W, int64_t rs, int64_t cs, int64_t N,
         else
             for (int64_t i = 0; i < k; i++)
                 for (int64_t c = 0; c < live; c++) rows[c * K + i] = W[(n0 + c) * rs + i * cs];
+        if (fmt == BF16) {
+            uint16_t *q = (uint16_t *)out + p * VL * K;
+            for (int64_t i = 0; i < K; i++)
+                for (int c = 0; c < VL; c++) q[i * VL + c] = to_bf16(rows[c * K + i]);
+            free(rows);
+            continue;
+        }
         for (int c = 0; c < VL; c++) {
             const int64_t n = n0 + c;
             const float *row = rows + c * K;

@@ -51,6 +51,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # gptforge mode -> (prepare_for_inference arguments, llama.cpp GGUF type); None: gptforge has no such mode.
 MODES = {
     "fp32": (("float32", "none"), "f32"),
+    "bf16": (("bfloat16", "none"), "bf16"),
     "int8": (("float32", "int8"), "q8_0"),
     "int4": (("float32", "int4") if "int4" in QUANTIZATIONS else None, "q4_0"),
 }
@@ -147,8 +148,9 @@ def server_for(path: Path, mode: str, prompt: list[int], args: argparse.Namespac
     from load_test import free_port, start_server
 
     port = free_port()
-    server = start_server(str(path), port, args.threads, ("--served-model-name", "bench", "--dtype", "float32",
-                                                          "--quantize", MODES[mode][0][1]))
+    dtype, quantize = MODES[mode][0]
+    server = start_server(str(path), port, args.threads, ("--served-model-name", "bench", "--dtype", dtype,
+                                                          "--quantize", quantize))
     try:
         served_decode(port, prompt, 4)  # warm-up
         yield port

@@ -112,13 +112,16 @@ def test_quantized_files_load_dequantized(tmp_path, builtin):
     ids = torch.tensor([get_tokenizer().encode(PROMPT)])
     with torch.no_grad():
         ref = builtin(ids)
-    for kind, qtype in (("q8_0", Q.Q8_0), ("q4_0", Q.Q4_0)):
+    for kind, qtype in (("bf16", Q.BF16), ("q8_0", Q.Q8_0), ("q4_0", Q.Q4_0)):
         model = gptforge.load(gptforge.save(builtin, tmp_path / f"m-{kind}.gguf", format="gguf", gguf_type=kind))
         w = builtin.trf_blocks[0].ff.layers[0].weight.detach().numpy()
         expected = dequantize(quantize(w, qtype), qtype)  # gguf's reference round trip
         assert np.array_equal(model.trf_blocks[0].ff.layers[0].weight.detach().numpy(), expected)
         with torch.no_grad():
-            agree = (model(ids).argmax(-1) == ref.argmax(-1)).float().mean().item()
+            logits = model(ids)
+            agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        if kind == "bf16":  # the built-in model's weights are stored in bf16: nothing lost
+            assert torch.equal(logits, ref)
         print(f"{kind}: top-1 agreement with fp32 {agree:.3f}")
         assert agree > 0.5  # a sanity bound only; the benchmark reports the figures
 
@@ -193,7 +196,7 @@ def test_llama_cpp_quantized_agreement_reported(llama_cpp, tmp_path, builtin):
     ids = get_tokenizer().encode(PROMPT * 3)
     with torch.no_grad():
         ref = builtin(torch.tensor([ids]))[0].numpy()
-    for kind in ("q8_0", "q4_0"):
+    for kind in ("bf16", "q8_0", "q4_0"):
         llm = _llama(llama_cpp, gptforge.save(builtin, tmp_path / f"m-{kind}.gguf", format="gguf", gguf_type=kind), builtin.cfg.context_length)
         theirs = _llama_logits(llm, ids)
         agree = float((theirs.argmax(-1) == ref.argmax(-1)).mean())

@@ -3,7 +3,7 @@
 
 Written as llama.cpp's `convert_hf_to_gguf.py` writes GPT-2 (architecture "gpt2"): the tensor
 names and layouts below, 1-D tensors, norms and the position embedding always F32, every other
-weight matrix in the chosen type (f32, f16, q8_0 or q4_0; a matrix whose rows do not split into
+weight matrix in the chosen type (f32, f16, bf16, q8_0 or q4_0; a matrix whose rows do not split into
 32-value blocks falls back to F16, as the converter does). GPT-2's tokenizer is embedded (model
 "gpt2", pre-tokenizer "gpt-2", tokens, token types, merges, <|endoftext|> = 50256 as bos, eos and unk, none added),
 so llama.cpp needs nothing else. Our GPTConfig is stored too (`gptforge.config`) so that what
@@ -35,7 +35,7 @@ GGUF_MAGIC = b"GGUF"
 ARCH = "gpt2"
 CONFIG_KEY = "gptforge.config"
 LAYER_NORM_EPS = 1e-5  # gptforge's LayerNorm, GPT-2's
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 # Our names (the book's) -> llama.cpp's, for everything but the fused query/key/value projection.
 _TOP = {
@@ -94,13 +94,13 @@ def _tensor_type(name: str, ndim: int, gguf_type: str) -> Any:
 
     if ndim <= 1 or not name.endswith(".weight") or name.endswith("_norm.weight") or name == "position_embd.weight":
         return Q.F32
-    return {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[gguf_type]
+    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[gguf_type]
 
 
 def _add_metadata(writer: Any, cfg: GPTConfig, gguf_type: str, name: str) -> None:
     from gguf import GGML_QUANT_VERSION, LlamaFileType, TokenType
 
-    file_types = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
+    file_types = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
                   "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}
     writer.add_type("model")
     writer.add_name(name)
@@ -136,7 +136,7 @@ def save_gguf(model: GPTModel, path: str | Path, training_state: dict[str, Any] 
               gguf_type: str = "f32") -> Path:
     """Write `model` as one GPT-2 GGUF file that llama.cpp runs as is, atomically.
 
-    gguf_type: 'f32', 'f16', 'q8_0' or 'q4_0' for the weight matrices (see the module docstring).
+    gguf_type: 'f32', 'f16', 'bf16', 'q8_0' or 'q4_0' for the weight matrices (see the module docstring).
     The model needs GPT-2's vocabulary (vocab_size >= 50257), whose tokenizer is embedded.
     Returns `path`."""
     import gguf
@@ -275,7 +275,7 @@ class GGUFHeader:
             data = dequantize(raw.reshape(-1, shape[0] // block * block_bytes), qtype)
         except NotImplementedError:
             raise GptforgeError(f"{self.path}: tensor {name!r} is {qtype.name}, which gguf cannot dequantize; "
-                                f"convert the file to f32, f16, q8_0 or q4_0") from None
+                                f"convert the file to f32, f16, bf16, q8_0 or q4_0") from None
         return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32).reshape(torch_shape))
 
     def _bytes(self, name: str, offset: int, nbytes: int) -> bytes:

@@ -141,6 +141,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the batching comparison (default: 3)")
     parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                         help="the started server's weights (its --quantize; default: none, float32)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the started server's --dtype (default: float32)")
     args = parser.parse_args()
     if (not 0 < args.requests <= 10_000 or not 0 < args.max_tokens <= 1024 or not 0 < args.time_limit <= 3600
             or not 0 < args.rounds <= 20):
@@ -157,7 +159,8 @@ def main() -> int:
         url = args.url.rstrip("/")
     else:
         port = free_port()
-        options = ("--quantize", args.quantize) if args.quantize != "none" else ()
+        options = (("--quantize", args.quantize) if args.quantize != "none" else ()) + (
+            ("--dtype", args.dtype) if args.dtype != "float32" else ())
         print(f"starting gptforge serve --model {args.model} {' '.join(options)} on 127.0.0.1:{port} ...", flush=True)
         proc = start_server(args.model, port, args.threads, options)
         url = f"http://127.0.0.1:{port}"

@@ -149,13 +149,14 @@ def test_serve_cli_prepares_the_chosen_mode(monkeypatch, tmp_path, tiny_config):
     assert served["model"].trf_blocks[0].att.fused_qkv is not None
 
 
-@pytest.mark.parametrize("prompt", [6, 20])
-def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(prompt, tiny_config, monkeypatch):
+@pytest.mark.parametrize("batch, prompt", [(4, 6), (8, 17)])
+def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(batch, prompt, tiny_config, monkeypatch):
     """Decode steps of 1..16 rows go through gptforge's kernels (where they run here: the whole
     step as one C call), and so does a prefill: a short one (4 x 6 tokens, under PREFILL_ROWS) as
-    one C call too; a longer one (4 x 20) through PyTorch's attention with its products on the
-    kernel (kernels.linear) where choose_mode's kernel_rows allow 80 rows on this CPU, then the
-    head at the prompt's last position. Greedy tokens equal the book's generate_text_simple."""
+    one C call too; a longer one (8 x 17) through PyTorch's attention with its products on the
+    kernel (kernels.linear) where choose_mode's kernel_rows allow 136 rows on this CPU (else on
+    MKL), then the head at the prompt's last position. Greedy tokens equal the book's
+    generate_text_simple."""
     from gptforge import generate_text_simple, kernels
     from gptforge.kernels import block
     from gptforge.quant import Float32Linear
@@ -169,21 +170,22 @@ def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(prompt, ti
     original, original_call = kernels.linear, block.call
     monkeypatch.setattr(kernels, "linear", lambda x, *a, **k: calls.append(tuple(x.shape)) or original(x, *a, **k))
     monkeypatch.setattr(block, "call", lambda name, *a: steps.append(name) or original_call(name, *a))
-    idx = torch.randint(0, cfg.vocab_size, (4, prompt), generator=torch.Generator().manual_seed(5))
-    out = generate(model, idx, 10, stop_token_ids=())  # batch 4: a prefill, then steps of 4
+    idx = torch.randint(0, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(5))
+    out = generate(model, idx, 10, stop_token_ids=())  # a prefill, then steps of `batch` rows
     assert torch.equal(out, generate_text_simple(copy.deepcopy(model).eval(), idx, 10, cfg.context_length))
     if not kernels.available():
         assert calls == [] and steps == []
         return
     assert type(view) is block.FusedGPTModel
     assert all(type(b) is block.FusedTransformerBlock for b in view.trf_blocks)
-    rows, d = 4 * prompt, cfg.emb_dim
+    rows, d = batch * prompt, cfg.emb_dim
     if rows <= block.PREFILL_ROWS:
         assert calls == [] and steps == ["gf_model_decode"] * 10
         return
     assert steps == ["gf_model_decode"] * 9
     on_kernel = rows <= (view.trf_blocks[0].att.fused_qkv.kernel_rows or rows)
-    assert calls == ([(rows, d), (rows, d), (rows, d), (rows, 4 * d)] * cfg.n_layers + [(4, d)] if on_kernel else [])
+    assert calls == ([(rows, d), (rows, d), (rows, d), (rows, 4 * d)] * cfg.n_layers + [(batch, d)] if on_kernel
+                     else [(batch, d)])  # the head's rows, on the kernel whatever the prompt
 
 
 def test_bf16_asked_for_on_a_cpu_without_bf16_hardware_warns(tiny_config, monkeypatch):

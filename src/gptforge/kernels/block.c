@@ -203,13 +203,16 @@ static void attention(const float *qkv, int64_t M, int64_t T, int64_t d, int64_t
 }
 
 /* The calling thread's working memory for a block step, kept between calls: a fresh malloc of a
- * batch's few hundred KiB is an mmap, page faults and an munmap every block. */
+ * batch's few hundred KiB is an mmap, page faults and an munmap every block. Aligned to cache
+ * lines: malloc's 16 bytes made every vector load of a row straddle two lines (a 64-token prefill's
+ * float32 products ran 1.5x slower on them than on PyTorch's 64-byte-aligned tensors). */
 static float *scratch(size_t bytes) {
     static _Thread_local float *buffer;
     static _Thread_local size_t size;
     if (bytes > size) {
         free(buffer);
-        buffer = malloc(bytes);
+        bytes = (bytes + 63) / 64 * 64;
+        buffer = aligned_alloc(64, bytes);
         size = buffer ? bytes : 0;
     }
     return buffer;

@@ -25,9 +25,11 @@ from . import MAX_ROWS, Linear, _ptr, call, f32_panels, layer, library, supporte
 # The KV caches the C blocks read: dtype -> block.c's format (KV_F32, KV_F16, KV_Q8)
 KV_FORMATS = {torch.float32: 0, torch.float16: 1, KV_Q8_0: 2}
 # A prefill of at most this many tokens (all rows together) into a cache runs as one C call, like a
-# decode step; longer ones through PyTorch, whose attention and (float32) matmuls win there. The
-# products of a prefill stay within the layers' own `kernel_rows` (quant.choose_mode) too.
-PREFILL_ROWS = 64
+# decode step (GPT-2 124M: 1.3-1.45x PyTorch's blocks for int8 at 64-128 tokens, 1.0-1.16x for
+# float32 at one row, 1.4x at several rows); longer ones through PyTorch, whose attention and
+# (float32) matmuls win there. The products of a prefill stay within the layers' own
+# `kernel_rows` (quant.choose_mode) too.
+PREFILL_ROWS = 128
 
 
 class _Block(ctypes.Structure):  # block.c's gf_block

@@ -29,6 +29,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def has_bf16_hardware(flags: frozenset[str]) -> bool:
+    """Whether a CPU with these feature flags runs bf16 matmuls in hardware (BF16_HARDWARE_FLAGS)."""
+    return any(flag in flags for flag in BF16_HARDWARE_FLAGS)
+
+
 def cpu_name() -> str:
     """The CPU's model name ('AMD EPYC', ...), or the machine type where it is unreadable."""
     try:

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import kernels
-from .cpu import BF16_HARDWARE_FLAGS, cpu_flags
+from .cpu import cpu_flags, has_bf16_hardware
 from .errors import GptforgeError
 from .kernels.block import fuse_blocks
 from .lora import merge_lora
@@ -125,7 +125,7 @@ def choose_mode(dtype: str = "auto", quantize: str = "none", flags: frozenset[st
         dtype = str(parse_dtype(dtype)).removeprefix("torch.")
     flags = cpu_flags() if flags is None else flags
     native = kernels.available() if native is None else native
-    bf16_hardware = any(flag in flags for flag in BF16_HARDWARE_FLAGS)
+    bf16_hardware = has_bf16_hardware(flags)
     if quantize != "none" and device_type == "cpu":
         dtype = "float32" if native else "bfloat16"
     elif dtype == "auto":
@@ -504,7 +504,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     torch_dtype = DTYPES[mode.dtype]
     flags = cpu_flags()
     if (torch_dtype == torch.bfloat16 and device_type == "cpu" and flags and not kernels.available()
-            and not any(flag in flags for flag in BF16_HARDWARE_FLAGS)):
+            and not has_bf16_hardware(flags)):
         # 'auto' never comes here: only a bf16 asked for by name on such a CPU, where gptforge's
         # kernels (whose bf16 weights meet float32 activations: Bf16Linear) do not run
         warnings.warn("gptforge: this CPU has no bf16 hardware, so PyTorch emulates bf16 matrix products (0.3 "

@@ -458,7 +458,7 @@ def _add_convert_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentP
     conv.add_argument("--to", required=True, choices=("gptforge", "hf", "gguf"), help="output format")
     conv.add_argument("--out", required=True, metavar="PATH", help="output directory, or file for gguf (an existing checkpoint there is replaced atomically; other contents are refused)")
     conv.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
-                      help="GGUF weight type: f32 (default), f16, q8_0 or q4_0 (llama.cpp's 8- and 4-bit blocks)")
+                      help="GGUF weight type: f32 (default), f16, bf16, q8_0 or q4_0 (llama.cpp's 8- and 4-bit blocks)")
     conv.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="convert the weights (default: keep)")
     conv.add_argument("--merge-lora", action="store_true",
                       help="add a LoRA checkpoint's adapters into its base's weights: a plain checkpoint")

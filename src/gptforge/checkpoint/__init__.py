@@ -67,7 +67,7 @@ def save(model: GPTModel, out_dir: str | Path, format: str = "gptforge",
         vocabulary its tokenizer files and generation_config.json) that
         `transformers.GPT2LMHeadModel.from_pretrained` and `AutoTokenizer` load.
     format "gguf": `out_dir` is one file (model.gguf) that llama.cpp runs as is: GPT-2's tokenizer
-        embedded, weight matrices in `gguf_type` ('f32' by default, 'f16', 'q8_0', 'q4_0').
+        embedded, weight matrices in `gguf_type` ('f32' by default, 'f16', 'bf16', 'q8_0', 'q4_0').
     Weights are written in the model's dtype (gguf: in `gguf_type`). Returns `out_dir` as a Path.
     """
     if format not in SAVE_FORMATS:
@@ -86,7 +86,7 @@ def save(model: GPTModel, out_dir: str | Path, format: str = "gptforge",
 
 
 def detect_format(path: str | Path) -> str:
-    """The name of the format (a key of `FORMATS`: 'gptforge', 'hf', 'gguf', 'book') of an existing
+    """The name of the format (a key of `FORMATS`: 'lora', 'gptforge', 'hf', 'gguf', 'book') of an existing
     checkpoint path; GptforgeError when no format recognises it, FileNotFoundError when absent."""
     path = Path(path)
     if not (path.is_dir() or path.is_file()):

@@ -74,3 +74,26 @@ def test_a_bad_flag_value_is_exit_2_and_one_line(capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_an_output_path_that_cannot_be_a_folder_is_exit_2(tmp_path, capsys, tiny_config):
+    """--out under (or at) a file: one line and exit 2 from convert and train, the file untouched."""
+    import json
+
+    import torch
+
+    from gptforge.checkpoint import save
+    from gptforge.model import GPTModel
+
+    save(GPTModel(tiny_config(vocab_size=50257)), tmp_path / "tiny")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_config(vocab_size=50257)))
+    (tmp_path / "text.txt").write_text("Every effort moves you. " * 40)
+    for argv in (["convert", str(tmp_path / "tiny"), "--to", "gptforge", "--out", str(notes / "out")],
+                 ["train", "--data", str(tmp_path / "text.txt"), "--model", str(tmp_path / "cfg.json"),
+                  "--out", str(notes), "--no-progress"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "notes.txt is a file, not a folder" in err and err.count("\n") == 1, err
+    assert notes.read_text() == "mine"

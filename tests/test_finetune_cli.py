@@ -85,6 +85,9 @@ def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys):
     assert "empty" in _error(["classify", "--model", str(tmp_path / "run" / "checkpoint"), " "], capsys)
     assert "preset" in _error(run + ["--data", str(splits["train"]), "--model", "gpt2-124m", "--lora-rank", "2"],
                               capsys)
+    (tmp_path / "notes.txt").write_text("mine")
+    out_at_a_file = run + ["--data", str(splits["train"]), "--out", str(tmp_path / "notes.txt")]
+    assert "notes.txt is a file, not a folder" in _error(out_at_a_file, capsys)
 
 
 @pytest.mark.slow

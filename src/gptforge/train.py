@@ -51,7 +51,7 @@ from .data import (
 )
 from .device import resolve_device
 from .errors import GptforgeError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, ensure_dir
 from .generation import generate_text
 from .metrics import METRICS_FILE, PLOT_FILE, Metrics, progress_bar  # noqa: F401 (re-exported)
 from .lora import apply_lora
@@ -323,7 +323,7 @@ def start_run(cfg: TrainConfig, model: nn.Module, total_steps: int, *, dctx: Dis
         step, tokens_seen = saved_state["step"], saved_state["tokens_seen"]
     out = Path(cfg.out)
     if dctx.main:
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out)
         atomic_write_bytes(out / "train_config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     return Run(cfg=cfg, model=model, raw_model=raw_model, optimizer=optimizer, device=device,
                autocast=autocast_dtype(cfg.precision, device), dctx=dctx, total_steps=total_steps,

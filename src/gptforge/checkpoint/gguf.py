@@ -154,6 +154,9 @@ def save_gguf(model: GPTModel, path: str | Path, training_state: dict[str, Any] 
     path = Path(path)
     if path.is_dir():
         raise GptforgeError(f"{path} is a directory; a GGUF checkpoint is one file: give a file name like model.gguf")
+    if path.is_file() and path.stat().st_size > 0 and not detect(path):  # the user's file, not a checkpoint
+        raise GptforgeError(f"{path} exists and is not a GGUF file; refusing to replace it: choose another "
+                            "output path")
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, ARCH)

@@ -69,6 +69,7 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch, bug):
     (["generate", "x", "--temperature", "hot"], "expected a number"),
     (["serve", "--port", "70000"], "--port"),
     (["train", "--batch-size", "-1"], "--batch-size"),
+    (["train", "--set", "nonsense=3"], "unknown GPTConfig fields (--set KEY=VALUE) ['nonsense']"),
 ])
 def test_a_bad_flag_value_is_exit_2_and_one_line(capsys, args, message):
     assert main(args) == 2
@@ -97,3 +98,12 @@ def test_an_output_path_that_cannot_be_a_folder_is_exit_2(tmp_path, capsys, tiny
         err = capsys.readouterr().err
         assert "notes.txt is a file, not a folder" in err and err.count("\n") == 1, err
     assert notes.read_text() == "mine"
+
+
+@pytest.mark.parametrize("suffix, text", [(".json", '{"max_step": 3}'), (".toml", "max_step = 3")])
+def test_a_training_config_file_with_an_unknown_key_is_exit_2(tmp_path, capsys, suffix, text):
+    config = tmp_path / f"run{suffix}"
+    config.write_text(text)
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown training options ['max_step']" in err and err.count("\n") == 1, err

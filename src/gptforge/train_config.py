@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import known_fields
+from .config import GPTConfig, known_fields
 from .errors import GptforgeError
 from .lora import check_lora_options
 
@@ -106,6 +106,7 @@ class TrainConfig:
             check_lora_options(self.lora_rank, self.lora_alpha, self.lora_scaling)
         if not isinstance(self.model_overrides, dict):
             raise GptforgeError(f"model_overrides must be a dict of GPTConfig fields, got {self.model_overrides!r}")
+        known_fields(GPTConfig, self.model_overrides, "GPTConfig fields (--set KEY=VALUE)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,6 +139,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise GptforgeError(f"{path} is not a valid {'TOML' if path.suffix == '.toml' else 'JSON'} file: {err}") from None
     if not isinstance(data, dict):
         raise GptforgeError(f"{path} must hold a table/object of training options")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:  # a typo would otherwise be TrainConfig's TypeError
+        raise GptforgeError(f"{path}: unknown training options {unknown}; the keys are the `gptforge train` "
+                            "flags' names with underscores (e.g. batch_size, max_steps)")
     return data
 
 

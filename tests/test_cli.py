@@ -70,6 +70,10 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch, bug):
     (["serve", "--port", "70000"], "--port"),
     (["train", "--batch-size", "-1"], "--batch-size"),
     (["train", "--set", "nonsense=3"], "unknown GPTConfig fields (--set KEY=VALUE) ['nonsense']"),
+    (["generate", "x", "--seed", str(10**23)], "--seed: expected an integer >= 0 and <= 9223372036854775807"),
+    (["eval", "--data", "x", "--seed", str(10**23)], "--seed"),
+    (["train", "--seed", str(10**23)], "--seed"),
+    (["finetune", "classify", "--seed", str(10**23)], "--seed"),
 ])
 def test_a_bad_flag_value_is_exit_2_and_one_line(capsys, args, message):
     assert main(args) == 2

@@ -39,7 +39,7 @@ from .errors import GptforgeError
 from .instruct import ALPACA, RESPONSE_KEY, InstructionData, read_records, respond, with_responses
 from .io import atomic_write_bytes
 from .lora import ALL_TARGETS, DEFAULT_SCALING, SCALINGS, apply_lora, check_lora_options, count_trainable
-from .options import check_fields, option
+from .options import SEED_MAX, check_fields, option
 from .runtime import StopRequest, autocast_context
 from .tokenizer import get_tokenizer
 from .train import CHECKPOINT_DIR, EvalFn, LossFn, Run, evaluate_and_log, lm_loss, start_run, train_step
@@ -112,7 +112,8 @@ class FinetuneOptions:
     eval_batches: int | None = option(5, "batches per estimate (0: all)", minimum=0)
     drop_rate: float = option(0.0, "dropout while finetuning (the book's chapters 6 and 7 use 0)", minimum=0,
                               maximum=0.99)
-    seed: int = option(123, "torch seed: new weights (head, LoRA matrices), batch order, dropout", minimum=0)
+    seed: int = option(123, "torch seed: new weights (head, LoRA matrices), batch order, dropout", minimum=0,
+                       maximum=SEED_MAX)
     precision: str = option("fp32", "fp32 (exact to the book), auto or bf16 autocast",
                             choices=("auto", "bf16", "fp32"))
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")

@@ -496,7 +496,9 @@ class _Corpus:
         if position == 0 or self.batches is None:
             seed = self.epoch_seed if position > 0 else None
             if seed is None:
-                seed = draw_loader_seed(shuffle=True) if cfg.data_order == "book" else cfg.seed * 1_000_003 + run.epoch
+                # torch's generators take 64 bits: a large --seed wraps rather than overflows
+                seed = draw_loader_seed(shuffle=True) if cfg.data_order == "book" else \
+                    (cfg.seed * 1_000_003 + run.epoch) % 2**64
             order = permutation(len(self.train), seed)
             self.batches = batch_indices(len(self.train), self.global_batch, order=order, drop_last=True)
             self.epoch_seed = seed

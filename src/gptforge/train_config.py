@@ -12,6 +12,7 @@ from typing import Any
 from .config import GPTConfig, known_fields
 from .errors import GptforgeError
 from .lora import check_lora_options
+from .options import SEED_MAX, check_value
 
 
 def _field(default: Any, help: str, **kw: Any) -> Any:
@@ -29,7 +30,7 @@ class TrainConfig:
     model: str = _field("gpt2-124m", "preset name, model config JSON, or checkpoint dir (finetuning)")
     out: str = _field("runs/gptforge", "output folder: checkpoint, metrics, loss curve, token files")
     model_overrides: dict = _field({}, "GPTConfig fields to change, e.g. {\"context_length\": 256}")
-    seed: int = _field(123, "torch seed: model initialisation, dropout, data order")
+    seed: int = _field(123, "torch seed: model initialisation, dropout, data order", minimum=0, maximum=SEED_MAX)
     epochs: int = _field(1, "passes over the training windows (ignored when max_steps is set)")
     max_steps: int | None = _field(None, "optimizer steps in all (default: epochs * steps per epoch)")
     batch_size: int = _field(8, "windows per micro-batch, per process")
@@ -86,6 +87,7 @@ class TrainConfig:
         positive("eval_batches", allow_none=True, allow_zero=True)
         for name in ("seed", "warmup_steps", "eval_every", "checkpoint_every", "sample_tokens"):
             positive(name, allow_zero=True)
+        check_value("seed", self.seed, "int", minimum=0, maximum=SEED_MAX)
         for name in ("lr", "weight_decay", "grad_clip", "beta1", "beta2", "val_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):

@@ -556,7 +556,6 @@ def run_server(model: nn.Module, settings: ServeSettings, *, host: str = "127.0.
     """Serve `model` until SIGINT/SIGTERM. Binds loopback unless `host` says otherwise."""
     import uvicorn
 
-    sock = listen_socket(host, port)  # before anything starts: a port in use is one line and exit 2
     if not is_loopback(host):
         log.warning("binding %s: the server is reachable from other machines", host)
     scheduler = BatchScheduler(model, tokenizer or get_tokenizer(), max_batch_size=settings.max_batch_size,
@@ -576,6 +575,7 @@ def run_server(model: nn.Module, settings: ServeSettings, *, host: str = "127.0.
             if self.started and sockets:  # uvicorn names its address only for sockets it bound itself
                 self._log_started_message(sockets)
 
+    sock = listen_socket(host, port)  # before uvicorn starts: a port in use is one line and exit 2
     settle_heap()
     with sock:
         DrainingServer(config).run(sockets=[sock])

@@ -198,6 +198,15 @@ def known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any
     return dict(data)
 
 
+def check_language_model(cfg: GPTConfig, name: str = "this model") -> None:
+    """Refuse a classifier where tokens are predicted (generate, serve, train, instruct, GGUF): its
+    head has one row per label, not one per token, so it would emit label ids as tokens."""
+    if cfg.classifier is not None:
+        raise GptforgeError(f"{name} is a classifier (labels {', '.join(map(str, cfg.classifier.labels))}), not a "
+                            "language model: its head scores labels, not tokens; use it with `gptforge classify` "
+                            "or `gptforge eval`")
+
+
 def as_config(cfg: GPTConfig | Mapping[str, Any] | str) -> GPTConfig:
     """Accept a GPTConfig, a seed-style dict or a preset name."""
     if isinstance(cfg, GPTConfig):

@@ -33,7 +33,7 @@ from .classifier import (
     EncodedTexts, classification_loss, encode_texts, label_ids, label_names, loader_accuracy,
     loader_metrics, padded_length, read_labeled, to_classifier,
 )
-from .config import POOLS, GPTConfig
+from .config import POOLS, GPTConfig, check_language_model
 from .data import Loader
 from .errors import GptforgeError
 from .instruct import ALPACA, RESPONSE_KEY, InstructionData, read_records, respond, with_responses
@@ -399,7 +399,9 @@ def finetune_instruct(config: InstructConfig | None = None, /, **options: Any) -
     Alpaca prompt template in its config), OUT/metrics.jsonl, OUT/loss.png and, with test records,
     OUT/test-responses.json (each record with its greedy `model_response`, as the book's)."""
     cfg = dataclasses.replace(config, **options) if config is not None else InstructConfig(**options)
-    context = model_config(cfg).context_length
+    base_cfg = model_config(cfg)
+    check_language_model(base_cfg, cfg.model)  # instructions are text in, text out
+    context = base_cfg.context_length
     train, val, test = _split_records(cfg)
 
     def data(records: Sequence[dict] | None, source: str) -> InstructionData | None:

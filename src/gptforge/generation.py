@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels
-from .config import known_fields
+from .config import check_language_model, known_fields
 from .errors import GptforgeError
 from .logits_processors import (  # noqa: F401  (re-exported: they were defined here)
     MinP, PresenceFrequencyPenalty, RepetitionPenalty, Temperature, TopK, TopP,
@@ -299,6 +299,7 @@ class _Step:
 def _check_model(model: nn.Module) -> None:
     if not hasattr(model, "new_cache") or not hasattr(model, "cfg"):
         raise GptforgeError(f"generation needs a gptforge GPTModel, got {type(model).__name__}")
+    check_language_model(model.cfg)
 
 
 @torch.no_grad()

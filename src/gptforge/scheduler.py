@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels
+from .config import check_language_model
 from .kernels.block import make_panels
 from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
 from .model import KVCache
@@ -173,6 +174,7 @@ class BatchScheduler:
                  max_waiting: int = 1024):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise GptforgeError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        check_language_model(model.cfg)
         _check_cache_fits(model, max_batch_size)
         # Decode through the same fast layout as `generate` (the model itself stays untouched).
         self.model = inference_view(model.eval())

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import checkpoint
-from .config import PRESETS, GPTConfig, preset
+from .config import PRESETS, GPTConfig, check_language_model, preset
 from .data import (
     TokenizedCorpus, TokenWindows, batch_indices, corpus_digest, draw_loader_seed, permutation,
     tokenize_corpus,
@@ -99,6 +99,7 @@ def model_from_spec(spec: str, overrides: Mapping[str, Any] | None = None) -> GP
         return GPTModel(GPTConfig.from_json(path).replace(**overrides))
     if path.is_dir():
         model = checkpoint.load(path)
+        check_language_model(model.cfg, spec)
         shape_changes = sorted(set(overrides) - {"drop_rate"})
         if shape_changes:
             raise GptforgeError(f"cannot override {shape_changes} of the checkpoint {spec}: only drop_rate "

@@ -148,6 +148,9 @@ def save_gguf(model: GPTModel, path: str | Path, training_state: dict[str, Any] 
     if not isinstance(model, GPTModel):
         raise GptforgeError(f"save_gguf expects a gptforge GPTModel, got {type(model).__name__}")
     cfg = model.cfg
+    if cfg.classifier is not None:  # as the Hugging Face format: llama.cpp reads a language model's head
+        raise GptforgeError("a classifier has no GGUF form: llama.cpp would read its label head as a vocabulary; "
+                            "keep it as a gptforge checkpoint")
     if cfg.vocab_size < ENDOFTEXT_ID + 1:
         raise GptforgeError(f"a GGUF file embeds GPT-2's tokenizer (50257 tokens), but this model's "
                             f"vocab_size is {cfg.vocab_size}; only GPT-2-vocabulary models can be exported")

@@ -111,3 +111,30 @@ def test_a_training_config_file_with_an_unknown_key_is_exit_2(tmp_path, capsys, 
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "unknown training options ['max_step']" in err and err.count("\n") == 1, err
+
+
+def test_an_empty_model_or_out_is_exit_2_and_writes_nothing_here(tmp_path, monkeypatch, capsys, tiny_config):
+    """`--out ''` and `--model ''` were Path(''), the current directory: train and finetune wrote
+    their run into it and generate loaded whatever run folder was there."""
+    import json
+
+    from gptforge.checkpoint import save
+    from gptforge.model import GPTModel
+
+    save(GPTModel(tiny_config(vocab_size=50257)), tmp_path / "tiny")
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_config(vocab_size=50257)))
+    (tmp_path / "text.txt").write_text("Every effort moves you. " * 40)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    tiny, cfg, text = str(tmp_path / "tiny"), str(tmp_path / "cfg.json"), str(tmp_path / "text.txt")
+    for argv, message in ((["train", "--data", text, "--model", cfg, "--out", "", "--no-progress"], "out must name"),
+                          (["train", "--data", text, "--model", "", "--out", "run"], "no model given"),
+                          (["finetune", "classify", "--model", tiny, "--data", text, "--out", ""], "--out must name"),
+                          (["convert", tiny, "--to", "gptforge", "--out", ""], "output path is empty"),
+                          (["generate", "hi", "--model", ""], "no model given"),
+                          (["eval", "--model", " ", "--data", text], "no model given")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert list(here.iterdir()) == []

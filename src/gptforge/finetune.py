@@ -121,6 +121,8 @@ class FinetuneOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if not str(self.out).strip():  # Path("") is the current directory: never meant
+            raise GptforgeError(f"--out must name a folder, got {self.out!r}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

@@ -88,6 +88,10 @@ class TrainConfig:
         for name in ("seed", "warmup_steps", "eval_every", "checkpoint_every", "sample_tokens"):
             positive(name, allow_zero=True)
         check_value("seed", self.seed, "int", minimum=0, maximum=SEED_MAX)
+        if not str(self.out).strip():  # Path("") is the current directory: never meant
+            raise GptforgeError(f"out must name a folder, got {self.out!r}")
+        if not str(self.model).strip():
+            raise GptforgeError("no model given (an empty model); name a preset, a config .json or a checkpoint")
         for name in ("lr", "weight_decay", "grad_clip", "beta1", "beta2", "val_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):

@@ -138,3 +138,16 @@ def test_an_empty_model_or_out_is_exit_2_and_writes_nothing_here(tmp_path, monke
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert list(here.iterdir()) == []
+
+
+def test_a_config_file_that_cannot_be_read_is_exit_2(tmp_path, capsys):
+    """train --config and --config beside a book state dict: a folder (as a file without read
+    permission) or bytes that are not UTF-8 were IsADirectoryError/UnicodeDecodeError tracebacks."""
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "bytes.json").write_bytes(b"\xff\xfe{")
+    for name, reason in (("folder.json", "Is a directory"), ("bytes.json", "can't decode")):
+        path = str(tmp_path / name)
+        for argv in (["train", "--config", path], ["info", "book-124m", "--config", path]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert f"{path} cannot be read (" in err and reason in err and err.count("\n") == 1, err

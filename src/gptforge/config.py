@@ -183,6 +183,8 @@ class GPTConfig:
             raise FileNotFoundError(f"config file not found: {path}") from None
         except json.JSONDecodeError as err:
             raise GptforgeError(f"config file {path} is not valid JSON: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:  # a folder, no permission, not text
+            raise GptforgeError(f"config file {path} cannot be read ({getattr(err, 'strerror', None) or err})") from None
         if not isinstance(data, dict):
             raise GptforgeError(f"config file {path} must hold a JSON object")
         return cls.from_dict(data)

@@ -134,6 +134,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         raise FileNotFoundError(f"training config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:  # a folder, no permission, not text
+        raise GptforgeError(f"training config file {path} cannot be read ({getattr(err, 'strerror', None) or err})") \
+            from None
     try:
         if path.suffix == ".toml":
             import tomllib

@@ -346,7 +346,7 @@ def test_the_server_runs_with_its_long_lived_objects_frozen_out_of_the_collector
     from gptforge.serve import ServeSettings, run_server
 
     seen = {}
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: seen.update(frozen=gc.get_freeze_count()))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.update(frozen=gc.get_freeze_count()))
     try:
         run_server(model, ServeSettings(model_name="tiny"), port=free_port())
     finally:

@@ -166,3 +166,28 @@ def test_classifier_checkpoint_loads_converts_and_checks_its_sums(tiny_config, t
         load(tmp_path / "copy")
     assert main(["convert", str(tmp_path / "clf"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
     assert "GPT2ForSequenceClassification" in capsys.readouterr().err
+
+
+def test_a_classifier_is_refused_where_tokens_are_predicted(tiny_config, tmp_path, capsys):
+    """Its head scores labels: generate printed label ids as tokens, serve served them, train and
+    finetune instruct ended in cross_entropy's IndexError, convert --to gguf wrote a GGUF llama.cpp
+    would misread. Each is now one line naming the classifier, exit 2."""
+    from gptforge.checkpoint import save
+    from gptforge.cli import main
+
+    model = to_classifier(GPTModel(tiny_config(vocab_size=50257)).eval(), ["neg", "pos"], max_length=9)
+    save(model, tmp_path / "clf")
+    clf = str(tmp_path / "clf")
+    (tmp_path / "text.txt").write_text("Every effort moves you. " * 40)
+    (tmp_path / "ins.json").write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"}] * 4))
+    for argv in (["generate", "hi", "--model", clf],
+                 ["serve", "--model", clf, "--port", "0"],
+                 ["train", "--model", clf, "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "run"),
+                  "--no-progress"],
+                 ["finetune", "instruct", "--model", clf, "--data", str(tmp_path / "ins.json"),
+                  "--out", str(tmp_path / "ins"), "--no-progress"],
+                 ["convert", clf, "--to", "gguf", "--out", str(tmp_path / "clf.gguf")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "classifier" in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "clf.gguf").exists()

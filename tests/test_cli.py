@@ -69,8 +69,85 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch, bug):
     (["generate", "x", "--temperature", "hot"], "expected a number"),
     (["serve", "--port", "70000"], "--port"),
     (["train", "--batch-size", "-1"], "--batch-size"),
+    (["train", "--set", "nonsense=3"], "unknown GPTConfig fields (--set KEY=VALUE) ['nonsense']"),
+    (["generate", "x", "--seed", str(10**23)], "--seed: expected an integer >= 0 and <= 9223372036854775807"),
+    (["eval", "--data", "x", "--seed", str(10**23)], "--seed"),
+    (["train", "--seed", str(10**23)], "--seed"),
+    (["finetune", "classify", "--seed", str(10**23)], "--seed"),
 ])
 def test_a_bad_flag_value_is_exit_2_and_one_line(capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_an_output_path_that_cannot_be_a_folder_is_exit_2(tmp_path, capsys, tiny_config):
+    """--out under (or at) a file: one line and exit 2 from convert and train, the file untouched."""
+    import json
+
+    import torch
+
+    from gptforge.checkpoint import save
+    from gptforge.model import GPTModel
+
+    save(GPTModel(tiny_config(vocab_size=50257)), tmp_path / "tiny")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_config(vocab_size=50257)))
+    (tmp_path / "text.txt").write_text("Every effort moves you. " * 40)
+    for argv in (["convert", str(tmp_path / "tiny"), "--to", "gptforge", "--out", str(notes / "out")],
+                 ["train", "--data", str(tmp_path / "text.txt"), "--model", str(tmp_path / "cfg.json"),
+                  "--out", str(notes), "--no-progress"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "notes.txt is a file, not a folder" in err and err.count("\n") == 1, err
+    assert notes.read_text() == "mine"
+
+
+@pytest.mark.parametrize("suffix, text", [(".json", '{"max_step": 3}'), (".toml", "max_step = 3")])
+def test_a_training_config_file_with_an_unknown_key_is_exit_2(tmp_path, capsys, suffix, text):
+    config = tmp_path / f"run{suffix}"
+    config.write_text(text)
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown training options ['max_step']" in err and err.count("\n") == 1, err
+
+
+def test_an_empty_model_or_out_is_exit_2_and_writes_nothing_here(tmp_path, monkeypatch, capsys, tiny_config):
+    """`--out ''` and `--model ''` were Path(''), the current directory: train and finetune wrote
+    their run into it and generate loaded whatever run folder was there."""
+    import json
+
+    from gptforge.checkpoint import save
+    from gptforge.model import GPTModel
+
+    save(GPTModel(tiny_config(vocab_size=50257)), tmp_path / "tiny")
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_config(vocab_size=50257)))
+    (tmp_path / "text.txt").write_text("Every effort moves you. " * 40)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    tiny, cfg, text = str(tmp_path / "tiny"), str(tmp_path / "cfg.json"), str(tmp_path / "text.txt")
+    for argv, message in ((["train", "--data", text, "--model", cfg, "--out", "", "--no-progress"], "out must name"),
+                          (["train", "--data", text, "--model", "", "--out", "run"], "no model given"),
+                          (["finetune", "classify", "--model", tiny, "--data", text, "--out", ""], "--out must name"),
+                          (["convert", tiny, "--to", "gptforge", "--out", ""], "output path is empty"),
+                          (["generate", "hi", "--model", ""], "no model given"),
+                          (["eval", "--model", " ", "--data", text], "no model given")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert list(here.iterdir()) == []
+
+
+def test_a_config_file_that_cannot_be_read_is_exit_2(tmp_path, capsys):
+    """train --config and --config beside a book state dict: a folder (as a file without read
+    permission) or bytes that are not UTF-8 were IsADirectoryError/UnicodeDecodeError tracebacks."""
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "bytes.json").write_bytes(b"\xff\xfe{")
+    for name, reason in (("folder.json", "Is a directory"), ("bytes.json", "can't decode")):
+        path = str(tmp_path / name)
+        for argv in (["train", "--config", path], ["info", "book-124m", "--config", path]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert f"{path} cannot be read (" in err and reason in err and err.count("\n") == 1, err

@@ -69,6 +69,8 @@ def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys):
     splits = write_splits(tmp_path)
     run = ["finetune", "classify", "--model", base, "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
     assert "no column 'sentence'" in _error(run + ["--data", str(splits["train"]), "--text-column", "sentence"], capsys)
+    assert "both 'label'; name two columns" in _error(run + ["--data", str(splits["train"]), "--text-column", "label"],
+                                                      capsys)
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\nhello there,a\n,b\n")
     assert "record 2 has an empty 'text'" in _error(run + ["--data", str(empty)], capsys)
@@ -85,6 +87,9 @@ def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys):
     assert "empty" in _error(["classify", "--model", str(tmp_path / "run" / "checkpoint"), " "], capsys)
     assert "preset" in _error(run + ["--data", str(splits["train"]), "--model", "gpt2-124m", "--lora-rank", "2"],
                               capsys)
+    (tmp_path / "notes.txt").write_text("mine")
+    out_at_a_file = run + ["--data", str(splits["train"]), "--out", str(tmp_path / "notes.txt")]
+    assert "notes.txt is a file, not a folder" in _error(out_at_a_file, capsys)
 
 
 @pytest.mark.slow

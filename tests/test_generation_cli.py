@@ -37,7 +37,8 @@ def test_cli_flags_reach_the_generation_config():
 @pytest.mark.parametrize("argv, message", [
     (["--top-p", "3"], "--top-p"), (["--num-return-sequences", "2"], "num_return_sequences"),
     (["--stop-token-ids", "a,b"], "--stop-token-ids"), (["--model", "nope"], "nope"),
-    (["--device", "gpu0"], "unknown device"),
+    (["--stop-token-ids", str(10**23)], "stop_token_ids must be an integer >= 0 and <="),
+    (["--device", "gpu0"], "unknown device"), (["--device", "meta"], "unknown device 'meta'"),
     pytest.param(["--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this machine has CUDA")),
 ])

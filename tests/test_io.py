@@ -114,3 +114,16 @@ def test_safetensors_from_bytes_in_memory_are_the_files_tensors(tmp_path):
         data, _ = read_hashed(f)
     got = read_safetensors_from(None, tmp_path / "unaligned.safetensors", lambda name: True, None, data=data)
     assert got["odd"].tolist() == [7] and got["a"].tolist() == [1.5, -2.0]
+
+
+def test_an_output_path_under_a_file_is_the_users_error(tmp_path):
+    """A file where an output folder must go (`--out notes.txt/run`) is a GptforgeError naming it,
+    not a FileExistsError/NotADirectoryError traceback; the file is untouched."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(GptforgeError, match="notes.txt is a file, not a folder"):
+        atomic_write_bytes(notes / "x.json", b"{}")
+    with pytest.raises(GptforgeError, match="notes.txt is a file, not a folder"):
+        with atomic_directory(notes / "checkpoint"):
+            pass
+    assert notes.read_text() == "mine"

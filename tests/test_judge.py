@@ -133,6 +133,37 @@ def test_timeout_is_one_line(data, capsys):
     assert "did not answer in time" in capsys.readouterr().err
 
 
+def test_a_bad_url_or_out_is_one_line_and_keeps_the_users_files(data, tmp_path, capsys):
+    """A URL that is not http(s), an --out that is a folder or a file other than scores: refused
+    before any request, the file untouched. A rerun that fails before its first reply leaves the
+    last run's scores file as it was (it used to be emptied at once)."""
+    run = ["judge", "--data", str(data), "--model", "m"]
+    for url in ("notaurl", "ftp://host/v1"):
+        assert main(run + ["--url", url]) == 2
+        assert "is not an http:// or https:// URL" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    for out, message in ((notes, "notes.txt exists and is not a judge scores file"), (data, "not a judge scores"),
+                         (tmp_path, "is a folder"), (notes / "s.jsonl", "notes.txt is a file, not a folder")):
+        assert main(run + ["--url", "http://127.0.0.1:9/v1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert notes.read_text() == "mine\n" and json.loads(data.read_text()) == RECORDS
+    scores = tmp_path / "s.jsonl"
+    fake = FakeJudge(["80"])
+    try:
+        assert main(run + ["--url", fake.url, "--out", str(scores)]) == 0
+    finally:
+        fake.close()
+    before = scores.read_text()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    assert main(run + ["--url", f"http://127.0.0.1:{port}/v1", "--out", str(scores)]) == 2
+    assert "left as it was" in capsys.readouterr().err
+    assert scores.read_text() == before
+
+
 def test_records_without_responses_are_refused(tmp_path, capsys):
     path = tmp_path / "r.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}]))

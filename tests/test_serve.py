@@ -346,7 +346,7 @@ def test_the_server_runs_with_its_long_lived_objects_frozen_out_of_the_collector
     from gptforge.serve import ServeSettings, run_server
 
     seen = {}
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: seen.update(frozen=gc.get_freeze_count()))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.update(frozen=gc.get_freeze_count()))
     try:
         run_server(model, ServeSettings(model_name="tiny"), port=free_port())
     finally:
@@ -358,6 +358,23 @@ def test_cli_serve_rejects_bad_options(capsys):
     assert main(["serve", "--model", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err
     assert main(["serve", "--port", "70000"]) == 2
+
+
+def test_cli_serve_on_an_address_it_cannot_have_is_one_line(tmp_path, tiny_config, capsys):
+    """A port in use or a host that is not this machine's: one line and exit 2 (it was uvicorn's
+    log lines and exit 3)."""
+    torch.manual_seed(0)
+    save(GPTModel(tiny_config(vocab_size=50257)), tmp_path / "tiny")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(tmp_path / "tiny"), "--port", str(port), "--dtype", "float32"]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+        assert err.count("\n") == 1, err
+    assert main(["serve", "--model", str(tmp_path / "tiny"), "--host", "999.1.1.1", "--dtype", "float32"]) == 2
+    assert "check --host" in capsys.readouterr().err
 
 
 @pytest.mark.slow

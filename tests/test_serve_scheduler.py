@@ -211,3 +211,19 @@ def test_a_padded_vocabulary_never_yields_ids_without_text(tiny_config):
     scheduler.submit(seq)
     run_to_end(scheduler)
     assert out[-1].finish_reason == FINISH_LENGTH and all(t < 50257 for t in seq.generated)
+
+
+def test_a_batch_size_whose_cache_cannot_fit_is_refused_up_front(model, capsys, tmp_path):
+    """`serve --max-batch-size 100000000`: its KV cache (allocated at the first request) could
+    never fit; refused when the scheduler is made, not a traceback (or a failed first request)."""
+    from gptforge.checkpoint import save
+    from gptforge.cli import main
+    from gptforge.errors import GptforgeError
+
+    with pytest.raises(GptforgeError, match="needs a KV cache of at least .* GiB"):
+        BatchScheduler(model, max_batch_size=10**12)
+    BatchScheduler(model, max_batch_size=64)  # a sensible one is still made
+    save(model, tmp_path / "tiny")
+    assert main(["serve", "--model", str(tmp_path / "tiny"), "--max-batch-size", str(10**23), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "lower it" in err and err.count("\n") == 1, err

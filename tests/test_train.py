@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import gptforge
+from gptforge.errors import GptforgeError
 from gptforge.model import GPTModel
 from gptforge.train import TrainConfig, learning_rate, parameter_groups, train
 
@@ -158,6 +159,15 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tiny_json, tmp
 
     with pytest.raises(ValueError, match="lr cannot change on --resume"):
         train(out=str(tmp_path / "b"), resume=True, lr=1e-2)
+
+
+def test_the_largest_seed_trains_and_a_larger_one_is_refused(corpus, tiny_json, tmp_path):
+    """Seeds are 64-bit: the epoch order's seed * 1_000_003 used to overflow torch's generator
+    (a traceback after the data and model were ready) for any seed past ~1.8e13."""
+    assert train(**_options(corpus, tiny_json, tmp_path / "a", max_steps=1, eval_every=0, sample_tokens=0,
+                            seed=2**63 - 1)).steps == 1
+    with pytest.raises(GptforgeError, match="seed must be an integer >= 0 and <= 9223372036854775807"):
+        train(**_options(corpus, tiny_json, tmp_path / "b", seed=2**63))
 
 
 def test_finetune_from_a_checkpoint_and_bf16(corpus, tiny_json, tmp_path):

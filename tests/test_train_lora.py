@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from gptforge.checkpoint import detect_format, load, save
+from gptforge.errors import GptforgeError
 from gptforge.lora import has_lora, lora_layers
 from gptforge.model import GPTModel
 from gptforge.train import train
@@ -41,3 +43,14 @@ def test_lora_training_saves_adapters_only_and_resumes_exactly(tiny_config, tmp_
         if ".lora." not in name:
             assert torch.equal(tensor, base_state[name.replace(".linear.", ".")])
     assert any(layer.lora.B.abs().sum() > 0 for layer in lora_layers(model).values())
+
+
+def test_lora_on_a_model_config_is_refused(tiny_config, tmp_path):
+    """A config JSON is random weights: an adapter checkpoint on it could never be loaded again
+    (its base is no checkpoint), so the run is refused before it trains, like a preset."""
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_config(vocab_size=50257)))
+    (tmp_path / "text.txt").write_text(TEXT)
+    with pytest.raises(GptforgeError, match="needs a saved base model, and .*cfg.json is a model config"):
+        train(data=str(tmp_path / "text.txt"), model=str(tmp_path / "cfg.json"), out=str(tmp_path / "run"),
+              lora_rank=2, max_steps=1, sample_tokens=0, progress=False, device="cpu")
+    assert not (tmp_path / "run" / "checkpoint").exists()

@@ -43,6 +43,8 @@ class LabeledTexts:
 def read_labeled(path: str | Path, text_column: str = "text", label_column: str = "label") -> LabeledTexts:
     """The (text, label) records of a CSV/TSV/JSONL/JSON file. A missing column, an empty text or an
     empty label is a GptforgeError naming the file (and record)."""
+    if text_column == label_column:  # the texts would be their own labels
+        raise GptforgeError(f"--text-column and --label-column are both {text_column!r}; name two columns")
     rows = read_table(path)
     text_col = find_column(rows, text_column, path, "--text-column")
     label_col = find_column(rows, label_column, path, "--label-column")

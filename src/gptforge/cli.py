@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import GptforgeError
-from .options import add_flags, flag_type
+from .options import SEED_MAX, add_flags, flag_type
 
 # A small GPT-2-tokenizer model trained on Tiny Shakespeare, shipped in gptforge/assets (see README).
 DEFAULT_MODEL = "gptforge-shakespeare"
@@ -240,7 +240,7 @@ def _add_eval_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPars
     ev.add_argument("--label-column", default="label", help="a classifier's data: the column holding the labels")
     _add_precision_flags(ev)
     ev.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    ev.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0}), default=123,
+    ev.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0, "maximum": SEED_MAX}), default=123,
                     help="torch seed for a preset's random weights (default: 123)")
     ev.set_defaults(func=cmd_eval)
     return ev
@@ -435,7 +435,7 @@ def _add_serve_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPar
     srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     srv.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     _add_precision_flags(srv, default="auto")
-    srv.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0}), default=123,
+    srv.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0, "maximum": SEED_MAX}), default=123,
                      help="torch seed for a preset's random weights (default: 123)")
     positive = {"minimum": 1}
     srv.add_argument("--max-batch-size", type=flag_type("int", "--max-batch-size", positive), default=16,

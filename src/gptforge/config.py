@@ -183,6 +183,8 @@ class GPTConfig:
             raise FileNotFoundError(f"config file not found: {path}") from None
         except json.JSONDecodeError as err:
             raise GptforgeError(f"config file {path} is not valid JSON: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:  # a folder, no permission, not text
+            raise GptforgeError(f"config file {path} cannot be read ({getattr(err, 'strerror', None) or err})") from None
         if not isinstance(data, dict):
             raise GptforgeError(f"config file {path} must hold a JSON object")
         return cls.from_dict(data)
@@ -196,6 +198,15 @@ def known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any
     if unknown:
         raise GptforgeError(f"unknown {what} {unknown}; known {what} are {sorted(known)}")
     return dict(data)
+
+
+def check_language_model(cfg: GPTConfig, name: str = "this model") -> None:
+    """Refuse a classifier where tokens are predicted (generate, serve, train, instruct, GGUF): its
+    head has one row per label, not one per token, so it would emit label ids as tokens."""
+    if cfg.classifier is not None:
+        raise GptforgeError(f"{name} is a classifier (labels {', '.join(map(str, cfg.classifier.labels))}), not a "
+                            "language model: its head scores labels, not tokens; use it with `gptforge classify` "
+                            "or `gptforge eval`")
 
 
 def as_config(cfg: GPTConfig | Mapping[str, Any] | str) -> GPTConfig:

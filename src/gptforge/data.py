@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, ensure_dir
 from .tokenizer import Tokenizer, get_tokenizer
 from .errors import GptforgeError
 
@@ -240,7 +240,7 @@ def tokenize_corpus(source: str | Path | Sequence[str | Path], folder: str | Pat
         raise GptforgeError(f"the training data is empty ({names}{', ...' if len(files) > 3 else ''})")
     split_at = int((1 - val_fraction) * total)  # the book: text[:int(0.9 * len(text))] trains
 
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_dir(folder)
     meta_path.unlink(missing_ok=True)  # the files below are stale until meta.json is rewritten
     train = _TokenWriter(folder / "train.bin.tmp", tokenizer)
     val = _TokenWriter(folder / "val.bin.tmp", tokenizer)

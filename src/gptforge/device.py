@@ -19,7 +19,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise GptforgeError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # meta, xpu...: nothing runs a model there
+        raise GptforgeError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GptforgeError("--device cuda was asked for but CUDA is not available; use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():

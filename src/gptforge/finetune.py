@@ -33,13 +33,13 @@ from .classifier import (
     EncodedTexts, classification_loss, encode_texts, label_ids, label_names, loader_accuracy,
     loader_metrics, padded_length, read_labeled, to_classifier,
 )
-from .config import POOLS, GPTConfig
+from .config import POOLS, GPTConfig, check_language_model
 from .data import Loader
 from .errors import GptforgeError
 from .instruct import ALPACA, RESPONSE_KEY, InstructionData, read_records, respond, with_responses
 from .io import atomic_write_bytes
 from .lora import ALL_TARGETS, DEFAULT_SCALING, SCALINGS, apply_lora, check_lora_options, count_trainable
-from .options import check_fields, option
+from .options import SEED_MAX, check_fields, option
 from .runtime import StopRequest, autocast_context
 from .tokenizer import get_tokenizer
 from .train import CHECKPOINT_DIR, EvalFn, LossFn, Run, evaluate_and_log, lm_loss, start_run, train_step
@@ -112,7 +112,8 @@ class FinetuneOptions:
     eval_batches: int | None = option(5, "batches per estimate (0: all)", minimum=0)
     drop_rate: float = option(0.0, "dropout while finetuning (the book's chapters 6 and 7 use 0)", minimum=0,
                               maximum=0.99)
-    seed: int = option(123, "torch seed: new weights (head, LoRA matrices), batch order, dropout", minimum=0)
+    seed: int = option(123, "torch seed: new weights (head, LoRA matrices), batch order, dropout", minimum=0,
+                       maximum=SEED_MAX)
     precision: str = option("fp32", "fp32 (exact to the book), auto or bf16 autocast",
                             choices=("auto", "bf16", "fp32"))
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
@@ -120,6 +121,8 @@ class FinetuneOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if not str(self.out).strip():  # Path("") is the current directory: never meant
+            raise GptforgeError(f"--out must name a folder, got {self.out!r}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -398,7 +401,9 @@ def finetune_instruct(config: InstructConfig | None = None, /, **options: Any) -
     Alpaca prompt template in its config), OUT/metrics.jsonl, OUT/loss.png and, with test records,
     OUT/test-responses.json (each record with its greedy `model_response`, as the book's)."""
     cfg = dataclasses.replace(config, **options) if config is not None else InstructConfig(**options)
-    context = model_config(cfg).context_length
+    base_cfg = model_config(cfg)
+    check_language_model(base_cfg, cfg.model)  # instructions are text in, text out
+    context = base_cfg.context_length
     train, val, test = _split_records(cfg)
 
     def data(records: Sequence[dict] | None, source: str) -> InstructionData | None:

@@ -23,12 +23,12 @@ import torch
 import torch.nn as nn
 
 from . import kernels
-from .config import known_fields
+from .config import check_language_model, known_fields
 from .errors import GptforgeError
 from .logits_processors import (  # noqa: F401  (re-exported: they were defined here)
     MinP, PresenceFrequencyPenalty, RepetitionPenalty, Temperature, TopK, TopP,
 )
-from .options import check_fields, check_value, option
+from .options import SEED_MAX, check_fields, check_value, option
 from .quant import inference_view
 from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
 
@@ -102,7 +102,7 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = option(
         (), "stop when the generated text contains TEXT (repeatable; \\n escapes allowed)", flag="--stop")
     num_return_sequences: int = option(1, "samples to draw per prompt (needs temperature > 0)", minimum=1)
-    seed: int | None = option(None, "seeds sampling through a private generator", minimum=0)
+    seed: int | None = option(None, "seeds sampling through a private generator", minimum=0, maximum=SEED_MAX)
     pad_token_id: int = option(ENDOFTEXT_ID, "fills finished rows and left padding in returned ids",
                                minimum=0, cli=False)
 
@@ -123,7 +123,7 @@ class GenerationConfig:
         if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, set, frozenset)):
             raise GptforgeError(f"GenerationConfig.{name} must be a list of token ids, got {value!r}")
         for v in value:
-            check_value(f"each of GenerationConfig.{name}", v, "int", minimum=0)
+            check_value(f"each of GenerationConfig.{name}", v, "int", minimum=0, maximum=2**63 - 1)  # int64 ids
         return tuple(value)
 
     @staticmethod
@@ -299,6 +299,7 @@ class _Step:
 def _check_model(model: nn.Module) -> None:
     if not hasattr(model, "new_cache") or not hasattr(model, "cfg"):
         raise GptforgeError(f"generation needs a gptforge GPTModel, got {type(model).__name__}")
+    check_language_model(model.cfg)
 
 
 @torch.no_grad()

@@ -55,13 +55,39 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def ensure_dir(folder: str | Path) -> Path:
+    """Create `folder` and its parents for output; a path that cannot be a folder (a file in the
+    way, no permission, a read-only disk) is the user's error, named, not an OSError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            also = "" if blocker == folder else f", so {folder} cannot be created"
+            raise GptforgeError(f"{blocker} is a file, not a folder{also}; choose another output path") from None
+        raise GptforgeError(f"cannot create the folder {folder} ({err.strerror or err}); choose another "
+                            "output path") from None
+    return folder
+
+
+def _temp_in(folder: Path, make: Callable[[], str]) -> str:
+    """mkstemp/mkdtemp in an output folder; one we may not write in is the user's error."""
+    try:
+        return make()
+    except OSError as err:
+        raise GptforgeError(f"cannot write in {folder} ({err.strerror or err}); choose another output "
+                            "path") from None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Write one file atomically: `write(tmp_path)` fills a temporary file beside `path`, which is
     fsynced and renamed over `path`. On any error the temporary file is removed and `path` is
     left as it was. Returns `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_dir(path.parent)
+    fd, tmp_name = _temp_in(path.parent, lambda: tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                                                 dir=path.parent))
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, 0o666 & ~_UMASK)
@@ -97,8 +123,9 @@ def atomic_directory(out_dir: str | Path, replaceable: frozenset[str] = frozense
         if others:
             raise GptforgeError(f"{out_dir} exists and holds other things than a checkpoint ({short_list(others)}); "
                              f"refusing to replace it: choose a new or empty directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    ensure_dir(out_dir.parent)
+    tmp = Path(_temp_in(out_dir.parent, lambda: tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp",
+                                                                dir=out_dir.parent)))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp

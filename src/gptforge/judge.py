@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GptforgeError
+from .io import ensure_dir
 from .instruct import RESPONSE_KEY, format_input
 
 BOOK_SEED = 123  # the book's query_model options: seed 123, temperature 0
@@ -69,6 +70,32 @@ def _check_keys(records: Sequence[Mapping[str, Any]], key: str, source: str) -> 
                                 f"'instruction', 'output' and the response under {key!r} (--key)")
 
 
+def _check_url(url: str) -> None:
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise GptforgeError(f"--url {url!r} is not an http:// or https:// URL; give the endpoint's base URL, "
+                            "e.g. http://127.0.0.1:11434/v1")
+
+
+def _check_out(out: Path) -> None:
+    """The scores file may replace an earlier scores file, never anything else the user has."""
+    if out.is_dir():
+        raise GptforgeError(f"--out {out} is a folder; give a file name, e.g. {out / 'scores.jsonl'}")
+    if out.is_file() and out.stat().st_size > 0:
+        with open(out, "rb") as f:
+            first = f.readline()
+        try:
+            record = json.loads(first)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and {"index", "score"} <= set(record)):
+            raise GptforgeError(f"{out} exists and is not a judge scores file; refusing to overwrite it: "
+                                "choose another --out")
+    ensure_dir(out.parent)
+
+
 def _client(url: str, timeout: float, api_key: str | None) -> Any:
     import openai
 
@@ -117,15 +144,25 @@ def judge(records: Sequence[Mapping[str, Any]], *, url: str, model: str, out: st
     written before it stay in `out`.
     """
     _check_keys(records, key, source)
-    client = _client(url, timeout, api_key)
+    _check_url(url)
     out = Path(out)
+    _check_out(out)
+    client = _client(url, timeout, api_key)
     scores: list[int | None] = []
-    with open(out, "w", encoding="utf-8") as f:
+    f = None  # opened at the first reply: a run that fails at once leaves an earlier scores file as it was
+    try:
         for index, rec in enumerate(records):
             try:
                 reply = _ask(client, model, judge_prompt(rec, key), max_tokens, url)
             except GptforgeError as err:
-                raise GptforgeError(f"{err}; {len(scores)} scores so far are in {out}") from None
+                kept = f"are in {out}" if f is not None else f"written ({out} is left as it was)"
+                raise GptforgeError(f"{err}; {len(scores)} scores so far {kept}") from None
+            if f is None:
+                try:
+                    f = open(out, "w", encoding="utf-8")
+                except OSError as err:
+                    raise GptforgeError(f"cannot write the scores to {out} ({err.strerror}); choose another "
+                                        "--out") from None
             score = parse_score(reply)
             if score is None and not skip_invalid:
                 raise GptforgeError(f"the judge's reply to record {index + 1} is not an integer 0-100: "
@@ -136,4 +173,7 @@ def judge(records: Sequence[Mapping[str, Any]], *, url: str, model: str, out: st
             f.flush()
             if on_score is not None:
                 on_score(index, score, reply)
+    finally:
+        if f is not None:
+            f.close()
     return JudgeResult(scores, out)

@@ -12,6 +12,10 @@ from typing import Any
 
 from .errors import GptforgeError
 
+# The largest seed any option takes: torch's generators hold 64 bits, and seed + rank or + step
+# (training) must still fit.
+SEED_MAX = 2**63 - 1
+
 
 def option(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field with its description. meta: choices, minimum, maximum, above (exclusive

@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import gc
 import ipaddress
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -530,6 +532,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) for the server; an address it cannot have (in use, not
+    this machine's, an unknown host name) is a GptforgeError, not uvicorn's log lines and exit 3."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise GptforgeError(f"cannot listen on {host}:{port} ({err.strerror or err}); check --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart past TIME_WAIT
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        hint = "choose another --port" if err.errno == errno.EADDRINUSE else "check --host"
+        raise GptforgeError(f"cannot listen on {host}:{port} ({err.strerror or err}); {hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_server(model: nn.Module, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
                tokenizer: Tokenizer | None = None, log_level: str = "info") -> None:
     """Serve `model` until SIGINT/SIGTERM. Binds loopback unless `host` says otherwise."""
@@ -549,8 +570,15 @@ def run_server(model: nn.Module, settings: ServeSettings, *, host: str = "127.0.
             scheduler.drain(settings.shutdown_grace_s)
             super().handle_exit(sig, frame)
 
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and sockets:  # uvicorn names its address only for sockets it bound itself
+                self._log_started_message(sockets)
+
+    sock = listen_socket(host, port)  # before uvicorn starts: a port in use is one line and exit 2
     settle_heap()
-    DrainingServer(config).run()
+    with sock:
+        DrainingServer(config).run(sockets=[sock])
 
 
 def settle_heap() -> None:

@@ -44,14 +44,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import checkpoint
-from .config import PRESETS, GPTConfig, preset
+from .config import PRESETS, GPTConfig, check_language_model, preset
 from .data import (
     TokenizedCorpus, TokenWindows, batch_indices, corpus_digest, draw_loader_seed, permutation,
     tokenize_corpus,
 )
 from .device import resolve_device
 from .errors import GptforgeError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, ensure_dir
 from .generation import generate_text
 from .metrics import METRICS_FILE, PLOT_FILE, Metrics, progress_bar  # noqa: F401 (re-exported)
 from .lora import apply_lora
@@ -99,6 +99,7 @@ def model_from_spec(spec: str, overrides: Mapping[str, Any] | None = None) -> GP
         return GPTModel(GPTConfig.from_json(path).replace(**overrides))
     if path.is_dir():
         model = checkpoint.load(path)
+        check_language_model(model.cfg, spec)
         shape_changes = sorted(set(overrides) - {"drop_rate"})
         if shape_changes:
             raise GptforgeError(f"cannot override {shape_changes} of the checkpoint {spec}: only drop_rate "
@@ -323,7 +324,7 @@ def start_run(cfg: TrainConfig, model: nn.Module, total_steps: int, *, dctx: Dis
         step, tokens_seen = saved_state["step"], saved_state["tokens_seen"]
     out = Path(cfg.out)
     if dctx.main:
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out)
         atomic_write_bytes(out / "train_config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     return Run(cfg=cfg, model=model, raw_model=raw_model, optimizer=optimizer, device=device,
                autocast=autocast_dtype(cfg.precision, device), dctx=dctx, total_steps=total_steps,
@@ -496,7 +497,9 @@ class _Corpus:
         if position == 0 or self.batches is None:
             seed = self.epoch_seed if position > 0 else None
             if seed is None:
-                seed = draw_loader_seed(shuffle=True) if cfg.data_order == "book" else cfg.seed * 1_000_003 + run.epoch
+                # torch's generators take 64 bits: a large --seed wraps rather than overflows
+                seed = draw_loader_seed(shuffle=True) if cfg.data_order == "book" else \
+                    (cfg.seed * 1_000_003 + run.epoch) % 2**64
             order = permutation(len(self.train), seed)
             self.batches = batch_indices(len(self.train), self.global_batch, order=order, drop_last=True)
             self.epoch_seed = seed

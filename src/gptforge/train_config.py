@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import known_fields
+from .config import GPTConfig, known_fields
 from .errors import GptforgeError
 from .lora import check_lora_options
+from .options import SEED_MAX, check_value
 
 
 def _field(default: Any, help: str, **kw: Any) -> Any:
@@ -29,7 +30,7 @@ class TrainConfig:
     model: str = _field("gpt2-124m", "preset name, model config JSON, or checkpoint dir (finetuning)")
     out: str = _field("runs/gptforge", "output folder: checkpoint, metrics, loss curve, token files")
     model_overrides: dict = _field({}, "GPTConfig fields to change, e.g. {\"context_length\": 256}")
-    seed: int = _field(123, "torch seed: model initialisation, dropout, data order")
+    seed: int = _field(123, "torch seed: model initialisation, dropout, data order", minimum=0, maximum=SEED_MAX)
     epochs: int = _field(1, "passes over the training windows (ignored when max_steps is set)")
     max_steps: int | None = _field(None, "optimizer steps in all (default: epochs * steps per epoch)")
     batch_size: int = _field(8, "windows per micro-batch, per process")
@@ -86,6 +87,11 @@ class TrainConfig:
         positive("eval_batches", allow_none=True, allow_zero=True)
         for name in ("seed", "warmup_steps", "eval_every", "checkpoint_every", "sample_tokens"):
             positive(name, allow_zero=True)
+        check_value("seed", self.seed, "int", minimum=0, maximum=SEED_MAX)
+        if not str(self.out).strip():  # Path("") is the current directory: never meant
+            raise GptforgeError(f"out must name a folder, got {self.out!r}")
+        if not str(self.model).strip():
+            raise GptforgeError("no model given (an empty model); name a preset, a config .json or a checkpoint")
         for name in ("lr", "weight_decay", "grad_clip", "beta1", "beta2", "val_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
@@ -106,6 +112,7 @@ class TrainConfig:
             check_lora_options(self.lora_rank, self.lora_alpha, self.lora_scaling)
         if not isinstance(self.model_overrides, dict):
             raise GptforgeError(f"model_overrides must be a dict of GPTConfig fields, got {self.model_overrides!r}")
+        known_fields(GPTConfig, self.model_overrides, "GPTConfig fields (--set KEY=VALUE)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +134,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         raise FileNotFoundError(f"training config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:  # a folder, no permission, not text
+        raise GptforgeError(f"training config file {path} cannot be read ({getattr(err, 'strerror', None) or err})") \
+            from None
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -138,6 +148,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise GptforgeError(f"{path} is not a valid {'TOML' if path.suffix == '.toml' else 'JSON'} file: {err}") from None
     if not isinstance(data, dict):
         raise GptforgeError(f"{path} must hold a table/object of training options")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:  # a typo would otherwise be TrainConfig's TypeError
+        raise GptforgeError(f"{path}: unknown training options {unknown}; the keys are the `gptforge train` "
+                            "flags' names with underscores (e.g. batch_size, max_steps)")
     return data
 
 

@@ -76,3 +76,20 @@ def test_cli_convert_errors_are_one_line(tmp_path, hf_dir, capsys):
     (tmp_path / "cfg.json").write_text(json.dumps(gptforge.preset("book-124m").to_dict()))
     assert main(["info", "book-124m", "--config", str(tmp_path / "cfg.json")]) == 2
     assert "config= is only for the book's state dicts" in capsys.readouterr().err
+
+
+def test_a_single_file_of_the_wrong_kind_is_named(tmp_path, tiny_config, capsys):
+    """Every single file no format claims is tried as a state dict; a config JSON, a .gguf without
+    GGUF's magic and a pickle of other objects say what they are, not torch's page of advice."""
+    from pathlib import PurePosixPath
+
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_config()))
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    (tmp_path / "text.gguf").write_text("not a model")
+    torch.save({"tok_emb.weight": torch.zeros(2, 2), "where": PurePosixPath("x")}, tmp_path / "other.pth")
+    for name, message in (("cfg.json", "cfg.json is JSON, not a checkpoint"),
+                          ("empty.gguf", "empty.gguf is not a GGUF file"), ("text.gguf", "text.gguf is not a GGUF file"),
+                          ("other.pth", "other.pth cannot be read as a PyTorch state dict: it is not a weights-only")):
+        assert main(["info", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "PyTorch 2.6" not in err, err

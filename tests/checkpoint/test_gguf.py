@@ -162,6 +162,12 @@ def test_cli_convert_to_gguf(tmp_path, capsys):
     assert main(["convert", "gptforge-shakespeare", "--to", "hf", "--out", str(tmp_path / "hf"),
                  "--gguf-type", "q8_0"]) == 2
     assert "--gguf-type is for --to gguf" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"  # an existing file that is not a GGUF is the user's, never replaced
+    notes.write_text("mine")
+    assert main(["convert", "gptforge-shakespeare", "--to", "gguf", "--out", str(notes)]) == 2
+    assert "notes.txt exists and is not a GGUF file" in capsys.readouterr().err
+    assert notes.read_text() == "mine"
+    assert main(["convert", "gptforge-shakespeare", "--to", "gguf", "--out", str(out), "--gguf-type", "q8_0"]) == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ def save(model: GPTModel, out_dir: str | Path, format: str = "gptforge",
         embedded, weight matrices in `gguf_type` ('f32' by default, 'f16', 'bf16', 'q8_0', 'q4_0').
     Weights are written in the model's dtype (gguf: in `gguf_type`). Returns `out_dir` as a Path.
     """
+    if not str(out_dir).strip():  # Path("") is the current directory
+        raise GptforgeError("the output path is empty; name a new directory (or a .gguf file)")
     if format not in SAVE_FORMATS:
         raise GptforgeError(f"unknown checkpoint format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
     if not isinstance(model, GPTModel):
@@ -116,6 +118,8 @@ def resolve(name_or_path: str | Path, weights: bool = True) -> tuple[str, Path |
     or a hub id (downloaded into, or found in, the Hugging Face cache; only its config.json when
     `weights` is False). A training run's --out folder means the checkpoint inside it."""
     name = str(name_or_path)
+    if not name.strip():  # Path("") is ".", whatever happens to be there
+        raise GptforgeError("no model given (an empty name); name a preset, a checkpoint or a hub id")
     path = Path(name)
     if name.lower() in PRESETS:
         return "preset", None

@@ -39,6 +39,9 @@ def base_reference(name: str | Path) -> tuple[str, str]:
     absolute; a built-in name or hub id as given. A preset (random weights) cannot be a base."""
     from . import resolve  # the front resolves names; imported here, the front imports this module
 
+    if str(name).lower().endswith(".json") and Path(str(name)).is_file():
+        raise GptforgeError(f"a LoRA checkpoint needs a saved base model, and {name} is a model config (random "
+                            "weights); train it first, then adapt its checkpoint")
     fmt, path = resolve(name)
     if fmt == "preset":
         raise GptforgeError(f"a LoRA checkpoint needs a saved base model, and {name!r} is a preset (random "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,9 +148,22 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def torch_load(path: Path) -> Any:
-    """A pickled checkpoint, read safely (tensors and plain containers only)."""
+    """A pickled checkpoint, read safely (tensors and plain containers only). Every single file
+    no other format claims ends here, so a file of the wrong kind is named as such."""
+    if Path(path).suffix.lower() == ".gguf":  # gguf.detect found no magic bytes
+        raise GptforgeError(f"{path} is not a GGUF file (it does not start with GGUF's magic bytes): is it "
+                            "empty, truncated or another file renamed?")
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head[:1] in (b"{", b"["):
+        raise GptforgeError(f"{path} is JSON, not a checkpoint: give a checkpoint directory, GGUF file, state "
+                            "dict or preset (a model config JSON is for `gptforge train --model`, or --config "
+                            "beside a book state dict)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message is a page of advice to turn weights_only off
+        raise GptforgeError(f"{path} cannot be read as a PyTorch state dict: it is not a weights-only pickle "
+                            "(tensors and plain containers); is it a checkpoint?") from None
     except Exception as err:  # truncated zips, foreign pickles and more come as different types
         raise GptforgeError(f"{path} cannot be read as a PyTorch state dict ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); is it truncated or not a "

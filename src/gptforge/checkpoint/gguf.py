@@ -148,12 +148,18 @@ def save_gguf(model: GPTModel, path: str | Path, training_state: dict[str, Any] 
     if not isinstance(model, GPTModel):
         raise GptforgeError(f"save_gguf expects a gptforge GPTModel, got {type(model).__name__}")
     cfg = model.cfg
+    if cfg.classifier is not None:  # as the Hugging Face format: llama.cpp reads a language model's head
+        raise GptforgeError("a classifier has no GGUF form: llama.cpp would read its label head as a vocabulary; "
+                            "keep it as a gptforge checkpoint")
     if cfg.vocab_size < ENDOFTEXT_ID + 1:
         raise GptforgeError(f"a GGUF file embeds GPT-2's tokenizer (50257 tokens), but this model's "
                             f"vocab_size is {cfg.vocab_size}; only GPT-2-vocabulary models can be exported")
     path = Path(path)
     if path.is_dir():
         raise GptforgeError(f"{path} is a directory; a GGUF checkpoint is one file: give a file name like model.gguf")
+    if path.is_file() and path.stat().st_size > 0 and not detect(path):  # the user's file, not a checkpoint
+        raise GptforgeError(f"{path} exists and is not a GGUF file; refusing to replace it: choose another "
+                            "output path")
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, ARCH)

@@ -81,11 +81,17 @@ def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys):
     long.write_text("text,label\n" + "word " * 40 + ",a\nshort,b\n")
     assert "--max-length" in _error(run + ["--data", str(long), "--batch-size", "2"], capsys)
     assert main(run + ["--data", str(long), "--batch-size", "2", "--max-length", "16", "--epochs", "1"]) == 0
-    assert "fewer than one batch of 8" in _error(run + ["--data", str(long), "--max-length", "16"], capsys)
+    trained = (tmp_path / "run" / "checkpoint" / "model.safetensors").read_bytes()
+    # a new run into that --out would write over the trained classifier: refused, the checkpoint kept
+    assert "already holds a run" in _error(run + ["--data", str(long), "--batch-size", "2", "--max-length", "16"],
+                                           capsys)
+    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").read_bytes() == trained
+    run2 = run[:5] + [str(tmp_path / "run2")] + run[6:]
+    assert "fewer than one batch of 8" in _error(run2 + ["--data", str(long), "--max-length", "16"], capsys)
     capsys.readouterr()
     assert "not a classifier" in _error(["classify", "--model", base, "text"], capsys)
     assert "empty" in _error(["classify", "--model", str(tmp_path / "run" / "checkpoint"), " "], capsys)
-    assert "preset" in _error(run + ["--data", str(splits["train"]), "--model", "gpt2-124m", "--lora-rank", "2"],
+    assert "preset" in _error(run2 + ["--data", str(splits["train"]), "--model", "gpt2-124m", "--lora-rank", "2"],
                               capsys)
     (tmp_path / "notes.txt").write_text("mine")
     out_at_a_file = run + ["--data", str(splits["train"]), "--out", str(tmp_path / "notes.txt")]

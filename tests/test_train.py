@@ -159,6 +159,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tiny_json, tmp
 
     with pytest.raises(ValueError, match="lr cannot change on --resume"):
         train(out=str(tmp_path / "b"), resume=True, lr=1e-2)
+    # a new run (no resume) into b would write over its trained checkpoint: refused before any work
+    with pytest.raises(GptforgeError, match="already holds a run .*continue it with --resume"):
+        train(**opts_b)
+    assert all(torch.equal(wb[k], v) for k, v in _weights(tmp_path / "b").items())
 
 
 def test_the_largest_seed_trains_and_a_larger_one_is_refused(corpus, tiny_json, tmp_path):

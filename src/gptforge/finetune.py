@@ -42,7 +42,9 @@ from .lora import ALL_TARGETS, DEFAULT_SCALING, SCALINGS, apply_lora, check_lora
 from .options import SEED_MAX, check_fields, option
 from .runtime import StopRequest, autocast_context
 from .tokenizer import get_tokenizer
-from .train import CHECKPOINT_DIR, EvalFn, LossFn, Run, evaluate_and_log, lm_loss, start_run, train_step
+from .train import (
+    CHECKPOINT_DIR, EvalFn, LossFn, Run, evaluate_and_log, lm_loss, refuse_finished_run, start_run, train_step,
+)
 from .train_config import TrainConfig
 
 TRAINABLE = ("last-block", "all", "lora")
@@ -298,6 +300,7 @@ def finetune_classify(config: ClassifyConfig | None = None, /, **options: Any) -
     are ClassifyConfig's fields. Writes OUT/checkpoint (a classifier checkpoint; with LoRA, an
     adapter checkpoint naming its base), OUT/metrics.jsonl and OUT/loss.png."""
     cfg = dataclasses.replace(config, **options) if config is not None else ClassifyConfig(**options)
+    refuse_finished_run(cfg.out)
     splits = _read_splits(cfg, model_config(cfg).context_length)
     model = load_for_finetuning(cfg)
     prepare_classifier(model, cfg, splits.labels, splits.length)
@@ -401,6 +404,7 @@ def finetune_instruct(config: InstructConfig | None = None, /, **options: Any) -
     Alpaca prompt template in its config), OUT/metrics.jsonl, OUT/loss.png and, with test records,
     OUT/test-responses.json (each record with its greedy `model_response`, as the book's)."""
     cfg = dataclasses.replace(config, **options) if config is not None else InstructConfig(**options)
+    refuse_finished_run(cfg.out)
     base_cfg = model_config(cfg)
     check_language_model(base_cfg, cfg.model)  # instructions are text in, text out
     context = base_cfg.context_length

@@ -191,6 +191,7 @@ def _resolve_config(config: TrainConfig | None, options: Mapping[str, Any]) -> t
     if not config.resume:
         if config.data is None:
             raise GptforgeError("no training data given: pass data= (--data) a text file, a folder or a glob")
+        refuse_finished_run(config.out, "continue it with --resume, or ")
         return config, None
     ckpt = Path(config.out) / CHECKPOINT_DIR
     if not (ckpt / checkpoint.CONFIG_FILE).exists():
@@ -211,6 +212,15 @@ def _resolve_config(config: TrainConfig | None, options: Mapping[str, Any]) -> t
                              f"not {value!r}); only {', '.join(sorted(RESUMABLE_CHANGES))} can, or start a new "
                              "run in another --out")
     return dataclasses.replace(saved, out=str(config.out), **changes), state
+
+
+def refuse_finished_run(out: str | Path, hint: str = "") -> None:
+    """A new run must not write over the checkpoint of one already in `out` (a trained model would
+    be lost): refused before any work, `hint` saying what else the user can do."""
+    ckpt = Path(out) / CHECKPOINT_DIR
+    if (ckpt / checkpoint.CONFIG_FILE).exists():
+        raise GptforgeError(f"{out} already holds a run ({ckpt}); {hint}choose another --out (or remove "
+                            f"{ckpt} to start over there)")
 
 
 def train(config: TrainConfig | None = None, /, *, on_step: Callable[[dict[str, Any]], None] | None = None,

@@ -74,6 +74,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{'weights in ' + name:<{width}}  {counts.weight_bytes(dtype) / 2**20:>12,.1f} MiB")
 
 
+def _add_device_option(parser: argparse.ArgumentParser) -> None:
+    """--device for the verbs that run a model (train and finetune take theirs from their configs)."""
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+
+
 def _generation_options(args: argparse.Namespace) -> dict:
     """The GenerationConfig fields given on the command line (validated by GenerationConfig)."""
     from .generation import GenerationConfig
@@ -239,7 +244,7 @@ def _add_eval_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPars
     ev.add_argument("--text-column", default="text", help="a classifier's data: the column holding the texts")
     ev.add_argument("--label-column", default="label", help="a classifier's data: the column holding the labels")
     _add_precision_flags(ev)
-    ev.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    _add_device_option(ev)
     ev.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0, "maximum": SEED_MAX}), default=123,
                     help="torch seed for a preset's random weights (default: 123)")
     ev.set_defaults(func=cmd_eval)
@@ -420,7 +425,7 @@ def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.Argument
     add_flags(gen, GenerationConfig, defaults={"seed": 123})
     _add_precision_flags(gen, default="auto")
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
-    gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    _add_device_option(gen)
     gen.set_defaults(func=cmd_generate)
     return gen
 
@@ -433,7 +438,7 @@ def _add_serve_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPar
     srv.add_argument("--port", type=flag_type("int", "--port", {"minimum": 0, "maximum": 65535}), default=8000,
                      help="port (default: 8000)")
     srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
-    srv.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    _add_device_option(srv)
     _add_precision_flags(srv, default="auto")
     srv.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0, "maximum": SEED_MAX}), default=123,
                      help="torch seed for a preset's random weights (default: 123)")
@@ -478,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
     cls.add_argument("--model", required=True, help="classifier checkpoint directory (OUT/checkpoint)")
     cls.add_argument("--json", action="store_true", help="one JSON object per text, with every label's probability")
-    cls.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    _add_device_option(cls)
     cls.set_defaults(func=cmd_classify)
     _add_judge_parser(verbs)
     return parser

@@ -38,6 +38,8 @@ def test_cli_flags_reach_the_generation_config():
     (["--top-p", "3"], "--top-p"), (["--num-return-sequences", "2"], "num_return_sequences"),
     (["--stop-token-ids", "a,b"], "--stop-token-ids"), (["--model", "nope"], "nope"),
     (["--stop-token-ids", str(10**23)], "stop_token_ids must be an integer >= 0 and <="),
+    # a KV cache that could never fit: refused before it is allocated (the process was killed silently)
+    (["--temperature", "1", "--num-return-sequences", str(10**7)], "a KV cache of 10000000 rows x 51 positions needs"),
     (["--device", "gpu0"], "unknown device"), (["--device", "meta"], "unknown device 'meta'"),
     pytest.param(["--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this machine has CUDA")),

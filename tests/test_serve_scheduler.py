@@ -220,7 +220,7 @@ def test_a_batch_size_whose_cache_cannot_fit_is_refused_up_front(model, capsys, 
     from gptforge.cli import main
     from gptforge.errors import GptforgeError
 
-    with pytest.raises(GptforgeError, match="needs a KV cache of at least .* GiB"):
+    with pytest.raises(GptforgeError, match=r"max_batch_size \d+ .*needs .* GiB, more than"):
         BatchScheduler(model, max_batch_size=10**12)
     BatchScheduler(model, max_batch_size=64)  # a sensible one is still made
     save(model, tmp_path / "tiny")

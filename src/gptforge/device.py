@@ -1,6 +1,8 @@
-"""Device names (`--device`, `device=`) checked against this machine."""
+"""Device names (`--device`, `device=`) checked against this machine, and its memory."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -29,3 +31,27 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
+
+
+def device_memory(device: torch.device | str | None) -> int | None:
+    """Bytes of memory on `device` (None: the CPU, whose memory is the machine's RAM), or None
+    where unknown."""
+    device = torch.device("cpu" if device is None else device)
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def check_fits(nbytes: int, device: torch.device | str | None, what: str, hint: str) -> None:
+    """Refuse an allocation of `nbytes` that could never fit in `device`'s memory (`what` needs it;
+    `hint` says what to lower) before it is tried: on Linux a huge CPU allocation may succeed
+    lazily and the process be killed later, without a word, when the memory is touched."""
+    memory = device_memory(device)
+    if memory is not None and nbytes > memory:
+        raise GptforgeError(f"{what} needs {nbytes / 2**30:,.1f} GiB, more than the {memory / 2**30:,.0f} GiB of "
+                            f"memory here; {hint}")

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig, as_config
+from .device import check_fits
 from .errors import GptforgeError
 
 
@@ -261,6 +262,9 @@ class KVCache:
         if dtype == KV_Q8_0 and cfg.head_dim % 32:
             raise GptforgeError(f"a Q8_0 KV cache needs a head size divisible by 32, got {cfg.head_dim}")
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, kv_row(cfg.head_dim, dtype))
+        check_fits(2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size(), device,
+                   f"a KV cache of {batch_size} rows x {max_len} positions",
+                   "generate fewer sequences at once (prompts x samples each) or fewer tokens")
         # Zeros, not torch.empty: a padded slot is read under a zero attention weight, and 0 * NaN
         # from uninitialised memory would poison the row.
         self.keys = torch.zeros(shape, device=device, dtype=dtype)

@@ -30,7 +30,6 @@ import codecs
 import collections
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ import torch.nn as nn
 
 from . import kernels
 from .config import check_language_model
+from .device import check_fits
 from .kernels.block import make_panels
 from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
 from .model import KVCache
@@ -138,28 +138,13 @@ class SequenceState:
         return len(self._text.text) if self._text is not None else 0
 
 
-def _device_memory(device: torch.device) -> int | None:
-    """Bytes of memory on `device` (the machine's RAM for the CPU), or None where unknown."""
-    try:
-        if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).total_memory
-        if device.type == "cpu":
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        pass
-    return None
-
-
 def _check_cache_fits(model: nn.Module, max_batch_size: int) -> None:
     """The KV cache of `max_batch_size` full rows (allocated at the first request) must fit in the
     device's memory even at one byte a value; else the server would fail at its first request."""
     cfg = model.cfg
-    least = 2 * cfg.n_layers * max_batch_size * cfg.context_length * cfg.emb_dim
-    memory = _device_memory(next(model.parameters()).device)
-    if memory is not None and least > memory:
-        raise GptforgeError(f"max_batch_size {max_batch_size} (--max-batch-size) needs a KV cache of at least "
-                            f"{least / 2**30:,.0f} GiB for this model, more than the {memory / 2**30:,.0f} GiB "
-                            "of memory here; lower it")
+    check_fits(2 * cfg.n_layers * max_batch_size * cfg.context_length * cfg.emb_dim, next(model.parameters()).device,
+               f"max_batch_size {max_batch_size} (--max-batch-size: a KV cache of {max_batch_size} rows x "
+               f"{cfg.context_length} positions, at least one byte a value)", "lower it")
 
 
 class BatchScheduler:

@@ -52,7 +52,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message):
 
 @pytest.mark.parametrize("bug", [ValueError("an internal bug"), TypeError("an internal bug")])
 def test_an_internal_error_keeps_its_traceback(monkeypatch, bug):
-    """Only GptforgeError and FileNotFoundError are the user's mistake; a plain ValueError or
+    """Only GptforgeError, FileNotFoundError and PermissionError are the user's mistake; a plain ValueError or
     TypeError raised inside a verb is a bug and must propagate, not become exit 2."""
     import gptforge.checkpoint
 
@@ -62,6 +62,20 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch, bug):
     monkeypatch.setattr(gptforge.checkpoint, "load_config", broken)
     with pytest.raises(type(bug), match="an internal bug"):
         main(["info", "book-124m"])
+
+
+def test_a_file_we_may_not_read_is_exit_2(monkeypatch, capsys):
+    """A PermissionError (a checkpoint, data or output path this user may not read or write) is
+    the user's to fix: one line, exit 2. (Tests run as root, where chmod 000 does not stop a read.)"""
+    import gptforge.checkpoint
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/runs/x/checkpoint/config.json")
+
+    monkeypatch.setattr(gptforge.checkpoint, "load_config", denied)
+    assert main(["info", "book-124m"]) == 2
+    err = capsys.readouterr().err
+    assert err == "gptforge: error: [Errno 13] Permission denied: '/runs/x/checkpoint/config.json'\n"
 
 
 @pytest.mark.parametrize("args, message", [

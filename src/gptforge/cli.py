@@ -498,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.code or 0
     try:
         code = args.func(args)
-    except (GptforgeError, FileNotFoundError) as err:
+    except (GptforgeError, FileNotFoundError, PermissionError) as err:  # PermissionError: a path the user's
         print(f"gptforge: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -59,3 +59,18 @@ def test_ids_outside_the_vocabulary_are_an_error():
     for bad in ([50257], [-1], [1, 2, 10**9]):
         with pytest.raises(ValueError, match="outside GPT-2's vocabulary"):
             tok.decode(bad)
+
+
+def test_wrong_types_are_named_not_coerced():
+    from gptforge import GptforgeError
+
+    tok = get_tokenizer()
+    for text in (5, None, b"hi"):
+        with pytest.raises(GptforgeError, match="must be a str"):
+            tok.encode(text)
+    for ids in ([1.7], "12", 5, [[1, 2]]):  # [1.7] decoded as id 1, "12" as ids 1 and 2
+        with pytest.raises(GptforgeError, match="token ids must be a list of integers"):
+            tok.decode(ids)
+    with pytest.raises(GptforgeError, match="list of texts"):
+        tok.encode_batch("ab")  # was [[64], [65]], one text per character
+    assert tok.decode([15496, 11]) == "Hello,"

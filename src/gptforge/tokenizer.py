@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 from collections.abc import Iterable, Sequence
 from importlib import resources
 
@@ -52,6 +53,8 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Text to ids. `<|endoftext|>` in the text becomes id 50256, as in the book."""
+        if not isinstance(text, str):
+            raise GptforgeError(f"the text to encode must be a str, got {type(text).__name__}")
         return self.encoding.encode(text, allowed_special={ENDOFTEXT})
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -65,13 +68,18 @@ class Tokenizer:
         return self.encoding.decode_bytes(self._check(ids))
 
     def _check(self, ids: Iterable[int]) -> list[int]:
-        ids = [int(i) for i in ids]
+        try:  # operator.index: ints (numpy's, 0-d integer tensors too), never 1.7 -> 1 or "7" -> 7
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise GptforgeError(f"token ids must be a list of integers, got {str(ids)[:80]}") from None
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise GptforgeError(f"token ids {bad[:5]} are outside GPT-2's vocabulary [0, {self.vocab_size})")
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if isinstance(texts, str):  # would encode it character by character
+            raise GptforgeError("encode_batch takes a list of texts; encode one text with encode()")
         return [self.encode(t) for t in texts]
 
 
@@ -79,3 +87,13 @@ class Tokenizer:
 def get_tokenizer() -> Tokenizer:
     """The shared GPT-2 tokenizer instance."""
     return Tokenizer()
+
+
+def as_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
+    """`tokenizer`, or the shared GPT-2 one for None; anything without `encode` and `decode_bytes`
+    (a name such as "gpt2", passed where the tokenizer goes) is a GptforgeError."""
+    if tokenizer is None:
+        return get_tokenizer()
+    if not (callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode_bytes", None))):
+        raise GptforgeError(f"tokenizer must be a gptforge Tokenizer (get_tokenizer()), got {tokenizer!r:.60}")
+    return tokenizer

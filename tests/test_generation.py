@@ -246,3 +246,85 @@ def test_only_the_last_position_reaches_the_head(cfg):
     finally:
         hook.remove()
     assert seen == [(1, 1, cfg.emb_dim)] * 4  # the prefill's 5 positions included: only the last
+
+
+# --------------------------------------------------------------------------- a caller's mistakes
+
+@pytest.mark.parametrize("prompts, what", [
+    ([1, 2, 3], "each prompt must be a list of integer token ids"),  # was three one-token prompts
+    ([[1.5, 2]], "each prompt must be a list of integer token ids"),  # was truncated to [1, 2]
+    ([[[1, 2], [3, 4]]], "each prompt must be a list"),  # was flattened into one prompt
+    ([["a"]], "each prompt must be a list"), ("hello", "for text use generate_text"),
+])
+def test_bad_prompt_ids_are_refused_by_name(cfg, prompts, what):
+    with pytest.raises(gptforge.GptforgeError, match=what):
+        generate(tiny_model(cfg), prompts, 2)
+
+
+def test_left_pad_refuses_bad_pad_ids_and_rows():
+    for bad in (-1, 1.5):
+        with pytest.raises(gptforge.GptforgeError, match="pad_token_id"):
+            left_pad([[1], [1, 2]], pad_token_id=bad)
+    for bad in ("abc", 5, [torch.tensor([[1, 2]])]):
+        with pytest.raises(gptforge.GptforgeError, match="prompt"):
+            left_pad(bad)
+
+
+def test_a_pad_id_outside_the_vocabulary_is_named_before_the_model_reads_it(cfg):
+    """The pad fills padding and finished rows, which go through the embedding: on a 256-token
+    model the default 50256 was an IndexError from inside the model."""
+    model = tiny_model(cfg)
+    first = int(generate(model, [[1, 2]], 1)[0, -1])
+    with pytest.raises(gptforge.GptforgeError, match="pad_token_id 50256 is outside the model's vocabulary of 256"):
+        generate(model, [[1, 2], [3, 4]], 4, stop_token_ids=[first])  # row 0 finishes first
+    with pytest.raises(gptforge.GptforgeError, match="pad_token_id"):
+        generate(model, [[1, 2], [3]], 2)
+    assert generate(model, [[1, 2], [3, 4]], 2).shape == (2, 4)  # nothing to pad, no stop it can make: fine
+
+
+def test_attention_mask_must_be_zeros_and_ones(cfg):
+    model, idx = tiny_model(cfg), torch.tensor([[1, 2, 3]])
+    for mask in (torch.tensor([[2, 1, 1]]), torch.tensor([[0.5, 1.0, 1.0]])):
+        with pytest.raises(gptforge.GptforgeError, match="attention_mask must hold 1"):
+            generate(model, idx, 2, attention_mask=mask)
+
+
+def test_wrong_config_tokenizer_and_prompt_types_are_named(cfg):
+    model = tiny_model(cfg)
+    with pytest.raises(gptforge.GptforgeError, match="config must be a GenerationConfig"):
+        generate(model, [[1]], 2, config={"temperature": 1.0})
+    with pytest.raises(gptforge.GptforgeError, match="generation options"):
+        GenerationConfig().replace(temprature=1.0)
+    with pytest.raises(gptforge.GptforgeError, match="tokenizer must be"):
+        generate_text(model, "hi", 2, "gpt2")  # the tokenizer's place
+    with pytest.raises(gptforge.GptforgeError, match="prompt must be a string"):
+        generate_text(model, 5, 2)
+    for prompt in (5, ["a"], torch.tensor([[1, 2]])):
+        with pytest.raises(gptforge.GptforgeError, match="each prompt must be"):
+            stream_text(model, prompt, 2)
+
+
+def test_stream_text_refuses_bad_arguments_when_called_not_when_iterated(cfg):
+    with pytest.raises(gptforge.GptforgeError, match="temprature"):
+        stream_text(tiny_model(cfg), [1, 2], 2, temprature=1.0)  # no next() needed
+
+
+def test_next_tokens_names_bad_arguments():
+    penalty = GenerationConfig(repetition_penalty=1.2)
+    logits = torch.randn(2, 5)
+    with pytest.raises(gptforge.GptforgeError, match="one row per row of logits"):
+        next_tokens(logits, torch.tensor([[1]]), penalty)  # was broadcast over both rows
+    with pytest.raises(gptforge.GptforgeError, match="ids must be"):
+        next_tokens(logits, torch.tensor([[1.0], [2.0]]), penalty)
+    with pytest.raises(gptforge.GptforgeError, match="config must be"):
+        next_tokens(logits, None, None)
+    with pytest.raises(gptforge.GptforgeError, match="logits must be a tensor"):
+        next_tokens([[1.0, 2.0]], None, GenerationConfig())
+
+
+def test_text_stream_checks_its_stop_strings_and_tokenizer():
+    assert TextStream(stop_strings="ab").stop_strings == ("ab",)  # was ("a", "b")
+    with pytest.raises(gptforge.GptforgeError, match="stop_strings"):
+        TextStream(stop_strings=[""])  # would stop at once, showing nothing
+    with pytest.raises(gptforge.GptforgeError, match="tokenizer must be"):
+        TextStream("gpt2")

@@ -30,7 +30,7 @@ from .logits_processors import (  # noqa: F401  (re-exported: they were defined 
 )
 from .options import SEED_MAX, check_fields, check_value, option
 from .quant import inference_view
-from .tokenizer import ENDOFTEXT_ID, Tokenizer, get_tokenizer
+from .tokenizer import ENDOFTEXT_ID, Tokenizer, as_tokenizer
 
 
 def _check_ids(idx: torch.Tensor) -> None:
@@ -64,11 +64,22 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
 def prompt_ids(prompt: str, tokenizer: Tokenizer | None = None) -> list[int]:
     """Token ids of a prompt; an empty prompt starts from `<|endoftext|>` (unconditional
     generation, as GPT-2's own sampling scripts do)."""
-    tokenizer = tokenizer or get_tokenizer()
+    tokenizer = as_tokenizer(tokenizer)
     return tokenizer.encode(prompt) or [tokenizer.eot_id]
 
 
 # --------------------------------------------------------------------------- configuration
+
+def stop_string_tuple(value: Any, name: str = "GenerationConfig.stop_strings") -> tuple[str, ...]:
+    """Stop strings as a tuple: one str or a list of non-empty ones (an empty one would stop at once)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Sequence) or not all(isinstance(s, str) and s for s in value):
+        raise GptforgeError(f"{name} must be a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
@@ -109,7 +120,7 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         object.__setattr__(self, "stop_token_ids", self._id_tuple("stop_token_ids", self.stop_token_ids))
-        object.__setattr__(self, "stop_strings", self._string_tuple(self.stop_strings))
+        object.__setattr__(self, "stop_strings", stop_string_tuple(self.stop_strings))
         if self.num_return_sequences > 1 and self.temperature == 0:
             raise GptforgeError("GenerationConfig.num_return_sequences > 1 needs sampling: set temperature > 0 "
                                 "(greedy decoding would return identical sequences)")
@@ -124,16 +135,6 @@ class GenerationConfig:
             raise GptforgeError(f"GenerationConfig.{name} must be a list of token ids, got {value!r}")
         for v in value:
             check_value(f"each of GenerationConfig.{name}", v, "int", minimum=0, maximum=2**63 - 1)  # int64 ids
-        return tuple(value)
-
-    @staticmethod
-    def _string_tuple(value: Any) -> tuple[str, ...]:
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            value = (value,)
-        if not isinstance(value, Sequence) or not all(isinstance(s, str) and s for s in value):
-            raise GptforgeError(f"GenerationConfig.stop_strings must be a list of non-empty strings, got {value!r}")
         return tuple(value)
 
     @property
@@ -170,7 +171,7 @@ class GenerationConfig:
         return self.repetition_penalty != 1 or bool(self.presence_penalty or self.frequency_penalty)
 
     def replace(self, **changes: Any) -> GenerationConfig:
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **known_fields(GenerationConfig, changes, "generation options"))
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """A private generator seeded with `seed`, or None (torch's global one) without a seed."""
@@ -181,6 +182,9 @@ class GenerationConfig:
     @classmethod
     def from_options(cls, config: GenerationConfig | None = None, **options: Any) -> GenerationConfig:
         """`config` (or the defaults) with `options` applied; an unknown option is a ValueError."""
+        if config is not None and not isinstance(config, cls):
+            raise GptforgeError(f"config must be a GenerationConfig (or pass its fields as keywords), got "
+                                f"{type(config).__name__}")
         base = config or cls()
         return dataclasses.replace(base, **known_fields(cls, options, "generation options")) if options else base
 
@@ -197,13 +201,20 @@ def next_tokens(logits: torch.Tensor, ids: torch.Tensor | None, config: Generati
         steps of one request); None uses torch's global generator.
     Returns (B,) int64 token ids. Stopping is the caller's business (see `StopChecker`).
     """
-    if logits.dim() != 2:
-        raise GptforgeError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise GptforgeError(f"logits must be a tensor of shape (batch, vocab), got {_shape_or_type(logits)}")
+    if not isinstance(config, GenerationConfig):
+        raise GptforgeError(f"config must be a GenerationConfig, got {type(config).__name__}")
     if config.plain_greedy:
         return kernels.argmax(logits)
     processors = config.processors
-    if config.needs_context and ids is None:
-        raise GptforgeError("the penalties need the ids so far: pass ids of shape (batch, tokens)")
+    if config.needs_context:  # shapes only: no device sync per step
+        if ids is None:
+            raise GptforgeError("the penalties need the ids so far: pass ids of shape (batch, tokens)")
+        if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != logits.shape[0]
+                or ids.dtype not in (torch.int64, torch.int32)):
+            raise GptforgeError(f"ids must be an int64 tensor of shape ({logits.shape[0]}, tokens), one row per "
+                                f"row of logits, got {_shape_or_type(ids)}")
     scores = logits.float()
     for process in processors:
         scores = process(scores, ids)
@@ -211,6 +222,10 @@ def next_tokens(logits: torch.Tensor, ids: torch.Tensor | None, config: Generati
         return kernels.argmax(scores)
     probs = scores.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _shape_or_type(value: Any) -> str:
+    return f"shape {tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 # --------------------------------------------------------------------------- text and stopping
@@ -225,8 +240,8 @@ class TextStream:
     """
 
     def __init__(self, tokenizer: Tokenizer | None = None, stop_strings: Sequence[str] = ()):
-        self.tokenizer = tokenizer or get_tokenizer()
-        self.stop_strings = tuple(stop_strings)
+        self.tokenizer = as_tokenizer(tokenizer)
+        self.stop_strings = stop_string_tuple(stop_strings, "stop_strings")
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
         self.text = ""  # everything returned so far
@@ -273,13 +288,30 @@ def left_pad(sequences: Sequence[Sequence[int]] | Sequence[torch.Tensor], pad_to
              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> (ids (B, T_max) int64, attention_mask (B, T_max) int64),
     padded on the left so every prompt ends at the last column; the mask is 1 on real tokens."""
-    rows = [torch.as_tensor(s, dtype=torch.int64).flatten().tolist() for s in sequences]
+    check_value("pad_token_id", pad_token_id, "int", minimum=0)
+    if isinstance(sequences, (str, bytes)) or not isinstance(sequences, (Sequence, torch.Tensor)):
+        raise GptforgeError(f"prompts must be a list of token id lists, got {type(sequences).__name__}")
+    rows = [_id_row(s) for s in sequences]
     if not rows or any(len(r) == 0 for r in rows):
         raise GptforgeError("each prompt needs at least one token id (an empty text prompt is [50256])")
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     return ids, mask
+
+
+def _id_row(prompt: Any) -> list[int]:
+    """One prompt's ids as a list: a 1-D list, tuple, array or tensor of integers (a flat list of
+    ints where a list of prompts belongs, or a float id, would otherwise pass as something else)."""
+    try:
+        row = prompt if isinstance(prompt, torch.Tensor) else torch.as_tensor(prompt)
+    except (TypeError, ValueError, RuntimeError):
+        row = None
+    if (isinstance(prompt, (str, bytes)) or row is None or row.dim() != 1
+            or (row.numel() and (row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool))):
+        raise GptforgeError(f"each prompt must be a list of integer token ids, got {prompt!r:.60} (one prompt of "
+                            "ids goes in a list: [[id, ...]])")
+    return row.tolist()
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -392,6 +424,7 @@ def _prepare(model: nn.Module, idx: Any, attention_mask: torch.Tensor | None,
     """Validate the prompt(s); a list of id lists is left-padded. Rows repeat num_return_sequences times."""
     _check_model(model)
     device = next(model.parameters()).device
+    pads_added = False
     if isinstance(idx, torch.Tensor):
         _check_ids(idx)
         idx = idx.to(device=device, dtype=torch.int64)
@@ -399,15 +432,26 @@ def _prepare(model: nn.Module, idx: Any, attention_mask: torch.Tensor | None,
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
                 raise GptforgeError(f"attention_mask must be a tensor shaped like idx {tuple(idx.shape)}")
             attention_mask = attention_mask.to(device)
+            if attention_mask.dtype.is_floating_point or bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise GptforgeError("attention_mask must hold 1 (real token) and 0 (padding) only")
             if not bool(attention_mask[:, -1].all()):
                 raise GptforgeError("attention_mask must use left padding: every row's last token must be real")
     else:
         if attention_mask is not None:
             raise GptforgeError("attention_mask goes with a padded tensor idx; a list of prompts is padded for you")
-        if not isinstance(idx, Sequence) or not idx:
-            raise GptforgeError("idx must be a (B, T) tensor of token ids or a list of id lists")
+        if isinstance(idx, str) or not isinstance(idx, Sequence) or not idx:
+            raise GptforgeError("idx must be a (B, T) tensor of token ids or a list of id lists"
+                                + ("; for text use generate_text" if isinstance(idx, str) else ""))
         idx, attention_mask = left_pad(idx, config.pad_token_id, device)
+        pads_added = not bool(attention_mask.all())
     vocab = model.cfg.vocab_size
+    # Padding added here and the rows that finish first hold pad_token_id, which the model then reads.
+    rows_may_finish = idx.shape[0] * config.num_return_sequences > 1 and (
+        config.stop_strings or any(i < vocab for i in config.stop_token_ids))
+    if config.pad_token_id >= vocab and (pads_added or rows_may_finish):
+        raise GptforgeError(f"pad_token_id {config.pad_token_id} is outside the model's vocabulary of {vocab}: it "
+                            f"fills padding and finished rows, which the model reads; pass pad_token_id=<an id "
+                            f"below {vocab}>")
     if int(idx.min()) < 0 or int(idx.max()) >= vocab:
         raise GptforgeError(f"token ids must lie in [0, {vocab}), got values in [{int(idx.min())}, {int(idx.max())}]")
     n = config.num_return_sequences
@@ -452,6 +496,7 @@ def generate(model: nn.Module, idx: torch.Tensor | Sequence[Sequence[int]], max_
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
     config = GenerationConfig.from_options(config, **options)
+    tokenizer = as_tokenizer(tokenizer) if tokenizer is not None else None  # loaded only for stop strings
     idx, attention_mask = _prepare(model, idx, attention_mask, config)
     if config.max_new_tokens == 0:
         return idx
@@ -467,8 +512,8 @@ def generate_text(model: nn.Module, prompt: str | Sequence[str], max_new_tokens:
     """Text in, text out: each prompt followed by its continuation (stop ids and stop strings cut
     the continuation and are not included). One prompt and one sequence give a str, otherwise a
     list of B * num_return_sequences strings, in prompt order."""
-    tokenizer = tokenizer or get_tokenizer()
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    tokenizer = as_tokenizer(tokenizer)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Sequence) else []
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise GptforgeError("prompt must be a string or a non-empty list of strings")
     if max_new_tokens is not None:
@@ -493,16 +538,22 @@ def stream_text(model: nn.Module, prompt: str | Sequence[int], max_new_tokens: i
 
     A chunk never ends inside a UTF-8 character that spans tokens, and text that could begin a stop
     string is held until it is clear; the stop string itself is never yielded. The prompt is not
-    repeated. `num_return_sequences` must be 1.
+    repeated. `num_return_sequences` must be 1. Bad arguments raise here, before the first chunk is
+    asked for.
     """
-    tokenizer = tokenizer or get_tokenizer()
+    tokenizer = as_tokenizer(tokenizer)
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
     config = GenerationConfig.from_options(config, **options)
     if config.num_return_sequences != 1:
         raise GptforgeError("stream_text streams one sequence: num_return_sequences must be 1")
-    ids = prompt_ids(prompt, tokenizer) if isinstance(prompt, str) else list(prompt)
+    ids = prompt_ids(prompt, tokenizer) if isinstance(prompt, str) else prompt
     idx, mask = _prepare(model, [ids], None, config)
+    return _stream(model, idx, mask, config, tokenizer)
+
+
+def _stream(model: nn.Module, idx: torch.Tensor, mask: torch.Tensor | None, config: GenerationConfig,
+            tokenizer: Tokenizer) -> Iterator[str]:
     if config.max_new_tokens == 0:
         return
     generator = config.make_generator(idx.device)

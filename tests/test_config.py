@@ -35,6 +35,21 @@ def test_unknown_keys_and_presets_are_rejected_by_name():
         preset("gpt3")
 
 
+def test_wrong_types_and_unknown_replacements_are_gptforge_errors():
+    from gptforge import GptforgeError, count_parameters
+
+    for name in (None, 124):  # were AttributeErrors: 'NoneType' object has no attribute 'lower'
+        with pytest.raises(GptforgeError, match="preset is named by a string"):
+            preset(name)
+    for cfg in (42, None):  # were TypeErrors
+        with pytest.raises(GptforgeError, match="expected a GPTConfig, a dict or a preset name"):
+            GPTModel(cfg)
+    with pytest.raises(GptforgeError, match="expected a GPTConfig"):
+        count_parameters(3)
+    with pytest.raises(GptforgeError, match="emb_dimm"):
+        preset("gpt2-124m").replace(emb_dimm=3)
+
+
 def test_presets_match_released_gpt2_configs():
     transformers = pytest.importorskip("transformers")
     hub_names = {"gpt2-124m": (768, 12, 12), "gpt2-355m": (1024, 24, 16),

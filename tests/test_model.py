@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptforge import GPTConfig, GPTModel, count_parameters
-from gptforge.model import GELU, LayerNorm, MultiHeadAttention
+from gptforge.model import GELU, KVCache, LayerNorm, MultiHeadAttention
 
 
 def _book_model_with_our_weights(book, cfg, ours):
@@ -186,6 +186,20 @@ def test_q8_0_cache_decodes_like_the_full_forward(tiny_config):
     assert torch.equal(steps.argmax(-1), full.argmax(-1))
     with pytest.raises(ValueError, match="divisible by 32"):  # heads of 24 values
         KVCache(GPTConfig(**tiny_config(emb_dim=48, n_heads=2)), 1, dtype=KV_Q8_0)
+
+
+def test_kv_cache_sizes_and_dtype_are_checked_when_it_is_made(tiny_config):
+    from gptforge import GptforgeError
+
+    cfg = GPTConfig(**tiny_config())
+    for batch in (0, -1, 1.5):  # 0 made an empty cache; -1, 1.5 were errors from torch.zeros
+        with pytest.raises(GptforgeError, match="batch_size must be an integer >= 1"):
+            KVCache(cfg, batch)
+    with pytest.raises(GptforgeError, match="max_len must be an integer >= 1 and <= 16"):
+        KVCache(cfg, 1, 2.5)
+    with pytest.raises(GptforgeError, match="holds floats"):  # float keys would be truncated into it
+        KVCache(cfg, 1, dtype=torch.int64)
+    assert KVCache(tiny_config(), 2, 4).keys.shape == (2, 2, 4, 4, 8)  # the book's dict, as GPTModel takes
 
 
 def test_too_long_input_is_a_clear_error(tiny_config):

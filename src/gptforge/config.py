@@ -167,7 +167,7 @@ class GPTConfig:
         return data
 
     def replace(self, **changes: Any) -> GPTConfig:
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **known_fields(GPTConfig, changes, "GPTConfig keys"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GPTConfig:
@@ -217,7 +217,7 @@ def as_config(cfg: GPTConfig | Mapping[str, Any] | str) -> GPTConfig:
         return preset(cfg)
     if isinstance(cfg, Mapping):
         return GPTConfig.from_dict(cfg)
-    raise TypeError(f"expected a GPTConfig, a dict or a preset name, got {type(cfg).__name__}")
+    raise GptforgeError(f"expected a GPTConfig, a dict or a preset name, got {type(cfg).__name__}")
 
 
 # Real GPT-2 shapes: OpenAI's released hparams.json for 124M/355M/774M/1558M, identical to
@@ -241,6 +241,8 @@ PRESETS: dict[str, GPTConfig] = {
 
 def preset(name: str) -> GPTConfig:
     """Return the named preset; unknown names raise ValueError listing the known ones."""
+    if not isinstance(name, str):
+        raise GptforgeError(f"a preset is named by a string, one of {', '.join(PRESETS)}; got {name!r}")
     try:
         return PRESETS[name.lower()]
     except KeyError:

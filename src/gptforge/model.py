@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .config import GPTConfig, as_config
 from .device import check_fits
 from .errors import GptforgeError
+from .options import check_value
 
 
 class LayerNorm(nn.Module):
@@ -254,11 +255,15 @@ class KVCache:
     advances it.
     """
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any] | str, batch_size: int, max_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        cfg = as_config(cfg)
+        check_value("batch_size", batch_size, "int", minimum=1)
         max_len = cfg.context_length if max_len is None else max_len
-        if not 0 < max_len <= cfg.context_length:
-            raise GptforgeError(f"max_len must be in [1, {cfg.context_length}], got {max_len}")
+        check_value("max_len", max_len, "int", minimum=1, maximum=cfg.context_length)
+        if dtype != KV_Q8_0 and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise GptforgeError(f"a KV cache holds floats (or KV_Q8_0's bytes), got dtype {dtype}: integer "
+                                "keys and values would be truncated")
         if dtype == KV_Q8_0 and cfg.head_dim % 32:
             raise GptforgeError(f"a Q8_0 KV cache needs a head size divisible by 32, got {cfg.head_dim}")
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, kv_row(cfg.head_dim, dtype))

@@ -191,3 +191,20 @@ def test_a_classifier_is_refused_where_tokens_are_predicted(tiny_config, tmp_pat
         err = capsys.readouterr().err
         assert "classifier" in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "clf.gguf").exists()
+
+
+def test_classify_names_bad_texts_batch_sizes_and_models(tiny_config):
+    from gptforge import classify
+
+    model = to_classifier(GPTModel(tiny_config(vocab_size=50257)).eval(), ["neg", "pos"])
+    for size in (0, -1, 1.5):  # -1 returned no predictions at all; 0 and 1.5 were errors from range()
+        with pytest.raises(GptforgeError, match="batch_size must be an integer >= 1"):
+            classify(model, ["a text"], batch_size=size)
+    with pytest.raises(GptforgeError, match="texts must be a str or a list of str"):
+        classify(model, 5)
+    with pytest.raises(GptforgeError, match="text 2 must be a str"):
+        classify(model, ["a text", 5])
+    with pytest.raises(GptforgeError, match="expected a gptforge classifier"):
+        classify(None, "a text")  # was 'this model is a language model'
+    with pytest.raises(GptforgeError, match="unknown device 'gpu'"):
+        classify(model, "a text", device="gpu")

@@ -261,3 +261,26 @@ def test_cli_classifier_bad_input_is_one_line_and_exit_2(classifier_checkpoint, 
     assert main(["eval", "--model", str(classifier_checkpoint), "--data", path, *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_perplexity_names_a_wrong_model_text_or_tokenizer(tiny_gpt2_vocab):
+    for text in (5, None, b"some bytes", ["fine text", 5]):  # were TypeErrors from deep inside
+        with pytest.raises(gptforge.GptforgeError, match="text must be a str or a list of str"):
+            perplexity(tiny_gpt2_vocab, text)
+    for model in ("gpt2-124m", None):  # were AttributeErrors: no attribute 'cfg'
+        with pytest.raises(gptforge.GptforgeError, match="perplexity needs a gptforge GPTModel"):
+            perplexity(model, "some text")
+    with pytest.raises(gptforge.GptforgeError, match="tokenizer must be"):
+        perplexity(tiny_gpt2_vocab, "some text", tokenizer="gpt2")
+
+
+def test_classification_report_takes_lists_tensors_and_refuses_strings():
+    from gptforge import classification_report
+
+    report = classification_report(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), ["a", "b"])  # was a RuntimeError
+    assert report.confusion == ((1, 0), (1, 1))
+    with pytest.raises(gptforge.GptforgeError, match="label_names must be a list"):
+        classification_report([0], [1], "ab")  # was taken as the labels 'a' and 'b'
+    for bad in (None, (label for label in [0])):
+        with pytest.raises(gptforge.GptforgeError, match="y_true must be a list"):
+            classification_report(bad, [0], ["a", "b"])

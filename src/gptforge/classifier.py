@@ -18,10 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import load
-from .config import ClassifierSpec
+from .checkpoint import load, resolve_device
+from .config import ClassifierSpec, GPTConfig
 from .data import Loader
 from .errors import GptforgeError
+from .options import check_value
 from .model import GPTModel
 from .tables import find_column, read_table, text_field
 from .tokenizer import ENDOFTEXT_ID, get_tokenizer
@@ -138,7 +139,10 @@ def to_classifier(model: GPTModel, labels: Sequence[str], pool: str = "last-real
 
 
 def classifier_spec(model: nn.Module) -> ClassifierSpec:
-    spec = getattr(getattr(model, "cfg", None), "classifier", None)
+    if not isinstance(getattr(model, "cfg", None), GPTConfig):
+        raise GptforgeError(f"expected a gptforge classifier (a GPTModel from `gptforge finetune classify`) or its "
+                            f"checkpoint path, got {type(model).__name__}")
+    spec = model.cfg.classifier
     if spec is None:
         raise GptforgeError("this model is a language model, not a classifier; train one with "
                             "`gptforge finetune classify`")
@@ -216,11 +220,16 @@ def classify(model: GPTModel | str | Path, texts: str | Sequence[str], *, batch_
     book's pool="last", padded to that length as in training. Returns one Prediction per text."""
     if isinstance(model, (str, Path)):
         model = load(model, device=device or "cpu")
-    elif device is not None:
-        model = model.to(device)
     spec = classifier_spec(model)
+    if device is not None:
+        model = model.to(resolve_device(device) if isinstance(device, str) else device)
+    check_value("batch_size", batch_size, "int", minimum=1)
+    if not isinstance(texts, (str, Sequence)) or isinstance(texts, bytes):
+        raise GptforgeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
     texts = [texts] if isinstance(texts, str) else list(texts)
     for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise GptforgeError(f"text {i + 1} must be a str, got {type(text).__name__}")
         if not text.strip():
             raise GptforgeError(f"text {i + 1} is empty; give each text some words")
     model.eval()

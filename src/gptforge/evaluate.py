@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import GPTConfig
 from .errors import GptforgeError
 from .metrics import progress_bar
-from .tokenizer import Tokenizer, get_tokenizer
+from .tokenizer import Tokenizer, as_tokenizer
 
 IGNORE = -100  # target of a position that is context only (as transformers' labels)
 LONG_TEXT_WINDOWS = 8  # more windows than this get a progress bar (when asked for)
@@ -140,14 +141,22 @@ def perplexity(model: nn.Module, text: str | Sequence[str], *, stride: int | Non
     disjoint windows); smaller strides give each token more context and cost more forward passes.
     batch_size: windows per forward pass. progress: a tqdm bar over the windows.
     """
+    if not isinstance(getattr(model, "cfg", None), GPTConfig):
+        raise GptforgeError(f"perplexity needs a gptforge GPTModel (load one with gptforge.load), got "
+                            f"{type(model).__name__}")
     if not isinstance(text, str):
+        if isinstance(text, bytes) or not isinstance(text, Sequence):
+            raise GptforgeError(f"text must be a str or a list of str, got {type(text).__name__}")
+        bad = [type(t).__name__ for t in text if not isinstance(t, str)]
+        if bad:
+            raise GptforgeError(f"text must be a str or a list of str, got a list holding a {bad[0]}")
         if not text:
             raise GptforgeError("no texts given")
         return Perplexity.combine([perplexity(model, t, stride=stride, batch_size=batch_size,
                                               tokenizer=tokenizer, progress=progress) for t in text])
     if not text:
         raise GptforgeError("the text is empty; perplexity needs at least two tokens")
-    tokenizer = tokenizer or get_tokenizer()
+    tokenizer = as_tokenizer(tokenizer)
     ids = tokenizer.encode(text)
     if max(ids) >= model.cfg.vocab_size:
         raise GptforgeError(f"the text has token ids up to {max(ids)}, outside the model's vocabulary of "
@@ -220,7 +229,12 @@ def _label_indices(labels: Sequence[int | str], label_names: Sequence[str], what
 def classification_report(y_true: Sequence[int | str], y_pred: Sequence[int | str],
                           label_names: Sequence[str]) -> ClassificationReport:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix of predictions `y_pred`
-    against `y_true` (class indices or names from `label_names`, one per example)."""
+    against `y_true` (class indices or names from `label_names`, one per example; lists, or 1-D
+    tensors or arrays)."""
+    y_true, y_pred = (y.tolist() if hasattr(y, "tolist") else y for y in (y_true, y_pred))
+    for name, value in (("y_true", y_true), ("y_pred", y_pred), ("label_names", label_names)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):  # a str would be split into letters
+            raise GptforgeError(f"{name} must be a list, got {type(value).__name__}")
     label_names = tuple(str(n) for n in label_names)
     if not label_names or len(set(label_names)) != len(label_names):
         raise GptforgeError(f"label_names must be distinct and not empty, got {list(label_names)}")

@@ -182,3 +182,11 @@ def test_bf16_on_the_kernels_is_float32_with_bf16_rounded_weights(tiny_config):
     with torch.no_grad():
         expected = rounded(long, last_only=True)
         assert (fast(long, last_only=True) - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_prepare_for_inference_names_what_is_not_a_model():
+    from gptforge import GptforgeError
+
+    for model in (None, "gpt2-124m", nn.Linear(2, 2)):  # AttributeErrors, or a Linear silently swapped
+        with pytest.raises(GptforgeError, match="expects a gptforge GPTModel"):
+            prepare_for_inference(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from typing import Any
 
 from .errors import GptforgeError
@@ -57,6 +58,14 @@ def check_value(name: str, value: Any, kind: str, *, minimum: float | None = Non
         what = "an integer" if kind == "int" else "a number"
         bounds = _range_text(meta)
         raise GptforgeError(f"{name} must be {what}{' ' + bounds if bounds else ''}, got {value!r}")
+    return value
+
+
+def check_path(name: str, value: Any) -> Any:
+    """Return `value` if it is a str or os.PathLike, else raise GptforgeError naming `name` (None or a
+    number would otherwise fail inside pathlib, or be read as a name such as 'None')."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise GptforgeError(f"{name} must be a str or pathlib.Path, got {type(value).__name__}")
     return value
 
 

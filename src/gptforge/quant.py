@@ -61,7 +61,7 @@ from .cpu import cpu_flags, has_bf16_hardware
 from .errors import GptforgeError
 from .kernels.block import fuse_blocks
 from .lora import merge_lora
-from .model import KV_Q8_0
+from .model import KV_Q8_0, GPTModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -499,6 +499,9 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
         `dtype` says (`choose_mode`).
     On a non-CPU device only the dtype changes.
     """
+    if not isinstance(model, GPTModel):
+        raise GptforgeError(f"prepare_for_inference expects a gptforge GPTModel (gptforge.load gives one), got "
+                            f"{type(model).__name__}")
     device_type = next(model.parameters()).device.type
     mode = choose_mode(dtype, quantize, device_type=device_type)
     torch_dtype = DTYPES[mode.dtype]

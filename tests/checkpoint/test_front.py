@@ -93,3 +93,19 @@ def test_a_single_file_of_the_wrong_kind_is_named(tmp_path, tiny_config, capsys)
         assert main(["info", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "PyTorch 2.6" not in err, err
+
+
+def test_wrong_types_of_name_path_and_dtype_are_named(tmp_path, tiny_config):
+    model = gptforge.GPTModel(tiny_config())
+    ckpt = gptforge.save(model, tmp_path / "ckpt")
+    for name in (None, 5):  # were looked up as the names 'None' and '5' on the hub
+        with pytest.raises(gptforge.GptforgeError, match="must be a str or pathlib.Path, got"):
+            gptforge.load(name)
+    for dtype in ("float16", torch.int64):  # 'Invalid device string', then a load_state_dict error
+        with pytest.raises(gptforge.GptforgeError, match="dtype must be a floating torch.dtype"):
+            gptforge.load(ckpt, dtype=dtype)
+    with pytest.raises(gptforge.GptforgeError, match="out_dir must be a str or pathlib.Path"):
+        gptforge.save(model, None)
+    with pytest.raises(gptforge.GptforgeError, match="ckpt_dir must be a str or pathlib.Path"):
+        gptforge.load_training_state(None)
+    assert gptforge.load(ckpt, dtype=torch.bfloat16).tok_emb.weight.dtype == torch.bfloat16

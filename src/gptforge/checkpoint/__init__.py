@@ -31,6 +31,7 @@ from ..errors import GptforgeError
 from ..lora import has_lora
 from ..io import atomic_directory, atomic_write, atomic_write_bytes, read_safetensors, sha256_file
 from ..model import GPTModel
+from ..options import check_path
 from . import adapter, book, gguf, hf, hub, native
 from .base import (
     CHECKPOINT_FILES, CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, HF_BIN_FILE, RUN_CHECKPOINT_DIR,
@@ -70,7 +71,7 @@ def save(model: GPTModel, out_dir: str | Path, format: str = "gptforge",
         embedded, weight matrices in `gguf_type` ('f32' by default, 'f16', 'bf16', 'q8_0', 'q4_0').
     Weights are written in the model's dtype (gguf: in `gguf_type`). Returns `out_dir` as a Path.
     """
-    if not str(out_dir).strip():  # Path("") is the current directory
+    if not str(check_path("out_dir", out_dir)).strip():  # Path("") is the current directory
         raise GptforgeError("the output path is empty; name a new directory (or a .gguf file)")
     if format not in SAVE_FORMATS:
         raise GptforgeError(f"unknown checkpoint format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
@@ -117,7 +118,7 @@ def resolve(name_or_path: str | Path, weights: bool = True) -> tuple[str, Path |
     """What a model name means: ('preset', None), or (format, local path) for a checkpoint on disk
     or a hub id (downloaded into, or found in, the Hugging Face cache; only its config.json when
     `weights` is False). A training run's --out folder means the checkpoint inside it."""
-    name = str(name_or_path)
+    name = str(check_path("the model (a preset name, a checkpoint path or a hub id)", name_or_path))
     if not name.strip():  # Path("") is ".", whatever happens to be there
         raise GptforgeError("no model given (an empty name); name a preset, a checkpoint or a hub id")
     path = Path(name)
@@ -162,6 +163,9 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
         (n_heads cannot be read from the tensors); other formats carry their own config.
     """
     device = resolve_device(device) if isinstance(device, str) else device  # a bad one fails first
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise GptforgeError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, torch.float16) "
+                            f"or None, got {dtype!r}")
     fmt, path = _resolve_with_config(name_or_path, config)
     if fmt == "preset":
         model = GPTModel(preset(str(name_or_path)))

@@ -15,6 +15,7 @@ from ..config import GPTConfig
 from ..errors import GptforgeError
 from ..io import atomic_directory, read_hashed, read_safetensors_from, sha256_file, sha256_of, write_safetensors
 from ..model import GPTModel
+from ..options import check_path
 from .base import (
     CHECKPOINT_FILES, CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, TRAINING_STATE_FILE, WEIGHTS_FILE,
     CheckpointFormat, ConfigArg, build_model, config_json, model_state, read_json,
@@ -162,7 +163,7 @@ def _load_config(ckpt_dir: Path, config: ConfigArg = None) -> GPTConfig:
 def load_training_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
     """The training state saved with a gptforge checkpoint (checksum verified, read with
     `torch.load(weights_only=True)`), or None when the checkpoint has none."""
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = Path(check_path("ckpt_dir", ckpt_dir))
     if not ckpt_dir.exists():
         raise FileNotFoundError(f"{ckpt_dir} does not exist")
     if not detect(ckpt_dir):

@@ -265,3 +265,17 @@ def test_torchrun_two_cpu_processes_match_one_process(corpus, tiny_json, tmp_pat
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
     state = gptforge.checkpoint.load_training_state(tmp_path / "two" / "checkpoint")
     assert len(state["rng"]) == 2  # every rank's RNG state, for an exact resume
+
+
+def test_wrong_option_types_and_names_are_refused_before_any_work(tmp_path):
+    for field, value in (("data", 5), ("out", None), ("model", None), ("device", 5), ("sample_prompt", 5),
+                         ("compile", "yes"), ("progress", 1)):  # all were accepted by TrainConfig
+        with pytest.raises(GptforgeError, match=field):
+            TrainConfig(**{field: value})
+    with pytest.raises(GptforgeError, match="unknown training options \\['bacth_size'\\]"):
+        train(data="corpus.txt", out=str(tmp_path / "run"), bacth_size=4)  # was TrainConfig's TypeError
+    with pytest.raises(GptforgeError, match="unknown training options"):
+        train(TrainConfig(), bacth_size=4)
+    with pytest.raises(GptforgeError, match="first argument is a TrainConfig"):
+        train("corpus.txt")  # was dataclasses' TypeError
+    assert TrainConfig(data=[tmp_path / "a.txt"], out=tmp_path / "run").out == tmp_path / "run"  # Paths are fine

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import checkpoint
-from .config import PRESETS, GPTConfig, check_language_model, preset
+from .config import PRESETS, GPTConfig, check_language_model, known_fields, preset
 from .data import (
     TokenizedCorpus, TokenWindows, batch_indices, corpus_digest, draw_loader_seed, permutation,
     tokenize_corpus,
@@ -180,6 +180,10 @@ def evaluate(model: nn.Module, windows: TokenWindows, batch_size: int, num_batch
 def _resolve_config(config: TrainConfig | None, options: Mapping[str, Any]) -> tuple[TrainConfig, dict | None]:
     """The run's config and, when resuming, the saved training state. `options` are the fields the
     caller set explicitly (on --resume only RESUMABLE_CHANGES may differ from the saved run)."""
+    if config is not None and not isinstance(config, TrainConfig):
+        raise GptforgeError(f"train's first argument is a TrainConfig (or pass its fields as keywords), got "
+                            f"{type(config).__name__}")
+    options = known_fields(TrainConfig, options, "training options")
     if config is not None:
         given = {**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                     if getattr(config, f.name) != f.default and f.name != "model_overrides"

@@ -12,7 +12,7 @@ from typing import Any
 from .config import GPTConfig, known_fields
 from .errors import GptforgeError
 from .lora import check_lora_options
-from .options import SEED_MAX, check_value
+from .options import SEED_MAX, check_path, check_value
 
 
 def _field(default: Any, help: str, **kw: Any) -> Any:
@@ -88,6 +88,17 @@ class TrainConfig:
         for name in ("seed", "warmup_steps", "eval_every", "checkpoint_every", "sample_tokens"):
             positive(name, allow_zero=True)
         check_value("seed", self.seed, "int", minimum=0, maximum=SEED_MAX)
+        for name in ("out", "model"):
+            check_path(name, getattr(self, name))
+        if self.data is not None:
+            for path in self.data if isinstance(self.data, (list, tuple)) else [self.data]:
+                check_path("data (a path, or a list of them)", path)
+        for name in ("sample_prompt", "device", "lora_targets"):
+            if not isinstance(getattr(self, name), str):
+                raise GptforgeError(f"{name} must be a str, got {getattr(self, name)!r}")
+        for name in ("compile", "fsdp", "progress", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise GptforgeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not str(self.out).strip():  # Path("") is the current directory: never meant
             raise GptforgeError(f"out must name a folder, got {self.out!r}")
         if not str(self.model).strip():

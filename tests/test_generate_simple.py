@@ -31,6 +31,8 @@ def test_equals_the_books_loop_including_past_the_context(book, model):
     ({"idx": torch.zeros(2, 3)}, "dtype"),
     ({"idx": torch.zeros(3, dtype=torch.long)}, "shape"),
     ({"idx": [[1, 2]]}, "torch.Tensor"),
+    ({"idx": torch.tensor([[1, 97]])}, r"token ids must lie in \[0, 97\)"),  # was an IndexError from the embedding
+    ({"idx": torch.tensor([[-1, 2]])}, r"token ids must lie in \[0, 97\)"),
 ])
 def test_invalid_arguments_raise_value_error(model, kwargs, message):
     args = {"idx": torch.zeros(1, 3, dtype=torch.long), "max_new_tokens": 2, "context_size": 8, **kwargs}

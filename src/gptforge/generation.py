@@ -33,13 +33,16 @@ from .quant import inference_view
 from .tokenizer import ENDOFTEXT_ID, Tokenizer, as_tokenizer
 
 
-def _check_ids(idx: torch.Tensor) -> None:
+def _check_ids(idx: torch.Tensor, vocab_size: int | None = None) -> None:
     if not isinstance(idx, torch.Tensor):
         raise GptforgeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
     if idx.dtype not in (torch.int64, torch.int32):
         raise GptforgeError(f"idx must hold integer token ids (int64 or int32), got dtype {idx.dtype}")
     if idx.dim() != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
         raise GptforgeError(f"idx must have shape (batch, tokens) with both > 0, got {tuple(idx.shape)}")
+    if vocab_size is not None and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
+        raise GptforgeError(f"token ids must lie in [0, {vocab_size}), got values in [{int(idx.min())}, "
+                            f"{int(idx.max())}]")
 
 
 def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
@@ -49,7 +52,7 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
     Each step crops the context to the last `context_size` tokens, runs the whole model on it,
     and appends the argmax of the last position's logits (softmax is monotonic, so it is skipped).
     """
-    _check_ids(idx)
+    _check_ids(idx, getattr(getattr(model, "cfg", None), "vocab_size", None))  # the book's model has no cfg
     check_value("max_new_tokens", max_new_tokens, "int", minimum=0)
     check_value("context_size", context_size, "int", minimum=1)
     for _ in range(max_new_tokens):
@@ -452,8 +455,7 @@ def _prepare(model: nn.Module, idx: Any, attention_mask: torch.Tensor | None,
         raise GptforgeError(f"pad_token_id {config.pad_token_id} is outside the model's vocabulary of {vocab}: it "
                             f"fills padding and finished rows, which the model reads; pass pad_token_id=<an id "
                             f"below {vocab}>")
-    if int(idx.min()) < 0 or int(idx.max()) >= vocab:
-        raise GptforgeError(f"token ids must lie in [0, {vocab}), got values in [{int(idx.min())}, {int(idx.max())}]")
+    _check_ids(idx, vocab)
     n = config.num_return_sequences
     if n > 1:
         idx = idx.repeat_interleave(n, dim=0)

@@ -220,10 +220,11 @@ def test_a_batch_size_whose_cache_cannot_fit_is_refused_up_front(model, capsys, 
     from gptforge.cli import main
     from gptforge.errors import GptforgeError
 
-    with pytest.raises(GptforgeError, match=r"max_batch_size \d+ .*needs .* GiB, more than"):
+    with pytest.raises(GptforgeError, match=r"KV cache of \d+ rows x \d+ positions needs .* GiB, more than .*"
+                                            "lower max_batch_size"):
         BatchScheduler(model, max_batch_size=10**12)
     BatchScheduler(model, max_batch_size=64)  # a sensible one is still made
     save(model, tmp_path / "tiny")
     assert main(["serve", "--model", str(tmp_path / "tiny"), "--max-batch-size", str(10**23), "--port", "0"]) == 2
     err = capsys.readouterr().err
-    assert "lower it" in err and err.count("\n") == 1, err
+    assert "lower max_batch_size" in err and err.count("\n") == 1, err

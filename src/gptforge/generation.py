@@ -28,6 +28,7 @@ from .errors import GptforgeError
 from .logits_processors import (  # noqa: F401  (re-exported: they were defined here)
     MinP, PresenceFrequencyPenalty, RepetitionPenalty, Temperature, TopK, TopP,
 )
+from .model import KV_Q8_0, KVCache
 from .options import SEED_MAX, check_fields, check_value, option
 from .quant import inference_view
 from .tokenizer import ENDOFTEXT_ID, Tokenizer, as_tokenizer
@@ -457,6 +458,9 @@ def _prepare(model: nn.Module, idx: Any, attention_mask: torch.Tensor | None,
                             f"below {vocab}>")
     _check_ids(idx, vocab)
     n = config.num_return_sequences
+    # before any per-row work: the rows' cache, at the least a Q8_0 one, must be able to fit
+    KVCache.check_fits(model.cfg, idx.shape[0] * n, min(idx.shape[1] + config.max_new_tokens,
+                                                         model.cfg.context_length), device, KV_Q8_0)
     if n > 1:
         idx = idx.repeat_interleave(n, dim=0)
         attention_mask = attention_mask.repeat_interleave(n, dim=0) if attention_mask is not None else None

@@ -266,16 +266,24 @@ class KVCache:
                                 "keys and values would be truncated")
         if dtype == KV_Q8_0 and cfg.head_dim % 32:
             raise GptforgeError(f"a Q8_0 KV cache needs a head size divisible by 32, got {cfg.head_dim}")
+        KVCache.check_fits(cfg, batch_size, max_len, device, dtype)
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, kv_row(cfg.head_dim, dtype))
-        check_fits(2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size(), device,
-                   f"a KV cache of {batch_size} rows x {max_len} positions",
-                   "generate fewer sequences at once (prompts x samples each) or fewer tokens")
         # Zeros, not torch.empty: a padded slot is read under a zero attention weight, and 0 * NaN
         # from uninitialised memory would poison the row.
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+
+    @staticmethod
+    def check_fits(cfg: GPTConfig, batch_size: int, max_len: int, device: torch.device | str | None,
+                   dtype: torch.dtype, hint: str = "generate fewer sequences at once (prompts x samples each) "
+                   "or fewer tokens") -> None:
+        """Refuse a cache that could never fit in `device`'s memory (see `device.check_fits`); with
+        dtype KV_Q8_0, the smallest a cache can be."""
+        values = 2 * cfg.n_layers * batch_size * cfg.n_heads * max_len * kv_row(cfg.head_dim, dtype)
+        check_fits(values * torch.empty((), dtype=dtype).element_size(), device,
+                   f"a KV cache of {batch_size} rows x {max_len} positions", hint)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[i], self.values[i]

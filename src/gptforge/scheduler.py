@@ -39,10 +39,9 @@ import torch.nn as nn
 
 from . import kernels
 from .config import check_language_model
-from .device import check_fits
 from .kernels.block import make_panels
 from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
-from .model import KVCache
+from .model import KV_Q8_0, KVCache
 from .quant import inference_view
 from .tokenizer import Tokenizer, get_tokenizer
 from .errors import GptforgeError
@@ -138,15 +137,6 @@ class SequenceState:
         return len(self._text.text) if self._text is not None else 0
 
 
-def _check_cache_fits(model: nn.Module, max_batch_size: int) -> None:
-    """The KV cache of `max_batch_size` full rows (allocated at the first request) must fit in the
-    device's memory even at one byte a value; else the server would fail at its first request."""
-    cfg = model.cfg
-    check_fits(2 * cfg.n_layers * max_batch_size * cfg.context_length * cfg.emb_dim, next(model.parameters()).device,
-               f"max_batch_size {max_batch_size} (--max-batch-size: a KV cache of {max_batch_size} rows x "
-               f"{cfg.context_length} positions, at least one byte a value)", "lower it")
-
-
 class BatchScheduler:
     """Decodes many sequences as one batch; see the module docstring for the cache layout.
 
@@ -160,7 +150,9 @@ class BatchScheduler:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise GptforgeError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         check_language_model(model.cfg)
-        _check_cache_fits(model, max_batch_size)
+        # its KV cache, allocated at the first request, must be able to fit (at the least a Q8_0 one)
+        KVCache.check_fits(model.cfg, max_batch_size, model.cfg.context_length, next(model.parameters()).device,
+                           KV_Q8_0, f"lower max_batch_size ({max_batch_size}, --max-batch-size)")
         # Decode through the same fast layout as `generate` (the model itself stays untouched).
         self.model = inference_view(model.eval())
         self.tokenizer = tokenizer or get_tokenizer()

@@ -140,3 +140,23 @@ def test_bad_data_gets_clear_errors(tmp_path):
         TokenWindows(np.arange(10, dtype=np.uint16), context_length=10)
     with pytest.raises(ValueError, match="stride"):
         TokenWindows(np.arange(100, dtype=np.uint16), context_length=10, stride=0)
+
+
+def test_tokenizing_shows_progress_and_ctrl_c_leaves_no_token_files(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "a.txt"
+    source.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    monkeypatch.setattr(data, "CHUNK_CHARS", 64)
+    tokenize_corpus(source, tmp_path / "ok", progress=True)
+    assert "tokenizing" in capsys.readouterr().err  # the bar, on stderr
+
+    calls = []
+
+    def interrupted(self, text):  # Ctrl-C part way through the text
+        calls.append(text)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(data._TokenWriter, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_corpus(source, tmp_path / "tok")
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == []  # no *.tmp, no meta.json

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .io import atomic_write_bytes, ensure_dir
+from .metrics import progress_bar
 from .tokenizer import Tokenizer, get_tokenizer
 from .errors import GptforgeError
 
@@ -210,14 +211,17 @@ def _fingerprint(files: Sequence[Path], val_fraction: float) -> dict:
 
 
 def tokenize_corpus(source: str | Path | Sequence[str | Path], folder: str | Path, *,
-                    val_fraction: float = 0.1, tokenizer: Tokenizer | None = None) -> TokenizedCorpus:
+                    val_fraction: float = 0.1, tokenizer: Tokenizer | None = None,
+                    progress: bool = False) -> TokenizedCorpus:
     """Tokenize text files into `folder/train.bin` and `folder/val.bin` (uint16), once.
 
     A second call with the same files (same paths, sizes and modification times) and split reuses
     the token files. Nothing larger than a chunk of text is held in memory.
 
     val_fraction: share of the characters, taken from the end of the corpus, that validate
-    (0 for none). Raises ValueError for empty, unreadable or non-text files.
+    (0 for none). progress: a bar over the characters on stderr (a big corpus takes minutes).
+    Raises ValueError for empty, unreadable or non-text files. Stopped part way (Ctrl-C), it leaves
+    no token files: the next call starts over.
     """
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise GptforgeError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
@@ -244,6 +248,8 @@ def tokenize_corpus(source: str | Path | Sequence[str | Path], folder: str | Pat
     meta_path.unlink(missing_ok=True)  # the files below are stale until meta.json is rewritten
     train = _TokenWriter(folder / "train.bin.tmp", tokenizer)
     val = _TokenWriter(folder / "val.bin.tmp", tokenizer)
+    bar = progress_bar(progress, total, 0, unit="char")
+    bar.set_description("tokenizing")
     try:
         seen = 0
         for i, path in enumerate(files):
@@ -259,9 +265,16 @@ def tokenize_corpus(source: str | Path | Sequence[str | Path], folder: str | Pat
                     train.flush()
                     val.write_text(chunk[split_at - seen:])
                 seen += len(chunk)
-    finally:
+                bar.update(len(chunk))
         train.close()
         val.close()
+    except BaseException:  # an error or Ctrl-C: no half-written token files left behind
+        for writer in (train, val):
+            writer.file.close()
+            writer.path.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
     os.replace(train.path, folder / "train.bin")
     os.replace(val.path, folder / "val.bin")
     meta = {"fingerprint": fingerprint, "train_tokens": train.count, "val_tokens": val.count,

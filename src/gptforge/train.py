@@ -558,7 +558,7 @@ def build_run(cfg: TrainConfig, saved_state: Mapping[str, Any] | None, dctx: Dis
     build or reload the model (seeded right before, as the book does), then `start_run`."""
     out = Path(cfg.out)
     if dctx.main:
-        corpus = tokenize_corpus(cfg.data, out / "data", val_fraction=cfg.val_fraction)
+        corpus = tokenize_corpus(cfg.data, out / "data", val_fraction=cfg.val_fraction, progress=cfg.progress)
     dctx.barrier()
     if not dctx.main:
         corpus = tokenize_corpus(cfg.data, out / "data", val_fraction=cfg.val_fraction)

@@ -165,3 +165,26 @@ def test_a_config_file_that_cannot_be_read_is_exit_2(tmp_path, capsys):
             assert main(argv) == 2, argv
             err = capsys.readouterr().err
             assert f"{path} cannot be read (" in err and reason in err and err.count("\n") == 1, err
+
+
+SIGTERM_MID_WRITE = """
+import os, signal, sys
+from gptforge import cli
+from gptforge.io import atomic_write
+
+def convert(args):  # SIGTERM arrives while the output is being written
+    atomic_write(args.out, lambda tmp: (tmp.write_text("half"), os.kill(os.getpid(), signal.SIGTERM)))
+
+cli.cmd_convert = convert
+sys.exit(cli.main(["convert", "x", "--to", "gguf", "--out", sys.argv[1]]))
+"""
+
+
+def test_sigterm_mid_write_is_exit_130_one_line_and_leaves_no_temp_file(tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_text("earlier")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, "-c", SIGTERM_MID_WRITE, str(out)], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 130 and result.stderr == "gptforge: interrupted\n", result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and out.read_text() == "earlier"

@@ -7,7 +7,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -496,18 +498,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse has printed its one line (or the help)
         return stop.code or 0
+    previous = _end_on_sigterm()
     try:
         code = args.func(args)
     except (GptforgeError, FileNotFoundError, PermissionError) as err:  # PermissionError: a path the user's
         print(f"gptforge: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gptforge: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # its message, if any, says what was kept (judge's scores so far)
+        print(f"gptforge: interrupted{'; ' + str(stop) if str(stop) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # whoever read our output stopped (`gptforge generate ... | head -3`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141  # as a program stopped by SIGPIPE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code or 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _end_on_sigterm() -> object:
+    """SIGTERM ends a verb as Ctrl-C does (atomic writes remove their temporary files, one line, exit 130)
+    instead of killing it where it stands; train's StopRequest and serve take it over while they run.
+    Returns the handler to restore (None off the main thread, where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 if __name__ == "__main__":

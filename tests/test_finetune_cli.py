@@ -111,3 +111,21 @@ def test_readme_example_on_the_sample_files(tmp_path):
                                 "URGENT! Claim your cash reward today by texting CASH to 80082",
                                 "Let me know when you get home safe"], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["spam", "ham"]
+
+
+def test_ctrl_c_in_the_final_accuracy_passes_keeps_the_trained_classifier(base, tmp_path, capsys, monkeypatch):
+    from gptforge import finetune
+
+    def interrupted(model, loader, num_batches=None):  # the final passes over all the data
+        if num_batches is None:
+            raise KeyboardInterrupt
+        return 0.5
+
+    monkeypatch.setattr(finetune, "loader_accuracy", interrupted)
+    train = _jsonl(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in messages(16)])
+    out = tmp_path / "run"
+    assert main(["finetune", "classify", "--data", train, "--model", base, "--out", str(out), "--eval-every", "0",
+                 "--no-progress", "--device", "cpu"]) == 130
+    assert capsys.readouterr().err == "gptforge: interrupted\n"
+    assert gptforge.load(out / "checkpoint").cfg.classifier is not None  # the 2 steps done are not lost
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

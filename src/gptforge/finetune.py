@@ -312,13 +312,13 @@ def finetune_classify(config: ClassifyConfig | None = None, /, **options: Any) -
         run.progress.write(f"trainable parameters: {trainable:,} of {total:,} ({cfg.trainable})")
         history = book_loop(run, splits.train, classification_loss, _evaluator(splits, cfg.eval_batches),
                             cfg.eval_every, cfg.epochs, _epoch_accuracy(splits, cfg.eval_batches))
-    run.progress.close()
-    model = run.raw_model.eval()
+        run.progress.close()
+        model = run.raw_model.eval()
+        ckpt = checkpoint.save(model, run.out / CHECKPOINT_DIR)  # before the passes over all the data below
     final = {"train": loader_accuracy(model, splits.train)}
     for name in ("val", "test"):
         loader = getattr(splits, name)
         final[name] = loader_accuracy(model, loader) if loader is not None else None
-    ckpt = checkpoint.save(model, run.out / CHECKPOINT_DIR)
     run.metrics.log({"kind": "final", "step": run.step, **{f"{k}_acc": v for k, v in final.items()}})
     run.metrics.plot(force=True)
     return ClassifyResult(ckpt, splits.labels, run.step, final["train"], final["val"], final["test"],
@@ -432,9 +432,9 @@ def finetune_instruct(config: InstructConfig | None = None, /, **options: Any) -
         run.progress.write(f"trainable parameters: {trainable:,} of {total:,} ({cfg.trainable})")
         history = book_loop(run, loader, lm_loss, _loss_evaluator(cfg, loader, val_loader), cfg.eval_every,
                             cfg.epochs, _sampler((val or train)[0]))
-    run.progress.close()
-    model = run.raw_model.eval()
-    ckpt = checkpoint.save(model, run.out / CHECKPOINT_DIR)
+        run.progress.close()
+        model = run.raw_model.eval()
+        ckpt = checkpoint.save(model, run.out / CHECKPOINT_DIR)  # a Ctrl-C while it is written waits for it
     run.metrics.plot(force=True)
     responses = None
     if test:

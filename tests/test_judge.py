@@ -5,7 +5,10 @@ that is not a number, an unreachable endpoint, a timeout) as one line and exit 2
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +30,7 @@ RECORDS = [
 class FakeJudge:
     """An OpenAI-compatible /v1/chat/completions answering `replies` in turn (after `delay` s)."""
 
-    def __init__(self, replies, delay=0.0):
+    def __init__(self, replies, delay=0.0, interrupt_at=None):
         self.replies, self.delay, self.requests = list(replies), delay, []
         judge = self
 
@@ -35,6 +38,8 @@ class FakeJudge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 judge.requests.append((self.path, body))
+                if len(judge.requests) == interrupt_at:  # the user presses Ctrl-C while this request waits
+                    os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(judge.delay)
                 reply = judge.replies[min(len(judge.requests), len(judge.replies)) - 1]
                 data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -175,3 +180,17 @@ def test_records_without_responses_are_refused(tmp_path, capsys):
                                           ("", None), ("-3", None)])
 def test_parse_score(reply, score):
     assert parse_score(reply) == score
+
+
+def test_ctrl_c_keeps_the_scores_so_far_and_says_where(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: the bar over the records
+    fake = FakeJudge(["80", "60", "50"], delay=0.5, interrupt_at=2)
+    out = tmp_path / "s.jsonl"
+    try:
+        assert main(["judge", "--data", str(data), "--url", fake.url, "--model", "m", "--out", str(out)]) == 130
+    finally:
+        fake.close()
+    err = capsys.readouterr().err
+    assert "1/3" in err and "Traceback" not in err
+    assert err.splitlines()[-1] == f"gptforge: interrupted; 1 scores so far are in {out}"
+    assert [json.loads(l)["score"] for l in out.read_text().splitlines()] == [80]

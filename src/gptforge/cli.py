@@ -371,7 +371,8 @@ def cmd_judge(args: argparse.Namespace) -> None:
     records = read_records(args.data)
     out = args.out or default_scores_path(args.data)
     result = judge(records, url=args.url, model=args.model, out=out, key=args.key, timeout=args.timeout,
-                   max_tokens=args.max_tokens, skip_invalid=args.skip_invalid, source=args.data)
+                   max_tokens=args.max_tokens, skip_invalid=args.skip_invalid, source=args.data,
+                   progress=sys.stderr.isatty())  # a bar on a terminal, as eval's
     scored = [s for s in result.scores if s is not None]
     mean = f"{result.mean:.2f}" if result.mean is not None else "n/a"
     skipped = len(result.scores) - len(scored)

@@ -19,6 +19,7 @@ from typing import Any
 from .errors import GptforgeError
 from .io import ensure_dir
 from .instruct import RESPONSE_KEY, format_input
+from .metrics import progress_bar
 
 BOOK_SEED = 123  # the book's query_model options: seed 123, temperature 0
 
@@ -133,15 +134,16 @@ def _message(err: Any) -> str:
 def judge(records: Sequence[Mapping[str, Any]], *, url: str, model: str, out: str | Path,
           key: str = RESPONSE_KEY, timeout: float = 60.0, max_tokens: int | None = None,
           skip_invalid: bool = False, api_key: str | None = None, source: str = "data",
-          on_score: Callable[[int, int | None, str], None] | None = None) -> JudgeResult:
+          on_score: Callable[[int, int | None, str], None] | None = None, progress: bool = False) -> JudgeResult:
     """Score each record's response (`key`) 0-100 with `model` behind the OpenAI-compatible `url`
     (e.g. http://127.0.0.1:8000/v1), asking with the book's prompt, temperature 0 and seed 123.
 
     out: a JSONL file, one `{"index", "score", "reply"}` line per record, written as scores arrive.
     skip_invalid: a reply that is not an integer 0-100 gets score None and the run goes on (the
         book prints it and continues); otherwise it stops the run with a GptforgeError.
+    progress: a bar over the records on stderr.
     Raises GptforgeError on an unreachable endpoint, a timeout or an HTTP error; the scores
-    written before it stay in `out`.
+    written before it stay in `out`, as on Ctrl-C (a KeyboardInterrupt saying where they are).
     """
     _check_keys(records, key, source)
     _check_url(url)
@@ -150,6 +152,7 @@ def judge(records: Sequence[Mapping[str, Any]], *, url: str, model: str, out: st
     client = _client(url, timeout, api_key)
     scores: list[int | None] = []
     f = None  # opened at the first reply: a run that fails at once leaves an earlier scores file as it was
+    bar = progress_bar(progress, len(records), 0, unit="record")
     try:
         for index, rec in enumerate(records):
             try:
@@ -171,9 +174,14 @@ def judge(records: Sequence[Mapping[str, Any]], *, url: str, model: str, out: st
             scores.append(score)
             f.write(json.dumps({"index": index, "score": score, "reply": reply}) + "\n")
             f.flush()
+            bar.update(1)
             if on_score is not None:
                 on_score(index, score, reply)
+    except KeyboardInterrupt:
+        kept = f"are in {out}" if f is not None else f"written ({out} is left as it was)"
+        raise KeyboardInterrupt(f"{len(scores)} scores so far {kept}") from None
     finally:
+        bar.close()
         if f is not None:
             f.close()
     return JudgeResult(scores, out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -249,6 +250,20 @@ def test_cli_classifier_report_equals_scikit_learn_on_classify(classifier_checkp
     assert main(["eval", "--model", str(classifier_checkpoint), "--data", a, b]) == 0
     table = capsys.readouterr().out
     assert "confusion matrix" in table and all(name in table for name in LABELS)
+
+
+def test_cli_classifier_report_shows_progress_on_a_terminal_only(classifier_checkpoint, tmp_path, capsys,
+                                                                  monkeypatch):
+    path = _labelled(tmp_path / "t.csv", [(f"text number {k}", LABELS[k % 3]) for k in range(40)])
+    argv = ["eval", "--model", str(classifier_checkpoint), "--data", path, "--batch-size", "8", "--json"]
+    assert main(argv) == 0
+    piped = capsys.readouterr()
+    assert piped.err == ""  # a log or a pipe gets just the result
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(argv) == 0
+    shown = capsys.readouterr()
+    assert "40/40" in shown.err and "text" in shown.err  # the bar over the texts, 5 batches
+    assert json.loads(shown.out) == json.loads(piped.out)
 
 
 @pytest.mark.parametrize("rows,extra,message", [

@@ -11,6 +11,7 @@ where the book reads the last position even when it is padding (`pool="last"`).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .checkpoint import load, resolve_device
 from .config import ClassifierSpec, GPTConfig
 from .data import Loader
 from .errors import GptforgeError
+from .metrics import progress_bar
 from .options import check_value
 from .model import GPTModel
 from .tables import find_column, read_table, text_field
@@ -213,11 +215,12 @@ class Prediction:
 
 @torch.no_grad()
 def classify(model: GPTModel | str | Path, texts: str | Sequence[str], *, batch_size: int = 16,
-             device: str | torch.device | None = None) -> list[Prediction]:
+             device: str | torch.device | None = None, progress: bool = False) -> list[Prediction]:
     """Predict a label for each text with a classifier (a model or a checkpoint name/path).
 
     Texts are tokenized, cut to the model's context (or its training `max_length`) and, for the
-    book's pool="last", padded to that length as in training. Returns one Prediction per text."""
+    book's pool="last", padded to that length as in training. Returns one Prediction per text.
+    progress: a bar over the texts on stderr, where it is a terminal and there are several batches."""
     if isinstance(model, (str, Path)):
         model = load(model, device=device or "cpu")
     spec = classifier_spec(model)
@@ -235,6 +238,7 @@ def classify(model: GPTModel | str | Path, texts: str | Sequence[str], *, batch_
     model.eval()
     limit = min(spec.max_length or model.cfg.context_length, model.cfg.context_length)
     predictions = []
+    bar = progress_bar(progress and len(texts) > batch_size and sys.stderr.isatty(), len(texts), 0, unit="text")
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         tokens = get_tokenizer().encode_batch(chunk)
@@ -245,4 +249,6 @@ def classify(model: GPTModel | str | Path, texts: str | Sequence[str], *, batch_
         for row in probs:
             predictions.append(Prediction(spec.labels[int(row.argmax())],
                                           {name: float(p) for name, p in zip(spec.labels, row)}))
+        bar.update(len(chunk))
+    bar.close()
     return predictions

@@ -206,7 +206,7 @@ def _eval_classifier(args: argparse.Namespace) -> None:
     model = load(args.model, device=args.device, config=_book_config_arg(args))
     prepare_for_inference(model, args.dtype, args.quantize)
     report = evaluate_classifier(model, args.data, text_column=args.text_column, label_column=args.label_column,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, progress=True)  # a bar on a terminal, as for text
     if args.json:
         print(json.dumps({"model": args.model, "dtype": args.dtype, "quantize": args.quantize, **report.to_dict()}))
         return

@@ -257,10 +257,11 @@ def classification_report(y_true: Sequence[int | str], y_pred: Sequence[int | st
 
 
 def evaluate_classifier(model: nn.Module, paths: str | Path | Sequence[str | Path], *, text_column: str = "text",
-                        label_column: str = "label", batch_size: int = 16) -> ClassificationReport:
+                        label_column: str = "label", batch_size: int = 16,
+                        progress: bool = False) -> ClassificationReport:
     """The classification report of a classifier (from `gptforge finetune classify`) on labelled
     texts: CSV/TSV/JSONL/JSON file(s) with a text and a label column, all files as one test set.
-    A label the model was not trained on is a GptforgeError naming it."""
+    A label the model was not trained on is a GptforgeError naming it. progress: as `classify`'s."""
     from .classifier import classifier_spec, classify, label_ids, read_labeled
 
     spec = classifier_spec(model)
@@ -270,5 +271,5 @@ def evaluate_classifier(model: nn.Module, paths: str | Path | Sequence[str | Pat
         data = read_labeled(path, text_column, label_column)
         true += label_ids(data, spec.labels)  # checked for every file before any prediction
         texts += data.texts
-    predicted = [p.label for p in classify(model, texts, batch_size=batch_size)]
+    predicted = [p.label for p in classify(model, texts, batch_size=batch_size, progress=progress)]
     return classification_report(true, predicted, spec.labels)

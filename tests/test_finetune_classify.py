@@ -5,13 +5,16 @@ losses and the accuracies equal llms_from_scratch.ch06's `train_classifier_simpl
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
 import torch.nn as nn
 
 from classify_data import write_splits
-from gptforge.checkpoint import load, save
+from gptforge.checkpoint import load, load_training_state, save
+from gptforge.errors import GptforgeError
 from gptforge.finetune import finetune_classify
 from gptforge.model import GPTModel
 from gptforge.tokenizer import gpt2_encoding
@@ -95,3 +98,51 @@ def test_losses_and_accuracies_equal_train_classifier_simple(tiny_config, tmp_pa
         torch.testing.assert_close(model(x)[:, -1], book.eval()(x)[:, -1], atol=1e-5, rtol=0)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "train" for r in metrics) == EPOCHS * 5
+
+
+def _records(out, kind):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("trainable, stop_at", [("last-block", 2), ("lora", 4)], ids=["mid-epoch", "lora-epoch-end"])
+def test_a_stopped_run_resumed_equals_the_uninterrupted_run(tiny_config, tmp_path, trainable, stop_at):
+    """Ctrl-C (a real SIGINT) after step `stop_at`, then `resume=True` with no other option: every
+    step's loss, every evaluation and the final weights equal a run that was never stopped (dropout
+    on, evaluations drawing from the global RNG, the shuffled order across an epoch boundary)."""
+    splits = write_splits(tmp_path)
+    _base(tiny_config, tmp_path)
+    opts = dict(data=str(splits["train"]), val=str(splits["val"]), test=str(splits["test"]),
+                model=str(tmp_path / "base"), pool="last", epochs=EPOCHS, eval_every=3, eval_batches=EVAL_BATCHES,
+                lr=LR, drop_rate=0.1, trainable=trainable, device="cpu", precision="fp32", progress=False)
+    full = finetune_classify(out=str(tmp_path / "a"), **opts)
+    assert not full.interrupted and full.steps == EPOCHS * 5
+
+    def ctrl_c(record):
+        if record["step"] == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)  # the real handler: finish the step, save, stop
+
+    part = finetune_classify(out=str(tmp_path / "b"), on_step=ctrl_c, **opts)
+    assert part.interrupted and part.steps == stop_at + 1
+    position = load_training_state(tmp_path / "b" / "checkpoint")["position"]
+    assert (position["epoch"], position["batch"]) == (0, stop_at + 1)  # 5 batches an epoch: 5 is its end
+    with pytest.raises(GptforgeError, match="--lr cannot change on --resume"):
+        finetune_classify(out=str(tmp_path / "b"), resume=True, lr=1.0)
+    rest = finetune_classify(out=str(tmp_path / "b"), resume=True, progress=False)
+    assert not rest.interrupted and rest.steps == full.steps
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert [r["step"] for r in _records(b, "train")] == list(range(full.steps))
+    assert _records(a, "train") == _records(b, "train")
+    assert _records(a, "eval") == _records(b, "eval") and rest.history == full.history
+    assert (rest.train_accuracy, rest.val_accuracy, rest.test_accuracy) == \
+        (full.train_accuracy, full.val_accuracy, full.test_accuracy)
+    wa, wb = load(full.checkpoint).state_dict(), load(rest.checkpoint).state_dict()
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    with pytest.raises(GptforgeError, match=r"finished \(10 steps\); nothing to resume"):
+        finetune_classify(out=str(b), resume=True)
+    with pytest.raises(GptforgeError, match="nothing to resume in .*no checkpoint/ there"):
+        finetune_classify(out=str(tmp_path / "c"), resume=True)
+    with pytest.raises(GptforgeError, match="already holds a run .*continue it with `gptforge finetune classify"):
+        finetune_classify(out=str(a), **opts)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 
 from gptforge import GPTModel, load, save
 from gptforge.cli import main
+from gptforge.finetune import finetune_instruct
 from gptforge.instruct import ALPACA, read_records
 from gptforge.tokenizer import get_tokenizer
 
@@ -172,3 +175,46 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_base, capsys, content, 
                  str(tmp_path / "run"), "--no-progress", *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def _train_records(out):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["epoch"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def test_a_stopped_run_resumed_on_the_command_line_equals_the_uninterrupted_run(tmp_path, tiny_base, capsys):
+    """A real SIGINT after step 3 (of 2 epochs of 5), then `gptforge finetune instruct --out B
+    --resume` with no other flag: the losses, evaluations, test responses and weights are the
+    uninterrupted run's; resuming again (finished) or where nothing was saved is one line, exit 2."""
+    splits(tmp_path)
+    opts = dict(data=str(tmp_path / "train.json"), val=str(tmp_path / "val.json"), test=str(tmp_path / "test.json"),
+                model=str(tiny_base), batch_size=BATCH, epochs=EPOCHS, eval_every=EVAL_EVERY,
+                eval_batches=EVAL_BATCHES, lr=1e-3, drop_rate=0.1, max_new_tokens=4, device="cpu", progress=False)
+    full = finetune_instruct(out=str(tmp_path / "a"), **opts)
+    assert not full.interrupted and full.steps == 10
+
+    def ctrl_c(record):
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    b = tmp_path / "b"
+    part = finetune_instruct(out=str(b), on_step=ctrl_c, **opts)
+    assert part.interrupted and part.steps == 4
+    assert "continue with `gptforge finetune instruct --resume --out" in capsys.readouterr().out
+    assert main(["finetune", "instruct", "--out", str(b), "--resume", "--no-progress"]) == 0
+    assert "done after 10 steps" in capsys.readouterr().out
+
+    assert _train_records(b) == _train_records(tmp_path / "a") and len(_train_records(b)) == 10
+    evals = [[r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+             for out in (tmp_path / "a", b)]
+    assert evals[0] == evals[1]
+    assert (b / "test-responses.json").read_text() == (tmp_path / "a" / "test-responses.json").read_text()
+    wa, wb = load(full.checkpoint).state_dict(), load(b / "checkpoint").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    for out, message in ((b, "finished (10 steps); nothing to resume"), (tmp_path / "c", "nothing to resume in")):
+        assert main(["finetune", "instruct", "--out", str(out), "--resume", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert main(["finetune", "classify", "--out", str(b), "--resume"]) == 2
+    assert "is a `finetune instruct` run; resume it with `gptforge finetune instruct" in capsys.readouterr().err

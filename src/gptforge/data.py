@@ -371,9 +371,13 @@ class Loader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
-        seed = draw_loader_seed(self.shuffle)
+        yield from self.batches(draw_loader_seed(self.shuffle))  # drawn when the pass starts, as torch's
+
+    def batches(self, seed: int | None, start: int = 0) -> Iterator[Any]:
+        """One pass in the order `seed` gives (what `__iter__` draws; None: in order), from batch
+        `start` on: a resumed run continues an epoch where it stopped without drawing again."""
         order = permutation(len(self.data), seed) if self.shuffle else None
-        for indices in batch_indices(len(self.data), self.batch_size, order=order, drop_last=self.drop_last):
+        for indices in batch_indices(len(self.data), self.batch_size, order=order, drop_last=self.drop_last)[start:]:
             yield self.data.batch(indices)
 
 

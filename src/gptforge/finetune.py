@@ -14,7 +14,9 @@ each the book's recipe by default, with LoRA (appendix E) as an option:
 
 Both: AdamW (lr 5e-5, weight decay 0.1 on every trainable parameter, torch's default betas), no
 clipping, no schedule, batches of 8 drawn like the book's DataLoader(shuffle=True, drop_last=True),
-through one loop (`book_loop`, the book's train_model_simple / train_classifier_simple).
+through one loop (`book_loop`, the book's train_model_simple / train_classifier_simple). Ctrl-C or
+SIGTERM stops after the current step and saves the checkpoint with its training state (optimizer,
+RNG, step, loop position, options); `resume=True` (`--resume`) continues it exactly.
 """
 
 from __future__ import annotations
@@ -34,40 +36,52 @@ from .classifier import (
     loader_metrics, padded_length, read_labeled, to_classifier,
 )
 from .config import POOLS, GPTConfig, check_language_model
-from .data import Loader
+from .data import Loader, draw_loader_seed
 from .errors import GptforgeError
 from .instruct import ALPACA, RESPONSE_KEY, InstructionData, read_records, respond, with_responses
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, sha256_file
 from .lora import ALL_TARGETS, DEFAULT_SCALING, SCALINGS, apply_lora, check_lora_options, count_trainable
 from .options import SEED_MAX, check_fields, option
 from .runtime import StopRequest, autocast_context
 from .tokenizer import get_tokenizer
 from .train import (
-    CHECKPOINT_DIR, EvalFn, LossFn, Run, evaluate_and_log, lm_loss, refuse_finished_run, start_run, train_step,
+    CHECKPOINT_DIR, EvalFn, LossFn, Run, evaluate_and_log, lm_loss, refuse_finished_run, save_run, start_run,
+    train_step,
 )
 from .train_config import TrainConfig
 
 TRAINABLE = ("last-block", "all", "lora")
+RESUMABLE_CHANGES = frozenset({"progress", "device"})  # they do not change what the next step computes
 RESPONSES_FILE = "test-responses.json"  # the book's instruction-data-with-response.json
 
 
 def book_loop(run: Run, loader: Loader, loss_fn: LossFn, evaluate: EvalFn, eval_every: int, epochs: int,
-              epoch_end: EvalFn | None = None) -> list[dict[str, Any]]:
+              epoch_end: EvalFn | None = None, position: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The book's training loops (train_model_simple, train_classifier_simple) over the phases: a
     step per batch, `evaluate` every eval_every steps (from step 0), `epoch_end` after each epoch's
-    last step. Stops early (run.interrupted) on Ctrl-C/SIGTERM. Returns the evaluation records."""
+    last step. Stops early (run.interrupted) on Ctrl-C/SIGTERM. Returns the evaluation records.
+
+    `position` ({"epoch", "batch", "epoch_seed"}: the next batch and the seed of its epoch's order)
+    is kept up to date in place; given from a saved run, the loop continues there, that epoch's order
+    taken from the saved seed instead of a new draw (the restored RNG then draws what it would have)."""
+    position = {} if position is None else position
     history = []
-    for epoch in range(epochs):
+    first_epoch, first_batch = position.get("epoch", 0), position.get("batch", 0)
+    for epoch in range(first_epoch, epochs):
         run.epoch = epoch
         run.raw_model.train()
-        for i, batch in enumerate(loader):
+        start = first_batch if epoch == first_epoch else 0
+        seed = position["epoch_seed"] if start else draw_loader_seed(loader.shuffle)
+        position.update(epoch=epoch, batch=start, epoch_seed=seed)
+        for i, batch in enumerate(loader.batches(seed, start), start):
             train_step(run, [batch], loss_fn)
             if eval_every and run.step % eval_every == 0:
                 history.append({"step": run.step, **evaluate_and_log(run, evaluate)})
             if epoch_end is not None and i == len(loader) - 1:
                 history.append({"step": run.step, **evaluate_and_log(run, epoch_end)})
             run.step += 1
-            if run.stop_requested:
+            position["batch"] = i + 1
+            if run.stop_requested and run.step < run.total_steps:
                 run.interrupted = True
                 return history
     return history
@@ -120,6 +134,7 @@ class FinetuneOptions:
                             choices=("auto", "bf16", "fp32"))
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
     progress: bool = option(True, "show a progress bar")
+    resume: bool = option(False, "continue the run stopped (Ctrl-C/SIGTERM) in --out with its saved options")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -176,6 +191,86 @@ def load_for_finetuning(cfg: FinetuneOptions) -> nn.Module:
     if base is not None:
         model.lora_base = base  # what the adapter checkpoint names as its base
     return model
+
+
+# --------------------------------------------------------------------------- stop and resume
+
+def resolve_config(cls: type, kind: str, config: FinetuneOptions | None,
+                   options: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+    """The run's config and, with resume=True, the training state saved in OUT/checkpoint (its
+    options are used; only RESUMABLE_CHANGES may differ from them). A new run into an --out that
+    holds one is refused; so is resuming nothing, a finished run or another verb's run."""
+    cfg = dataclasses.replace(config, **options) if config is not None else cls(**options)
+    if not cfg.resume:
+        refuse_finished_run(cfg.out, f"if it was stopped, continue it with `gptforge finetune {kind} --resume "
+                                     f"--out {cfg.out}`; otherwise ")
+        return cfg, None
+    given = dict(options)
+    if config is not None:
+        given = {**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                    if getattr(config, f.name) != f.default}, **given}
+    ckpt = Path(cfg.out) / CHECKPOINT_DIR
+    if not (ckpt / checkpoint.CONFIG_FILE).exists():
+        raise GptforgeError(f"nothing to resume in {cfg.out}: no {CHECKPOINT_DIR}/ there; "
+                            "start the run without --resume")
+    state = checkpoint.load_training_state(ckpt)
+    if state is None or "finetune" not in state:
+        raise GptforgeError(f"{ckpt} holds no stopped finetuning run to resume (no finetuning state in it); "
+                            "start a new run in another --out")
+    if state["finetune"] != kind:
+        raise GptforgeError(f"{ckpt} is a `finetune {state['finetune']}` run; resume it with "
+                            f"`gptforge finetune {state['finetune']} --resume --out {cfg.out}`")
+    if state["step"] >= state["total_steps"]:
+        raise GptforgeError(f"the run in {cfg.out} finished ({state['step']} steps); nothing to resume: "
+                            "start a new run in another --out")
+    saved = cls(**{**state["finetune_config"], "resume": True})
+    changes = {}
+    for name, value in given.items():
+        if name in ("out", "resume"):
+            continue
+        if name in RESUMABLE_CHANGES:
+            changes[name] = value
+        elif value != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise GptforgeError(f"{flag} cannot change on --resume (the saved run has {getattr(saved, name)!r}, "
+                                f"not {value!r}); only {', '.join(sorted(RESUMABLE_CHANGES))} can, or start a "
+                                "new run in another --out")
+    resumed = dataclasses.replace(saved, out=str(cfg.out), **changes)
+    if _data_digests(resumed) != state["data_sha256"]:
+        raise GptforgeError(f"the data files ({', '.join(state['data_sha256'])}) changed since the run in "
+                            f"{cfg.out} was saved; resume with the same files")
+    return resumed, state
+
+
+def _data_digests(cfg: FinetuneOptions) -> dict[str, str]:
+    """sha256 of each data file the run reads, so a resumed run is known to read the same records."""
+    return {name: sha256_file(getattr(cfg, name)) for name in ("data", "val", "test") if getattr(cfg, name, None)}
+
+
+def restore_weights(model: nn.Module, out: str | Path) -> None:
+    """Resuming: the weights saved in OUT/checkpoint into `model`, built as the saved run built it
+    (same layers, same trainable parameters: the optimizer state maps onto them in order)."""
+    saved = checkpoint.load(Path(out) / CHECKPOINT_DIR, dtype=torch.float32)
+    model.load_state_dict(saved.state_dict())
+
+
+def earlier_evaluations(run: Run) -> list[dict[str, Any]]:
+    """Resuming: the evaluation records the saved run logged before it stopped (as book_loop's)."""
+    skip = ("kind", "step", "epoch", "tokens_seen")
+    return [{"step": r["step"], **{k: v for k, v in r.items() if k not in skip}}
+            for r in run.metrics.records if r["kind"] == "eval"]
+
+
+def save_finetune(run: Run, cfg: FinetuneOptions, kind: str, position: dict[str, Any]) -> Path:
+    """OUT/checkpoint with everything `--resume` needs: the training state (optimizer, RNG, step),
+    the loop position, this config and the data files' digests. Says how to continue after a stop."""
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
+    ckpt = save_run(run, {"finetune": kind, "finetune_config": options, "position": dict(position),
+                          "data_sha256": _data_digests(cfg)})
+    if run.interrupted:
+        run.progress.write(f"gptforge: interrupted after step {run.step - 1}; checkpoint saved to {ckpt}; "
+                           f"continue with `gptforge finetune {kind} --resume --out {run.out}`")
+    return ckpt
 
 
 # --------------------------------------------------------------------------- classification (chapter 6)
@@ -293,28 +388,34 @@ def _epoch_accuracy(splits: _Splits, batches: int | None) -> Callable[[Run], dic
     return evaluate
 
 
-def finetune_classify(config: ClassifyConfig | None = None, /, **options: Any) -> ClassifyResult:
+def finetune_classify(config: ClassifyConfig | None = None, /, *,
+                      on_step: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> ClassifyResult:
     """Adapt a GPT model to classify texts; the Python twin of `gptforge finetune classify`.
 
     `finetune_classify(data="train.csv", val="val.csv", model="gpt2", out="runs/spam")`; options
     are ClassifyConfig's fields. Writes OUT/checkpoint (a classifier checkpoint; with LoRA, an
-    adapter checkpoint naming its base), OUT/metrics.jsonl and OUT/loss.png."""
-    cfg = dataclasses.replace(config, **options) if config is not None else ClassifyConfig(**options)
-    refuse_finished_run(cfg.out)
+    adapter checkpoint naming its base, either with the training state), OUT/metrics.jsonl and
+    OUT/loss.png. `finetune_classify(out="runs/spam", resume=True)` continues a stopped run exactly.
+    on_step: called with each step's metrics record (after the update)."""
+    cfg, saved = resolve_config(ClassifyConfig, "classify", config, options)
     splits = _read_splits(cfg, model_config(cfg).context_length)
     model = load_for_finetuning(cfg)
     prepare_classifier(model, cfg, splits.labels, splits.length)
+    if saved is not None:
+        restore_weights(model, cfg.out)
     trainable, total = count_trainable(model)
     tcfg = cfg.train_config()
-    torch.manual_seed(cfg.seed)  # the book reseeds before its optimizer and loop
+    torch.manual_seed(cfg.seed)  # the book reseeds before its optimizer and loop (a resumed run: its saved RNG)
     with StopRequest() as stop:
-        run = start_run(tcfg, model, cfg.epochs * len(splits.train), stop=stop)
+        run = start_run(tcfg, model, cfg.epochs * len(splits.train), saved_state=saved, stop=stop, on_step=on_step)
         run.progress.write(f"trainable parameters: {trainable:,} of {total:,} ({cfg.trainable})")
-        history = book_loop(run, splits.train, classification_loss, _evaluator(splits, cfg.eval_batches),
-                            cfg.eval_every, cfg.epochs, _epoch_accuracy(splits, cfg.eval_batches))
+        position = dict(saved["position"]) if saved is not None else {}
+        history = earlier_evaluations(run) if saved is not None else []
+        history += book_loop(run, splits.train, classification_loss, _evaluator(splits, cfg.eval_batches),
+                             cfg.eval_every, cfg.epochs, _epoch_accuracy(splits, cfg.eval_batches), position)
         run.progress.close()
         model = run.raw_model.eval()
-        ckpt = checkpoint.save(model, run.out / CHECKPOINT_DIR)  # before the passes over all the data below
+        ckpt = save_finetune(run, cfg, "classify", position)  # before the passes over all the data below
     final = {"train": loader_accuracy(model, splits.train)}
     for name in ("val", "test"):
         loader = getattr(splits, name)
@@ -396,15 +497,17 @@ def _sampler(record: dict[str, str]) -> EvalFn:
     return sample
 
 
-def finetune_instruct(config: InstructConfig | None = None, /, **options: Any) -> InstructResult:
+def finetune_instruct(config: InstructConfig | None = None, /, *,
+                      on_step: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> InstructResult:
     """Teach a GPT model to follow instructions; the Python twin of `gptforge finetune instruct`.
 
     `finetune_instruct(data="train.json", val="val.json", test="test.json", model="gpt2",
     out="runs/instruct")`; options are InstructConfig's fields. Writes OUT/checkpoint (with the
     Alpaca prompt template in its config), OUT/metrics.jsonl, OUT/loss.png and, with test records,
-    OUT/test-responses.json (each record with its greedy `model_response`, as the book's)."""
-    cfg = dataclasses.replace(config, **options) if config is not None else InstructConfig(**options)
-    refuse_finished_run(cfg.out)
+    OUT/test-responses.json (each record with its greedy `model_response`, as the book's).
+    `finetune_instruct(out="runs/instruct", resume=True)` continues a stopped run exactly.
+    on_step: called with each step's metrics record (after the update)."""
+    cfg, saved = resolve_config(InstructConfig, "instruct", config, options)
     base_cfg = model_config(cfg)
     check_language_model(base_cfg, cfg.model)  # instructions are text in, text out
     context = base_cfg.context_length
@@ -425,16 +528,21 @@ def finetune_instruct(config: InstructConfig | None = None, /, **options: Any) -
     if cfg.trainable == "lora":  # as appendix E: seed, then the adapters (apply_lora freezes the rest)
         torch.manual_seed(cfg.seed)
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_scaling)
+    if saved is not None:
+        restore_weights(model, cfg.out)
     trainable, total = count_trainable(model)
-    torch.manual_seed(cfg.seed)  # the book reseeds before its optimizer and loop
+    torch.manual_seed(cfg.seed)  # the book reseeds before its optimizer and loop (a resumed run: its saved RNG)
     with StopRequest() as stop:
-        run = start_run(cfg.train_config(), model, cfg.epochs * len(loader), stop=stop)
+        run = start_run(cfg.train_config(), model, cfg.epochs * len(loader), saved_state=saved, stop=stop,
+                        on_step=on_step)
         run.progress.write(f"trainable parameters: {trainable:,} of {total:,} ({cfg.trainable})")
-        history = book_loop(run, loader, lm_loss, _loss_evaluator(cfg, loader, val_loader), cfg.eval_every,
-                            cfg.epochs, _sampler((val or train)[0]))
+        position = dict(saved["position"]) if saved is not None else {}
+        history = earlier_evaluations(run) if saved is not None else []
+        history += book_loop(run, loader, lm_loss, _loss_evaluator(cfg, loader, val_loader), cfg.eval_every,
+                             cfg.epochs, _sampler((val or train)[0]), position)
         run.progress.close()
         model = run.raw_model.eval()
-        ckpt = checkpoint.save(model, run.out / CHECKPOINT_DIR)  # a Ctrl-C while it is written waits for it
+        ckpt = save_finetune(run, cfg, "instruct", position)  # a Ctrl-C while it is written waits for it
     run.metrics.plot(force=True)
     responses = None
     if test:

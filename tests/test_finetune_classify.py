@@ -117,6 +117,7 @@ def test_a_stopped_run_resumed_equals_the_uninterrupted_run(tiny_config, tmp_pat
                 lr=LR, drop_rate=0.1, trainable=trainable, device="cpu", precision="fp32", progress=False)
     full = finetune_classify(out=str(tmp_path / "a"), **opts)
     assert not full.interrupted and full.steps == EPOCHS * 5
+    assert load_training_state(full.checkpoint) is None  # finished: the model only
 
     def ctrl_c(record):
         if record["step"] == stop_at:
@@ -140,7 +141,7 @@ def test_a_stopped_run_resumed_equals_the_uninterrupted_run(tiny_config, tmp_pat
     wa, wb = load(full.checkpoint).state_dict(), load(rest.checkpoint).state_dict()
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
-    with pytest.raises(GptforgeError, match=r"finished \(10 steps\); nothing to resume"):
+    with pytest.raises(GptforgeError, match=r"holds no stopped finetuning run to resume \(the run finished"):
         finetune_classify(out=str(b), resume=True)
     with pytest.raises(GptforgeError, match="nothing to resume in .*no checkpoint/ there"):
         finetune_classify(out=str(tmp_path / "c"), resume=True)

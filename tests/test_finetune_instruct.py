@@ -201,6 +201,8 @@ def test_a_stopped_run_resumed_on_the_command_line_equals_the_uninterrupted_run(
     part = finetune_instruct(out=str(b), on_step=ctrl_c, **opts)
     assert part.interrupted and part.steps == 4
     assert "continue with `gptforge finetune instruct --resume --out" in capsys.readouterr().out
+    assert main(["finetune", "classify", "--out", str(b), "--resume"]) == 2  # the other verb's stopped run
+    assert "is a `finetune instruct` run; resume it with `gptforge finetune instruct" in capsys.readouterr().err
     assert main(["finetune", "instruct", "--out", str(b), "--resume", "--no-progress"]) == 0
     assert "done after 10 steps" in capsys.readouterr().out
 
@@ -212,9 +214,8 @@ def test_a_stopped_run_resumed_on_the_command_line_equals_the_uninterrupted_run(
     wa, wb = load(full.checkpoint).state_dict(), load(b / "checkpoint").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
-    for out, message in ((b, "finished (10 steps); nothing to resume"), (tmp_path / "c", "nothing to resume in")):
+    finished = "holds no stopped finetuning run to resume (the run finished"
+    for out, message in ((b, finished), (tmp_path / "c", "nothing to resume in")):
         assert main(["finetune", "instruct", "--out", str(out), "--resume", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
-    assert main(["finetune", "classify", "--out", str(b), "--resume"]) == 2
-    assert "is a `finetune instruct` run; resume it with `gptforge finetune instruct" in capsys.readouterr().err

@@ -214,15 +214,12 @@ def resolve_config(cls: type, kind: str, config: FinetuneOptions | None,
         raise GptforgeError(f"nothing to resume in {cfg.out}: no {CHECKPOINT_DIR}/ there; "
                             "start the run without --resume")
     state = checkpoint.load_training_state(ckpt)
-    if state is None or "finetune" not in state:
-        raise GptforgeError(f"{ckpt} holds no stopped finetuning run to resume (no finetuning state in it); "
-                            "start a new run in another --out")
+    if state is None or "finetune" not in state:  # a finished run keeps no training state
+        raise GptforgeError(f"{ckpt} holds no stopped finetuning run to resume (the run finished, or was saved "
+                            "before --resume existed); start a new run in another --out")
     if state["finetune"] != kind:
         raise GptforgeError(f"{ckpt} is a `finetune {state['finetune']}` run; resume it with "
                             f"`gptforge finetune {state['finetune']} --resume --out {cfg.out}`")
-    if state["step"] >= state["total_steps"]:
-        raise GptforgeError(f"the run in {cfg.out} finished ({state['step']} steps); nothing to resume: "
-                            "start a new run in another --out")
     saved = cls(**{**state["finetune_config"], "resume": True})
     changes = {}
     for name, value in given.items():
@@ -262,14 +259,17 @@ def earlier_evaluations(run: Run) -> list[dict[str, Any]]:
 
 
 def save_finetune(run: Run, cfg: FinetuneOptions, kind: str, position: dict[str, Any]) -> Path:
-    """OUT/checkpoint with everything `--resume` needs: the training state (optimizer, RNG, step),
-    the loop position, this config and the data files' digests. Says how to continue after a stop."""
+    """OUT/checkpoint. After a stop, with everything `--resume` needs: the training state
+    (optimizer, RNG, step), the loop position, this config and the data files' digests, and a line
+    saying how to continue. A finished run keeps only the model (its optimizer state would double
+    the checkpoint, and nothing resumes a finished finetune)."""
+    if not run.interrupted:
+        return checkpoint.save(run.raw_model, run.out / CHECKPOINT_DIR)
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
     ckpt = save_run(run, {"finetune": kind, "finetune_config": options, "position": dict(position),
                           "data_sha256": _data_digests(cfg)})
-    if run.interrupted:
-        run.progress.write(f"gptforge: interrupted after step {run.step - 1}; checkpoint saved to {ckpt}; "
-                           f"continue with `gptforge finetune {kind} --resume --out {run.out}`")
+    run.progress.write(f"gptforge: interrupted after step {run.step - 1}; checkpoint saved to {ckpt}; "
+                       f"continue with `gptforge finetune {kind} --resume --out {run.out}`")
     return ckpt
 
 

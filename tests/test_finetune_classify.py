@@ -125,6 +125,8 @@ def test_a_stopped_run_resumed_equals_the_uninterrupted_run(tiny_config, tmp_pat
 
     part = finetune_classify(out=str(tmp_path / "b"), on_step=ctrl_c, **opts)
     assert part.interrupted and part.steps == stop_at + 1
+    # stopped: it ends at once, without the final passes over all the data (for a finished run)
+    assert (part.train_accuracy, part.val_accuracy, part.test_accuracy) == (None, None, None)
     position = load_training_state(tmp_path / "b" / "checkpoint")["position"]
     assert (position["epoch"], position["batch"]) == (0, stop_at + 1)  # 5 batches an epoch: 5 is its end
     with pytest.raises(GptforgeError, match="--lr cannot change on --resume"):

@@ -200,6 +200,7 @@ def test_a_stopped_run_resumed_on_the_command_line_equals_the_uninterrupted_run(
     b = tmp_path / "b"
     part = finetune_instruct(out=str(b), on_step=ctrl_c, **opts)
     assert part.interrupted and part.steps == 4
+    assert part.responses is None and not (b / "test-responses.json").exists()  # answered when it finishes
     assert "continue with `gptforge finetune instruct --resume --out" in capsys.readouterr().out
     assert main(["finetune", "classify", "--out", str(b), "--resume"]) == 2  # the other verb's stopped run
     assert "is a `finetune instruct` run; resume it with `gptforge finetune instruct" in capsys.readouterr().err

@@ -298,12 +298,12 @@ class ClassifyConfig(FinetuneOptions):
 @dataclasses.dataclass
 class ClassifyResult:
     """What a classification run did: the final accuracies over all records (None without the
-    file), the evaluation records and the saved checkpoint."""
+    file, or when the run was stopped), the evaluation records and the saved checkpoint."""
 
     checkpoint: Path
     labels: tuple[str, ...]
     steps: int
-    train_accuracy: float
+    train_accuracy: float | None
     val_accuracy: float | None
     test_accuracy: float | None
     trainable_parameters: int
@@ -416,11 +416,11 @@ def finetune_classify(config: ClassifyConfig | None = None, /, *,
         run.progress.close()
         model = run.raw_model.eval()
         ckpt = save_finetune(run, cfg, "classify", position)  # before the passes over all the data below
-    final = {"train": loader_accuracy(model, splits.train)}
-    for name in ("val", "test"):
-        loader = getattr(splits, name)
-        final[name] = loader_accuracy(model, loader) if loader is not None else None
-    run.metrics.log({"kind": "final", "step": run.step, **{f"{k}_acc": v for k, v in final.items()}})
+    final = {"train": None, "val": None, "test": None}
+    if not run.interrupted:  # a stopped run ends now: the passes over all the data are for a finished one
+        final = {name: loader_accuracy(model, loader) if loader is not None else None
+                 for name, loader in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+        run.metrics.log({"kind": "final", "step": run.step, **{f"{k}_acc": v for k, v in final.items()}})
     run.metrics.plot(force=True)
     return ClassifyResult(ckpt, splits.labels, run.step, final["train"], final["val"], final["test"],
                           trainable, total, history, run.interrupted)
@@ -451,7 +451,7 @@ class InstructConfig(FinetuneOptions):
 @dataclasses.dataclass
 class InstructResult:
     """What an instruction run did: the checkpoint (with the prompt template), the test responses
-    (None without test records), the last losses and the evaluation records."""
+    (None without test records, or when the run was stopped), the last losses and the evaluation records."""
 
     checkpoint: Path
     responses: Path | None
@@ -545,7 +545,7 @@ def finetune_instruct(config: InstructConfig | None = None, /, *,
         ckpt = save_finetune(run, cfg, "instruct", position)  # a Ctrl-C while it is written waits for it
     run.metrics.plot(force=True)
     responses = None
-    if test:
+    if test and not run.interrupted:  # a stopped run ends now; its resumed run answers the test records
         answered = with_responses(test, respond(model, test, max_new_tokens=cfg.max_new_tokens), RESPONSE_KEY)
         responses = atomic_write_bytes(run.out / RESPONSES_FILE, json.dumps(answered, indent=4).encode())
     losses = [h for h in history if "train_loss" in h]

@@ -84,6 +84,7 @@ def test_a_file_we_may_not_read_is_exit_2(monkeypatch, capsys):
     (["serve", "--port", "70000"], "--port"),
     (["train", "--batch-size", "-1"], "--batch-size"),
     (["train", "--set", "nonsense=3"], "unknown GPTConfig fields (--set KEY=VALUE) ['nonsense']"),
+    (["train", "--data", "x.txt", "--lora-alpha", "8"], "--lora-alpha only applies to LoRA training: add --lora-rank"),
     (["generate", "x", "--seed", str(10**23)], "--seed: expected an integer >= 0 and <= 9223372036854775807"),
     (["eval", "--data", "x", "--seed", str(10**23)], "--seed"),
     (["train", "--seed", str(10**23)], "--seed"),

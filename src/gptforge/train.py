@@ -196,6 +196,11 @@ def _resolve_config(config: TrainConfig | None, options: Mapping[str, Any]) -> t
         if config.data is None:
             raise GptforgeError("no training data given: pass data= (--data) a text file, a folder or a glob")
         refuse_finished_run(config.out, "continue it with --resume, or ")
+        unused = [name for name in ("lora_alpha", "lora_scaling", "lora_targets") if name in given]
+        if unused and config.lora_rank is None:  # they would be ignored without a word
+            flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+            raise GptforgeError(f"{flags} only appl{'ies' if len(unused) == 1 else 'y'} to LoRA training: add "
+                                "--lora-rank R, or drop them")
         return config, None
     ckpt = Path(config.out) / CHECKPOINT_DIR
     if not (ckpt / checkpoint.CONFIG_FILE).exists():

@@ -196,7 +196,9 @@ def _resolve_config(config: TrainConfig | None, options: Mapping[str, Any]) -> t
         if config.data is None:
             raise GptforgeError("no training data given: pass data= (--data) a text file, a folder or a glob")
         refuse_finished_run(config.out, "continue it with --resume, or ")
-        unused = [name for name in ("lora_alpha", "lora_scaling", "lora_targets") if name in given]
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        unused = [name for name in ("lora_alpha", "lora_scaling", "lora_targets")
+                  if name in given and given[name] != defaults[name]]  # (a saved train_config.json has them all)
         if unused and config.lora_rank is None:  # they would be ignored without a word
             flags = ", ".join("--" + name.replace("_", "-") for name in unused)
             raise GptforgeError(f"{flags} only appl{'ies' if len(unused) == 1 else 'y'} to LoRA training: add "

@@ -156,6 +156,7 @@ def test_cli_dtype_and_quantize_cost_little_perplexity(tiny_checkpoint, tiny_gpt
     (b"some ordinary text here", ["--stride", "33"], "stride"),
     (b"some ordinary text here", ["--stride", "0"], "stride"),
     (b"some ordinary text here", ["--batch-size", "0"], "batch"),
+    (b"some ordinary text here", ["--text-column", "sms"], "--text-column and --label-column are for a classifier"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys, content, extra, message):
     (tmp_path / "bad.txt").write_bytes(content)

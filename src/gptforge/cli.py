@@ -167,6 +167,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if load_config(args.model, config=_book_config_arg(args)).classifier is not None:
         return _eval_classifier(args)
+    if args.text_column is not None or args.label_column is not None:  # else ignored without a word
+        raise GptforgeError("--text-column and --label-column are for a classifier's labelled data; this model is "
+                            "a language model, scored on plain text files")
     texts = {path: read_text(path) for path in args.data}  # bad files fail before the model loads
     torch.manual_seed(args.seed)  # a preset's random weights
     model = load(args.model, device=args.device, config=_book_config_arg(args))
@@ -205,7 +208,8 @@ def _eval_classifier(args: argparse.Namespace) -> None:
         raise GptforgeError("--stride is for language models; this model is a classifier")
     model = load(args.model, device=args.device, config=_book_config_arg(args))
     prepare_for_inference(model, args.dtype, args.quantize)
-    report = evaluate_classifier(model, args.data, text_column=args.text_column, label_column=args.label_column,
+    report = evaluate_classifier(model, args.data, text_column=args.text_column or "text",
+                                 label_column=args.label_column or "label",
                                  batch_size=args.batch_size, progress=True)  # a bar on a terminal, as for text
     if args.json:
         print(json.dumps({"model": args.model, "dtype": args.dtype, "quantize": args.quantize, **report.to_dict()}))
@@ -243,8 +247,10 @@ def _add_eval_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPars
     ev.add_argument("--batch-size", type=flag_type("int", "--batch-size", {"minimum": 1}), default=4,
                     help="windows (or a classifier's texts) per forward pass (default: 4)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    ev.add_argument("--text-column", default="text", help="a classifier's data: the column holding the texts")
-    ev.add_argument("--label-column", default="label", help="a classifier's data: the column holding the labels")
+    ev.add_argument("--text-column", default=None,
+                    help="a classifier's data: the column holding the texts (default: text)")
+    ev.add_argument("--label-column", default=None,
+                    help="a classifier's data: the column holding the labels (default: label)")
     _add_precision_flags(ev)
     _add_device_option(ev)
     ev.add_argument("--seed", type=flag_type("int", "--seed", {"minimum": 0, "maximum": SEED_MAX}), default=123,

@@ -165,6 +165,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tiny_json, tmp
     assert all(torch.equal(wb[k], v) for k, v in _weights(tmp_path / "b").items())
 
 
+def test_an_unknown_device_is_refused_before_the_data_is_tokenized(corpus, tiny_json, tmp_path):
+    with pytest.raises(GptforgeError, match="unknown device 'gpu'"):
+        train(**_options(corpus, tiny_json, tmp_path / "a", device="gpu"))
+    assert not (tmp_path / "a").exists()  # it failed at once: no token files, no run folder
+
+
 def test_the_largest_seed_trains_and_a_larger_one_is_refused(corpus, tiny_json, tmp_path):
     """Seeds are 64-bit: the epoch order's seed * 1_000_003 used to overflow torch's generator
     (a traceback after the data and model were ready) for any seed past ~1.8e13."""

@@ -244,6 +244,7 @@ def train(config: TrainConfig | None = None, /, *, on_step: Callable[[dict[str, 
     Returns a TrainResult. Launched by torchrun, every process calls this the same way.
     """
     cfg, saved_state = _resolve_config(config, options)
+    resolve_device(cfg.device)  # an unknown or absent device fails now, not after the data is tokenized
     dctx = init_distributed(cfg.device)
     try:
         with StopRequest() as stop:

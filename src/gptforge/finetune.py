@@ -45,8 +45,8 @@ from .options import SEED_MAX, check_fields, option
 from .runtime import StopRequest, autocast_context
 from .tokenizer import get_tokenizer
 from .train import (
-    CHECKPOINT_DIR, EvalFn, LossFn, Run, evaluate_and_log, lm_loss, refuse_finished_run, save_run, start_run,
-    train_step,
+    CHECKPOINT_DIR, EvalFn, LossFn, Run, evaluate_and_log, explicit_options, lm_loss, refuse_finished_run,
+    resumed_config, save_run, start_run, train_step,
 )
 from .train_config import TrainConfig
 
@@ -205,10 +205,7 @@ def resolve_config(cls: type, kind: str, config: FinetuneOptions | None,
         refuse_finished_run(cfg.out, f"if it was stopped, continue it with `gptforge finetune {kind} --resume "
                                      f"--out {cfg.out}`; otherwise ")
         return cfg, None
-    given = dict(options)
-    if config is not None:
-        given = {**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                    if getattr(config, f.name) != f.default}, **given}
+    given = explicit_options(config, options)
     ckpt = Path(cfg.out) / CHECKPOINT_DIR
     if not (ckpt / checkpoint.CONFIG_FILE).exists():
         raise GptforgeError(f"nothing to resume in {cfg.out}: no {CHECKPOINT_DIR}/ there; "
@@ -221,18 +218,7 @@ def resolve_config(cls: type, kind: str, config: FinetuneOptions | None,
         raise GptforgeError(f"{ckpt} is a `finetune {state['finetune']}` run; resume it with "
                             f"`gptforge finetune {state['finetune']} --resume --out {cfg.out}`")
     saved = cls(**{**state["finetune_config"], "resume": True})
-    changes = {}
-    for name, value in given.items():
-        if name in ("out", "resume"):
-            continue
-        if name in RESUMABLE_CHANGES:
-            changes[name] = value
-        elif value != getattr(saved, name):
-            flag = "--" + name.replace("_", "-")
-            raise GptforgeError(f"{flag} cannot change on --resume (the saved run has {getattr(saved, name)!r}, "
-                                f"not {value!r}); only {', '.join(sorted(RESUMABLE_CHANGES))} can, or start a "
-                                "new run in another --out")
-    resumed = dataclasses.replace(saved, out=str(cfg.out), **changes)
+    resumed = resumed_config(saved, given, RESUMABLE_CHANGES, cfg.out)
     if _data_digests(resumed) != state["data_sha256"]:
         raise GptforgeError(f"the data files ({', '.join(state['data_sha256'])}) changed since the run in "
                             f"{cfg.out} was saved; resume with the same files")

@@ -184,14 +184,8 @@ def _resolve_config(config: TrainConfig | None, options: Mapping[str, Any]) -> t
         raise GptforgeError(f"train's first argument is a TrainConfig (or pass its fields as keywords), got "
                             f"{type(config).__name__}")
     options = known_fields(TrainConfig, options, "training options")
-    if config is not None:
-        given = {**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                    if getattr(config, f.name) != f.default and f.name != "model_overrides"
-                    or (f.name == "model_overrides" and config.model_overrides)}, **options}
-        config = dataclasses.replace(config, **options)
-    else:
-        given = dict(options)
-        config = TrainConfig(**options)
+    given = explicit_options(config, options)
+    config = dataclasses.replace(config, **options) if config is not None else TrainConfig(**options)
     if not config.resume:
         if config.data is None:
             raise GptforgeError("no training data given: pass data= (--data) a text file, a folder or a glob")
@@ -212,17 +206,34 @@ def _resolve_config(config: TrainConfig | None, options: Mapping[str, Any]) -> t
     if state is None or state.get("version") != STATE_VERSION:
         raise GptforgeError(f"{ckpt} holds no gptforge training state to resume from")
     saved = TrainConfig.from_dict({**state["train_config"], "resume": True})
+    return resumed_config(saved, given, RESUMABLE_CHANGES, config.out), state
+
+
+def explicit_options(config: Any | None, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a caller set: the fields of the dataclass `config` that differ from their
+    defaults, then `options` (which win)."""
+    given = {}
+    for f in dataclasses.fields(config) if config is not None else ():
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if getattr(config, f.name) != default:
+            given[f.name] = getattr(config, f.name)
+    return {**given, **options}
+
+
+def resumed_config(saved: Any, given: Mapping[str, Any], resumable: frozenset[str], out: str | Path) -> Any:
+    """A stopped run's config `saved` (a dataclass) with the options `given` again, in `out`: those
+    in `resumable` replace the saved ones; any other that differs is refused with the reason."""
     changes = {}
     for name, value in given.items():
-        if name == "out":
+        if name in ("out", "resume"):
             continue
-        if name in RESUMABLE_CHANGES:
+        if name in resumable:
             changes[name] = value
         elif value != getattr(saved, name):
-            raise GptforgeError(f"{name} cannot change on --resume (the saved run has {getattr(saved, name)!r}, "
-                             f"not {value!r}); only {', '.join(sorted(RESUMABLE_CHANGES))} can, or start a new "
-                             "run in another --out")
-    return dataclasses.replace(saved, out=str(config.out), **changes), state
+            raise GptforgeError(f"--{name.replace('_', '-')} cannot change on --resume (the saved run has "
+                                f"{getattr(saved, name)!r}, not {value!r}); only {', '.join(sorted(resumable))} "
+                                "can, or start a new run in another --out")
+    return dataclasses.replace(saved, out=str(out), **changes)
 
 
 def refuse_finished_run(out: str | Path, hint: str = "") -> None:

@@ -1,7 +1,7 @@
 """Options described once: a dataclass field carries its help text, choices and range in its metadata,
 and from that one description come both the validation of a value (`check_value`, `check_fields`)
 and the command-line flag (`add_flags`). `GenerationConfig` and the CLI's `generate`/`serve` flags
-use it; `TrainConfig`'s fields carry the same metadata keys (help, choices)."""
+use it, and so do `TrainConfig` and the finetuning configs."""
 
 from __future__ import annotations
 

@@ -12,13 +12,7 @@ from typing import Any
 from .config import GPTConfig, known_fields
 from .errors import GptforgeError
 from .lora import check_lora_options
-from .options import SEED_MAX, check_path, check_value
-
-
-def _field(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
+from .options import SEED_MAX, check_path, check_value, option
 
 
 @dataclasses.dataclass
@@ -26,47 +20,47 @@ class TrainConfig:
     """Everything a training run is made of. The CLI's `gptforge train` flags are these fields
     (`--batch-size` for `batch_size`), and a JSON/TOML config file holds the same keys."""
 
-    data: str | list[str] | None = _field(None, "text file, folder of text files, or glob")
-    model: str = _field("gpt2-124m", "preset name, model config JSON, or checkpoint dir (finetuning)")
-    out: str = _field("runs/gptforge", "output folder: checkpoint, metrics, loss curve, token files")
-    model_overrides: dict = _field({}, "GPTConfig fields to change, e.g. {\"context_length\": 256}")
-    seed: int = _field(123, "torch seed: model initialisation, dropout, data order", minimum=0, maximum=SEED_MAX)
-    epochs: int = _field(1, "passes over the training windows (ignored when max_steps is set)")
-    max_steps: int | None = _field(None, "optimizer steps in all (default: epochs * steps per epoch)")
-    batch_size: int = _field(8, "windows per micro-batch, per process")
-    grad_accum_steps: int = _field(1, "micro-batches accumulated per optimizer step")
-    stride: int | None = _field(None, "tokens between window starts (default: context_length)")
-    val_fraction: float = _field(0.1, "share of the text, from its end, held out for validation")
-    lr: float = _field(4e-4, "peak learning rate")
-    min_lr: float | None = _field(None, "learning rate at the end of the cosine (default: lr / 10)")
-    warmup_steps: int = _field(0, "linear warmup steps from 0 to lr")
-    schedule: str = _field("cosine", "cosine (after warmup) or constant", choices=("cosine", "constant"))
-    weight_decay: float = _field(0.1, "AdamW weight decay")
-    decay: str = _field("matrices", "which parameters decay: matrices (not biases, norms, embeddings) "
+    data: str | list[str] | None = option(None, "text file, folder of text files, or glob")
+    model: str = option("gpt2-124m", "preset name, model config JSON, or checkpoint dir (finetuning)")
+    out: str = option("runs/gptforge", "output folder: checkpoint, metrics, loss curve, token files")
+    model_overrides: dict = option({}, "GPTConfig fields to change, e.g. {\"context_length\": 256}")
+    seed: int = option(123, "torch seed: model initialisation, dropout, data order", minimum=0, maximum=SEED_MAX)
+    epochs: int = option(1, "passes over the training windows (ignored when max_steps is set)")
+    max_steps: int | None = option(None, "optimizer steps in all (default: epochs * steps per epoch)")
+    batch_size: int = option(8, "windows per micro-batch, per process")
+    grad_accum_steps: int = option(1, "micro-batches accumulated per optimizer step")
+    stride: int | None = option(None, "tokens between window starts (default: context_length)")
+    val_fraction: float = option(0.1, "share of the text, from its end, held out for validation")
+    lr: float = option(4e-4, "peak learning rate")
+    min_lr: float | None = option(None, "learning rate at the end of the cosine (default: lr / 10)")
+    warmup_steps: int = option(0, "linear warmup steps from 0 to lr")
+    schedule: str = option("cosine", "cosine (after warmup) or constant", choices=("cosine", "constant"))
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    decay: str = option("matrices", "which parameters decay: matrices (not biases, norms, embeddings) "
                         "or all (the book's AdamW(model.parameters()))", choices=("matrices", "all"))
-    beta1: float = _field(0.9, "AdamW beta1")
-    beta2: float = _field(0.95, "AdamW beta2")
-    grad_clip: float = _field(1.0, "clip the global gradient norm to this (0: no clipping)")
-    eval_every: int = _field(100, "evaluate every this many steps, at steps 0, N, 2N, ... (0: only at the end)")
-    eval_batches: int | None = _field(20, "batches per loss estimate (None/0: all of them)")
-    sample_prompt: str = _field("Every effort moves you", "prompt continued (greedy) at each evaluation")
-    sample_tokens: int = _field(50, "tokens of that continuation (0: no sample)")
-    checkpoint_every: int = _field(500, "save a checkpoint every this many steps (0: only at the end)")
-    precision: str = _field("auto", "auto (bf16 autocast where the device has it), bf16 or fp32",
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    eval_every: int = option(100, "evaluate every this many steps, at steps 0, N, 2N, ... (0: only at the end)")
+    eval_batches: int | None = option(20, "batches per loss estimate (None/0: all of them)")
+    sample_prompt: str = option("Every effort moves you", "prompt continued (greedy) at each evaluation")
+    sample_tokens: int = option(50, "tokens of that continuation (0: no sample)")
+    checkpoint_every: int = option(500, "save a checkpoint every this many steps (0: only at the end)")
+    precision: str = option("auto", "auto (bf16 autocast where the device has it), bf16 or fp32",
                             choices=("auto", "bf16", "fp32"))
-    compile: bool = _field(False, "torch.compile the model")
-    device: str = _field("auto", "auto, cpu, cuda, cuda:N, mps")
-    data_order: str = _field("seeded", "seeded (per-epoch generator from the seed) or book (the "
+    compile: bool = option(False, "torch.compile the model")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
+    data_order: str = option("seeded", "seeded (per-epoch generator from the seed) or book (the "
                              "global RNG, as the book's DataLoader)", choices=("seeded", "book"))
-    fsdp: bool = _field(False, "shard parameters, gradients and optimizer state with FSDP (torchrun)")
-    progress: bool = _field(True, "show a progress bar")
-    resume: bool = _field(False, "continue the run saved in OUT/checkpoint")
-    lora_rank: int | None = _field(None, "train LoRA adapters of this rank only (base frozen; needs a "
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state with FSDP (torchrun)")
+    progress: bool = option(True, "show a progress bar")
+    resume: bool = option(False, "continue the run saved in OUT/checkpoint")
+    lora_rank: int | None = option(None, "train LoRA adapters of this rank only (base frozen; needs a "
                                    "checkpoint as --model; the checkpoint saved holds only the adapters)")
-    lora_alpha: float = _field(16.0, "LoRA alpha (the book's 16)")
-    lora_scaling: str = _field("book", "LoRA update scaled by alpha (book, appendix E) or alpha/rank (peft)",
+    lora_alpha: float = option(16.0, "LoRA alpha (the book's 16)")
+    lora_scaling: str = option("book", "LoRA update scaled by alpha (book, appendix E) or alpha/rank (peft)",
                                choices=("book", "peft"))
-    lora_targets: str = _field("all", "Linear layers with adapters: all (the book) or names, e.g. W_query,W_value")
+    lora_targets: str = option("all", "Linear layers with adapters: all (the book) or names, e.g. W_query,W_value")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,7 +79,7 @@ class TrainConfig:
         positive("max_steps", allow_none=True)
         positive("stride", allow_none=True)
         positive("eval_batches", allow_none=True, allow_zero=True)
-        for name in ("seed", "warmup_steps", "eval_every", "checkpoint_every", "sample_tokens"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "sample_tokens"):
             positive(name, allow_zero=True)
         check_value("seed", self.seed, "int", minimum=0, maximum=SEED_MAX)
         for name in ("out", "model"):

@@ -153,13 +153,17 @@ def judge(records: Sequence[Mapping[str, Any]], *, url: str, model: str, out: st
     scores: list[int | None] = []
     f = None  # opened at the first reply: a run that fails at once leaves an earlier scores file as it was
     bar = progress_bar(progress, len(records), 0, unit="record")
+
+    def kept() -> str:  # where the scores so far are, for a run that ends early
+        return f"{len(scores)} scores so far " + (f"are in {out}" if f is not None else
+                                                  f"written ({out} is left as it was)")
+
     try:
         for index, rec in enumerate(records):
             try:
                 reply = _ask(client, model, judge_prompt(rec, key), max_tokens, url)
             except GptforgeError as err:
-                kept = f"are in {out}" if f is not None else f"written ({out} is left as it was)"
-                raise GptforgeError(f"{err}; {len(scores)} scores so far {kept}") from None
+                raise GptforgeError(f"{err}; {kept()}") from None
             if f is None:
                 try:
                     f = open(out, "w", encoding="utf-8")
@@ -169,7 +173,7 @@ def judge(records: Sequence[Mapping[str, Any]], *, url: str, model: str, out: st
             score = parse_score(reply)
             if score is None and not skip_invalid:
                 raise GptforgeError(f"the judge's reply to record {index + 1} is not an integer 0-100: "
-                                    f"{reply[:80]!r}; {len(scores)} scores so far are in {out} "
+                                    f"{reply[:80]!r}; {kept()} "
                                     f"(--skip-invalid goes on, as the book does)")
             scores.append(score)
             f.write(json.dumps({"index": index, "score": score, "reply": reply}) + "\n")
@@ -178,8 +182,7 @@ def judge(records: Sequence[Mapping[str, Any]], *, url: str, model: str, out: st
             if on_score is not None:
                 on_score(index, score, reply)
     except KeyboardInterrupt:
-        kept = f"are in {out}" if f is not None else f"written ({out} is left as it was)"
-        raise KeyboardInterrupt(f"{len(scores)} scores so far {kept}") from None
+        raise KeyboardInterrupt(kept()) from None
     finally:
         bar.close()
         if f is not None:

@@ -28,7 +28,7 @@ import torch
 
 from .io import atomic_write_bytes, ensure_dir
 from .metrics import progress_bar
-from .tokenizer import Tokenizer, get_tokenizer
+from .tokenizer import Tokenizer, as_tokenizer
 from .errors import GptforgeError
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the bytes of int32
@@ -225,7 +225,7 @@ def tokenize_corpus(source: str | Path | Sequence[str | Path], folder: str | Pat
     """
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise GptforgeError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    tokenizer = tokenizer or get_tokenizer()
+    tokenizer = as_tokenizer(tokenizer)
     if tokenizer.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
         raise GptforgeError(f"a vocabulary of {tokenizer.vocab_size} ids does not fit uint16 token files")
     files = find_text_files(source)

@@ -34,7 +34,7 @@ from .config import PromptTemplate
 from .errors import GptforgeError
 from .generation import generate_text
 from .tables import read_table
-from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, get_tokenizer
+from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, as_tokenizer
 
 IGNORE_INDEX = -100  # torch's cross_entropy default ignore_index, as the book uses it
 RESPONSE_KEY = "model_response"  # the field the book writes generated responses to
@@ -119,7 +119,7 @@ class InstructionData:
     def __init__(self, records: Sequence[Mapping[str, str]], context_length: int, *,
                  max_length: int | None = None, mask_prompt: bool = False,
                  template: PromptTemplate = ALPACA, tokenizer: Tokenizer | None = None, source: str = "data"):
-        tokenizer = tokenizer or get_tokenizer()
+        tokenizer = as_tokenizer(tokenizer)
         if max_length is not None and not 1 <= max_length <= context_length:
             raise GptforgeError(f"--max-length {max_length} must be between 1 and the model's context length "
                                 f"{context_length}")
@@ -156,7 +156,7 @@ def respond(model: nn.Module, records: Sequence[Mapping[str, str]], *, template:
     """Greedy responses to the records' instructions (their `output` is not used): each stops at the
     end token or the template's next section (`###`) and is stripped of surrounding whitespace, as
     the book's `response_text` is. Prompts longer than the context see its last tokens."""
-    tokenizer = tokenizer or get_tokenizer()
+    tokenizer = as_tokenizer(tokenizer)
     prompts = [template.prompt(r["instruction"], r.get("input") or "") for r in records]
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):

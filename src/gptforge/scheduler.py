@@ -43,7 +43,7 @@ from .kernels.block import make_panels
 from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
 from .model import KV_Q8_0, KVCache
 from .quant import inference_view
-from .tokenizer import Tokenizer, get_tokenizer
+from .tokenizer import Tokenizer, as_tokenizer
 from .errors import GptforgeError
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class BatchScheduler:
                            KV_Q8_0, f"lower max_batch_size ({max_batch_size}, --max-batch-size)")
         # Decode through the same fast layout as `generate` (the model itself stays untouched).
         self.model = inference_view(model.eval())
-        self.tokenizer = tokenizer or get_tokenizer()
+        self.tokenizer = as_tokenizer(tokenizer)
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.context_length = model.cfg.context_length

@@ -51,7 +51,7 @@ from .openai_api import (
 from .scheduler import (
     FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, SequenceState, TokenLogprob,
 )
-from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, get_tokenizer
+from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, as_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -558,7 +558,7 @@ def run_server(model: nn.Module, settings: ServeSettings, *, host: str = "127.0.
 
     if not is_loopback(host):
         log.warning("binding %s: the server is reachable from other machines", host)
-    scheduler = BatchScheduler(model, tokenizer or get_tokenizer(), max_batch_size=settings.max_batch_size,
+    scheduler = BatchScheduler(model, as_tokenizer(tokenizer), max_batch_size=settings.max_batch_size,
                                max_waiting=settings.max_waiting)
     app = create_app(scheduler, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,

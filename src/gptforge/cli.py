@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import GptforgeError
+from .errors import USER_ERRNOS, GptforgeError, SystemFailure, os_error_message
 from .options import SEED_MAX, add_flags, flag_type
 
 # A small GPT-2-tokenizer model trained on Tiny Shakespeare, shipped in gptforge/assets (see README).
@@ -511,12 +511,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GptforgeError, FileNotFoundError, PermissionError) as err:  # PermissionError: a path the user's
         print(f"gptforge: error: {err}", file=sys.stderr)
         return 2
+    except SystemFailure as err:  # the system's failure (a full disk), not the user's input
+        print(f"gptforge: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as stop:  # its message, if any, says what was kept (judge's scores so far)
         print(f"gptforge: interrupted{'; ' + str(stop) if str(stop) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # whoever read our output stopped (`gptforge generate ... | head -3`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141  # as a program stopped by SIGPIPE
+    except OSError as err:  # a path the system refused: the user's (not a folder...) or the system's (disk full)
+        print(f"gptforge: error: {os_error_message(err)}", file=sys.stderr)
+        return 2 if err.errno in USER_ERRNOS else 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -50,15 +50,16 @@ from .data import (
     tokenize_corpus,
 )
 from .device import resolve_device
-from .errors import GptforgeError
+from .errors import GptforgeError, SystemFailure, os_error_message
 from .io import atomic_write_bytes, ensure_dir
 from .generation import generate_text
 from .metrics import METRICS_FILE, PLOT_FILE, Metrics, progress_bar  # noqa: F401 (re-exported)
 from .lora import apply_lora
 from .model import GPTModel
+from .options import check_path
 from .runtime import (
     DistContext, StopRequest, autocast_context, autocast_dtype, init_distributed, keep_freed_memory,
-    save_checkpoint, set_rng_state, shard, shard_args,
+    lock_run_folder, save_checkpoint, set_rng_state, shard, shard_args,
 )
 from .tokenizer import get_tokenizer
 from .train_config import RESUMABLE_CHANGES, TrainConfig, read_config_file  # noqa: F401 (re-exported)
@@ -253,16 +254,27 @@ def train(config: TrainConfig | None = None, /, *, on_step: Callable[[dict[str, 
     and `train(out="runs/x", resume=True)` all work; options are TrainConfig's fields.
     on_step: called on rank 0 with each step's metrics record (after the update).
     Returns a TrainResult. Launched by torchrun, every process calls this the same way.
+    The run holds its --out folder (`runtime.lock_run_folder`) from the first check to the end.
     """
-    cfg, saved_state = _resolve_config(config, options)
-    resolve_device(cfg.device)  # an unknown or absent device fails now, not after the data is tokenized
-    dctx = init_distributed(cfg.device)
-    try:
-        with StopRequest() as stop:
-            return _run(cfg, saved_state, dctx, stop, on_step)
-    finally:
-        if dctx.owns_group:
-            dist.destroy_process_group()
+    with lock_run_folder(run_folder(config, options, TrainConfig)):
+        cfg, saved_state = _resolve_config(config, options)
+        resolve_device(cfg.device)  # an unknown or absent device fails now, not after the data is tokenized
+        dctx = init_distributed(cfg.device)
+        try:
+            with StopRequest() as stop:
+                return _run(cfg, saved_state, dctx, stop, on_step)
+        finally:
+            if dctx.owns_group:
+                dist.destroy_process_group()
+
+
+def run_folder(config: Any | None, options: Mapping[str, Any], cls: type) -> str | Path:
+    """The --out of a run about to start: `options`' out, else `config`'s, else `cls`'s default."""
+    if "out" in options:
+        out = options["out"]
+    else:
+        out = config.out if isinstance(config, cls) else next(f.default for f in dataclasses.fields(cls) if f.name == "out")
+    return check_path("out", out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +371,8 @@ def start_run(cfg: TrainConfig, model: nn.Module, total_steps: int, *, dctx: Dis
     if dctx.main:
         ensure_dir(out)
         atomic_write_bytes(out / "train_config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    if stop is not None:
+        stop.defer()  # the run can save now: a stop waits for the end of its step
     return Run(cfg=cfg, model=model, raw_model=raw_model, optimizer=optimizer, device=device,
                autocast=autocast_dtype(cfg.precision, device), dctx=dctx, total_steps=total_steps,
                metrics=Metrics(out, step, dctx.main), progress=progress_bar(cfg.progress and dctx.main, total_steps, step),
@@ -416,8 +430,9 @@ def train_step(run: Run, micro_batches: Sequence[Any], loss_fn: LossFn = lm_loss
     run.optimizer.step()
     run.tokens_seen += tokens * run.dctx.world_size
 
-    # One all-reduce carries the loss for the log and whether any rank was asked to stop.
-    flags = torch.tensor([loss_sum / n, float(run.stop is not None and run.stop.requested)], device=run.device)
+    # One all-reduce carries the loss for the log and whether any rank was asked to stop (or could not write).
+    stop = (run.stop is not None and run.stop.requested) or run.metrics.error is not None
+    flags = torch.tensor([loss_sum / n, float(stop)], device=run.device)
     if run.dctx.world_size > 1:
         dist.all_reduce(flags)
     step_loss = flags[0].item() / run.dctx.world_size
@@ -428,6 +443,8 @@ def train_step(run: Run, micro_batches: Sequence[Any], loss_fn: LossFn = lm_loss
     record = {"kind": "train", "step": run.step, "epoch": run.epoch, "loss": step_loss, "lr": lr,
               "grad_norm": grad_norm, "tokens_seen": run.tokens_seen, "tokens_per_s": tok_s}
     run.metrics.log(record)
+    if run.dctx.world_size == 1:  # (under torchrun the next step's all-reduce carries it to every rank)
+        run.stop_requested = run.stop_requested or run.metrics.error is not None
     run.progress.update(1)
     run.progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
     if run.on_step is not None and run.dctx.main:
@@ -481,7 +498,7 @@ def fit(run: Run, next_batches: Callable[[Run], Sequence[Any]], loss_fn: LossFn 
         run.step += 1
         if run.stop_requested and run.step < run.total_steps:
             run.interrupted = True
-            save_run(run, extra_state())
+            save_after_stop(run, lambda: save_run(run, extra_state()))
             if run.dctx.main:
                 run.metrics.plot(force=True)
                 run.progress.write(f"gptforge: interrupted after step {run.step - 1}; checkpoint saved to "
@@ -491,11 +508,28 @@ def fit(run: Run, next_batches: Callable[[Run], Sequence[Any]], loss_fn: LossFn 
             save_run(run, extra_state())
             run.t_last = time.perf_counter()
     else:
-        save_run(run, extra_state())
+        save_after_stop(run, lambda: save_run(run, extra_state()))
         if run.dctx.main:
             run.metrics.plot(force=True)
     run.progress.close()
     return run.result()
+
+
+def save_after_stop(run: Run, save: Callable[[], Path]) -> Path:
+    """`save()` the checkpoint of a run that stops or ends. When what stopped it was a write the
+    system refused (run.metrics.error: its disk filled up, say), the save is a best effort and the
+    run ends with one SystemFailure line saying what failed and what was kept."""
+    failed = run.metrics.error
+    if failed is None:
+        return save()
+    try:
+        kept = (f"the checkpoint of step {run.step - 1} is saved in {save()}"
+                f"{'; continue with --resume once there is room' if run.interrupted else ''}")
+    except OSError as err:
+        kept = (f"saving the checkpoint failed too ({os_error_message(err)}); {run.out / CHECKPOINT_DIR} holds "
+                "the last one saved, if any")
+    run.progress.close()
+    raise SystemFailure(f"cannot write {os_error_message(failed)}; {kept}")
 
 
 # ---------------------------------------------------------------------------------------------

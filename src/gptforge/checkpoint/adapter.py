@@ -88,10 +88,10 @@ def save_adapter(model: GPTModel, out_dir: Path, training_state: dict[str, Any] 
 
 def _read_meta(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any], GPTConfig]:
     meta = dict(config_json(ckpt_dir) or {})
+    cfg = native.parse_meta(meta, ckpt_dir)  # (its checksum covers the "lora" entry too)
     lora = meta.pop(ADAPTER_KEY)
     if not isinstance(lora, dict) or not {"base", "base_sha256", "rank", "alpha", "scaling", "layers"} <= set(lora):
         raise GptforgeError(f"{ckpt_dir / CONFIG_FILE}: the \"lora\" entry is incomplete; the checkpoint is corrupted")
-    cfg = native.parse_meta(meta, ckpt_dir)
     return meta, lora, cfg
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import gptforge
+import gptforge.data
 import gptforge.metrics
 from gptforge.cli import main
 from gptforge.errors import SystemFailure
@@ -195,19 +196,44 @@ def test_disk_full_while_converting_is_one_line_exit_1(tmp_path, tiny_json, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["gptforge", "hf", "gguf"])
-def test_a_real_full_disk_while_converting_is_one_line_exit_1(tmp_path, tiny_json, fmt):
+def test_a_real_full_disk_while_converting_is_one_line_exit_1(tmp_path, tiny_json, fmt, capsys):
+    """Each writer (safetensors, our JSON, the gguf package) on a real 1 MB disk: one line naming the
+    file asked for, exit code 1, nothing left on the disk."""
     with _small_disk(tmp_path / "disk", "1m") as disk:
         torch.manual_seed(0)
         gptforge.save(gptforge.GPTModel(json.loads(tiny_json.read_text())), tmp_path / "src")  # ~1.7 MB
         dst = disk / ("model.gguf" if fmt == "gguf" else "model")
-        proc = subprocess.run([sys.executable, "-m", "gptforge", "convert", str(tmp_path / "src"), "--out", str(dst),
-                               "--to", fmt], capture_output=True, text=True, env=ENV, timeout=300)
-        assert proc.returncode == 1, proc.stderr
-        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-        assert f"{dst}" in proc.stderr and "No space left on device" in proc.stderr
+        assert main(["convert", str(tmp_path / "src"), "--out", str(dst), "--to", fmt]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert f"error: {dst}" in err and "No space left on device" in err
         assert list(disk.iterdir()) == []
+
+
+def test_a_real_full_disk_while_saving_the_training_state_names_the_file(tmp_path, tiny_json):
+    """torch.save's own error for a full disk (a RuntimeError without the reason) comes out as the
+    OSError naming checkpoint/training_state.pt; the checkpoint there before is intact."""
+    with _small_disk(tmp_path / "disk", "4m") as disk:
+        torch.manual_seed(0)
+        model = gptforge.GPTModel(json.loads(tiny_json.read_text()))  # weights ~1.6 MB: they fit
+        ckpt = disk / "checkpoint"
+        gptforge.save(model, ckpt)
+        with pytest.raises(OSError) as caught:
+            gptforge.save(model, ckpt, training_state={"optimizer": {"m": torch.zeros(400_000)}})
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(ckpt / "training_state.pt")
+        assert sorted(p.name for p in disk.iterdir()) == ["checkpoint"]
+        torch.testing.assert_close(gptforge.load(ckpt).state_dict(), model.state_dict())
+
+
+def test_a_real_full_disk_while_tokenizing_names_the_token_file_and_leaves_nothing(tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text("the king said that a man would go to the sea and find gold. " * 4000)  # ~56k tokens
+    with _small_disk(tmp_path / "disk", "16k") as disk:
+        with pytest.raises(OSError) as caught:
+            gptforge.data.tokenize_corpus(big, disk / "data", val_fraction=0.1)
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(disk / "data" / "train.bin")
+        assert [p.name for p in (disk / "data").iterdir()] == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,33 +255,31 @@ def _cli(*args: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_run_folder_in_use_is_refused_and_a_dead_holders_lock_is_not(corpus, tiny_json, tmp_path):
+def test_a_run_folder_in_use_is_refused_and_a_dead_holders_lock_is_not(corpus, tiny_json, tmp_path, capsys):
     """While a process holds --out, train, train --resume and finetune there are refused at once
     (one line, exit 2, naming the holder) and touch nothing; once the holder is killed (kill -9,
     its lock file left behind) a run there goes ahead."""
     out = tmp_path / "run"
     assert train(**_options(corpus, tiny_json, out, max_steps=100000), on_step=_stop_at(1)).interrupted
     before = (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdout=subprocess.PIPE,
                               stdin=subprocess.PIPE, text=True, env=ENV)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        attempts = [_cli("train", "--resume", "--out", str(out)),
-                    _cli("train", "--data", str(corpus), "--model", str(tiny_json), "--out", str(out)),
-                    _cli("finetune", "instruct", "--data", str(corpus), "--model", str(tiny_json), "--out", str(out))]
-        for proc in attempts:
-            _, err = proc.communicate(timeout=300)
-            assert proc.returncode == 2, err
-            assert err == f"gptforge: error: the run folder {out} is in use by another gptforge process (process " \
-                          f"{holder.pid}); wait for it to end, or choose another path\n"
+        for attempt in (["train", "--resume", "--out", str(out)],
+                        ["train", "--data", str(corpus), "--model", str(tiny_json), "--out", str(out)],
+                        ["finetune", "instruct", "--data", str(corpus), "--model", str(tiny_json), "--out", str(out)],
+                        ["finetune", "classify", "--resume", "--out", str(out)]):
+            assert main(attempt) == 2
+            assert capsys.readouterr().err == f"gptforge: error: the run folder {out} is in use by another gptforge " \
+                                              f"process (process {holder.pid}); wait for it to end, or choose another path\n"
     finally:
         holder.kill()
         holder.wait()
     assert (out / "metrics.jsonl").read_bytes() == before
     assert (out / ".gptforge-run.lock").exists()  # killed: left behind, naming a dead process
-    resumed = _cli("train", "--resume", "--out", str(out), "--max-steps", "4", "--no-progress")
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
+    assert train(out=str(out), resume=True, max_steps=4).steps == 4
     assert _steps(out) == [0, 1, 2, 3] and not (out / ".gptforge-run.lock").exists()
 
 
@@ -295,8 +319,9 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_while_the_corpus_is_tokenized_ends_at_once_leaving_nothing(corpus, tiny_json, tmp_path, sig):
+def test_a_stop_while_the_corpus_is_tokenized_ends_at_once_leaving_nothing(corpus, tiny_json, tmp_path):
+    """SIGTERM while a (slow) corpus is tokenized: the run ends at once with exit code 130, leaving no
+    token files and no checkpoint (it used to wait for the whole corpus, then train a step and save)."""
     started, out = tmp_path / "tokenizing", tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_TOKENIZER, str(started), "train", "--data", str(corpus),
                              "--model", str(tiny_json), "--out", str(out), "--no-progress"],
@@ -305,7 +330,7 @@ def test_a_stop_while_the_corpus_is_tokenized_ends_at_once_leaving_nothing(corpu
     while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert started.exists(), proc.communicate()[1]
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=50)  # well before the minute the tokenizer would take
     assert proc.returncode == 130, err
     assert err == "gptforge: interrupted\n"

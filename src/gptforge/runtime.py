@@ -132,6 +132,8 @@ def lock_run_folder(out: str | Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             for folder in created:
                 folder.rmdir()  # only if empty
+
+
 @dataclasses.dataclass
 class DistContext:
     """This process's place in a torchrun group (rank 0 of 1 without torchrun)."""

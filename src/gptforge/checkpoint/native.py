@@ -53,7 +53,7 @@ def write_native(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], cfg: 
         write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         files = [WEIGHTS_FILE]
         if training_state is not None:
-            write_file(tmp / TRAINING_STATE_FILE, lambda: torch.save(training_state, tmp / TRAINING_STATE_FILE))
+            write_file(tmp / TRAINING_STATE_FILE, lambda: _torch_save(training_state, tmp / TRAINING_STATE_FILE))
             files.append(TRAINING_STATE_FILE)
         meta = {
             "format": FORMAT_NAME,
@@ -66,6 +66,13 @@ def write_native(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], cfg: 
         meta["sha256"][CONFIG_FILE] = config_digest(meta)
         write_file(tmp / CONFIG_FILE, lambda: (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n"))
     return out_dir
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file: a failed write (a full disk) is then an OSError that torch's
+    own RuntimeError carries as its context, which `write_file` reports (its path saving fails without it)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def config_digest(meta: Mapping[str, Any]) -> str:

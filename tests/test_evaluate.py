@@ -215,6 +215,9 @@ def test_classification_report_refuses_unknown_labels():
         classification_report([0, 2], [0, 1], ["no", "yes"])
     with pytest.raises(ValueError, match="as many predictions"):
         classification_report([0, 1], [0], ["no", "yes"])
+    # index 1 is the class "2" here, the name "1" the class "1": a mix of the two is refused
+    with pytest.raises(ValueError, match=r"true labels mix class names \('1'\) and indices \(1\)"):
+        classification_report([1, "1"], [0, 0], ["1", "2"])
 
 
 # --------------------------------------------------------------------------- `gptforge eval` on a classifier

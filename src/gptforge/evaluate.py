@@ -220,8 +220,14 @@ class ClassificationReport:
 
 
 def _label_indices(labels: Sequence[int | str], label_names: Sequence[str], what: str) -> list[int]:
-    """Labels given as class indices or names -> indices; anything else is an error naming it."""
+    """Labels given as class indices or names -> indices; anything else is an error naming it, and
+    so is a mix of the two (with labels named "0", "1"..., index 1 and name "1" differ)."""
     index = {name: i for i, name in enumerate(label_names)}
+    kinds = {isinstance(label, str) for label in labels}
+    if len(kinds) > 1:
+        name = next(label for label in labels if isinstance(label, str))
+        number = next(label for label in labels if not isinstance(label, str))
+        raise GptforgeError(f"{what} labels mix class names ({name!r}) and indices ({number!r}); give one kind")
     out = []
     for label in labels:
         if isinstance(label, str):

@@ -285,6 +285,75 @@ def test_random_bodies_never_crash_the_server(server):
     assert health(server)["status"] == "ok"
 
 
+# --------------------------------------------------------------------------- one request's failure is its own
+
+BREAK_TOKEN = get_tokenizer().encode(" zebra")[-1]
+STREAMED = 64  # tokens per stream
+
+
+@pytest.fixture(scope="module")
+def breaking_server(model, tmp_path_factory):
+    """The tiny model made to overflow at one token (NaN logits from there on: see
+    gen_helpers.overflowing_model), its weights all finite, served like the others."""
+    from gen_helpers import overflowing_model
+
+    breaking = overflowing_model(model, BREAK_TOKEN)
+    path = save(breaking, tmp_path_factory.mktemp("serve-break") / "tiny")
+    port = free_port()
+    proc = start_server(path, port)
+    yield f"http://127.0.0.1:{port}", breaking
+    stop_server(proc)
+    assert "Traceback" not in proc.log.read_text()
+
+
+@pytest.mark.slow
+def test_a_failing_or_extreme_request_never_breaks_the_streams_beside_it(breaking_server):
+    """Streams in flight, and beside them: a request whose prompt makes the model overflow (a 500 for
+    it alone), and requests with a temperature or top_p that float32 cannot compute directly (their
+    greedy limit). Every stream ends as it would alone on those weights; the server then serves on."""
+    url, model = breaking_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    streams = PROMPTS[:4]
+    extremes = {"temperature": {"temperature": 1e-38}, "top_p": {"temperature": 1.0, "top_p": 1e-300}}
+    bad_prompt = prompt_ids(PROMPTS[4]) + [BREAK_TOKEN]
+    barrier = threading.Barrier(len(streams) + len(extremes) + 1)
+    results: dict = {}
+
+    def stream(i: int) -> None:
+        barrier.wait()
+        chunks = list(client.completions.create(model="tiny", prompt=streams[i], max_tokens=STREAMED, temperature=0,
+                                                stream=True))
+        results[i] = ("".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason)
+
+    def extreme(name: str) -> None:
+        barrier.wait()
+        r = client.completions.create(model="tiny", prompt=PROMPTS[5], max_tokens=16, **extremes[name])
+        results[name] = (r.choices[0].text, r.choices[0].finish_reason)
+
+    def broken() -> None:
+        barrier.wait()
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model="tiny", prompt=bad_prompt, max_tokens=20, temperature=0)
+        results["broken"] = err.value.body
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(streams))]
+    threads += [threading.Thread(target=extreme, args=(name,)) for name in extremes] + [threading.Thread(target=broken)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, prompt in enumerate(streams):
+        assert results[i][0] == alone(model, prompt, STREAMED) and results[i][1] in ("length", "stop"), i
+    for name in extremes:
+        assert results[name][0] == alone(model, PROMPTS[5], 16) and results[name][1] in ("length", "stop"), name
+    assert results["broken"]["type"] == "server_error" and "not finite" in results["broken"]["message"]
+    state = health(url)
+    assert state["failed"] == 1 and state["active"] == 0 and state["waiting"] == 0
+    # its row, freed, serves the next request as if nothing had happened there
+    after = client.completions.create(model="tiny", prompt=PROMPTS[6], max_tokens=16, temperature=0)
+    assert after.choices[0].text == alone(model, PROMPTS[6], 16)
+
+
 # --------------------------------------------------------------------------- disconnects and shutdown
 
 @pytest.mark.slow

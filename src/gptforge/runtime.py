@@ -223,7 +223,8 @@ def save_checkpoint(ckpt: Path, model: nn.Module, raw_model: nn.Module, optimize
         model_state = get_model_state_dict(model, options=options)
         optim_state = get_optimizer_state_dict(model, optimizer, options=options)
         if dctx.main:
-            to_save = checkpoint.build_model(raw_model.cfg, model_state, "FSDP full state dict")
+            # rank 0 alone here: the caller checks every rank's shard for non-finite weights beforehand
+            to_save = checkpoint.build_model(raw_model.cfg, model_state, "FSDP full state dict", check_finite=False)
     else:
         to_save, optim_state = raw_model, optimizer.state_dict()
     if dctx.main:

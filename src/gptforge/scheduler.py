@@ -22,6 +22,11 @@ own tokens), so padding changes nothing but the attention mask.
 
 The scheduler runs in its own thread (`start`/`stop`); `submit` and `cancel` may be called from any
 thread, and each sequence's `on_output` callback is called from the scheduler thread.
+
+One sequence's failure is its own: if picking or reporting its token raises (e.g. the model's scores
+for it are not finite), that sequence alone ends with FINISH_ERROR and the others go on. Only a
+failure of the shared forward pass ends the sequences in it; every sequence taken from the queue is
+answered, whatever fails.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ import torch.nn as nn
 from . import kernels
 from .config import check_language_model
 from .kernels.block import make_panels
-from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
+from .generation import (
+    GenerationConfig, TextStream, check_finite_logits, left_pad, next_tokens, positions_from_mask,
+)
 from .model import KV_Q8_0, KVCache
 from .quant import inference_view
 from .tokenizer import Tokenizer, as_tokenizer
@@ -51,7 +58,7 @@ log = logging.getLogger(__name__)
 FINISH_STOP = "stop"  # a stop token or stop string
 FINISH_LENGTH = "length"  # max_tokens reached
 FINISH_ABORT = "abort"  # ended by a shutdown
-FINISH_ERROR = "error"  # the model step failed
+FINISH_ERROR = "error"  # this sequence's step failed (Output.error says why)
 
 
 class SchedulerClosed(RuntimeError):
@@ -167,13 +174,14 @@ class BatchScheduler:
         self._next = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # each row's pending token
         self._column = 0  # the write column shared by all rows
         self._rows: list[SequenceState] = []  # active sequences; index = row
+        self._admitting: list[SequenceState] = []  # taken off the queue, not yet in a row
 
         self._waiting: collections.deque[SequenceState] = collections.deque()
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._abort_at: float | None = None  # set by `drain`
-        self.counters = collections.Counter(decode_steps=0, prefills=0, finished=0, cancelled=0)
+        self.counters = collections.Counter(decode_steps=0, prefills=0, finished=0, cancelled=0, failed=0)
 
     # ------------------------------------------------------------------ the API for other threads
 
@@ -203,7 +211,8 @@ class BatchScheduler:
             self._wakeup.notify()
 
     def stats(self) -> dict[str, int]:
-        """Active and waiting sequences, and the running `counters` (decode steps, prefills, finished, cancelled)."""
+        """Active and waiting sequences, and the running `counters` (decode steps, prefills, finished,
+        cancelled, failed)."""
         return {"active": len(self._rows), "waiting": len(self._waiting), **self.counters}
 
     def start(self) -> None:
@@ -238,7 +247,7 @@ class BatchScheduler:
                     return
             try:
                 self.step()
-            except Exception as err:  # a failed step must not take the server down: fail its sequences
+            except Exception as err:  # a failed shared step must not take the server down: fail its sequences
                 log.exception("generation step failed")
                 self._end_all(FINISH_ERROR, f"generation failed: {type(err).__name__}: {err}")
 
@@ -258,25 +267,34 @@ class BatchScheduler:
             self._decode()
 
     def _admit(self) -> None:
-        """Move waiting sequences into free rows, prefilling the newcomers together."""
-        newcomers = []
+        """Move waiting sequences into free rows, prefilling the newcomers together. A prefill that
+        fails ends the sequences in it (FINISH_ERROR), not the ones already decoding."""
+        newcomers = self._admitting = []  # answered by `_end_all` too, should anything else fail
         while len(self._rows) + len(newcomers) < self.max_batch_size:
             with self._wakeup:
                 if not self._waiting:
                     break
                 seq = self._waiting.popleft()
+                newcomers.append(seq)
             if seq.cancelled:
+                newcomers.pop()
                 self.counters["cancelled"] += 1
             elif seq.max_tokens == 0 and not seq.prompt_logprobs:
+                newcomers.pop()
                 self._emit(seq, None, None)  # nothing to compute
-            else:
-                newcomers.append(seq)
         # Prompt logprobs need the logits of every position: those prompts run alone.
-        for seq in [s for s in newcomers if s.prompt_logprobs]:
-            self._prefill([seq], every_position=True)
+        groups = [([s], True) for s in newcomers if s.prompt_logprobs]
         rest = [s for s in newcomers if not s.prompt_logprobs]
-        if rest:
-            self._prefill(rest)
+        groups += [(rest, False)] if rest else []
+        for seqs, every_position in groups:
+            try:
+                self._prefill(seqs, every_position)
+            except Exception as err:
+                message = self._failure(err)
+                for seq in seqs:
+                    if seq.finish_reason is None and seq not in self._rows:
+                        self._fail(seq, message)
+        self._admitting = []
 
     def _prefill(self, seqs: list[SequenceState], every_position: bool = False) -> None:
         """Run the prompts as one left-padded batch, pick each one's first token, and give a row
@@ -291,13 +309,18 @@ class BatchScheduler:
             attention_mask=mask if padded else None, last_only=not every_position,
         )  # (k, W or 1, V)
         for j, seq in enumerate(seqs):
-            seq.generator = seq.config.make_generator(self.device)
-            prompt_lp = self._prompt_logprobs(seq, logits[j]) if every_position else None
-            if seq.max_tokens == 0:
-                self._emit(seq, None, None, prompt_lp)
+            try:
+                seq.generator = seq.config.make_generator(self.device)
+                prompt_lp = self._prompt_logprobs(seq, logits[j]) if every_position else None
+                if seq.max_tokens == 0:
+                    self._emit(seq, None, None, prompt_lp)
+                    continue
+                token = self._pick(seq, logits[j, -1:])
+                finished = self._emit(seq, token, logits[j, -1], prompt_lp)
+            except Exception as err:  # this sequence's own failure: the others go on
+                self._fail(seq, self._failure(err))
                 continue
-            token = self._pick(seq, logits[j, -1:])
-            if not self._emit(seq, token, logits[j, -1], prompt_lp):
+            if not finished:
                 self._insert(seq, cache, j, token)
 
     def _insert(self, seq: SequenceState, prefilled: KVCache, j: int, token: int) -> None:
@@ -345,12 +368,27 @@ class BatchScheduler:
         self._column += 1
         self._positions[:n] += 1
         tokens, finished = [], []
-        # plain greedy rows (no processors): one argmax for all of them
+        # plain greedy rows (no processors): one argmax for all of them (the others' `_pick` checks its row)
         plain = [seq.config.plain_greedy for seq in self._rows]
-        argmax = kernels.argmax(logits[:, :self.tokenizer.vocab_size]).tolist() if any(plain) else None
+        argmax = finite = None
+        if any(plain):
+            scores = logits[:, :self.tokenizer.vocab_size]
+            argmax, finite = kernels.argmax(scores).tolist(), torch.isfinite(scores).all(-1).tolist()
         for i, seq in enumerate(self._rows):
-            tokens.append(argmax[i] if plain[i] else self._pick(seq, logits[i:i + 1]))
-            if self._emit(seq, tokens[-1], logits[i]):
+            try:
+                if plain[i] and not finite[i]:
+                    check_finite_logits(logits[i:i + 1])  # raises, saying what is wrong
+                token = argmax[i] if plain[i] else self._pick(seq, logits[i:i + 1])
+                done = self._emit(seq, token, logits[i])
+            except Exception as err:  # this sequence's own failure: its row is freed, the others go on
+                self._fail(seq, self._failure(err))
+                token, done = 0, True
+                # its keys/values may be NaN, and a later sequence in this row reads stale slots under a
+                # zero attention weight (0 * NaN = NaN): cleared
+                self._cache.keys[:, i].zero_()
+                self._cache.values[:, i].zero_()
+            tokens.append(token)
+            if done:
                 finished.append(i)
         self._next[:n] = torch.tensor(tokens, device=self.device)
         self._remove(finished)
@@ -373,9 +411,9 @@ class BatchScheduler:
     def _end_all(self, reason: str, error: str | None = None) -> None:
         """Finish every active and waiting sequence with `reason` (shutdown, or a failed step)."""
         with self._wakeup:
-            ended = self._rows + list(self._waiting)
+            ended = self._rows + self._admitting + list(self._waiting)
             self._waiting.clear()
-        self._rows = []
+        self._rows, self._admitting = [], []
         for seq in ended:
             if not seq.cancelled and seq.finish_reason is None:
                 self._finish(seq, reason, error)
@@ -413,6 +451,20 @@ class BatchScheduler:
             seq.finish_reason = finish
             self.counters["finished"] += 1
         return finish is not None
+
+    @staticmethod
+    def _failure(err: Exception) -> str:
+        """What a client is told of `err`; anything but a GptforgeError is a bug, whose traceback is logged."""
+        if isinstance(err, GptforgeError):
+            return str(err)
+        log.error("generation failed", exc_info=err)
+        return f"generation failed: {type(err).__name__}: {err}"
+
+    def _fail(self, seq: SequenceState, message: str) -> None:
+        """End one sequence with FINISH_ERROR (its own failure: nothing else ends)."""
+        if seq.finish_reason is None:
+            self.counters["failed"] += 1
+            self._finish(seq, FINISH_ERROR, message)
 
     def _finish(self, seq: SequenceState, reason: str, error: str | None = None) -> None:
         text = seq.finish_text() if reason == FINISH_ABORT else ""

@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,7 @@ from .data import (
 )
 from .device import resolve_device
 from .errors import GptforgeError, SystemFailure, os_error_message
+from .evaluate import loss_perplexity
 from .io import atomic_write_bytes, ensure_dir
 from .generation import generate_text
 from .metrics import METRICS_FILE, PLOT_FILE, Metrics, progress_bar  # noqa: F401 (re-exported)
@@ -68,6 +69,11 @@ CHECKPOINT_DIR = checkpoint.RUN_CHECKPOINT_DIR
 STATE_VERSION = 1
 
 
+class TrainingDiverged(GptforgeError):
+    """The loss or the gradients of a step are not finite (NaN or inf): the run cannot go on. The
+    step's update is never applied, so the weights are still the last good step's."""
+
+
 @dataclasses.dataclass
 class TrainResult:
     """What a run did. Losses are mean cross-entropies in nats per token."""
@@ -82,7 +88,7 @@ class TrainResult:
 
     @property
     def val_perplexity(self) -> float | None:
-        return math.exp(self.val_loss) if self.val_loss is not None else None
+        return loss_perplexity(self.val_loss) if self.val_loss is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,17 +432,27 @@ def train_step(run: Run, micro_batches: Sequence[Any], loss_fn: LossFn = lm_loss
         (loss / n).backward()
         loss_sum += loss.item()
         tokens += _first_tensor(batch).numel()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip > 0 else None
-    run.optimizer.step()
-    run.tokens_seen += tokens * run.dctx.world_size
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    else:  # measured all the same: an update from gradients that are not finite is never applied
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item()
 
-    # One all-reduce carries the loss for the log and whether any rank was asked to stop (or could not write).
+    # One all-reduce carries the loss for the log and whether any rank was asked to stop (or could not
+    # write); before the update, so that a loss that is not finite on any rank stops every rank with its
+    # weights intact.
     stop = (run.stop is not None and run.stop.requested) or run.metrics.error is not None
     flags = torch.tensor([loss_sum / n, float(stop)], device=run.device)
     if run.dctx.world_size > 1:
         dist.all_reduce(flags)
     step_loss = flags[0].item() / run.dctx.world_size
     run.stop_requested = flags[1].item() > 0
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        run.optimizer.zero_grad(set_to_none=True)
+        what = f"the loss is {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm is {grad_norm}"
+        raise TrainingDiverged(f"training diverged at step {run.step}: {what} (the learning rate, {lr:g} at this "
+                               "step, is likely too high)")
+    run.optimizer.step()
+    run.tokens_seen += tokens * run.dctx.world_size
     now = time.perf_counter()
     tok_s = tokens * run.dctx.world_size / max(now - run.t_last, 1e-9)
     run.t_last = now
@@ -480,8 +496,40 @@ def save_run(run: Run, extra_state: Mapping[str, Any] | None = None) -> Path:
     state = {"version": STATE_VERSION, "step": run.step, "tokens_seen": run.tokens_seen,
              "total_steps": run.total_steps, "train_config": run.cfg.to_dict(), **(extra_state or {})}
     ckpt = run.out / CHECKPOINT_DIR
+    if not _weights_finite(run):  # such a checkpoint could not be loaded: keep the one there is
+        raise TrainingDiverged(f"the model's weights are not finite (NaN or inf) after step {run.step - 1}; they "
+                               f"were not saved{f', {ckpt} is left as it was' if ckpt.exists() else ''}")
     save_checkpoint(ckpt, run.model, run.raw_model, run.optimizer, run.dctx, run.cfg.fsdp, state, run.save_model)
     return ckpt
+
+
+def _weights_finite(run: Run) -> bool:
+    """Whether every weight of the model is finite, on every rank (each checks its own shard)."""
+    bad = torch.zeros((), dtype=torch.int64, device=run.device)
+    for p in run.raw_model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP shard
+        bad += (~torch.isfinite(local.detach())).sum()
+    if run.dctx.world_size > 1:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def _stop_diverged(run: Run, err: TrainingDiverged, extra_state: Callable[[], Mapping[str, Any]]) -> NoReturn:
+    """End a diverged run: save the model of the last good step (the diverged update was never
+    applied), then raise `err` saying where it is."""
+    ckpt = run.out / CHECKPOINT_DIR
+    advice = "start again with a lower --lr"
+    if run.step == 0:
+        kept = "no step had finished, so nothing was saved"
+    elif not _weights_finite(run):
+        kept = "the weights are not finite either, so they were not saved" + (
+            f" ({ckpt} is left as it was)" if ckpt.exists() else "")
+    else:
+        save_run(run, extra_state())
+        kept = f"the model after step {run.step - 1}, the last good one, is saved in {ckpt}"
+        advice += f" (from those weights: --model {ckpt} and another --out)"
+    run.progress.close()
+    raise TrainingDiverged(f"{err}; {kept}; {advice}") from None
 
 
 def fit(run: Run, next_batches: Callable[[Run], Sequence[Any]], loss_fn: LossFn = lm_loss,
@@ -491,7 +539,10 @@ def fit(run: Run, next_batches: Callable[[Run], Sequence[Any]], loss_fn: LossFn 
     every checkpoint_every steps, at the end, and when asked to stop (then run.interrupted)."""
     cfg = run.cfg
     while run.step < run.total_steps:
-        train_step(run, next_batches(run), loss_fn)
+        try:
+            train_step(run, next_batches(run), loss_fn)
+        except TrainingDiverged as err:
+            _stop_diverged(run, err, extra_state)
         if eval_fn is not None and ((cfg.eval_every and run.step % cfg.eval_every == 0)
                                     or run.step == run.total_steps - 1):
             evaluate_and_log(run, eval_fn)
@@ -596,7 +647,7 @@ class _Corpus:
             run.raw_model.train()
             sample = generate_text(run.raw_model, cfg.sample_prompt, cfg.sample_tokens, stop_token_ids=())
         return {"train_loss": train_loss, "val_loss": val_loss,
-                "val_perplexity": math.exp(val_loss) if val_loss is not None else None, "sample": sample}
+                "val_perplexity": loss_perplexity(val_loss) if val_loss is not None else None, "sample": sample}
 
     def state(self) -> dict[str, Any]:
         return {"epoch_seed": self.epoch_seed, "steps_per_epoch": self.steps_per_epoch,

@@ -272,9 +272,15 @@ def test_random_bodies_never_crash_the_server(server):
     scalars = st.none() | st.booleans() | st.integers(-5, 200) | st.floats(-3, 3) | st.text(max_size=20)
     values = scalars | st.lists(scalars, max_size=4) | st.lists(st.integers(-1, 60000), max_size=4)
     fields = st.sampled_from(["prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-                              "logprobs", "echo", "best_of", "presence_penalty", "suffix", "extra"])
+                              "logprobs", "echo", "best_of", "presence_penalty", "suffix", "extra",
+                              "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "logit_bias",
+                              "response_format", "guided_json", "structured_outputs"])
+    # the structured fields take objects: some valid, some not
+    objects = st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"}, {"type": "yaml"},
+                               {"json": {"type": "integer"}}, {"choice": ["a", "b"]}, {"regex": "[0-9]+"},
+                               {"regex": "(("}, {"type": "boolean"}, {"type": 7}, {"0": 5, "50256": -100}, {}])
     bodies = st.fixed_dictionaries({"model": st.just("tiny")}, optional={"prompt": values}).flatmap(
-        lambda base: st.dictionaries(fields, values, max_size=5).map(lambda more: {**base, **more}))
+        lambda base: st.dictionaries(fields, values | objects, max_size=5).map(lambda more: {**base, **more}))
 
     @hypothesis.settings(max_examples=60, deadline=None, database=None)
     @hypothesis.given(bodies)

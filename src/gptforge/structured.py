@@ -23,6 +23,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import GptforgeError
@@ -163,19 +164,18 @@ def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
-
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(B, W) int32 bitmask -> (B, vocab_size) bool, True where a token is allowed."""
-    bits = (bitmask[:, :, None] >> _BITS) & 1  # (B, W, 32)
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")  # (B, 32 W), little-endian words
+    return torch.from_numpy(bits[:, :vocab_size].view(np.bool_))
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """logits (B, V) with every token the bitmask forbids set to -inf (a new tensor); a vocabulary
     wider than the mask (a padded one) has its extra ids forbidden too."""
-    allowed = allowed_tokens(bitmask, logits.shape[-1]).to(logits.device)
+    allowed = allowed_tokens(bitmask, logits.shape[-1])
     if allowed.shape[-1] < logits.shape[-1]:
         allowed = torch.nn.functional.pad(allowed, (0, logits.shape[-1] - allowed.shape[-1]), value=False)
-    return logits.masked_fill(~allowed, float("-inf"))
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:  # numpy: ~5x less overhead per call here
+        return torch.from_numpy(np.where(allowed.numpy(), logits.numpy(), np.float32(-np.inf)))
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))

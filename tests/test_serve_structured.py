@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 import gptforge
 from gptforge import GPTModel, save
 from gptforge.instruct import ALPACA, chat_prompt
-from gptforge.structured import GrammarError, json_schema_grammar
+from gptforge.structured import (
+    GrammarError, allowed_tokens, choice_grammar, json_object_grammar, json_schema_grammar, new_bitmask, regex_grammar,
+)
 from gptforge.tokenizer import get_tokenizer
 from test_serve import alone, free_port, launch, stop_server
 
@@ -220,6 +222,32 @@ def test_parse_json_object_guided_json_structured_outputs(chat, builtin):
                                    extra_body={"response_format": {"type": "text"}})
     assert r.choices[0].text == builtin.completions.create(model="tiny", prompt="ROMEO:", max_tokens=5,
                                                            temperature=0).choices[0].text
+
+
+def follows(grammar, text: str) -> bool:
+    """Whether the grammar's masks allow `text` (as GPT-2 tokenizes it) and then the end of text."""
+    tokens, eot = get_tokenizer().encode(text), get_tokenizer().eot_id
+    matcher, mask = grammar.matcher(), new_bitmask(1, 50257)
+    for token in tokens + [eot]:
+        matcher.fill(mask, 0)
+        if not allowed_tokens(mask, 50257)[0, token]:
+            return False
+        if token != eot:
+            matcher.accept(token)
+    return True
+
+
+def test_grammars_hold_json_compact_and_objects_closed():
+    point = {"type": "object", "properties": {"x": {"type": "integer"}, "tag": {"enum": ["a", "b"]}}, "required": ["x"]}
+    grammar = json_schema_grammar(point)
+    assert follows(grammar, '{"x":1}') and follows(grammar, '{"x":-20,"tag":"b"}')
+    assert not follows(grammar, '{"x": 1}') and not follows(grammar, '{ "x":1}')  # no whitespace
+    assert not follows(grammar, '{"x":1,"y":2}')  # no keys the schema does not list (vLLM's default too)
+    assert not follows(grammar, '{"tag":"a"}') and not follows(grammar, '{"x":1,"tag":"c"}') and not follows(grammar, '{"x":1')
+    assert follows(json_schema_grammar({**point, "additionalProperties": True}), '{"x":1,"y":2}')
+    assert follows(json_object_grammar(), '{"any":[1,{"b":null}]}') and not follows(json_object_grammar(), "[1]")
+    assert follows(choice_grammar(["yes", "no"]), "no") and not follows(choice_grammar(["yes", "no"]), "maybe")
+    assert follows(regex_grammar("[a-c]{2}-[0-9]+"), "ab-12") and not follows(regex_grammar("[a-c]{2}"), "ad")
 
 
 def test_a_schema_the_grammar_cannot_compile_names_the_problem():

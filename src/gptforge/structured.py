@@ -91,14 +91,47 @@ def _first_line(message: str) -> str:
 
 def json_schema_grammar(schema: Any) -> Grammar:
     """JSON text valid against `schema` (a dict, or True/False as JSON Schema allows), held compact.
-    A schema llguidance cannot compile (an unknown type, an unsupported keyword, a bad $ref) is a
-    GrammarError naming the problem."""
+    An object schema that lists its properties and says nothing of others allows no others (see
+    `closed_objects`). A schema llguidance cannot compile (an unknown type, an unsupported keyword, a
+    bad $ref) is a GrammarError naming the problem."""
     if isinstance(schema, bool):
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
         raise GrammarError(f"the JSON schema must be an object, got {type(schema).__name__}")
-    return _compile("json_schema", lambda m: m.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS),
+    text = json.dumps(closed_objects(schema))
+    return _compile("json_schema", lambda m: m.grammar_from_json_schema(text, overrides=JSON_OPTIONS),
                     "the JSON schema")
+
+
+_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+              "additionalProperties", "unevaluatedProperties", "unevaluatedItems")
+_SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of `schema` where each object schema with `properties` and neither
+    `additionalProperties` nor `unevaluatedProperties` gets `additionalProperties: false`: as vLLM
+    does (xgrammar's strict mode), and as OpenAI's strict schemas require. Otherwise a model may add
+    keys of its own, and a weak one never stops writing a key."""
+    if isinstance(schema, list):  # an old-style tuple `items`
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if key in out:
+            out[key] = closed_objects(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
+    if (isinstance(out.get("properties"), dict) and "additionalProperties" not in out
+            and "unevaluatedProperties" not in out):
+        out["additionalProperties"] = False
+    return out
 
 
 def json_object_grammar() -> Grammar:

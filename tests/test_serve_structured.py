@@ -250,6 +250,36 @@ def test_grammars_hold_json_compact_and_objects_closed():
     assert follows(regex_grammar("[a-c]{2}-[0-9]+"), "ab-12") and not follows(regex_grammar("[a-c]{2}"), "ad")
 
 
+def test_the_scheduler_masks_each_constrained_row_alone(tiny_config):
+    """In process: constrained rows (greedy and sampled, with a logit bias) decoded in the same steps
+    as plain greedy rows: the plain ones equal the library alone, the constrained ones validate."""
+    from test_serve_scheduler import make_seq, run_to_end
+    from gptforge.generation import GenerationConfig, prompt_ids
+    from gptforge.scheduler import BatchScheduler, SequenceState
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(vocab_size=50257, context_length=128, emb_dim=64)).eval()
+    schema = {"type": "object", "required": ["n", "ok"], "properties": {
+        "n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}}}
+    grammar = json_schema_grammar(schema)
+    scheduler = BatchScheduler(model, max_batch_size=8)
+    plain = [make_seq(prompt_ids(p), 20, []) for p in ("Hello, I am", "A", "x y z")]
+    constrained = [SequenceState(prompt_ids(p), 60, GenerationConfig(temperature=t, seed=1), lambda out: None,
+                                 grammar=grammar.matcher(), logit_bias={25: 3.0})
+                   for p, t in (("Hello", 0.0), ("Once upon", 1.0))]
+    for seq in [*plain, *constrained]:
+        scheduler.submit(seq)
+    steps = run_to_end(scheduler)
+    assert steps < 20 + max(len(s.generated) for s in constrained)  # together, not one after another
+    for seq in plain:
+        assert seq.generated == gptforge.generate(model, torch.tensor([seq.prompt_ids]), 20,
+                                                  stop_token_ids=())[0, len(seq.prompt_ids):].tolist()
+    for seq in constrained:
+        text = get_tokenizer().decode([t for t in seq.generated if t != get_tokenizer().eot_id])
+        assert seq.finish_reason == "stop" and len(seq.generated) < 60
+        jsonschema.validate(json.loads(text), schema)
+
+
 def test_a_schema_the_grammar_cannot_compile_names_the_problem():
     with pytest.raises(GrammarError, match="Invalid type: foo"):
         json_schema_grammar({"type": "foo"})

@@ -418,6 +418,7 @@ class BatchScheduler:
             return None
         if self._bitmask is None:
             self._bitmask = new_bitmask(self.max_batch_size, self.tokenizer.vocab_size)
+        if self._mask_worker is None:  # made at the first grammar (again after a stop)
             self._mask_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gptforge-grammar")
         bitmask = self._bitmask
 

@@ -55,7 +55,7 @@ from .scheduler import (
     FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, SequenceState, TokenLogprob,
 )
 from .structured import Grammar
-from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, as_tokenizer
+from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, as_tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,10 @@ async def _extras(req: CompletionRequest, spec: GrammarSpec | None, vocab_size: 
     """A request's logit bias, min_tokens and grammar (compiled on a worker thread: the first one
     builds llguidance's view of the tokenizer, ~1 s)."""
     bias = logit_bias(req.logit_bias, vocab_size)
+    gpt2 = get_tokenizer().vocab_size  # the grammars' tokenizer; a toy vocabulary lacks the tokens they force
+    if spec is not None and vocab_size < gpt2:
+        raise APIError(400, f"{spec.param}: structured output needs a model whose vocabulary holds GPT-2's "
+                            f"{gpt2} tokens; this one has {vocab_size}", param=spec.param.split(".")[0])
     grammar = await asyncio.to_thread(compile_grammar, spec) if spec is not None else None
     return _Extras(grammar, bias, req.min_tokens or 0)
 

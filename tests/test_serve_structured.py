@@ -411,6 +411,7 @@ BAD_CHAT = [
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"²": 1}}, "logit_bias"),
     ({"logit_bias": {"11": 101}}, "logit_bias"),
     ({"logit_bias": {"99999": 1}}, "logit_bias"),
     ({"top_k": -2}, "top_k"),

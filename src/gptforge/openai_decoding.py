@@ -164,7 +164,7 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, floa
         return None
     out = {}
     for key, value in bias.items():
-        if not key.isdigit() or not 0 <= int(key) < vocab_size:
+        if not (key.isascii() and key.isdigit()) or not 0 <= int(key) < vocab_size:
             raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}",
                            param="logit_bias")
         if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:

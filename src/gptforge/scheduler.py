@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -50,6 +51,7 @@ from .generation import (
 )
 from .model import KV_Q8_0, KVCache
 from .quant import inference_view
+from .structured import GrammarMatcher, apply_bitmask, new_bitmask
 from .tokenizer import Tokenizer, as_tokenizer
 from .errors import GptforgeError
 
@@ -75,8 +77,10 @@ class TokenLogprob:
 
     token: str
     logprob: float | None  # None for a prompt's first token (nothing predicts it)
-    top: dict[str, float] | None  # the most likely alternatives at that position
+    top: dict[str, float] | None  # the most likely alternatives, and the token itself (OpenAI's up to N + 1)
     offset: int  # character offset of the token in its text (prompt or completion)
+    token_id: int | None = None
+    top_ids: list[tuple[int, float]] | None = None  # exactly the N most likely (id, logprob), best first
 
 
 @dataclasses.dataclass
@@ -102,6 +106,11 @@ class SequenceState:
     on_output: called from the scheduler thread after each step, last with a finish_reason.
     logprobs: None for no logprobs, else how many top alternatives to report per token (0..).
     prompt_logprobs: also report the prompt's tokens' logprobs (OpenAI's echo with logprobs).
+    grammar: a `structured.GrammarMatcher` the text must follow (its mask applies before the
+        config's processors); the sequence stops when the grammar is complete.
+    logit_bias: token id -> value added to its logit before picking (OpenAI's logit_bias).
+    min_tokens: the config's stop_token_ids are forbidden until this many tokens were generated.
+    Logprobs are always those of the model's raw distribution, before any of these.
     """
 
     prompt_ids: list[int]
@@ -113,6 +122,9 @@ class SequenceState:
     cancelled: bool = False
     generated: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    grammar: GrammarMatcher | None = None
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.generator: torch.Generator | None = None  # made on the model's device at admission
@@ -132,6 +144,11 @@ class SequenceState:
     def finish_text(self) -> str:
         """The text still held back (see `TextStream.finish`); "" before any token."""
         return self._text.finish() if self._text is not None else ""
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether its logits change before picking (a grammar, a bias, a minimum length)."""
+        return self.grammar is not None or bool(self.logit_bias) or len(self.generated) < self.min_tokens
 
     @property
     def stopped_on_string(self) -> bool:
@@ -175,6 +192,10 @@ class BatchScheduler:
         self._column = 0  # the write column shared by all rows
         self._rows: list[SequenceState] = []  # active sequences; index = row
         self._admitting: list[SequenceState] = []  # taken off the queue, not yet in a row
+
+        # Grammar masks: one row per batch row, filled on a worker thread while the model runs.
+        self._bitmask: torch.Tensor | None = None
+        self._mask_worker: concurrent.futures.ThreadPoolExecutor | None = None
 
         self._waiting: collections.deque[SequenceState] = collections.deque()
         self._wakeup = threading.Condition()
@@ -234,6 +255,9 @@ class BatchScheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._mask_worker is not None:
+            self._mask_worker.shutdown(wait=False)
+            self._mask_worker = None
         self._end_all(FINISH_ABORT)
 
     # ------------------------------------------------------------------ the loop
@@ -304,10 +328,12 @@ class BatchScheduler:
         ids, mask = left_pad([s.prompt_ids for s in seqs], pad_token_id=0, device=self.device)  # (k, W) each
         padded = not bool(mask.all())
         cache = self.model.new_cache(len(seqs), max_len=ids.shape[1])
+        masks = self._start_masks(seqs)
         logits = self.model(
             ids, cache=cache, positions=positions_from_mask(mask) if padded else None,
             attention_mask=mask if padded else None, last_only=not every_position,
         )  # (k, W or 1, V)
+        bitmask = masks.result() if masks is not None else None
         for j, seq in enumerate(seqs):
             try:
                 seq.generator = seq.config.make_generator(self.device)
@@ -315,7 +341,7 @@ class BatchScheduler:
                 if seq.max_tokens == 0:
                     self._emit(seq, None, None, prompt_lp)
                     continue
-                token = self._pick(seq, logits[j, -1:])
+                token = self._pick(seq, logits[j, -1:], bitmask, j)
                 finished = self._emit(seq, token, logits[j, -1], prompt_lp)
             except Exception as err:  # this sequence's own failure: the others go on
                 self._fail(seq, self._failure(err))
@@ -360,6 +386,7 @@ class BatchScheduler:
             self._shift(-(self._column - int(self._positions[:len(self._rows)].max())))
         n, col = len(self._rows), self._column
         self._mask[:n, col] = 1
+        masks = self._start_masks(self._rows)  # the grammars' masks, computed while the model runs
         logits = self.model(
             self._next[:n, None], cache=self._cache.rows(n, col),
             positions=self._positions[:n, None], attention_mask=self._mask[:n, :col + 1], last_only=True,
@@ -368,8 +395,10 @@ class BatchScheduler:
         self._column += 1
         self._positions[:n] += 1
         tokens, finished = [], []
-        # plain greedy rows (no processors): one argmax for all of them (the others' `_pick` checks its row)
-        plain = [seq.config.plain_greedy for seq in self._rows]
+        bitmask = masks.result() if masks is not None else None
+        # plain greedy rows (no processors, no grammar): one argmax for all of them (the others' `_pick`
+        # checks its row)
+        plain = [seq.config.plain_greedy and not seq.adjusts_logits for seq in self._rows]
         argmax = finite = None
         if any(plain):
             scores = logits[:, :self.tokenizer.vocab_size]
@@ -378,7 +407,7 @@ class BatchScheduler:
             try:
                 if plain[i] and not finite[i]:
                     check_finite_logits(logits[i:i + 1])  # raises, saying what is wrong
-                token = argmax[i] if plain[i] else self._pick(seq, logits[i:i + 1])
+                token = argmax[i] if plain[i] else self._pick(seq, logits[i:i + 1], bitmask, i)
                 done = self._emit(seq, token, logits[i])
             except Exception as err:  # this sequence's own failure: its row is freed, the others go on
                 self._fail(seq, self._failure(err))
@@ -420,13 +449,53 @@ class BatchScheduler:
 
     # ------------------------------------------------------------------ per-sequence work
 
-    def _pick(self, seq: SequenceState, logits: torch.Tensor) -> int:
-        """The next token of one sequence from its (1, V) logits, with its own config and generator."""
+    def _start_masks(self, seqs: list[SequenceState]) -> concurrent.futures.Future | None:
+        """Fill row i of the grammar bitmask for each seqs[i] that has a grammar, on the worker
+        thread (llguidance lets go of the GIL); None when none has one."""
+        rows = [(i, seq.grammar) for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if not rows:
+            return None
+        if self._bitmask is None:
+            self._bitmask = new_bitmask(self.max_batch_size, self.tokenizer.vocab_size)
+        if self._mask_worker is None:  # made at the first grammar (again after a stop)
+            self._mask_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gptforge-grammar")
+        bitmask = self._bitmask
+
+        def fill() -> torch.Tensor:
+            for i, grammar in rows:
+                grammar.fill(bitmask, i)
+            return bitmask
+
+        return self._mask_worker.submit(fill)
+
+    def _pick(self, seq: SequenceState, logits: torch.Tensor, bitmask: torch.Tensor | None = None,
+              row: int = 0) -> int:
+        """The next token of one sequence from its (1, V) logits, with its own config and generator
+        (and its bias, minimum length and grammar, whose mask is row `row` of `bitmask`)."""
         logits = logits[:, :self.tokenizer.vocab_size]  # a padded vocabulary's extra ids have no text
+        if seq.adjusts_logits:
+            logits = self._adjust(seq, logits, bitmask[row:row + 1] if seq.grammar is not None else None)
         context = None
         if seq.config.needs_context:
             context = torch.tensor([seq.prompt_ids + seq.generated], device=logits.device)
-        return int(next_tokens(logits, context, seq.config, seq.generator)[0])
+        token = int(next_tokens(logits, context, seq.config, seq.generator)[0])
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
+        return token
+
+    def _adjust(self, seq: SequenceState, logits: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:
+        """(1, V) logits with the sequence's logit bias, minimum length and grammar mask applied."""
+        logits = logits.float()
+        if seq.logit_bias:
+            ids = [i for i in seq.logit_bias if i < logits.shape[-1]]
+            bias = torch.tensor([seq.logit_bias[i] for i in ids], dtype=logits.dtype, device=logits.device)
+            logits = logits.index_add(1, torch.tensor(ids, device=logits.device), bias[None])
+        if bitmask is not None:  # the grammar decides where the text may end
+            logits = apply_bitmask(logits, bitmask)
+        elif len(seq.generated) < seq.min_tokens:
+            stops = [i for i in seq.config.stop_token_ids if i < logits.shape[-1]]
+            logits = logits.index_fill(1, torch.tensor(stops, dtype=torch.long, device=logits.device), float("-inf"))
+        return logits
 
     def _emit(self, seq: SequenceState, token: int | None, logits: torch.Tensor | None,
               prompt_lp: list[TokenLogprob] | None = None) -> bool:
@@ -436,12 +505,14 @@ class BatchScheduler:
             finish = FINISH_LENGTH
         else:
             seq.generated.append(token)
-            if token in seq.config.stop_token_ids:
+            if token in seq.config.stop_token_ids or (seq.grammar is not None and token == self.tokenizer.eot_id):
                 text, finish = seq.finish_text(), FINISH_STOP
             else:
                 text, offset = seq.push_text(token, self.tokenizer)
                 if seq.stopped_on_string:
                     finish = FINISH_STOP
+                elif seq.grammar is not None and seq.grammar.finished:  # complete: nothing may follow
+                    text, finish = text + seq.finish_text(), FINISH_STOP
                 elif len(seq.generated) == seq.max_tokens:
                     text, finish = text + seq.finish_text(), FINISH_LENGTH
                 if seq.logprobs is not None and (not seq.stopped_on_string or offset < seq.released_chars):
@@ -480,11 +551,14 @@ class BatchScheduler:
 
     def _token_logprob(self, token: int, logits: torch.Tensor, top: int, offset: int) -> TokenLogprob:
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
-        alternatives = None
+        alternatives, top_ids, chosen = None, None, float(logprobs[token])
         if top > 0:
             values, ids = torch.topk(logprobs[:self.tokenizer.vocab_size], top)
-            alternatives = {self.tokenizer.decode([i]): v for i, v in zip(ids.tolist(), values.tolist())}
-        return TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), alternatives, offset)
+            top_ids = list(zip(ids.tolist(), values.tolist()))
+            # OpenAI's completions list the chosen token too when it is not among the top N
+            shown = top_ids if token in ids.tolist() else [*top_ids, (token, chosen)]
+            alternatives = {self.tokenizer.decode([i]): v for i, v in shown}
+        return TokenLogprob(self.tokenizer.decode([token]), chosen, alternatives, offset, token, top_ids)
 
     def _prompt_logprobs(self, seq: SequenceState, logits: torch.Tensor) -> list[TokenLogprob]:
         """Logprobs of each prompt token given the ones before it; logits: (P, V) (the prompt ran alone)."""
@@ -492,7 +566,7 @@ class BatchScheduler:
         out, offset = [], 0
         for i, token in enumerate(seq.prompt_ids):
             if i == 0:
-                out.append(TokenLogprob(self.tokenizer.decode([token]), None, None, 0))
+                out.append(TokenLogprob(self.tokenizer.decode([token]), None, None, 0, token))
             else:
                 out.append(self._token_logprob(token, logits[i - 1], seq.logprobs or 0, offset))
             offset += len(decoder.decode(self.tokenizer.decode_bytes([token])))

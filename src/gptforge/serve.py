@@ -44,6 +44,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .errors import GptforgeError
 from .generation import GenerationConfig, prompt_ids
 from .instruct import chat_prompt
+from .openai_decoding import (
+    GrammarSpec, ToolMode, chat_logprobs, chat_spec, compile_grammar, completion_spec, logit_bias, tool_calls,
+)
 from .openai_api import (
     MAX_SEED, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, SamplingFields,
     parse_request,
@@ -51,7 +54,8 @@ from .openai_api import (
 from .scheduler import (
     FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, SequenceState, TokenLogprob,
 )
-from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, as_tokenizer
+from .structured import Grammar
+from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, as_tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +136,6 @@ def _check_unsupported(req: CompletionRequest) -> None:
     n = req.n or 1
     if req.best_of is not None and req.best_of != n:
         raise APIError(400, "best_of is not supported (leave it out or set it equal to n)", param="best_of")
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if req.suffix:
         raise APIError(400, "suffix is not supported: GPT-2 only continues text", param="suffix")
     if req.stream_options is not None and not req.stream:
@@ -148,8 +150,8 @@ def _chat_as_completion(req: ChatCompletionRequest, model_cfg: Any, settings: Se
         raise APIError(400, f"the model '{settings.model_name}' has no prompt template (it is a base model), so "
                             f"it cannot chat; use /v1/completions, or serve a model trained with "
                             f"`gptforge finetune instruct`", param="messages", code="no_chat_template")
-    if req.logprobs or req.top_logprobs is not None:
-        raise APIError(400, "logprobs is not supported on chat completions", param="logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     try:
         text = chat_prompt(req.messages, template)
     except GptforgeError as err:
@@ -159,7 +161,8 @@ def _chat_as_completion(req: ChatCompletionRequest, model_cfg: Any, settings: Se
         context = model_cfg.context_length
         max_tokens = max(1, min(settings.max_tokens_cap or context, context - len(prompt_ids(text, tokenizer))))
     shared = {name: getattr(req, name) for name in SamplingFields.model_fields}
-    return CompletionRequest.model_construct(**shared, prompt=text, max_tokens=max_tokens)
+    return CompletionRequest.model_construct(**shared, prompt=text, max_tokens=max_tokens,
+                                             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
 
 # --------------------------------------------------------------------------- the response
@@ -189,6 +192,7 @@ class _Choice:
     finish_reason: str | None = None
     tokens: int = 0
     started: bool = False
+    entries: list[TokenLogprob] = dataclasses.field(default_factory=list)  # the generated tokens' logprobs
 
     def add(self, out: Output) -> tuple[str, dict[str, list[Any]] | None]:
         """Fold in one output; returns its text and logprobs as a stream chunk shows them."""
@@ -200,6 +204,7 @@ class _Choice:
                 if self.want_logprobs and out.prompt_logprobs is not None:
                     lp = _logprobs_json(out.prompt_logprobs)
         if self.want_logprobs:
+            self.entries += out.logprobs
             shift = len(self.prompt.text) if self.echo else 0  # offsets count from the choice's text start
             lp = _merge_logprobs(lp, _logprobs_json(out.logprobs, shift))
             self.logprobs = _merge_logprobs(self.logprobs, lp)
@@ -207,6 +212,15 @@ class _Choice:
         self.tokens = out.num_tokens
         self.finish_reason = out.finish_reason
         return text, lp
+
+
+@dataclasses.dataclass(frozen=True)
+class _Extras:
+    """What a request adds to its GenerationConfig, per sequence (see `scheduler.SequenceState`)."""
+
+    grammar: Grammar | None = None
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
 
 def _plan(req: CompletionRequest, settings: ServeSettings, tokenizer: Tokenizer, vocab_size: int,
@@ -231,16 +245,34 @@ def _plan(req: CompletionRequest, settings: ServeSettings, tokenizer: Tokenizer,
                 param="prompt", code="context_length_exceeded")
     if req.seed is not None and req.seed + len(prompts) * n - 1 > MAX_SEED:
         raise APIError(400, f"seed must be at most {MAX_SEED - len(prompts) * n + 1}", param="seed")
+    if req.min_tokens is not None and req.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                       param="min_tokens")
     try:
         config = GenerationConfig(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,  # vLLM: -1 or 0 is off
+            min_p=req.min_p or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            stop_strings=_stop_strings(req.stop), stop_token_ids=(ENDOFTEXT_ID,),
+            stop_strings=_stop_strings(req.stop), stop_token_ids=() if req.ignore_eos else (ENDOFTEXT_ID,),
         )
     except ValueError as err:
         raise APIError(400, str(err)) from None
     return prompts, max_tokens, config
+
+
+async def _extras(req: CompletionRequest, spec: GrammarSpec | None, vocab_size: int) -> _Extras:
+    """A request's logit bias, min_tokens and grammar (compiled on a worker thread: the first one
+    builds llguidance's view of the tokenizer, ~1 s)."""
+    bias = logit_bias(req.logit_bias, vocab_size)
+    gpt2 = get_tokenizer().vocab_size  # the grammars' tokenizer; a toy vocabulary lacks the tokens they force
+    if spec is not None and vocab_size < gpt2:
+        raise APIError(400, f"{spec.param}: structured output needs a model whose vocabulary holds GPT-2's "
+                            f"{gpt2} tokens; this one has {vocab_size}", param=spec.param.split(".")[0])
+    grammar = await asyncio.to_thread(compile_grammar, spec) if spec is not None else None
+    return _Extras(grammar, bias, req.min_tokens or 0)
 
 
 class _Completion:
@@ -251,8 +283,10 @@ class _Completion:
     8 such requests at once on 2 cores, ~10% more tokens/s)."""
 
     def __init__(self, req: CompletionRequest, prompts: list[_Prompt], max_tokens: int,
-                 config: GenerationConfig, model_name: str, loop: asyncio.AbstractEventLoop, chat: bool = False):
+                 config: GenerationConfig, model_name: str, loop: asyncio.AbstractEventLoop, chat: bool = False,
+                 extras: _Extras = _Extras(), tokenizer: Tokenizer | None = None, tools: ToolMode | None = None):
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.tokenizer, self.tools = tokenizer, tools
         self.loop, self.stream = loop, bool(req.stream)
         self.prompts = prompts
         self.include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -273,6 +307,8 @@ class _Completion:
                     p.ids, max_tokens, config.replace(seed=seed),
                     on_output=functools.partial(self._receive, index),
                     logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
+                    grammar=extras.grammar.matcher() if extras.grammar is not None else None,
+                    logit_bias=extras.logit_bias, min_tokens=extras.min_tokens,
                 ))
 
     def _receive(self, index: int, out: Output) -> None:
@@ -287,24 +323,47 @@ class _Completion:
         for seq in self.seqs:
             scheduler.cancel(seq)
 
+    def _chat_logprobs(self, entries: list[TokenLogprob], want: bool) -> dict[str, Any] | None:
+        return {"content": chat_logprobs(entries, self.tokenizer)} if want else None
+
+    def _tool_message(self, choice: _Choice) -> tuple[dict[str, Any], str | None]:
+        """A forced tool call's message (the decoded arguments as `tool_calls`) and finish reason."""
+        calls = tool_calls(self.tools, choice.text) if choice.finish_reason == "stop" else None
+        if calls is None:  # cut short (max_tokens): the partial text, as it is
+            return {"role": "assistant", "content": choice.text}, choice.finish_reason
+        # OpenAI: "stop" after a named function, "tool_calls" when the model chose (required)
+        return ({"role": "assistant", "content": None, "tool_calls": calls},
+                "stop" if self.tools.name is not None else "tool_calls")
+
     def choice_body(self, index: int, choice: _Choice) -> dict[str, Any]:
         """One finished choice as the JSON body shows it."""
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": choice.text}, "logprobs": None,
-                    "finish_reason": choice.finish_reason}
+            message, finish = {"role": "assistant", "content": choice.text}, choice.finish_reason
+            if self.tools is not None:
+                message, finish = self._tool_message(choice)
+            return {"index": index, "message": message,
+                    "logprobs": self._chat_logprobs(choice.entries, choice.want_logprobs), "finish_reason": finish}
         return {"index": index, "text": choice.text, "logprobs": choice.logprobs,
                 "finish_reason": choice.finish_reason}
 
-    def chunk(self, index: int, text: str, lp: dict[str, list[Any]] | None, finish: str | None) -> dict[str, Any]:
+    def chunk(self, index: int, text: str, lp: dict[str, list[Any]] | None, finish: str | None,
+              out: Output | None = None) -> dict[str, Any]:
         """One streamed piece of one choice."""
         if not self.chat:
             return {**self.head, "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]}
+        choice = self.choices[index]
         delta: dict[str, Any] = {} if index in self.roles_sent else {"role": "assistant"}
         self.roles_sent.add(index)
-        if text or not finish:
+        if self.tools is not None:  # a tool call goes out whole, in the last chunk
+            if finish:
+                message, finish = self._tool_message(choice)
+                delta.update({k: v for k, v in message.items() if k != "role"})
+        elif text or not finish:
             delta["content"] = text
+        entries = out.logprobs if out is not None else []
         return {**self.head, "object": "chat.completion.chunk",
-                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": self._chat_logprobs(entries, choice.want_logprobs),
+                             "finish_reason": finish}]}
 
     def usage(self) -> dict[str, int]:
         prompt_tokens = sum(len(p.ids) for p in self.prompts)
@@ -330,9 +389,9 @@ class _Completion:
                     yield _sse(APIError(500, out.error or "generation failed").body())
                     return
                 text, lp = self.choices[index].add(out)
-                if not text and lp is None and out.finish_reason is None:
-                    continue  # text held back (a partial character or a possible stop string)
-                yield _sse(self.chunk(index, text, lp, out.finish_reason))
+                if out.finish_reason is None and (self.tools is not None or (not text and lp is None)):
+                    continue  # text held back (a partial character, a possible stop string, a tool call)
+                yield _sse(self.chunk(index, text, lp, out.finish_reason, out))
             if self.include_usage:
                 kind = {"object": "chat.completion.chunk"} if self.chat else {}
                 yield _sse({**self.head, **kind, "choices": [], "usage": self.usage()})
@@ -449,7 +508,9 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
         if req.model != settings.model_name:
             raise _unknown_model(req.model)
         prompts, max_tokens, config = _plan(req, settings, tokenizer, vocab_size, context_length)
-        job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop())
+        extras = await _extras(req, completion_spec(req), min(vocab_size, tokenizer.vocab_size))
+        job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop(),
+                          extras=extras)
         return await _answer(scheduler, job, request, bool(req.stream))
 
     @app.post("/v1/chat/completions")
@@ -459,9 +520,12 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
             raise _unknown_model(chat.model)
         req = _chat_as_completion(chat, scheduler.model.cfg, settings, tokenizer)
         prompts, max_tokens, config = _plan(req, settings, tokenizer, vocab_size, context_length)
-        config = config.replace(stop_strings=config.stop_strings + scheduler.model.cfg.prompt_template.stop)
+        spec, tools = chat_spec(chat)
+        extras = await _extras(req, spec, min(vocab_size, tokenizer.vocab_size))
+        if extras.grammar is None:  # a grammar decides where its text ends; the template's sections would cut it
+            config = config.replace(stop_strings=config.stop_strings + scheduler.model.cfg.prompt_template.stop)
         job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop(),
-                          chat=True)
+                          chat=True, extras=extras, tokenizer=tokenizer, tools=tools)
         return await _answer(scheduler, job, request, bool(req.stream))
 
     return app

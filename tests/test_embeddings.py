@@ -71,7 +71,7 @@ def test_token_ids_batches_and_raw_vectors(model):
     ([1, 2, 60000], "outside the vocabulary"),
     ([["a"]], "input 0 must be a string or a list of token ids"),
     (b"bytes", "input must be a string"),
-    ("word " * 70, "input 0 has 70 tokens, more than the model's context of 64"),
+    (" ".join(["word"] * 70), "input 0 has 70 tokens, more than the model's context of 64"),
 ])
 def test_bad_inputs_are_clear_errors(model, inputs, message):
     with pytest.raises(GptforgeError, match=message):

@@ -224,6 +224,7 @@ def test_a_finetuned_classifier_serves_classify_as_gptforge_classify(tiny_config
     out = tmp_path / "run"
     assert main(["finetune", "classify", "--data", str(train), "--model", str(base), "--out", str(out),
                  "--epochs", "1", "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()
     texts = ["WIN a free prize now! Call 80082", "See you at the park around six?", "ok"]
     assert main(["classify", "--json", "--model", str(out / "checkpoint"), *texts]) == 0
     expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -253,7 +254,7 @@ def test_a_finetuned_classifier_serves_classify_as_gptforge_classify(tiny_config
             r = post(server, "/classify", bad, key=None)
             assert r.status_code == 400 and r.json()["error"]["param"] in ("input", "top_k"), (bad, r.text)
         r = post(server, "/v1/embeddings", {"input": "hello"}, key=None)
-        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64  # the trunk still embeds
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 32  # the trunk embeds
         assert httpx.get(f"{server}/health").json()["status"] == "ok"
     finally:
         stop_server(proc)

@@ -409,11 +409,11 @@ def create_app(scheduler: BatchScheduler | nn.Module, settings: ServeSettings) -
     scheduler: a language model's BatchScheduler, or a classifier (a GPTModel from `gptforge
     finetune classify`) served without one: it labels (/classify) and embeds, and cannot generate."""
     if isinstance(scheduler, BatchScheduler):
-        model, tokenizer = scheduler.model, scheduler.tokenizer
+        served, tokenizer = scheduler.model, scheduler.tokenizer
     else:
-        model, tokenizer, scheduler = scheduler.eval(), as_tokenizer(None), None
-    context_length = model.cfg.context_length
-    vocab_size = model.cfg.vocab_size
+        served, tokenizer, scheduler = scheduler.eval(), as_tokenizer(None), None
+    context_length = served.cfg.context_length
+    vocab_size = served.cfg.vocab_size
     created = int(time.time())
     metrics = ServerMetrics(scheduler)
     # embeddings and classification: a forward pass each, off the event loop, one at a time
@@ -459,7 +459,7 @@ def create_app(scheduler: BatchScheduler | nn.Module, settings: ServeSettings) -
         given, must be one the model does."""
         if name is not None and name != settings.model_name:
             raise _unknown_model(name)
-        spec = model.cfg.classifier
+        spec = served.cfg.classifier
         if task == "generate" and spec is not None:
             raise APIError(400, f"the model '{settings.model_name}' is a classifier (labels "
                                 f"{', '.join(map(str, spec.labels))}): it labels texts and cannot generate; use "
@@ -525,7 +525,7 @@ def create_app(scheduler: BatchScheduler | nn.Module, settings: ServeSettings) -
     async def embeddings(request: Request) -> dict[str, Any]:
         req = parse_request(await _read_json(request, settings.max_body_bytes), EmbeddingRequest)
         check_model(req.model)
-        width = model.cfg.emb_dim
+        width = served.cfg.emb_dim
         if req.dimensions is not None and req.dimensions != width:
             raise APIError(400, f"dimensions must be {width} (this model's width) or left out: GPT-2's vectors "
                                 f"cannot be shortened", param="dimensions")
@@ -534,7 +534,7 @@ def create_app(scheduler: BatchScheduler | nn.Module, settings: ServeSettings) -
         except GptforgeError as err:
             raise APIError(400, str(err), param="input") from None
         _check_inputs(rows, context_length)
-        vectors = await in_pool(embed, model, rows, tokenizer=tokenizer)  # (N, width)
+        vectors = await in_pool(embed, served, rows, tokenizer=tokenizer)  # (N, width)
         used = sum(len(ids) for ids in rows)
         metrics.prompt_tokens.inc(used)
         as_base64 = req.encoding_format == "base64"
@@ -553,8 +553,8 @@ def create_app(scheduler: BatchScheduler | nn.Module, settings: ServeSettings) -
             raise APIError(400, "input must not be empty: give at least one text", param="input")
         if len(texts) > MAX_INPUTS:
             raise APIError(400, f"input holds {len(texts)} texts; at most {MAX_INPUTS} per request", param="input")
-        predictions = await in_pool(classify, model, texts)
-        spec = model.cfg.classifier
+        predictions = await in_pool(classify, served, texts)
+        spec = served.cfg.classifier
         limit = min(spec.max_length or context_length, context_length)  # what classify() reads of each text
         used = sum(min(len(ids), limit) for ids in tokenizer.encode_batch(texts))
         metrics.prompt_tokens.inc(used)

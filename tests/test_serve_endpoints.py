@@ -75,6 +75,14 @@ def test_embeddings_through_the_openai_client_equal_transformers(client, model, 
 
 
 @pytest.mark.slow
+def test_litellm_embedding_smoke(server, model):
+    litellm = pytest.importorskip("litellm")
+    r = litellm.embedding(model="openai/tiny", input=["Every effort moves you"], api_base=f"{server}/v1", api_key=KEY)
+    torch.testing.assert_close(torch.tensor(r.data[0]["embedding"]), embed(model, "Every effort moves you")[0],
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
 def test_raw_base64_and_the_served_model_by_default(server, model):
     r = post(server, "/v1/embeddings", {"input": "Every effort moves you", "encoding_format": "base64"})
     assert r.status_code == 200, r.text

@@ -177,9 +177,10 @@ def test_the_api_key_is_required_where_it_should_be(server):
     for path in ["/v1/models", "/metrics", "/tokenizer_info"]:
         r = httpx.get(f"{server}{path}")
         assert r.status_code == 401, path
-        assert set(r.json()["error"]) == {"message", "type", "param", "code"} and "API key" in r.json()["error"]["message"]
-    for path, body in [("/v1/completions", {"prompt": "a"}), ("/tokenize", {"prompt": "a"}), ("/classify", {"input": "a"}),
-                       ("/v1/chat/completions", {"messages": []})]:
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and "API key" in error["message"]
+    for path, body in [("/v1/completions", {"prompt": "a"}), ("/tokenize", {"prompt": "a"}),
+                       ("/classify", {"input": "a"}), ("/v1/chat/completions", {"messages": []})]:
         assert post(server, path, body, key=None).status_code == 401, path
         assert post(server, path, body, key="nope").status_code == 401, path
     assert httpx.get(f"{server}/health").status_code == 200  # open: load balancers probe it
@@ -254,7 +255,8 @@ def test_a_finetuned_classifier_serves_classify_as_gptforge_classify(tiny_config
         one = post(server, "/v1/classify", {"input": texts[0]}, key=None).json()  # the served model by default
         assert one["data"][0]["probs"] == pytest.approx(body["data"][0]["probs"], abs=1e-6)
         for path, request in [("/v1/completions", {"model": "clf", "prompt": "Hi"}),
-                              ("/v1/chat/completions", {"model": "clf", "messages": [{"role": "user", "content": "Hi"}]})]:
+                              ("/v1/chat/completions",
+                               {"model": "clf", "messages": [{"role": "user", "content": "Hi"}]})]:
             r = post(server, path, request, key=None)
             assert r.status_code == 400 and r.json()["error"]["code"] == "model_is_classifier", r.text
             assert "classifier" in r.json()["error"]["message"] and "/classify" in r.json()["error"]["message"]
@@ -266,3 +268,20 @@ def test_a_finetuned_classifier_serves_classify_as_gptforge_classify(tiny_config
         assert httpx.get(f"{server}/health").json()["status"] == "ok"
     finally:
         stop_server(proc)
+
+
+def test_cli_takes_the_key_from_the_environment_and_repeats_cors_origins(monkeypatch, tmp_path, tiny_config):
+    import gptforge.serve
+
+    save(GPTModel(tiny_config(vocab_size=50257)), tmp_path / "ckpt")
+    served = {}
+    monkeypatch.setattr(gptforge.serve, "run_server", lambda model, settings, **kw: served.update(settings=settings))
+    monkeypatch.setenv("GPTFORGE_API_KEY", "sk-env")
+    assert main(["serve", "--model", str(tmp_path / "ckpt"), "--cors-origin", "http://a", "--cors-origin", "*"]) == 0
+    assert served["settings"].api_key == "sk-env" and served["settings"].cors_origins == ("http://a", "*")
+    assert "sk-env" not in repr(served["settings"])  # never in a log line
+    assert main(["serve", "--model", str(tmp_path / "ckpt"), "--api-key", "sk-flag"]) == 0
+    assert served["settings"].api_key == "sk-flag"
+    monkeypatch.delenv("GPTFORGE_API_KEY")
+    assert main(["serve", "--model", str(tmp_path / "ckpt")]) == 0
+    assert served["settings"].api_key is None and served["settings"].cors_origins == ()

@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassificationReport", "GELU", "FeedForward", "GPTConfig", "GPTModel", "GenerationConfig", "GptforgeError",
     "KVCache", "LayerNorm", "MultiHeadAttention", "PRESETS", "ParameterCounts", "Perplexity", "TextStream",
-    "Tokenizer", "TrainConfig", "TransformerBlock", "classification_report", "classify", "count_parameters", "embed", "generate",
-    "generate_text", "generate_text_simple", "get_tokenizer", "left_pad", "load", "load_training_state",
+    "Tokenizer", "TrainConfig", "TransformerBlock", "classification_report", "classify", "count_parameters", "embed",
+    "generate", "generate_text", "generate_text_simple", "get_tokenizer", "left_pad", "load", "load_training_state",
     "next_tokens", "perplexity", "prepare_for_inference", "preset", "save", "stream_text", "train",
 ]

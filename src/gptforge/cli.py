@@ -152,7 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServeSettings(
         model_name=args.served_model_name or args.model, max_tokens_cap=args.max_tokens_cap,
         max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size,
-        shutdown_grace_s=args.shutdown_grace,
+        shutdown_grace_s=args.shutdown_grace, api_key=args.api_key or os.environ.get("GPTFORGE_API_KEY") or None,
+        cors_origins=tuple(args.cors_origin or ()),
     )
     run_server(model, settings, host=args.host, port=args.port)
 
@@ -460,6 +461,12 @@ def _add_serve_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPar
                      help="larger request bodies get 413 (default: 1 MiB)")
     srv.add_argument("--shutdown-grace", type=flag_type("float", "--shutdown-grace", {"minimum": 0}), default=10.0,
                      help="seconds in-flight requests may still run after SIGTERM (default: 10)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every route but /health and the web page "
+                          "(default: $GPTFORGE_API_KEY, else none)")
+    srv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                     help="let pages from ORIGIN (e.g. http://localhost:3000, or '*') call the server; repeatable "
+                          "(default: none)")
     srv.set_defaults(func=cmd_serve)
     return srv
 

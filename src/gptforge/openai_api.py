@@ -1,8 +1,8 @@
 """OpenAI's wire format as the server speaks it: the error shape and the request bodies
-(completions, chat completions, and vLLM's tokenizer endpoints), checked by pydantic; a bad body
-becomes a 400 naming the first bad parameter. Besides OpenAI's own fields, the requests take the
-ones vLLM adds and clients send (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-guided_json, structured_outputs)."""
+(completions, chat completions, embeddings, and vLLM's tokenizer and classify endpoints), checked
+by pydantic; a bad body becomes a 400 naming the first bad parameter. Besides OpenAI's own fields,
+the requests take the ones vLLM adds and clients send (top_k, min_p, repetition_penalty,
+min_tokens, ignore_eos, guided_json, structured_outputs)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str
+    model: str | None = None  # None: the one model served
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
     n: int | None = Field(1, ge=1)
@@ -162,6 +162,33 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class EmbeddingRequest(BaseModel):
+    """The body of POST /v1/embeddings. `dimensions` is checked by the server (only the model's own
+    width is honoured: GPT-2's vectors cannot be shortened as OpenAI's text-embedding-3 ones)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class ClassifyRequest(BaseModel):
+    """The body of POST /classify, as vLLM takes it: texts to label."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    input: str | list[str]
+    user: str | None = None
+
+
+INPUT_SHAPES = {  # what a bad `input` is told
+    EmbeddingRequest: "input must be a string, a list of strings, a list of token ids or a list of token-id lists",
+    ClassifyRequest: "input must be a string or a list of strings",
+}
+
+
 def parse_request(data: Any, kind: type[BaseModel] = CompletionRequest) -> Any:
     """A JSON body checked against a request model; the first problem becomes a 400 in OpenAI's shape."""
     if not isinstance(data, dict):
@@ -174,6 +201,8 @@ def parse_request(data: Any, kind: type[BaseModel] = CompletionRequest) -> Any:
         where = ".".join(str(part) for part in first["loc"])  # e.g. response_format.json_schema.name
         if param == "prompt" and kind is CompletionRequest:
             message = "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+        elif param == "input" and kind in INPUT_SHAPES:
+            message = INPUT_SHAPES[kind]
         elif first["type"] == "extra_forbidden":
             message = f"unrecognized request argument supplied: {where}"
         else:

@@ -236,6 +236,12 @@ class BatchScheduler:
         cancelled, failed)."""
         return {"active": len(self._rows), "waiting": len(self._waiting), **self.counters}
 
+    def cache_usage(self) -> float:
+        """The share of the batch KV cache (max_batch_size rows x context_length positions) that
+        holds tokens of active sequences, 0 to 1 (a snapshot: safe to call from any thread)."""
+        held = sum(len(seq.prompt_ids) + len(seq.generated) for seq in list(self._rows))
+        return held / (self.max_batch_size * self.context_length)
+
     def start(self) -> None:
         """Run the scheduler in a daemon thread (the calling thread's OpenMP workers are let go:
         see `kernels.release_threads`; a float32 model's panels for batches are made first: see

@@ -8,6 +8,8 @@
     GET  /tokenizer_info, POST /tokenize, POST /detokenize
                            the tokenizer, in vLLM's shapes, which lm-evaluation-harness's
                            `local-completions` probes so it needs no tokenizer files
+    GET  /                 the playground page; POST /v1/inspect and GET /v1/model_card feed it
+                           (gptforge.playground)
 
 A base GPT-2 answers the completions API only; chat needs the model's prompt template, which
 renders the messages into one prompt (`instruct.chat_prompt`) that then runs exactly as a
@@ -44,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .errors import GptforgeError
 from .generation import GenerationConfig, prompt_ids
 from .instruct import chat_prompt
+from .playground import add_playground
 from .openai_api import (
     MAX_SEED, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, SamplingFields,
     parse_request,
@@ -235,6 +238,7 @@ def _plan(req: CompletionRequest, settings: ServeSettings, tokenizer: Tokenizer,
         config = GenerationConfig(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k if req.top_k and req.top_k > 0 else None,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             stop_strings=_stop_strings(req.stop), stop_token_ids=(ENDOFTEXT_ID,),
         )
@@ -464,6 +468,8 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
                           chat=True)
         return await _answer(scheduler, job, request, bool(req.stream))
 
+    add_playground(app, scheduler.model, tokenizer, settings.model_name,
+                   functools.partial(_read_json, limit=settings.max_body_bytes))
     return app
 
 
@@ -574,6 +580,9 @@ def run_server(model: nn.Module, settings: ServeSettings, *, host: str = "127.0.
             await super().startup(sockets=sockets)
             if self.started and sockets:  # uvicorn names its address only for sockets it bound itself
                 self._log_started_message(sockets)
+                address = sockets[0].getsockname()
+                logging.getLogger("uvicorn.error").info("The playground page is at http://%s:%d/",
+                            f"[{address[0]}]" if ":" in address[0] else address[0], address[1])
 
     sock = listen_socket(host, port)  # before uvicorn starts: a port in use is one line and exit 2
     settle_heap()

@@ -76,7 +76,8 @@ def trace(model: GPTModel, ids: torch.Tensor, attention_layers: tuple[int, ...] 
                        ("block 0: feed-forward hidden", list(ff_hidden.shape)),
                        ("block 0: output", list(x.shape))]
     if model.cfg.n_layers > 1:
-        shapes.append((f"blocks 1-{model.cfg.n_layers - 1}: output", list(x.shape)))
+        rest = "block 1" if model.cfg.n_layers == 2 else f"blocks 1-{model.cfg.n_layers - 1}"
+        shapes.append((f"{rest}: output", list(x.shape)))
     normed = model.final_norm(x)
     logits = model.out_head(normed)  # (1, T, V)
     shapes += [("final_norm", list(normed.shape)), ("out_head (logits)", list(logits.shape))]

@@ -24,6 +24,12 @@ function selectTab(tab, focus = false) {
     t.tabIndex = selected ? 0 : -1;
     document.getElementById(t.getAttribute("aria-controls")).hidden = !selected;
   }
+  // One set of sampling controls, shared by Generate and Chat: it moves to the panel shown.
+  const panel = document.getElementById(tab.getAttribute("aria-controls"));
+  const sampling = document.getElementById("sampling");
+  const buttons = panel.querySelector(".buttons");
+  sampling.hidden = !["panel-generate", "panel-chat"].includes(panel.id);
+  if (!sampling.hidden) buttons.before(sampling);
   if (focus) tab.focus();
   document.getElementById("alternatives").hidden = true;
 }

@@ -33,6 +33,7 @@ function drawAttention() {
   const heads = data.attention.heads;
   const head = Number($("head").value);
   const canvas = $("heatmap");
+  canvas.hidden = false;
   const cell = paint(canvas, heads[head], Math.min(480, document.documentElement.clientWidth - 40));
   canvas.dataset.layer = String(data.attention.layer);
   canvas.dataset.head = String(head);
@@ -142,7 +143,10 @@ function table(rows, headings) {
       cell.textContent = typeof c === "number" ? c.toLocaleString("en") : String(c);
     });
   }
-  return t;
+  const scroll = document.createElement("div");
+  scroll.className = "scroll";
+  scroll.append(t);
+  return scroll;
 }
 
 function drawCard(card) {

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from gptforge import GPTModel, save
-from gptforge.config import GPTConfig
+from gptforge.cli import main
+from gptforge.config import ClassifierSpec, GPTConfig
 from gptforge.instruct import ALPACA
 from gptforge.tokenizer import get_tokenizer
 from test_serve import free_port, launch, start_server, stop_server
@@ -308,5 +309,72 @@ def test_a_server_gone_mid_stream_is_a_message(chat_model, tmp_path, open_page):
         proc.kill()
         page.wait_for_function("document.getElementById('message').textContent.includes('stopped answering')")
         assert page.get_by_role("button", name="Generate").is_enabled()  # ready for another try
+    finally:
+        stop_server(proc)
+
+
+# --------------------------------------------------------------------------- Classify, API key
+
+def _serve_has(flag: str) -> bool:
+    from gptforge.cli import build_parser
+
+    return flag not in build_parser().parse_known_args(["serve", flag, "1"])[1]
+
+
+@pytest.fixture(scope="module")
+def classifier_path(tiny_config, tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_dict(tiny_config(vocab_size=50257, context_length=64)).replace(
+        classifier=ClassifierSpec(labels=("ham", "spam")))
+    return save(GPTModel(cfg).eval(), tmp_path_factory.mktemp("web-clf") / "clf")
+
+
+def test_classify_shows_the_labels_of_gptforge_classify(classifier_path, open_page, capsys):
+    try:
+        proc, url = serve(classifier_path)
+    except RuntimeError as err:
+        pytest.skip(f"this server cannot serve a classifier yet: {str(err)[-200:]}")
+    try:
+        if httpx.post(f"{url}/classify", json={"model": "tiny", "input": ["x"]}).status_code == 404:
+            pytest.skip("this server has no POST /classify yet")
+        texts = ["Free entry to win 1000 pounds", "See you at lunch?", "URGENT! Call now"]
+        page = open_page(url)
+        assert page.get_by_role("tab", name="Generate").is_hidden() and page.get_by_role("tab", name="Inspect").is_hidden()
+        page.get_by_role("tab", name="Classify").click()
+        page.get_by_role("textbox", name="Texts, one per line").fill("\n".join(texts))
+        page.get_by_role("button", name="Classify").click()
+        page.wait_for_selector(".classified")
+        shown = island(page, "classify")
+        assert main(["classify", "--json", "--model", str(classifier_path), *texts]) in (None, 0)
+        cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["label"] for r in shown] == [c["label"] for c in cli]
+        for row, ref in zip(shown, cli):
+            assert row["probs"] == pytest.approx(ref["probabilities"], abs=1e-5)
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.skipif(not _serve_has("--api-key"), reason="serve has no --api-key yet")
+def test_with_an_api_key_the_page_asks_once_per_tab(lm, tmp_path, open_page):
+    proc, url = serve(save(lm, tmp_path / "tiny"), "--api-key", "sesame")
+    try:
+        page = open_page(url, wait_ready=False)
+        key = page.get_by_role("textbox", name="API key")
+        key.wait_for()
+        assert "API key" in page.get_by_role("alert").text_content()
+        key.fill("wrong")
+        page.get_by_role("button", name="Use key").click()
+        key.wait_for()  # asked again
+        key.fill("sesame")
+        page.get_by_role("button", name="Use key").click()
+        page.wait_for_selector("body[data-ready=true]")
+        page.get_by_role("textbox", name="Prompt").fill(PROMPT)
+        set_sampling(page)
+        page.get_by_role("button", name="Generate").click()
+        ref = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0).completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+        assert generated(page)["text"] == ref.choices[0].text
+        assert page.evaluate("sessionStorage.getItem('gptforge-api-key')") == "sesame"  # this tab only
+        assert page.evaluate("localStorage.length") == 0
     finally:
         stop_server(proc)

@@ -71,7 +71,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     base = gptforge.load("gptforge-shakespeare")
     torch.manual_seed(0)
-    clf = gptforge.GPTModel(base.cfg.replace(classifier=ClassifierSpec(labels=("comedy", "tragedy"))))
+    clf = gptforge.GPTModel(base.cfg.replace(classifier=ClassifierSpec(labels=("comedy", "tragedy")), tie_weights=False))
     clf.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("out_head")}, strict=False)
     clf_path = gptforge.save(clf, tmp / "clf")
     base.cfg = base.cfg.replace(prompt_template=ALPACA)
@@ -86,6 +86,8 @@ def main() -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1000, "height": 760})
+        page.set_default_timeout(180_000)  # a busy machine
+        page.on("console", lambda m: print("console:", m.text) if m.type == "error" else None)
         responses = []
         page.on("requestfinished", lambda r: responses.append(r))
         page.goto(lm_url)
@@ -141,6 +143,7 @@ def main() -> None:
             print("no Classify screenshot: this server has no POST /classify")
 
         page = browser.new_page(viewport={"width": 390, "height": 760}, is_mobile=True)
+        page.set_default_timeout(180_000)
         page.goto(lm_url)
         page.wait_for_selector("body[data-ready=true]")
         page.get_by_role("button", name="Generate").click()

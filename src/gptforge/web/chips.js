@@ -2,12 +2,18 @@
 // drawn is also in a data attribute, so the page's data can be read without reading pixels.
 
 export function visible(text) {
-  // Whitespace a reader should see: a chip of " " or "\n" would otherwise look empty.
-  return text.replace(/\n/g, "↵\n").replace(/^ /, "\u00a0").replace(/ $/, "\u00a0") || "∅";
+  // A token as a label: whitespace a reader should see ("\n" as ↵, edge spaces kept), on one line.
+  return text.replace(/\n/g, "↵").replace(/^ /, "\u00a0").replace(/ $/, "\u00a0") || "∅";
+}
+
+function flowing(text) {
+  // A token inside flowing text: its line breaks shown and kept.
+  return visible(text).replace(/↵/g, "↵\n");
 }
 
 export function percent(p) {
-  return p >= 0.995 ? `${(100 * p).toFixed(0)}%` : p >= 0.001 ? `${(100 * p).toFixed(1)}%` : `${(100 * p).toExponential(0)}%`;
+  if (p >= 0.995) return `${(100 * p).toFixed(0)}%`;
+  return p >= 0.001 ? `${(100 * p).toFixed(1)}%` : `${(100 * p).toPrecision(1)}%`;
 }
 
 // entry: {token, logprob, top: [{token, logprob}] | null, id?}
@@ -16,7 +22,7 @@ export function chip(entry) {
   const prob = Math.exp(entry.logprob);
   el.className = "chip";
   el.tabIndex = 0;
-  el.textContent = visible(entry.token);
+  el.textContent = flowing(entry.token);
   el.dataset.token = entry.token;
   el.dataset.prob = String(prob);
   el.dataset.logprob = String(entry.logprob);

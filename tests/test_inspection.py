@@ -182,3 +182,14 @@ def test_the_page_and_its_files_are_served(http):
     script = http.get("/web/app.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     assert http.get("/web/nothing.js").status_code == 404
+
+
+def test_completions_take_vllms_top_k(http, model, ids):
+    """top_k (vLLM's extension, which the page's Top-k control sends): top_k=1 samples the argmax."""
+    body = {"model": "tiny", "prompt": TEXT, "max_tokens": 6, "temperature": 2.0, "seed": 3}
+    greedy = generate(model, ids, 6)[0, ids.shape[1]:].tolist()
+    one = http.post("/v1/completions", json={**body, "top_k": 1}).json()["choices"][0]["text"]
+    assert one == get_tokenizer().decode(greedy)
+    off = [http.post("/v1/completions", json={**body, "top_k": k}).json()["choices"][0]["text"] for k in (0, -1)]
+    assert off[0] == off[1] == http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert http.post("/v1/completions", json={**body, "top_k": -2}).status_code == 400

@@ -46,16 +46,16 @@ class ScriptedModel(nn.Module):
         return logits
 
 
-def hf_twin(model: GPTModel):
-    """The same weights in transformers' GPT2LMHeadModel (sdpa attention), through gptforge's
-    Hugging Face export (Conv1D layout, fused c_attn)."""
+def hf_twin(model: GPTModel, attn_implementation: str = "sdpa"):
+    """The same weights in transformers' GPT2LMHeadModel (sdpa attention; "eager" returns the
+    attention weights), through gptforge's Hugging Face export (Conv1D layout, fused c_attn)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gptforge.checkpoint import config_to_hf, state_to_hf
 
     hf_cfg = config_to_hf(model.cfg)
     hf_cfg.update(bos_token_id=None, eos_token_id=None)
-    hf = GPT2LMHeadModel(GPT2Config(**hf_cfg, attn_implementation="sdpa"))
+    hf = GPT2LMHeadModel(GPT2Config(**hf_cfg, attn_implementation=attn_implementation))
     missing, unexpected = hf.load_state_dict(state_to_hf(model), strict=False)
     assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing), missing
     return hf.eval()

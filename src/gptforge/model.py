@@ -77,13 +77,7 @@ class MultiHeadAttention(nn.Module):
         (GPTModel builds it once for all layers); None means plain causal attention over positions
         0..T-1, or a single query that sees every cached key. Returns (B, T, d_out)."""
         b, t, _ = x.shape
-        if self.fused_qkv is not None:
-            qkv = self.fused_qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, nh, hs)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
-        else:
-            q = self.W_query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-            k = self.W_key(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-            v = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = self.project_qkv(x)
         if kv is not None:
             k_cache, v_cache = kv
             if k_cache.dtype == KV_Q8_0:  # rows of Q8_0 blocks (GPTModel.kv_dtype)
@@ -106,6 +100,17 @@ class MultiHeadAttention(nn.Module):
         ).to(x.dtype)  # (B, nh, T, hs)
         context = context.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
         return self.out_proj(context)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, T, d_in) -> query, key and value, each (B, nh, T, hs), split into heads."""
+        b, t, _ = x.shape
+        if self.fused_qkv is not None:
+            qkv = self.fused_qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, nh, hs)
+            return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        q = self.W_query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.W_key(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        return q, k, v
 
 
 def _attention_mask(t: int, start: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:

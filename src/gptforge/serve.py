@@ -12,6 +12,8 @@
     GET  /tokenizer_info, POST /tokenize, POST /detokenize
                            the tokenizer, in vLLM's shapes, which lm-evaluation-harness's
                            `local-completions` probes so it needs no tokenizer files
+    GET  /                 the playground page; POST /v1/inspect and GET /v1/model_card feed it
+                           (gptforge.playground)
 
 A base GPT-2 answers the completions API only; chat needs the model's prompt template, which
 renders the messages into one prompt (`instruct.chat_prompt`) that then runs exactly as a
@@ -62,6 +64,7 @@ from .instruct import chat_prompt
 from .openai_decoding import (
     GrammarSpec, ToolMode, chat_logprobs, chat_spec, compile_grammar, completion_spec, logit_bias, tool_calls,
 )
+from .playground import add_playground
 from .openai_api import (
     MAX_SEED, APIError, ChatCompletionRequest, ClassifyRequest, CompletionRequest, DetokenizeRequest,
     EmbeddingRequest, TokenizeRequest, SamplingFields, parse_request,
@@ -79,7 +82,7 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # per stop string: each generated token is checked against every one
 MAX_INPUTS = 2048  # texts per embeddings or classify request, as OpenAI's embeddings
 OPEN_PATHS = ("/", "/health", "/favicon.ico")  # answered without the API key, as are paths under OPEN_PREFIX
-OPEN_PREFIX = "/static/"  # the web page's files: the page itself asks for the key
+OPEN_PREFIX = "/web/"  # the page's files (playground.py): the page itself asks for the key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -633,6 +636,8 @@ def create_app(scheduler: BatchScheduler | nn.Module, settings: ServeSettings) -
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    add_playground(app, served, tokenizer, settings.model_name,
+                   functools.partial(_read_json, limit=settings.max_body_bytes))
     return app
 
 
@@ -802,6 +807,9 @@ def run_server(model: nn.Module, settings: ServeSettings, *, host: str = "127.0.
             await super().startup(sockets=sockets)
             if self.started and sockets:  # uvicorn names its address only for sockets it bound itself
                 self._log_started_message(sockets)
+                address = sockets[0].getsockname()
+                logging.getLogger("uvicorn.error").info("The playground page is at http://%s:%d/",
+                            f"[{address[0]}]" if ":" in address[0] else address[0], address[1])
 
     sock = listen_socket(host, port)  # before uvicorn starts: a port in use is one line and exit 2
     settle_heap()

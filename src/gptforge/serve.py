@@ -23,7 +23,7 @@ without `model` is answered by the model served. Every choice of every request
 becomes a `scheduler.SequenceState`; the `BatchScheduler` decodes all active ones together. Errors use
 OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 400 for bad parameters,
 404 for an unknown model or route, 413 for an oversized body, 503 while shutting down or full,
-401 without the API key where one is set (`--api-key`: every route but /health, / and /static/).
+401 without the API key where one is set (`--api-key`: every route but /health, / and the page's files under /web/).
 On SIGTERM the server stops accepting connections, lets in-flight requests run for
 `shutdown_grace_s`, then ends the rest with `finish_reason: "abort"` and a proper end of stream.
 """

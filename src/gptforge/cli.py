@@ -1,5 +1,6 @@
 """The `gptforge` command line: one function per verb, each a thin door onto the Python API.
-Bad input ends with one line on stderr and exit code 2, never a traceback."""
+Bad input ends with one line on stderr and exit code 2, a failure of the system under us (a full disk)
+with one line and exit code 1; never a traceback."""
 
 from __future__ import annotations
 

@@ -26,10 +26,22 @@ import torch
 
 from .errors import GptforgeError
 
-# mkstemp/mkdtemp create private (0600/0700) files and folders; what we publish by renaming them
-# gets the permissions an ordinary open()/mkdir() would have: 0666/0777 less the process umask.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+def _umask() -> int:
+    """The process umask, read at the time of the write (it may change after import) and without
+    changing it where the system shows it (/proc on Linux); elsewhere os.umask's set-and-restore.
+
+    mkstemp/mkdtemp create private (0600/0700) files and folders; what we publish by renaming them
+    gets the permissions an ordinary open()/mkdir() would have: 0666/0777 less this umask."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +102,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
                                                                  dir=path.parent))
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(tmp)
         _fsync_file(tmp)
@@ -126,11 +138,11 @@ def atomic_directory(out_dir: str | Path, replaceable: frozenset[str] = frozense
     ensure_dir(out_dir.parent)
     tmp = Path(_temp_in(out_dir.parent, lambda: tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp",
                                                                 dir=out_dir.parent)))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         for file in tmp.iterdir():
-            os.chmod(file, 0o666 & ~_UMASK)  # safetensors, like mkstemp, writes 0600 files
+            os.chmod(file, 0o666 & ~_umask())  # safetensors, like mkstemp, writes 0600 files
             _fsync_file(file)
         _fsync_dir(tmp)
         old = None

@@ -573,21 +573,31 @@ def _shallow_module_copy(module: nn.Module, params: dict[int, nn.Parameter]) -> 
     return clone
 
 
-# Optimizer steps taken in this process. Fused AdamW updates parameters without bumping their
-# version counters, so every optimizer step also counts here (a global post-step hook).
-_OPTIMIZER_STEPS = [0]
+class _OptimizerSteps:
+    """Optimizer steps taken in this process since the first inference view was made. Fused AdamW
+    updates parameters without bumping their version counters, so every optimizer step also counts
+    here, through a process-wide post-step hook that the first view installs (not `import gptforge`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._hook = None
+
+    def _step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.count += 1
+
+    def watch(self) -> int:
+        """The count so far, the hook installed on the first call."""
+        if self._hook is None:
+            self._hook = register_optimizer_step_post_hook(self._step)
+        return self.count
 
 
-def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
+_OPTIMIZER_STEPS = _OptimizerSteps()
 
 
 def _weights_key(model: nn.Module) -> tuple:
     # load_state_dict, .to() and unfused optimizers change a version counter or a data pointer.
-    return (_OPTIMIZER_STEPS[0], *((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters()))
+    return (_OPTIMIZER_STEPS.watch(), *((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters()))
 
 
 def inference_view(model: nn.Module) -> nn.Module:

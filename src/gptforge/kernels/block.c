@@ -8,6 +8,7 @@
  * about as long dispatching ~20 small operators per block as the 4-bit products take; here they
  * are a few loops. The products are gemv.c's (any weight format, one per layer).
  */
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -214,6 +215,7 @@ static float *scratch(size_t bytes) {
         bytes = (bytes + 63) / 64 * 64;
         buffer = aligned_alloc(64, bytes);
         size = buffer ? bytes : 0;
+        if (!buffer) gf_fail();
     }
     return buffer;
 }
@@ -252,6 +254,7 @@ void gf_block_decode(const gf_block *blk, float *x, int64_t M, int64_t T, void *
                      int64_t max_len, int64_t start, int64_t kv, const uint8_t *mask, int threads) {
     const int64_t d = blk->d, heads = blk->heads, hs = d / heads, R = M * T;
     float *h = scratch(sizeof(float) * R * (d + 3 * d + d + 4 * d + heads * (start + T)));
+    if (!h) return;  /* gf_failed() tells the caller */
     float *qkv = h + R * d, *ctx = qkv + R * 3 * d, *ff = ctx + R * d, *scores = ff + R * 4 * d;
 
     lap(-1);
@@ -327,4 +330,25 @@ int gf_model_decode(const gf_model *mdl, const int64_t *tokens, const int64_t *p
     gf_linear(&mdl->head, h, M, logits, threads);
     lap(PRODUCTS);
     return 0;
+}
+
+/* The layout of the structs above as this compiler laid them out, for kernels/abi.py to compare with
+ * its ctypes mirrors: GF_ABI_VERSION, then for gf_lin, gf_block and gf_model in turn the struct's
+ * size and each field's offset, in bytes, into out[0 .. cap). Returns how many values there are. */
+int gf_abi(int64_t *out, int64_t cap) {
+    const int64_t layout[] = {
+        GF_ABI_VERSION,
+        sizeof(gf_lin), offsetof(gf_lin, fmt), offsetof(gf_lin, n), offsetof(gf_lin, k), offsetof(gf_lin, w),
+        offsetof(gf_lin, wp), offsetof(gf_lin, scale), offsetof(gf_lin, bias),
+        sizeof(gf_block), offsetof(gf_block, d), offsetof(gf_block, heads), offsetof(gf_block, ln1_w),
+        offsetof(gf_block, ln1_b), offsetof(gf_block, ln2_w), offsetof(gf_block, ln2_b), offsetof(gf_block, eps),
+        offsetof(gf_block, qkv), offsetof(gf_block, proj), offsetof(gf_block, fc1), offsetof(gf_block, fc2),
+        sizeof(gf_model), offsetof(gf_model, layers), offsetof(gf_model, d), offsetof(gf_model, vocab),
+        offsetof(gf_model, positions), offsetof(gf_model, tok_emb), offsetof(gf_model, pos_emb),
+        offsetof(gf_model, blocks), offsetof(gf_model, lnf_w), offsetof(gf_model, lnf_b), offsetof(gf_model, eps),
+        offsetof(gf_model, head),
+    };
+    const int64_t count = (int64_t)(sizeof(layout) / sizeof(layout[0]));
+    for (int64_t i = 0; i < count && i < cap; i++) out[i] = layout[i];
+    return (int)count;
 }

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..model import GELU, KV_Q8_0, GPTModel, KVCache, TransformerBlock, kv_row
 from . import MAX_ROWS, Linear, _ptr, call, f32_panels, layer, library, supported, vector_floats
+from .abi import Block, Model
 
 
 # The KV caches the C blocks read: dtype -> block.c's format (KV_F32, KV_F16, KV_Q8)
@@ -30,12 +31,6 @@ KV_FORMATS = {torch.float32: 0, torch.float16: 1, KV_Q8_0: 2}
 # (float32) matmuls win there. The products of a prefill stay within the layers' own
 # `kernel_rows` (quant.choose_mode) too.
 PREFILL_ROWS = 128
-
-
-class _Block(ctypes.Structure):  # block.c's gf_block
-    _fields_ = [("d", ctypes.c_int64), ("heads", ctypes.c_int64), ("ln1_w", ctypes.c_void_p),
-                ("ln1_b", ctypes.c_void_p), ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p),
-                ("eps", ctypes.c_double), ("qkv", Linear), ("proj", Linear), ("fc1", Linear), ("fc2", Linear)]
 
 
 def _linear_spec(module: nn.Module, keep: list) -> Linear | None:
@@ -59,7 +54,7 @@ def _float32_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     return module.weight.detach(), None if module.bias is None else module.bias.detach()
 
 
-def _block_spec(block: TransformerBlock) -> tuple[_Block, list] | None:
+def _block_spec(block: TransformerBlock) -> tuple[Block, list] | None:
     att, layers = block.att, block.ff.layers
     d, heads, floats = att.d_out, att.num_heads, vector_floats()
     norms = (block.norm1.scale, block.norm1.shift, block.norm2.scale, block.norm2.shift)
@@ -71,7 +66,7 @@ def _block_spec(block: TransformerBlock) -> tuple[_Block, list] | None:
     linears = [_linear_spec(module, keep) for module in FusedTransformerBlock._linears(block)]
     if any(spec is None for spec in linears):
         return None
-    return _Block(d, heads, *(_ptr(p) for p in keep[:4]), block.norm1.eps, *linears), keep
+    return Block(d, heads, *(_ptr(p) for p in keep[:4]), block.norm1.eps, *linears), keep
 
 
 class FusedTransformerBlock(TransformerBlock):
@@ -124,14 +119,7 @@ def _f32_layers(specs: list[Linear], modules: list[nn.Module]) -> list[tuple[Lin
     return [(spec, module, _float32_weights(module)[0]) for spec, module in zip(specs, modules) if spec.fmt == 0]
 
 
-class _Model(ctypes.Structure):  # block.c's gf_model
-    _fields_ = [("layers", ctypes.c_int64), ("d", ctypes.c_int64), ("vocab", ctypes.c_int64),
-                ("positions", ctypes.c_int64), ("tok_emb", ctypes.c_void_p), ("pos_emb", ctypes.c_void_p),
-                ("blocks", ctypes.c_void_p), ("lnf_w", ctypes.c_void_p), ("lnf_b", ctypes.c_void_p),
-                ("eps", ctypes.c_double), ("head", Linear)]
-
-
-def _model_spec(model: GPTModel) -> tuple[_Model, list] | None:
+def _model_spec(model: GPTModel) -> tuple[Model, list] | None:
     """The C description of a model whose blocks are all fused, or None if its embeddings, final
     norm or head cannot run in C."""
     blocks = list(model.trf_blocks)
@@ -146,7 +134,7 @@ def _model_spec(model: GPTModel) -> tuple[_Model, list] | None:
     pointers = (ctypes.c_void_p * len(blocks))(*(ctypes.addressof(block.__dict__["_c_block"][0]) for block in blocks))
     keep.append(pointers)
     (vocab, d), positions = tables[0].shape, tables[1].shape[0]
-    spec = _Model(len(blocks), d, vocab, positions, *(_ptr(p) for p in keep[:2]), ctypes.addressof(pointers),
+    spec = Model(len(blocks), d, vocab, positions, *(_ptr(p) for p in keep[:2]), ctypes.addressof(pointers),
                   *(_ptr(p) for p in keep[2:4]), model.final_norm.eps, head)
     return spec, keep
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 
 # Bumped with any change to a struct or a function's arguments, on both sides (gemv.h's GF_ABI_VERSION).
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -30,7 +30,8 @@ class Block(ctypes.Structure):
 
     _fields_ = [("d", ctypes.c_int64), ("heads", ctypes.c_int64), ("ln1_w", ctypes.c_void_p),
                 ("ln1_b", ctypes.c_void_p), ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p),
-                ("eps", ctypes.c_double), ("qkv", Linear), ("proj", Linear), ("fc1", Linear), ("fc2", Linear)]
+                ("eps", ctypes.c_double), ("qkv", Linear), ("proj", Linear), ("fc1", Linear), ("fc2", Linear),
+                ("q", Linear), ("k", Linear), ("v", Linear)]  # q, k, v: where qkv.w is NULL
 
 
 class Model(ctypes.Structure):

@@ -22,6 +22,7 @@ typedef struct {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     double eps;
     gf_lin qkv, proj, fc1, fc2;  /* qkv: (3 d, d), query then key then value */
+    gf_lin q, k, v;              /* where qkv.w is NULL: the three (d, d) projections apart */
 } gf_block;
 
 /* y = (x - mean) / sqrt(var + eps) * w + b per row of d values (biased variance, as the book's;
@@ -260,7 +261,17 @@ void gf_block_decode(const gf_block *blk, float *x, int64_t M, int64_t T, void *
     lap(-1);
     layer_norm(x, R, d, blk->ln1_w, blk->ln1_b, blk->eps, h);
     lap(REST);
-    gf_linear(&blk->qkv, h, R, qkv, threads);
+    if (blk->qkv.w) {
+        gf_linear(&blk->qkv, h, R, qkv, threads);
+    } else {  /* an inference view reading the model's own three matrices: products apart, rows interleaved */
+        float *apart = ff;  /* R 4 d floats, free until the feed-forward */
+        gf_linear(&blk->q, h, R, apart, threads);
+        gf_linear(&blk->k, h, R, apart + R * d, threads);
+        gf_linear(&blk->v, h, R, apart + 2 * R * d, threads);
+        for (int64_t r = 0; r < R; r++)
+            for (int part = 0; part < 3; part++)
+                memcpy(qkv + r * 3 * d + part * d, apart + (part * R + r) * d, sizeof(float) * d);
+    }
     lap(PRODUCTS);
     for (int64_t r = 0; r < R; r++)  /* the new tokens' keys and values into the cache, all before any attends */
         for (int64_t head = 0; head < heads; head++) {
@@ -343,6 +354,7 @@ int gf_abi(int64_t *out, int64_t cap) {
         sizeof(gf_block), offsetof(gf_block, d), offsetof(gf_block, heads), offsetof(gf_block, ln1_w),
         offsetof(gf_block, ln1_b), offsetof(gf_block, ln2_w), offsetof(gf_block, ln2_b), offsetof(gf_block, eps),
         offsetof(gf_block, qkv), offsetof(gf_block, proj), offsetof(gf_block, fc1), offsetof(gf_block, fc2),
+        offsetof(gf_block, q), offsetof(gf_block, k), offsetof(gf_block, v),
         sizeof(gf_model), offsetof(gf_model, layers), offsetof(gf_model, d), offsetof(gf_model, vocab),
         offsetof(gf_model, positions), offsetof(gf_model, tok_emb), offsetof(gf_model, pos_emb),
         offsetof(gf_model, blocks), offsetof(gf_model, lnf_w), offsetof(gf_model, lnf_b), offsetof(gf_model, eps),

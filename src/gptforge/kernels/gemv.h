@@ -4,7 +4,7 @@
 #include <stdint.h>
 
 /* Bumped with any change to a struct or a function's arguments, on both sides (kernels/abi.py's ABI_VERSION). */
-#define GF_ABI_VERSION 1
+#define GF_ABI_VERSION 2
 
 enum format { F32 = 0, I8 = 1, Q4 = 2, BF16 = 3 };
 

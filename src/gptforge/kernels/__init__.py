@@ -44,7 +44,7 @@ SOURCES = (HERE / "gemv.c", HERE / "block.c", HERE / "argmax.c", HERE / "transpo
 HEADERS = (HERE / "gemv.h", HERE / "simd.h", HERE / "abi.py")  # abi.py: a new layout, a new build
 # -march: the CPU at hand by default; GPTFORGE_MARCH=haswell builds the AVX2 kernels on an AVX-512
 # machine (how the tests check that path here).
-CFLAGS = ("-O3", f"-march={os.environ.get('GPTFORGE_MARCH', 'native')}", "-fopenmp", "-shared", "-fPIC")
+CFLAGS = ("-O3", f"-march={os.environ.get('GPTFORGE_MARCH', 'native')}", "-shared", "-fPIC")
 FORMATS = {"f32": 0, "i8": 1, "q4": 2, "bf16": 3}  # gemv.h's enum format
 # A decode step of up to this many rows (a batch) runs here; products of more (a prefill) where
 # quant.choose_mode's kernel_rows says: here too up to a bound, or at any length.
@@ -63,6 +63,19 @@ def cache_dir() -> Path:
 
 class _NoCompiler(Exception):
     pass
+
+
+def openmp_variants() -> list[tuple[str, ...]]:
+    """The ways to ask the C compiler for OpenMP, tried in turn: `-fopenmp` (GCC, LLVM clang); on
+    macOS, Apple clang's `-Xpreprocessor -fopenmp` with libomp where found ($LIBOMP_PREFIX or
+    Homebrew's); else none (the kernels then run on one thread: their `#pragma omp` are ignored)."""
+    variants = [("-fopenmp",)]
+    if sys.platform == "darwin":
+        for prefix in (os.environ.get("LIBOMP_PREFIX"), "/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"):
+            if prefix and Path(prefix, "lib").is_dir():
+                variants.append(("-Xpreprocessor", "-fopenmp", f"-I{prefix}/include", f"-L{prefix}/lib", "-lomp"))
+                break
+    return variants + [()]
 
 
 def _build() -> Path:
@@ -84,8 +97,14 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)  # compile aside, then rename: atomic
     os.close(fd)
     try:
-        subprocess.run([compiler, *CFLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], check=True,
-                       capture_output=True, text=True, timeout=600)
+        for openmp in openmp_variants():
+            try:
+                subprocess.run([compiler, *CFLAGS, *openmp, "-o", tmp, *map(str, SOURCES), "-lm"], check=True,
+                               capture_output=True, text=True, timeout=600)
+                break
+            except subprocess.CalledProcessError:
+                if not openmp:  # not an OpenMP problem: the build itself failed
+                    raise
         os.replace(tmp, target)
     except FileNotFoundError:
         raise _NoCompiler(f"no C compiler at {compiler}") from None
@@ -122,7 +141,8 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"gptforge: the compiled decode kernels do not match their Python declarations ({wrong}); "
                       "using PyTorch's, about half as fast at decoding", RuntimeWarning, stacklevel=2)
         return None
-    _STATUS[0] = f"AVX{'-512' if lib.gf_vector_bits() == 512 else '2'}{' VNNI' if lib.gf_vnni() else ''}"
+    _STATUS[0] = (f"AVX{'-512' if lib.gf_vector_bits() == 512 else '2'}{' VNNI' if lib.gf_vnni() else ''}"
+                  f"{'' if lib.gf_openmp() else ' (no OpenMP: one thread)'}")
     return lib
 
 

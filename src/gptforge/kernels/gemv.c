@@ -397,6 +397,15 @@ void gf_fail(void) { __atomic_store_n(&failed, 1, __ATOMIC_RELAXED); }
 
 int gf_failed(void) { return __atomic_exchange_n(&failed, 0, __ATOMIC_RELAXED); }
 
+/* Whether the kernels were built with OpenMP (else every loop runs on the calling thread). */
+int gf_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* The vector width compiled for, in bits (512 or 256), and whether the integer products are VNNI's. */
 int gf_vector_bits(void) { return VL * 32; }
 #ifdef VNNI

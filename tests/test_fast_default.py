@@ -23,8 +23,10 @@ def test_generate_uses_the_view_and_matches_the_references(tiny_config):
     model = _model(tiny_config, vocab_size=256, qkv_bias=True).eval()
     idx = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
     view = inference_view(model)
-    assert view is not model and view.trf_blocks[0].att.fused_qkv is not None
-    assert inference_view(model) is view  # cached while the weights stay the same
+    assert view is not model
+    # the view reads the model's own tensors: no second copy of any weight
+    assert {p.data_ptr() for p in view.parameters()} == {p.data_ptr() for p in model.parameters()}
+    assert inference_view(model) is view  # cached while the parameters are the same tensors
     ours = generate(model, idx, 20, stop_token_ids=())
     assert torch.equal(ours, generate_text_simple(model.eval(), idx, 20, 32))
     hf = hf_twin(model).generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, min_new_tokens=20,
@@ -55,7 +57,38 @@ def test_state_dict_and_training_are_untouched(tiny_config, fused):
     second = generate(model, idx, 8, stop_token_ids=())  # in training mode: the model as it is
     assert model.training
     model.eval()
-    assert inference_view(model) is not view  # the weights changed: a new view
+    assert inference_view(model) is view  # new values in the same tensors: the view reads them as they are
     assert torch.equal(generate(model, idx, 8, stop_token_ids=()), second)
     assert torch.equal(second, generate_text_simple(copy.deepcopy(model).eval(), idx, 8, 32))
     assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_view_sees_in_place_edits_made_through_data(tiny_config, batch):
+    # The usual EMA / weight-surgery idiom changes values without a version bump: the view must follow.
+    model = _model(tiny_config, vocab_size=256, qkv_bias=True).eval()
+    idx = torch.randint(0, 256, (batch, 5), generator=torch.Generator().manual_seed(6))
+    before = generate(model, idx, 8, stop_token_ids=())
+    view = inference_view(model)
+    for block in model.trf_blocks:
+        block.att.W_query.weight.data.mul_(0)
+        block.ff.layers[0].weight.data.mul_(-1)
+    model.out_head.weight.data.mul_(0.5)
+    after = generate(model, idx, 8, stop_token_ids=())
+    assert inference_view(model) is view
+    assert torch.equal(after, generate_text_simple(copy.deepcopy(model).eval(), idx, 8, 32))
+    assert not torch.equal(before, after)
+
+
+def test_a_model_with_lora_adapters_is_viewed_anew_each_call(tiny_config):
+    from gptforge.lora import apply_lora
+
+    model = _model(tiny_config, vocab_size=256).eval()
+    apply_lora(model, rank=2, alpha=4.0)
+    idx = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(7))
+    generate(model, idx, 4, stop_token_ids=())
+    for name, p in model.named_parameters():
+        if "lora" in name:
+            p.data.normal_(0, 0.5)  # the adapters' update, in place
+    assert torch.equal(generate(model, idx, 8, stop_token_ids=()),
+                       generate_text_simple(copy.deepcopy(model).eval(), idx, 8, 32))

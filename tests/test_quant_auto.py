@@ -112,20 +112,21 @@ def test_scheduler_decodes_through_the_fast_view(tiny_config):
     state = copy.deepcopy(model.state_dict())
     scheduler = BatchScheduler(model, max_batch_size=2)
     assert scheduler.model is inference_view(model) and scheduler.model is not model
-    assert scheduler.model.trf_blocks[0].att.fused_qkv is not None
     assert model.trf_blocks[0].att.fused_qkv is None and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_a_batching_scheduler_makes_the_float32_panels_when_it_starts(tiny_config):
     """The panel copy a float32 model's batch steps read is made at start, not in the first step
-    that happens to have two sequences; a scheduler that never batches does not make it."""
+    that happens to have two sequences; a scheduler that never batches does not make it. (A plain
+    model's inference view has none: it reads the model's own weights.)"""
     from gptforge import kernels
     from gptforge.scheduler import BatchScheduler
 
     if not kernels.available():
         pytest.skip(f"gptforge kernels: {kernels.describe()}")
     for size, made in ((1, False), (2, True)):
-        scheduler = BatchScheduler(tiny_model(generation_config(tiny_config)), max_batch_size=size)
+        model = prepare_for_inference(tiny_model(generation_config(tiny_config)), "float32")  # as `serve` does
+        scheduler = BatchScheduler(model, max_batch_size=size)
         scheduler.start()
         try:
             heads = [scheduler.model.out_head, scheduler.model.trf_blocks[0].ff.layers[0]]

@@ -38,10 +38,23 @@ try:
 except ImportError:  # Windows: no advisory locks (writes stay atomic, writers are not serialised)
     fcntl = None
 
-# mkstemp/mkdtemp create private (0600/0700) files and folders; what we publish by renaming them
-# gets the permissions an ordinary open()/mkdir() would have: 0666/0777 less the process umask.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+
+def _umask() -> int:
+    """The process umask, read at the time of the write (it may change after import) and without
+    changing it where the system shows it (/proc on Linux); elsewhere os.umask's set-and-restore.
+
+    mkstemp/mkdtemp create private (0600/0700) files and folders; what we publish by renaming them
+    gets the permissions an ordinary open()/mkdir() would have: 0666/0777 less this umask."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +125,7 @@ def exclusive_lock(path: str | Path, *, wait: bool = True, what: str | Path | No
     path = Path(path)
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666 & ~_UMASK)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666 & ~_umask())
         except OSError as err:
             raise GptforgeError(f"cannot write in {path.parent} ({err.strerror or err}); choose another output "
                                 "path") from None
@@ -191,7 +204,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.chmod(tmp, 0o666 & ~_umask())
             write_file(tmp, lambda: write(tmp))
             _fsync_file(tmp)
             os.replace(tmp, path)
@@ -213,7 +226,7 @@ def append_line(path: str | Path, line: str) -> None:
     cuts short (ENOSPC) is cut back off, so the file always ends with a complete line. Raises the
     OSError, naming `path`."""
     data = memoryview(line.encode())
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666 & ~_UMASK)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666 & ~_umask())
     try:
         size = os.fstat(fd).st_size
         try:
@@ -303,10 +316,10 @@ def atomic_directory(out_dir: str | Path, replaceable: frozenset[str] = frozense
         tmp = Path(_temp_in(out_dir.parent, lambda: tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp",
                                                                     dir=out_dir.parent)))
         try:
-            os.chmod(tmp, 0o777 & ~_UMASK)
+            os.chmod(tmp, 0o777 & ~_umask())
             yield tmp
             for file in tmp.iterdir():
-                os.chmod(file, 0o666 & ~_UMASK)  # safetensors, like mkstemp, writes 0600 files
+                os.chmod(file, 0o666 & ~_umask())  # safetensors, like mkstemp, writes 0600 files
                 _fsync_file(file)
             _fsync_dir(tmp)
             if out_dir.exists() and _exchange(tmp, out_dir):

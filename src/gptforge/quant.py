@@ -33,8 +33,8 @@ Prepare a model last: moving or casting it afterwards (`.to(...)`) is not suppor
 
 Packed, int8 and int4 models are for inference only (no autograd through the weights).
 
-`inference_view(model)` is the float32 layout without touching `model`: what `generate`,
-`generate_text` and `stream_text` decode with by default.
+`inference_view(model)` is the float32 layout without touching `model`, reading `model`'s own
+weights (no copy): what `generate`, `generate_text` and `stream_text` decode with by default.
 
 `choose_mode(dtype, quantize, flags)` is the one table of per-CPU choices (what `dtype="auto"`
 resolves to, how many rows of a float32 or quantized product gptforge's kernels take, and which
@@ -54,13 +54,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import kernels
 from .cpu import cpu_flags, has_bf16_hardware
 from .errors import GptforgeError
 from .kernels.block import fuse_blocks
-from .lora import merge_lora
+from .lora import has_lora, merge_lora
 from .model import KV_Q8_0, GPTModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -441,13 +440,14 @@ class Float32Linear(nn.Linear):
         return _float32_linear(self, x, self.weight, self.bias)
 
 
-def _pack_linears(model: nn.Module) -> None:
+def _pack_linears(model: nn.Module, relayout: bool = True) -> None:
     """Make every plain nn.Linear a Float32Linear (in place: parameters and keys unchanged), its
-    weight stored (out, in) contiguous as the kernel reads it (Hugging Face's layout is (in, out))."""
+    weight stored (out, in) contiguous as the kernel reads it (Hugging Face's layout is (in, out));
+    relayout=False leaves such a weight where it is (PyTorch multiplies it)."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = Float32Linear
-            if not module.weight.is_contiguous():
+            if relayout and not module.weight.is_contiguous():
                 module.weight.data = kernels.row_major([module.weight.data])
 
 
@@ -547,13 +547,22 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
             layers[0], layers[1] = PackedLinear(layers[0], gelu_tanh=True), nn.Identity()
         _swap_linears(model, PackedLinear)
     elif torch_dtype == torch.float32:
-        _fuse_qkv(model, SharedQKV)
-        _pack_linears(model)
-        for module in model.modules():
-            if isinstance(module, (SharedQKV, Float32Linear)):
-                module.kernel_rows = mode.kernel_rows
-        fuse_blocks(model)
+        _prepare_float32(model, mode.kernel_rows)
     return model
+
+
+def _prepare_float32(model: nn.Module, kernel_rows: int | None, share_storage: bool = False) -> None:
+    """The float32 layout on CPU: query/key/value fused (SharedQKV), Linears as Float32Linear, the
+    blocks and model in C where the kernels run. share_storage=True (an inference view): every
+    weight the kernels read is the model's own tensor, nothing copied or laid out anew (the three
+    projections apart, no panels), so no change to the model's weights can go unseen."""
+    if not share_storage:
+        _fuse_qkv(model, SharedQKV)
+    _pack_linears(model, relayout=not share_storage)
+    for module in model.modules():
+        if isinstance(module, (SharedQKV, Float32Linear)):
+            module.kernel_rows = kernel_rows
+    fuse_blocks(model, panels=not share_storage)
 
 
 # model -> (the parameters' identity and versions when the view was made, the view)
@@ -573,29 +582,23 @@ def _shallow_module_copy(module: nn.Module, params: dict[int, nn.Parameter]) -> 
     return clone
 
 
-# Optimizer steps taken in this process. Fused AdamW updates parameters without bumping their
-# version counters, so every optimizer step also counts here (a global post-step hook).
-_OPTIMIZER_STEPS = [0]
-
-
-def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
 def _weights_key(model: nn.Module) -> tuple:
-    # load_state_dict, .to() and unfused optimizers change a version counter or a data pointer.
-    return (_OPTIMIZER_STEPS[0], *((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters()))
+    """What the view is made from: each parameter's tensor (its memory, dtype and device) and the
+    module tree's shape. The view reads the same memory, so a change of values (an optimizer step,
+    load_state_dict, an edit through `.data`) is seen without a rebuild; a new tensor is not."""
+    return (tuple(type(m) for m in model.modules()),
+            *((p.data_ptr(), p.shape, p.stride(), p.dtype, p.device) for p in model.parameters()))
 
 
 def inference_view(model: nn.Module) -> nn.Module:
     """The float32 inference layout of `prepare_for_inference`, as a separate, cached module that
     computes the same function as `model` without changing it: `model`'s parameters, state dict,
-    training flag and optimizer see nothing. The view costs one extra copy of the linear weights
-    (kept while `model` lives, rebuilt when its weights change). Returned unchanged: a model that is
-    not a plain float32 GPTModel on CPU, or one already prepared."""
+    training flag and optimizer see nothing. The view holds no weights of its own: it multiplies
+    `model`'s own tensors (query, key and value as three products, a batch's rows from the
+    row-major weights), so any change to their values, however made, is in its next output; it is
+    made anew when a parameter is replaced by another tensor or the module tree changes. A model
+    with LoRA adapters gets a new view each call (its merged weights are new tensors). Returned
+    unchanged: a model that is not a plain float32 GPTModel on CPU, or one already prepared."""
     blocks = getattr(model, "trf_blocks", None)
     first = next(model.parameters(), None)
     if (blocks is None or first is None or first.dtype != torch.float32 or first.device.type != "cpu"
@@ -606,6 +609,9 @@ def inference_view(model: nn.Module) -> nn.Module:
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
-        view = prepare_for_inference(_shallow_module_copy(model, {}), "float32")
-    _VIEWS[model] = (key, view)
+        view = _shallow_module_copy(model, {}).eval()
+        merge_lora(view)
+        _prepare_float32(view, choose_mode("float32").kernel_rows, share_storage=True)
+    if not has_lora(model):
+        _VIEWS[model] = (key, view)
     return view

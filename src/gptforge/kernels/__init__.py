@@ -37,40 +37,19 @@ import torch
 import torch.nn.functional as F
 
 from ..cpu import cpu_flags
+from .abi import RETURNS_INT, SIGNATURES, Linear, mismatch
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "gemv.c", HERE / "block.c", HERE / "argmax.c", HERE / "transpose.c")
-HEADERS = (HERE / "gemv.h", HERE / "simd.h")
+HEADERS = (HERE / "gemv.h", HERE / "simd.h", HERE / "abi.py")  # abi.py: a new layout, a new build
 # -march: the CPU at hand by default; GPTFORGE_MARCH=haswell builds the AVX2 kernels on an AVX-512
 # machine (how the tests check that path here).
-CFLAGS = ("-O3", f"-march={os.environ.get('GPTFORGE_MARCH', 'native')}", "-fopenmp", "-shared", "-fPIC")
+CFLAGS = ("-O3", f"-march={os.environ.get('GPTFORGE_MARCH', 'native')}", "-shared", "-fPIC")
 FORMATS = {"f32": 0, "i8": 1, "q4": 2, "bf16": 3}  # gemv.h's enum format
 # A decode step of up to this many rows (a batch) runs here; products of more (a prefill) where
 # quant.choose_mode's kernel_rows says: here too up to a bound, or at any length.
 MAX_ROWS = 16
-_P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {
-    "gf_linear": [_P, _P, _I64, _P, ctypes.c_int],  # layer, x, M, y, threads (gemv.h)
-    "gf_block_decode": [_P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, ctypes.c_int],  # see block.c
-    "gf_dequantize": [_P, _I64, _P, ctypes.c_int, ctypes.c_int],  # layer, k_out, out, bf16, threads
-    # fmt, W, its row and column strides, n, k, k padded, out, scale, threads
-    "gf_quantize": [_I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int],
-    "gf_argmax": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # x, rows, n, row stride, out, threads
-    "gf_transpose": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # src, rows, cols, src row stride, dst, threads
-    "gf_block_profile": [ctypes.c_int, _P],  # on, out (block.c)
-    # model, tokens, positions, M, T, kc, vc, layer stride, row stride, max_len, start, kv format, mask, work,
-    # logits, threads
-    "gf_model_decode": [_P, _P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int],
-}
-_RETURNS_INT = ("gf_model_decode",)  # the others return nothing
 BLOCK_PARTS = ("products", "attention", "rest")  # block.c's timed parts of a block's decode step
-
-
-class Linear(ctypes.Structure):
-    """gemv.h's gf_lin: one layer's weights as the C kernels read them."""
-
-    _fields_ = [("fmt", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("w", ctypes.c_void_p),
-                ("wp", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
 
 _STATUS = ["not loaded"]  # what describe() says
@@ -84,6 +63,19 @@ def cache_dir() -> Path:
 
 class _NoCompiler(Exception):
     pass
+
+
+def openmp_variants() -> list[tuple[str, ...]]:
+    """The ways to ask the C compiler for OpenMP, tried in turn: `-fopenmp` (GCC, LLVM clang); on
+    macOS, Apple clang's `-Xpreprocessor -fopenmp` with libomp where found ($LIBOMP_PREFIX or
+    Homebrew's); else none (the kernels then run on one thread: their `#pragma omp` are ignored)."""
+    variants = [("-fopenmp",)]
+    if sys.platform == "darwin":
+        for prefix in (os.environ.get("LIBOMP_PREFIX"), "/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"):
+            if prefix and Path(prefix, "lib").is_dir():
+                variants.append(("-Xpreprocessor", "-fopenmp", f"-I{prefix}/include", f"-L{prefix}/lib", "-lomp"))
+                break
+    return variants + [()]
 
 
 def _build() -> Path:
@@ -105,8 +97,14 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)  # compile aside, then rename: atomic
     os.close(fd)
     try:
-        subprocess.run([compiler, *CFLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], check=True,
-                       capture_output=True, text=True, timeout=120)
+        for openmp in openmp_variants():
+            try:
+                subprocess.run([compiler, *CFLAGS, *openmp, "-o", tmp, *map(str, SOURCES), "-lm"], check=True,
+                               capture_output=True, text=True, timeout=600)
+                break
+            except subprocess.CalledProcessError:
+                if not openmp:  # not an OpenMP problem: the build itself failed
+                    raise
         os.replace(tmp, target)
     except FileNotFoundError:
         raise _NoCompiler(f"no C compiler at {compiler}") from None
@@ -133,10 +131,18 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"gptforge: could not build the fast decode kernels ({detail}); using PyTorch's, "
                       "about half as fast at decoding", RuntimeWarning, stacklevel=2)
         return None
-    for name, argtypes in _SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int if name in _RETURNS_INT else None
-    _STATUS[0] = f"AVX{'-512' if lib.gf_vector_bits() == 512 else '2'}{' VNNI' if lib.gf_vnni() else ''}"
+    for name, argtypes in SIGNATURES.items():
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = ctypes.c_int if name in RETURNS_INT else None
+    wrong = mismatch(lib)
+    if wrong is not None:  # the ctypes mirrors and the C structs differ: C would read the wrong bytes
+        _STATUS[0] = "unavailable (C structs differ from gptforge/kernels/abi.py)"
+        warnings.warn(f"gptforge: the compiled decode kernels do not match their Python declarations ({wrong}); "
+                      "using PyTorch's, about half as fast at decoding", RuntimeWarning, stacklevel=2)
+        return None
+    _STATUS[0] = (f"AVX{'-512' if lib.gf_vector_bits() == 512 else '2'}{' VNNI' if lib.gf_vnni() else ''}"
+                  f"{'' if lib.gf_openmp() else ' (no OpenMP: one thread)'}")
     return lib
 
 
@@ -242,17 +248,22 @@ _LINEAR_SECONDS: list[float | None] = [None]  # gf_linear's time while `profile`
 
 def call(name: str, *args) -> int | None:
     """The C function `name` on `args` (and what it returns), named `gptforge::name` in
-    torch.profiler's tables when it runs."""
-    function = getattr(library(), name)
+    torch.profiler's tables when it runs. A MemoryError where the C code could not allocate its
+    working memory (its output is then incomplete)."""
+    lib = library()
+    function = getattr(lib, name)
     if torch.autograd.profiler._is_profiler_enabled:
         with torch.profiler.record_function(f"gptforge::{name.removeprefix('gf_')}"):
-            return function(*args)
-    if _LINEAR_SECONDS[0] is not None and name == "gf_linear":
+            result = function(*args)
+    elif _LINEAR_SECONDS[0] is not None and name == "gf_linear":
         start = time.perf_counter()
         result = function(*args)
         _LINEAR_SECONDS[0] += time.perf_counter() - start
-        return result
-    return function(*args)
+    else:
+        result = function(*args)
+    if lib.gf_failed():
+        raise MemoryError(f"gptforge's C kernels could not allocate working memory in {name}")
+    return result
 
 
 def linear(x: torch.Tensor, spec: Linear) -> torch.Tensor:

@@ -8,6 +8,7 @@
  * about as long dispatching ~20 small operators per block as the 4-bit products take; here they
  * are a few loops. The products are gemv.c's (any weight format, one per layer).
  */
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -21,6 +22,7 @@ typedef struct {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     double eps;
     gf_lin qkv, proj, fc1, fc2;  /* qkv: (3 d, d), query then key then value */
+    gf_lin q, k, v;              /* where qkv.w is NULL: the three (d, d) projections apart */
 } gf_block;
 
 /* y = (x - mean) / sqrt(var + eps) * w + b per row of d values (biased variance, as the book's;
@@ -214,6 +216,7 @@ static float *scratch(size_t bytes) {
         bytes = (bytes + 63) / 64 * 64;
         buffer = aligned_alloc(64, bytes);
         size = buffer ? bytes : 0;
+        if (!buffer) gf_fail();
     }
     return buffer;
 }
@@ -252,12 +255,23 @@ void gf_block_decode(const gf_block *blk, float *x, int64_t M, int64_t T, void *
                      int64_t max_len, int64_t start, int64_t kv, const uint8_t *mask, int threads) {
     const int64_t d = blk->d, heads = blk->heads, hs = d / heads, R = M * T;
     float *h = scratch(sizeof(float) * R * (d + 3 * d + d + 4 * d + heads * (start + T)));
+    if (!h) return;  /* gf_failed() tells the caller */
     float *qkv = h + R * d, *ctx = qkv + R * 3 * d, *ff = ctx + R * d, *scores = ff + R * 4 * d;
 
     lap(-1);
     layer_norm(x, R, d, blk->ln1_w, blk->ln1_b, blk->eps, h);
     lap(REST);
-    gf_linear(&blk->qkv, h, R, qkv, threads);
+    if (blk->qkv.w) {
+        gf_linear(&blk->qkv, h, R, qkv, threads);
+    } else {  /* an inference view reading the model's own three matrices: products apart, rows interleaved */
+        float *apart = ff;  /* R 4 d floats, free until the feed-forward */
+        gf_linear(&blk->q, h, R, apart, threads);
+        gf_linear(&blk->k, h, R, apart + R * d, threads);
+        gf_linear(&blk->v, h, R, apart + 2 * R * d, threads);
+        for (int64_t r = 0; r < R; r++)
+            for (int part = 0; part < 3; part++)
+                memcpy(qkv + r * 3 * d + part * d, apart + (part * R + r) * d, sizeof(float) * d);
+    }
     lap(PRODUCTS);
     for (int64_t r = 0; r < R; r++)  /* the new tokens' keys and values into the cache, all before any attends */
         for (int64_t head = 0; head < heads; head++) {
@@ -327,4 +341,26 @@ int gf_model_decode(const gf_model *mdl, const int64_t *tokens, const int64_t *p
     gf_linear(&mdl->head, h, M, logits, threads);
     lap(PRODUCTS);
     return 0;
+}
+
+/* The layout of the structs above as this compiler laid them out, for kernels/abi.py to compare with
+ * its ctypes mirrors: GF_ABI_VERSION, then for gf_lin, gf_block and gf_model in turn the struct's
+ * size and each field's offset, in bytes, into out[0 .. cap). Returns how many values there are. */
+int gf_abi(int64_t *out, int64_t cap) {
+    const int64_t layout[] = {
+        GF_ABI_VERSION,
+        sizeof(gf_lin), offsetof(gf_lin, fmt), offsetof(gf_lin, n), offsetof(gf_lin, k), offsetof(gf_lin, w),
+        offsetof(gf_lin, wp), offsetof(gf_lin, scale), offsetof(gf_lin, bias),
+        sizeof(gf_block), offsetof(gf_block, d), offsetof(gf_block, heads), offsetof(gf_block, ln1_w),
+        offsetof(gf_block, ln1_b), offsetof(gf_block, ln2_w), offsetof(gf_block, ln2_b), offsetof(gf_block, eps),
+        offsetof(gf_block, qkv), offsetof(gf_block, proj), offsetof(gf_block, fc1), offsetof(gf_block, fc2),
+        offsetof(gf_block, q), offsetof(gf_block, k), offsetof(gf_block, v),
+        sizeof(gf_model), offsetof(gf_model, layers), offsetof(gf_model, d), offsetof(gf_model, vocab),
+        offsetof(gf_model, positions), offsetof(gf_model, tok_emb), offsetof(gf_model, pos_emb),
+        offsetof(gf_model, blocks), offsetof(gf_model, lnf_w), offsetof(gf_model, lnf_b), offsetof(gf_model, eps),
+        offsetof(gf_model, head),
+    };
+    const int64_t count = (int64_t)(sizeof(layout) / sizeof(layout[0]));
+    for (int64_t i = 0; i < count && i < cap; i++) out[i] = layout[i];
+    return (int)count;
 }

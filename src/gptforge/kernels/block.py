@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..model import GELU, KV_Q8_0, GPTModel, KVCache, TransformerBlock, kv_row
 from . import MAX_ROWS, Linear, _ptr, call, f32_panels, layer, library, supported, vector_floats
+from .abi import Block, Model
 
 
 # The KV caches the C blocks read: dtype -> block.c's format (KV_F32, KV_F16, KV_Q8)
@@ -30,12 +31,6 @@ KV_FORMATS = {torch.float32: 0, torch.float16: 1, KV_Q8_0: 2}
 # (float32) matmuls win there. The products of a prefill stay within the layers' own
 # `kernel_rows` (quant.choose_mode) too.
 PREFILL_ROWS = 128
-
-
-class _Block(ctypes.Structure):  # block.c's gf_block
-    _fields_ = [("d", ctypes.c_int64), ("heads", ctypes.c_int64), ("ln1_w", ctypes.c_void_p),
-                ("ln1_b", ctypes.c_void_p), ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p),
-                ("eps", ctypes.c_double), ("qkv", Linear), ("proj", Linear), ("fc1", Linear), ("fc2", Linear)]
 
 
 def _linear_spec(module: nn.Module, keep: list) -> Linear | None:
@@ -59,26 +54,33 @@ def _float32_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     return module.weight.detach(), None if module.bias is None else module.bias.detach()
 
 
-def _block_spec(block: TransformerBlock) -> tuple[_Block, list] | None:
+def _block_spec(block: TransformerBlock) -> tuple[Block, list] | None:
     att, layers = block.att, block.ff.layers
     d, heads, floats = att.d_out, att.num_heads, vector_floats()
     norms = (block.norm1.scale, block.norm1.shift, block.norm2.scale, block.norm2.shift)
-    if (att.fused_qkv is None or not floats or (d // heads) % floats or d // heads > 256 or (4 * d) % floats
+    if (not floats or (d // heads) % floats or d // heads > 256 or (4 * d) % floats
             or block.norm1.eps != block.norm2.eps or any(p.dtype != torch.float32 for p in norms)
             or not isinstance(layers[1], GELU)):
         return None
     keep = [p.detach() for p in norms]
-    linears = [_linear_spec(module, keep) for module in FusedTransformerBlock._linears(block)]
-    if any(spec is None for spec in linears):
+    named = FusedTransformerBlock._linears(block)
+    specs = {name: _linear_spec(module, keep) for name, module in named.items()}
+    if any(spec is None for spec in specs.values()):
         return None
-    return _Block(d, heads, *(_ptr(p) for p in keep[:4]), block.norm1.eps, *linears), keep
+    return Block(d, heads, *(_ptr(p) for p in keep[:4]), block.norm1.eps, **specs), keep
 
 
 class FusedTransformerBlock(TransformerBlock):
     """A TransformerBlock whose decode steps run in C (see the module docstring)."""
 
-    def _linears(self) -> tuple[nn.Module, ...]:
-        return self.att.fused_qkv, self.att.out_proj, self.ff.layers[0], self.ff.layers[2]
+    def _linears(self) -> dict[str, nn.Module]:
+        """The block's linear layers by gf_block's field names: one fused query/key/value projection
+        (`qkv`) where the model was prepared, else the three apart (`q`, `k`, `v`: an inference
+        view, whose C step reads the model's own matrices)."""
+        att = self.att
+        qkv = ({"qkv": att.fused_qkv} if att.fused_qkv is not None
+               else {"q": att.W_query, "k": att.W_key, "v": att.W_value})
+        return {**qkv, "proj": att.out_proj, "fc1": self.ff.layers[0], "fc2": self.ff.layers[2]}
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start: int = 0, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,14 +126,7 @@ def _f32_layers(specs: list[Linear], modules: list[nn.Module]) -> list[tuple[Lin
     return [(spec, module, _float32_weights(module)[0]) for spec, module in zip(specs, modules) if spec.fmt == 0]
 
 
-class _Model(ctypes.Structure):  # block.c's gf_model
-    _fields_ = [("layers", ctypes.c_int64), ("d", ctypes.c_int64), ("vocab", ctypes.c_int64),
-                ("positions", ctypes.c_int64), ("tok_emb", ctypes.c_void_p), ("pos_emb", ctypes.c_void_p),
-                ("blocks", ctypes.c_void_p), ("lnf_w", ctypes.c_void_p), ("lnf_b", ctypes.c_void_p),
-                ("eps", ctypes.c_double), ("head", Linear)]
-
-
-def _model_spec(model: GPTModel) -> tuple[_Model, list] | None:
+def _model_spec(model: GPTModel) -> tuple[Model, list] | None:
     """The C description of a model whose blocks are all fused, or None if its embeddings, final
     norm or head cannot run in C."""
     blocks = list(model.trf_blocks)
@@ -146,7 +141,7 @@ def _model_spec(model: GPTModel) -> tuple[_Model, list] | None:
     pointers = (ctypes.c_void_p * len(blocks))(*(ctypes.addressof(block.__dict__["_c_block"][0]) for block in blocks))
     keep.append(pointers)
     (vocab, d), positions = tables[0].shape, tables[1].shape[0]
-    spec = _Model(len(blocks), d, vocab, positions, *(_ptr(p) for p in keep[:2]), ctypes.addressof(pointers),
+    spec = Model(len(blocks), d, vocab, positions, *(_ptr(p) for p in keep[:2]), ctypes.addressof(pointers),
                   *(_ptr(p) for p in keep[2:4]), model.final_norm.eps, head)
     return spec, keep
 
@@ -239,10 +234,12 @@ def _row_mask(attn_mask: torch.Tensor, b: int, start: int) -> torch.Tensor:
     return mask
 
 
-def fuse_blocks(model: nn.Module) -> None:
+def fuse_blocks(model: nn.Module, panels: bool = True) -> None:
     """Turn each block of a prepared model into a FusedTransformerBlock where the kernels can run
     it, and the model into a FusedGPTModel where they run every block and the head (in place;
-    parameters and keys unchanged)."""
+    parameters and keys unchanged). panels=False: float32 layers always read their row-major
+    weights (no second copy in the kernels' panel order for a batch's steps, which would not see
+    an in-place change of the weights made through `.data`: an inference view's choice)."""
     if library() is None:
         return
     for block in getattr(model, "trf_blocks", []):
@@ -252,8 +249,9 @@ def fuse_blocks(model: nn.Module) -> None:
                 block.__class__ = FusedTransformerBlock
                 block.__dict__["_c_block"] = spec
                 # float32 layers: where a step of several rows points the C block at their panels
+                named = block._linears()
                 block.__dict__["_f32_layers"] = _f32_layers(
-                    [getattr(spec[0], name) for name in ("qkv", "proj", "fc1", "fc2")], block._linears())
+                    [getattr(spec[0], name) for name in named], list(named.values())) if panels else []
     spec = _model_spec(model) if type(model) is GPTModel else None
     if spec is not None:
         model.__class__ = FusedGPTModel
@@ -262,7 +260,7 @@ def fuse_blocks(model: nn.Module) -> None:
         # hook adds to (a check of ~15 modules' attributes each step cost ~20 us after the C call)
         modules = (model.tok_emb, model.pos_emb, *model.trf_blocks, model.final_norm, model.out_head)
         model.__dict__["_c_hook_dicts"] = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
-        model.__dict__["_f32_head"] = _f32_layers([spec[0].head], [model.out_head])
+        model.__dict__["_f32_head"] = _f32_layers([spec[0].head], [model.out_head]) if panels else []
         # the most tokens of a prefill in C: PREFILL_ROWS, within every layer's kernel_rows
-        bounds = [getattr(m, "kernel_rows", None) for b in model.trf_blocks for m in b._linears()]
+        bounds = [getattr(m, "kernel_rows", None) for b in model.trf_blocks for m in b._linears().values()]
         model.__dict__["_c_rows"] = min([PREFILL_ROWS] + [bound for bound in bounds if bound is not None])

@@ -269,7 +269,13 @@ typedef struct { int8_t *xq; float *xd; int32_t *xs; int64_t M; } qrows;
 
 static qrows quantize_rows(const float *x, int64_t M, int64_t K, int offset, int threads) {
     const int64_t blocks = M * K / 32;
-    const qrows q = {malloc(M * K), malloc(blocks * sizeof(float)), malloc(blocks * sizeof(int32_t)), M};
+    qrows q = {malloc(M * K), malloc(blocks * sizeof(float)), malloc(blocks * sizeof(int32_t)), M};
+    if (!q.xq || !q.xd || !q.xs) {
+        free(q.xq); free(q.xd); free(q.xs);
+        q.xq = NULL;
+        gf_fail();
+        return q;
+    }
     #pragma omp parallel for num_threads(threads) schedule(static) if (blocks >= 256)
     for (int64_t i = 0; i < blocks; i++) {
         const int64_t b = i / M, m = i % M;  /* in xq's order: the threads write apart */
@@ -343,6 +349,7 @@ static inline __attribute__((always_inline)) void int_panels(
 #define INT_LINEAR(FMT)                                                                           \
     const int64_t K = L->k, N = L->n;                                                             \
     const qrows q = quantize_rows(x, M, K, FMT == I8 ? I8_OFFSET : 8, threads);                            \
+    if (!q.xq) return;                                                                            \
     FOR_EACH_TILE(M, N, INT_XROWS, INT_TILE_##FMT);                                                          \
     free(q.xq); free(q.xd); free(q.xs);
 #define INT_TILE_I8(MB, NP, p0) int_panels(I8, MB, NP, q, m0, K, L->w, L->scale, N, L->bias, y, p0)
@@ -384,6 +391,21 @@ void gf_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads
     }
 }
 
+static int failed;  /* set by any thread, read and cleared by the caller's thread after a call */
+
+void gf_fail(void) { __atomic_store_n(&failed, 1, __ATOMIC_RELAXED); }
+
+int gf_failed(void) { return __atomic_exchange_n(&failed, 0, __ATOMIC_RELAXED); }
+
+/* Whether the kernels were built with OpenMP (else every loop runs on the calling thread). */
+int gf_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* The vector width compiled for, in bits (512 or 256), and whether the integer products are VNNI's. */
 int gf_vector_bits(void) { return VL * 32; }
 #ifdef VNNI
@@ -413,6 +435,10 @@ void gf_dequantize(const gf_lin *L, int64_t k_out, void *out, int bf16, int thre
             continue;
         }
         float *rows = malloc(sizeof(float) * VL * K);  /* the panel's VL rows of W */
+        if (!rows) {
+            gf_fail();
+            continue;
+        }
         if (L->fmt == BF16) {
             const uint16_t *q = (const uint16_t *)L->w + p * VL * K;
             for (int64_t k = 0; k < K; k++)
@@ -474,6 +500,10 @@ void gf_quantize(int64_t fmt, const float *W, int64_t rs, int64_t cs, int64_t N,
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p = 0; p < panel_count(N); p++) {
         float *rows = malloc(sizeof(float) * VL * K);  /* the panel's rows, zero-padded */
+        if (!rows) {
+            gf_fail();
+            continue;
+        }
         const int64_t n0 = p * VL, live = N - n0 < VL ? N - n0 : VL;
         for (int64_t i = 0; i < VL * K; i++) rows[i] = 0.f;
         if (cs <= rs)  /* along each row, or (a transposed view) across the rows: the order of memory */

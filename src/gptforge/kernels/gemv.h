@@ -3,6 +3,9 @@
 #define GPTFORGE_GEMV_H
 #include <stdint.h>
 
+/* Bumped with any change to a struct or a function's arguments, on both sides (kernels/abi.py's ABI_VERSION). */
+#define GF_ABI_VERSION 2
+
 enum format { F32 = 0, I8 = 1, Q4 = 2, BF16 = 3 };
 
 /* W (n, k) in `fmt` (see gemv.c): `w` (float32: row-major; int8, 4-bit, bf16: in panels), float32's
@@ -15,5 +18,10 @@ typedef struct {
 
 /* y (M, n) = x (M, k) @ W^T + bias */
 void gf_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads);
+
+/* An allocation failed: the call that found it did no (or part of its) work, and gf_failed() says so
+ * to the caller (kernels/__init__.py's `call` checks it after every call and raises MemoryError). */
+void gf_fail(void);
+int gf_failed(void);
 
 #endif

@@ -4,8 +4,8 @@ parquet / JSONL / arrow files, a hub dataset id) read through the `datasets` lib
 What `--data` names decides the source (`describe_source`):
 - `.bin` files (one, a folder of them or a glob): llm.c's token shards, read as they are. A shard is a
   header of 256 int32 (magic 20240520, version 1, token count) then that many uint16 tokens; it is
-  memory-mapped, never copied. Shards whose file name holds `val` (llm.c's `fineweb_val_000000.bin`)
-  validate, the others train.
+  memory-mapped, never copied. Shards with `val` as a word of their name (llm.c's
+  `fineweb_val_000000.bin`) validate, the others train.
 - a folder written by `Dataset.save_to_disk`, or `.parquet` / `.jsonl` / `.arrow` files, or a hub id
   (`HuggingFaceFW/fineweb-edu` with `data_config`, streamed): documents in `data_column`, each
   tokenized as nanoGPT's `prepare.py` does (`encode_ordinary` then `<|endoftext|>`), with tiktoken's
@@ -45,6 +45,7 @@ SHARD_TOKENS = 1 << 26  # tokens per shard we write (llm.c's fineweb.py writes 1
 DATASET_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".arrow": "arrow"}
 VAL_SPLITS = ("validation", "val", "test")
 DATASETS_EXTRA = "the `datasets` library is needed for this --data: pip install 'gptforge[datasets]'"
+_VAL_SHARD = re.compile(r"(^|[_.-])val([_.-]|$)")  # fineweb_val_000000.bin, tiny_shakespeare_val.bin
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _BATCH_DOCS = 1024  # documents encoded per call (tiktoken spreads a batch over its threads)
 
@@ -182,7 +183,7 @@ def open_shards(files: Sequence[Path], val_fraction: float) -> ShardCorpus:
     """llm.c shards as a corpus: those with `val` in their file name validate (llm.c's
     `fineweb_val_*`), the rest train in name order; without val shards the last `val_fraction`
     of the tokens validates."""
-    val = [p for p in files if "val" in p.name]
+    val = [p for p in files if _VAL_SHARD.search(p.name)]
     train = [p for p in files if p not in val]
     if not train:
         raise GptforgeError(f"only validation shards given ({', '.join(p.name for p in val[:3])}); add training shards")
@@ -214,7 +215,8 @@ def describe_source(data: Any, data_config: str | None = None) -> Source:
         return Source(kind, ", ".join(map(str, data)), tuple(files))
     text = str(data)
     path = Path(text).expanduser()
-    if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+    if path.is_dir() and ((path / "dataset_dict.json").exists()  # what save_to_disk writes
+                          or ((path / "state.json").exists() and (path / "dataset_info.json").exists())):
         return Source("saved", text, (path,))
     if path.exists() or glob.has_magic(text):
         files = find_text_files(text)
@@ -232,17 +234,18 @@ def describe_source(data: Any, data_config: str | None = None) -> Source:
     raise AssertionError("unreachable")
 
 
-def _import_datasets() -> Any:
+def _import_datasets(source: Source) -> Any:
     try:
         import datasets
     except ImportError:
-        raise GptforgeError(DATASETS_EXTRA) from None
+        where = f" ({source.name} is no local file or folder: a hub dataset id?)" if source.kind == "hub" else ""
+        raise GptforgeError(DATASETS_EXTRA + where) from None
     return datasets
 
 
 def _load(source: Source, data_config: str | None) -> tuple[dict[str, Any], bool]:
     """The source's splits as {name: Dataset or IterableDataset}, and whether they are streamed."""
-    datasets = _import_datasets()
+    datasets = _import_datasets(source)
     quiet = not datasets.utils.are_progress_bars_disabled()
     if quiet:  # its bars would stand above our one-line errors; ours shows the tokenizing
         datasets.disable_progress_bars()
@@ -259,6 +262,8 @@ def _load(source: Source, data_config: str | None) -> tuple[dict[str, Any], bool
     except (FileNotFoundError, ConnectionError) as err:
         hint = " (offline: is it in the hub cache?)" if os.environ.get("HF_DATASETS_OFFLINE") == "1" \
             or os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        if source.kind == "hub":  # perhaps a mistyped local path
+            hint = f" (it is no local file or folder either){hint}"
         raise GptforgeError(f"the dataset {source.name!r} could not be loaded{hint}: "
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     except ValueError as err:  # an unknown config name, a bad file
@@ -409,8 +414,13 @@ def tokenize_dataset(source: Source, folder: str | Path, *, data_config: str | N
                 "files": _file_identity(source.files) if source.kind == "files" else None,
                 "saved": _file_identity(sorted(p for p in source.files[0].rglob("*") if p.is_file()))
                 if source.kind == "saved" else None}
-    meta_path = folder / "source.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()) != identity:
+    meta_path, done_path = folder / "source.json", folder / "done.json"
+    same = meta_path.exists() and json.loads(meta_path.read_text()) == identity
+    if same and done_path.exists():  # all tokenized: no need to open the dataset (or reach the hub)
+        done = json.loads(done_path.read_text())
+        return _shard_corpus([folder / s for s in done["train"]], [folder / s for s in done["val"]],
+                             val_fraction, identity)
+    if not same:
         for old in list(folder.glob("*.bin")) + list(folder.glob("*.json")):
             old.unlink()  # another source or other options: its shards do not apply
     ensure_dir(folder)
@@ -424,6 +434,11 @@ def tokenize_dataset(source: Source, folder: str | Path, *, data_config: str | N
     val = _tokenize_split(splits[val_name], prefix="val", **kw) if val_name is not None else []
     if not train:
         raise GptforgeError(f"the dataset {source.name!r} is empty (no documents in its {train_name!r} split)")
+    atomic_write_bytes(done_path, json.dumps({"train": [p.name for p in train], "val": [p.name for p in val]}).encode())
+    return _shard_corpus(train, val, val_fraction, identity)
+
+
+def _shard_corpus(train: list[Path], val: list[Path], val_fraction: float, identity: dict) -> ShardCorpus:
     return ShardCorpus(train, val, val_fraction, {**identity, "val_fraction": val_fraction,
                                                   "shards": _file_identity(train + val)})
 

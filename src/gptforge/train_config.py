@@ -63,7 +63,7 @@ class TrainConfig:
     logger: str = option("csv", "where metrics go, comma-separated: csv (metrics.jsonl, always), tensorboard, "
                          "wandb, mlflow")
     grad_checkpointing: bool = option(False, "recompute each block's activations in backward (less memory, "
-                                      "~30% more compute)")
+                                      "one more forward pass)")
     resume: bool = option(False, "continue the run saved in OUT/checkpoint")
     lora_rank: int | None = option(None, "train LoRA adapters of this rank only (base frozen; needs a "
                                    "checkpoint as --model; the checkpoint saved holds only the adapters)")

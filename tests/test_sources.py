@@ -281,3 +281,11 @@ def test_a_hub_id_streams_from_an_offline_hub_cache(tmp_path, monkeypatch):
     assert sources.describe_source("someone/tiny-stories").kind == "hub"  # the owner/name form, no config
     with pytest.raises(GptforgeError, match="could not be loaded .*offline: is it in the hub cache"):
         sources.tokenize_dataset(sources.describe_source("someone/not-there"), tmp_path / "t2")
+
+
+def test_the_new_flags_are_in_train_and_finetune_help(capsys):
+    for verb in (["train"], ["finetune", "instruct"], ["finetune", "classify"]):
+        assert main([*verb, "--help"]) == 0
+        printed = capsys.readouterr().out
+        assert "--logger" in printed and "--grad-checkpointing" in printed
+        assert verb != ["train"] or ("--data-config" in printed and "--data-max-tokens" in printed)

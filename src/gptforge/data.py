@@ -418,5 +418,7 @@ class Loader:
 
 def corpus_digest(corpus: TokenizedCorpus) -> str:
     """A short id of the token files (for checking that a resumed run reads the same data)."""
+    if hasattr(corpus, "digest"):  # token shards (gptforge.sources) know their own
+        return corpus.digest()
     meta = json.loads((corpus.folder / "meta.json").read_text())
     return hashlib.sha256(json.dumps(meta["fingerprint"], sort_keys=True).encode()).hexdigest()[:16]

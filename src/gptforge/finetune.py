@@ -51,7 +51,7 @@ from .train import (
 from .train_config import TrainConfig
 
 TRAINABLE = ("last-block", "all", "lora")
-RESUMABLE_CHANGES = frozenset({"progress", "device"})  # they do not change what the next step computes
+RESUMABLE_CHANGES = frozenset({"progress", "device", "logger", "grad_checkpointing"})  # they do not change what the next step computes
 RESPONSES_FILE = "test-responses.json"  # the book's instruction-data-with-response.json
 
 
@@ -134,6 +134,9 @@ class FinetuneOptions:
                             choices=("auto", "bf16", "fp32"))
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
     progress: bool = option(True, "show a progress bar")
+    logger: str = option("csv", "where metrics go, comma-separated: csv (metrics.jsonl, always), tensorboard, "
+                         "wandb, mlflow")
+    grad_checkpointing: bool = option(False, "recompute each block's activations in backward (less memory)")
     resume: bool = option(False, "continue the run stopped (Ctrl-C/SIGTERM) in --out with its saved options")
 
     def __post_init__(self) -> None:
@@ -161,7 +164,8 @@ class FinetuneOptions:
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             schedule="constant", decay="all", beta1=0.9, beta2=0.999, grad_clip=0.0, eval_every=self.eval_every,
             eval_batches=self.eval_batches, sample_tokens=0, checkpoint_every=0, precision=self.precision,
-            device=self.device, data_order="book", progress=self.progress,
+            device=self.device, data_order="book", progress=self.progress, logger=self.logger,
+            grad_checkpointing=self.grad_checkpointing,
         )
 
 
@@ -414,6 +418,7 @@ def _finetune_classify(config: ClassifyConfig | None, on_step: Callable[[dict[st
                  for name, loader in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
         run.metrics.log({"kind": "final", "step": run.step, **{f"{k}_acc": v for k, v in final.items()}})
     run.metrics.plot(force=True)
+    run.metrics.close()
     return ClassifyResult(ckpt, splits.labels, run.step, final["train"], final["val"], final["test"],
                           trainable, total, history, run.interrupted)
 
@@ -542,6 +547,7 @@ def _finetune_instruct(config: InstructConfig | None, on_step: Callable[[dict[st
         model = run.raw_model.eval()
         ckpt = save_after_stop(run, lambda: save_finetune(run, cfg, "instruct", position))  # a Ctrl-C waits for it
     run.metrics.plot(force=True)
+    run.metrics.close()
     responses = None
     if test and not run.interrupted:  # a stopped run ends now; its resumed run answers the test records
         answered = with_responses(test, respond(model, test, max_new_tokens=cfg.max_new_tokens), RESPONSE_KEY)

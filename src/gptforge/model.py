@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .config import GPTConfig, as_config
 from .device import check_fits
@@ -312,6 +313,9 @@ class GPTModel(nn.Module):
     # KV_Q8_0 for int8/int4 models decoding on gptforge's kernels (a quarter of float32's memory
     # traffic, half of fp16's).
     kv_dtype: torch.dtype | None = None
+    # Activation checkpointing (training): each block's activations are recomputed in backward
+    # instead of kept (torch.utils.checkpoint, non-reentrant; dropout masks are replayed).
+    grad_checkpointing: bool = False
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any] | str):
         super().__init__()
@@ -387,7 +391,11 @@ class GPTModel(nn.Module):
         attn_mask = None  # built once here rather than in every layer
         if attention_mask is not None or (start > 0 and t > 1):
             attn_mask = _attention_mask(t, start, attention_mask, in_idx.device)
+        recompute = self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.trf_blocks):
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, None, start, attn_mask, use_reentrant=False)
+                continue
             x = block(x, cache.layer(i) if cache is not None else None, start, attn_mask)
         if cache is not None:
             cache.length = start + t

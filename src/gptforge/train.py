@@ -43,11 +43,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import checkpoint
+from . import checkpoint, sources
 from .config import PRESETS, GPTConfig, check_language_model, known_fields, preset
 from .data import (
     TokenizedCorpus, TokenWindows, batch_indices, corpus_digest, draw_loader_seed, permutation,
-    tokenize_corpus,
 )
 from .device import resolve_device
 from .errors import GptforgeError, SystemFailure, os_error_message
@@ -55,6 +54,7 @@ from .evaluate import loss_perplexity
 from .io import atomic_write_bytes, ensure_dir
 from .generation import generate_text
 from .metrics import METRICS_FILE, PLOT_FILE, Metrics, progress_bar  # noqa: F401 (re-exported)
+from .loggers import LoggedMetrics
 from .lora import apply_lora
 from .model import GPTModel
 from .options import check_path
@@ -358,6 +358,7 @@ def start_run(cfg: TrainConfig, model: nn.Module, total_steps: int, *, dctx: Dis
     if device.type == "cpu":
         keep_freed_memory()
     model.to(device).train()
+    model.grad_checkpointing = cfg.grad_checkpointing
     if dctx.world_size > 1 and dctx.rank > 0:
         torch.manual_seed(cfg.seed + dctx.rank)  # own dropout masks on each rank
     raw_model = model
@@ -381,7 +382,7 @@ def start_run(cfg: TrainConfig, model: nn.Module, total_steps: int, *, dctx: Dis
         stop.defer()  # the run can save now: a stop waits for the end of its step
     return Run(cfg=cfg, model=model, raw_model=raw_model, optimizer=optimizer, device=device,
                autocast=autocast_dtype(cfg.precision, device), dctx=dctx, total_steps=total_steps,
-               metrics=Metrics(out, step, dctx.main), progress=progress_bar(cfg.progress and dctx.main, total_steps, step),
+               metrics=LoggedMetrics(out, step, dctx.main, cfg.logger, cfg.to_dict()), progress=progress_bar(cfg.progress and dctx.main, total_steps, step),
                stop=stop, on_step=on_step, save_model=save_model, step=step, tokens_seen=tokens_seen)
 
 
@@ -563,6 +564,7 @@ def fit(run: Run, next_batches: Callable[[Run], Sequence[Any]], loss_fn: LossFn 
         if run.dctx.main:
             run.metrics.plot(force=True)
     run.progress.close()
+    run.metrics.close()
     return run.result()
 
 
@@ -662,10 +664,10 @@ def build_run(cfg: TrainConfig, saved_state: Mapping[str, Any] | None, dctx: Dis
     build or reload the model (seeded right before, as the book does), then `start_run`."""
     out = Path(cfg.out)
     if dctx.main:
-        corpus = tokenize_corpus(cfg.data, out / "data", val_fraction=cfg.val_fraction, progress=cfg.progress)
+        corpus = sources.prepare_data(cfg, out / "data", progress=cfg.progress, stop=stop)
     dctx.barrier()
     if not dctx.main:
-        corpus = tokenize_corpus(cfg.data, out / "data", val_fraction=cfg.val_fraction)
+        corpus = sources.prepare_data(cfg, out / "data")
     if saved_state is not None and saved_state["data"]["digest"] != corpus_digest(corpus):
         raise GptforgeError(f"the data {cfg.data} changed since the checkpoint was saved; resume with the same files")
     torch.manual_seed(cfg.seed)
@@ -676,9 +678,7 @@ def build_run(cfg: TrainConfig, saved_state: Mapping[str, Any] | None, dctx: Dis
         if cfg.lora_rank is not None:  # the adapter checkpoint names the base by path and checksum
             model.lora_base = checkpoint.adapter.base_reference(cfg.model)
             apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_scaling)
-    if corpus.train_tokens and model.cfg.vocab_size < get_tokenizer().vocab_size:
-        raise GptforgeError(f"the model's vocab_size {model.cfg.vocab_size} is smaller than GPT-2's "
-                            f"{get_tokenizer().vocab_size} token ids; use vocab_size >= 50257")
+    sources.check_vocab(corpus, model.cfg.vocab_size, get_tokenizer().vocab_size)
     data = _Corpus(cfg, corpus, model.cfg.context_length, dctx.world_size, saved_state)
     run = start_run(cfg, model, data.total_steps, dctx=dctx, saved_state=saved_state, stop=stop, on_step=on_step)
     return run, data

@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import GPTConfig, known_fields
 from .errors import GptforgeError
+from .loggers import parse_loggers
 from .lora import check_lora_options
 from .options import SEED_MAX, check_path, check_value, option
 
@@ -20,7 +21,12 @@ class TrainConfig:
     """Everything a training run is made of. The CLI's `gptforge train` flags are these fields
     (`--batch-size` for `batch_size`), and a JSON/TOML config file holds the same keys."""
 
-    data: str | list[str] | None = option(None, "text file, folder of text files, or glob")
+    data: str | list[str] | None = option(None, "text file, folder or glob of them; llm.c .bin token shards; "
+                                          "a datasets save_to_disk folder, parquet/JSONL/arrow files, or a "
+                                          "hub dataset id (docs/training.md)")
+    data_config: str | None = option(None, "a hub dataset's config (subset), e.g. sample-10BT")
+    data_column: str = option("text", "a dataset's text column")
+    data_max_tokens: int | None = option(None, "tokenize a dataset's first this many tokens only")
     model: str = option("gpt2-124m", "preset name, model config JSON, or checkpoint dir (finetuning)")
     out: str = option("runs/gptforge", "output folder: checkpoint, metrics, loss curve, token files")
     model_overrides: dict = option({}, "GPTConfig fields to change, e.g. {\"context_length\": 256}")
@@ -54,6 +60,10 @@ class TrainConfig:
                              "global RNG, as the book's DataLoader)", choices=("seeded", "book"))
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state with FSDP (torchrun)")
     progress: bool = option(True, "show a progress bar")
+    logger: str = option("csv", "where metrics go, comma-separated: csv (metrics.jsonl, always), tensorboard, "
+                         "wandb, mlflow")
+    grad_checkpointing: bool = option(False, "recompute each block's activations in backward (less memory, "
+                                      "one more forward pass)")
     resume: bool = option(False, "continue the run saved in OUT/checkpoint")
     lora_rank: int | None = option(None, "train LoRA adapters of this rank only (base frozen; needs a "
                                    "checkpoint as --model; the checkpoint saved holds only the adapters)")
@@ -78,6 +88,7 @@ class TrainConfig:
             positive(name)
         positive("max_steps", allow_none=True)
         positive("stride", allow_none=True)
+        positive("data_max_tokens", allow_none=True)
         positive("eval_batches", allow_none=True, allow_zero=True)
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "sample_tokens"):
             positive(name, allow_zero=True)
@@ -87,10 +98,13 @@ class TrainConfig:
         if self.data is not None:
             for path in self.data if isinstance(self.data, (list, tuple)) else [self.data]:
                 check_path("data (a path, or a list of them)", path)
-        for name in ("sample_prompt", "device", "lora_targets"):
+        for name in ("sample_prompt", "device", "lora_targets", "data_column", "logger"):
             if not isinstance(getattr(self, name), str):
                 raise GptforgeError(f"{name} must be a str, got {getattr(self, name)!r}")
-        for name in ("compile", "fsdp", "progress", "resume"):
+        if self.data_config is not None and not isinstance(self.data_config, str):
+            raise GptforgeError(f"data_config must be a str, got {self.data_config!r}")
+        parse_loggers(self.logger)  # an unknown or uninstalled logger fails before any work
+        for name in ("compile", "fsdp", "progress", "resume", "grad_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise GptforgeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not str(self.out).strip():  # Path("") is the current directory: never meant
@@ -162,4 +176,5 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 # Options that may change when a run is resumed: they do not change what the next step computes.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "eval_every", "checkpoint_every", "progress",
-                               "sample_prompt", "sample_tokens", "resume", "device", "compile"})
+                               "sample_prompt", "sample_tokens", "resume", "device", "compile",
+                               "logger", "grad_checkpointing"})

@@ -249,7 +249,7 @@ MALFORMED = {
                        "content is not text but int 85"),
     "html page": ((b"<html><body>Welcome to nginx!</body></html>", "text/html"),
                   "not a chat completion but '<html><body>Welcome to nginx!</body></html>'"),
-    "a JSON list": (_body([1, 2]), "not a chat completion"),
+    "a JSON list": (_body([1, 2]), "has no choices"),
 }
 
 

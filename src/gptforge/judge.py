@@ -156,9 +156,10 @@ def reply_text(reply: Any) -> str:
 
 
 def _snippet(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=repr)
-    text = " ".join(text.split())
-    return repr(text[:60] + ("..." if len(text) > 60 else ""))
+    """A short one-line view of what the judge sent: a string quoted, anything else as JSON."""
+    text = " ".join((value if isinstance(value, str) else json.dumps(value, default=repr)).split())
+    text = text[:60] + ("..." if len(text) > 60 else "")
+    return repr(text) if isinstance(value, str) else text
 
 
 def _message(err: Any) -> str:

@@ -6,3 +6,11 @@ its traceback. It subclasses ValueError so `except ValueError` in callers keeps 
 
 class GptforgeError(ValueError):
     """Something the user asked for is wrong: the message says what and how to fix it."""
+
+
+def did_you_mean(name: str, choices) -> str:
+    """'; did you mean X?' when `name` is close to one of `choices` (a typo), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name).lower(), [str(c) for c in choices], n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""

@@ -35,8 +35,10 @@ def unpack(target: Path = TARGET) -> Path:
         return converter
     version = pinned_version()
     with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-                              f"llama-cpp-python=={version}", "-d", tmp], capture_output=True, text=True)
+        # the source package only: its build requirements come as wheels (pip prepares its metadata)
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
+                              "llama-cpp-python", f"llama-cpp-python=={version}", "-d", tmp],
+                             capture_output=True, text=True)
         archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if got.returncode != 0 or not archives:
             raise RuntimeError(f"pip could not download llama-cpp-python=={version}'s source: "

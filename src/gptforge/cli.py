@@ -412,7 +412,8 @@ def _add_judge_parser(verbs: argparse._SubParsersAction) -> None:
     jd.add_argument("--model", required=True, help="the judge model's name at the endpoint")
     jd.add_argument("--key", default="model_response", help="the field holding the response (default: model_response)")
     jd.add_argument("--out", default=None, metavar="FILE",
-                    help="scores as JSONL, written as they arrive (default: DATA-scores.jsonl beside the data)")
+                    help="scores as JSONL, written as they arrive to OUT.partial, which replaces OUT when the run "
+                         "ends (default: DATA-scores.jsonl beside the data)")
     jd.add_argument("--timeout", type=flag_type("float", "--timeout", {"minimum": 0}), default=60.0,
                     help="seconds per request (default: 60)")
     jd.add_argument("--max-tokens", type=flag_type("int", "--max-tokens", {"minimum": 1}), default=None,

@@ -173,7 +173,7 @@ def _fail(page: Path, command: str, done: subprocess.CompletedProcess, why: str)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--venv", default=".venv-runtime", help="the environment to run in (default: .venv-runtime)")
     parser.add_argument("pages", nargs="*", help="pages to check (default: README.md and docs/*.md)")
     args = parser.parse_args()

@@ -66,6 +66,14 @@ def commands(body: str) -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+def in_background(command: str) -> tuple[str, bool]:
+    """`command` without a final `&` (and the comment after it), and whether it had one."""
+    match = re.fullmatch(r"(.*?)\s*&\s*(#.*)?", command)
+    if match is None or match.group(1).endswith("&"):  # no `&`, or `a && b`
+        return command, False
+    return match.group(1), True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,12 +134,16 @@ def run_page(page: Path, venv: Path) -> int:
         for mark, command in todo:
             written = command
             command = re.sub(r"(?<=[:\s])8000\b", str(port), command)
-            background = command.endswith("&")
+            command, background = in_background(command)
             if background:
-                command = command[:-1].rstrip()
                 stop(server)  # one server per port: a later one replaces it
             if server is not None and server_port is not None and not background:
-                wait_for_server(server_port, server)
+                try:
+                    wait_for_server(server_port, server)
+                except RuntimeError as err:
+                    print(f"FAILED: {page.relative_to(ROOT)}: the server started before `{written}`: {err}",
+                          file=sys.stderr)
+                    raise SystemExit(1) from None
                 server_port = None
             run_env = dict(env)
             if mark == "network":

@@ -189,3 +189,59 @@ def test_sigterm_mid_write_is_exit_130_one_line_and_leaves_no_temp_file(tmp_path
                             env=env, timeout=60)
     assert result.returncode == 130 and result.stderr == "gptforge: interrupted\n", result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and out.read_text() == "earlier"
+
+
+def test_version(capsys):
+    import gptforge
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"gptforge {gptforge.__version__}"
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["genrate", "hi"], "did you mean generate?"),
+    (["finetune", "clasify"], "did you mean classify?"),
+    (["generate", "hi", "--dtype", "bfloat"], "did you mean bfloat16?"),
+])
+def test_a_mistyped_verb_or_choice_names_the_closest(capsys, args, hint):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert hint in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name, hint", [("gpt2-124", "gpt2-124m"), ("gpt2-125m", "gpt2-124m"), ("GPT2-355", "gpt2-355m"),
+                                        ("book-124", "book-124m"), ("gptforge-shakespear", "gptforge-shakespeare")])
+def test_a_mistyped_preset_names_the_closest_instead_of_asking_the_hub(capsys, monkeypatch, name, hint):
+    import gptforge.checkpoint.hub as hub
+
+    monkeypatch.setattr(hub, "hub_download", lambda *a, **k: pytest.fail("a preset's typo went to the hub"))
+    assert main(["info", name]) == 2
+    err = capsys.readouterr().err
+    assert f"no preset or file named {name!r}; did you mean {hint}?" in err and err.count("\n") == 1
+
+
+def test_a_flag_must_be_spelled_whole(capsys):
+    """No prefix matching: `--temp` is not --temperature (a later --temp-something would change it)."""
+    assert main(["generate", "hi", "--temp", "0.5"]) == 2
+    assert "unrecognized arguments: --temp 0.5" in capsys.readouterr().err
+
+
+def test_an_untrained_preset_says_so_and_names_openais_weights(capsys, monkeypatch, tiny_config):
+    """One stderr line for a preset's random weights, naming the hub id of the trained ones in its
+    shape; none for the book's seed reproduction (book-124m with --seed), nor for a checkpoint."""
+    import gptforge.checkpoint
+    from gptforge.model import GPTModel
+
+    monkeypatch.setattr(gptforge.checkpoint, "load", lambda *a, **k: GPTModel(tiny_config(vocab_size=50257)).eval())
+    run = ["--max-new-tokens", "2", "--no-stream"]
+    notes = {}
+    for model, extra in (("gpt2-124m", []), ("gpt2-774m", []), ("book-124m", []), ("book-124m", ["--seed", "123"]),
+                         ("gptforge-shakespeare", [])):
+        assert main(["generate", "Hello", "--model", model, *run, *extra]) == 0
+        notes[model, bool(extra)] = capsys.readouterr().err.splitlines()
+    assert notes["gpt2-124m", False] == ["gptforge: note: gpt2-124m is an untrained preset (random weights), so its "
+                                         "text is gibberish; for OpenAI's trained GPT-2 in this shape use --model gpt2 "
+                                         "(from the Hugging Face hub)"]
+    assert "--model gpt2-large" in notes["gpt2-774m", False][0]
+    assert "--model gpt2 " in notes["book-124m", False][0]
+    assert notes["book-124m", True] == [] and notes["gptforge-shakespeare", False] == []

@@ -143,7 +143,7 @@ def test_a_stopped_run_resumed_equals_the_uninterrupted_run(tiny_config, tmp_pat
     wa, wb = load(full.checkpoint).state_dict(), load(rest.checkpoint).state_dict()
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
-    with pytest.raises(GptforgeError, match=r"holds no stopped finetuning run to resume \(the run finished"):
+    with pytest.raises(GptforgeError, match=r"finished; nothing to resume"):
         finetune_classify(out=str(b), resume=True)
     with pytest.raises(GptforgeError, match="nothing to resume in .*no checkpoint/ there"):
         finetune_classify(out=str(tmp_path / "c"), resume=True)

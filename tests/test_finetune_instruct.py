@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -154,6 +155,9 @@ def test_cli_finetune_instruct_splits_the_data_and_saves_the_template(tmp_path, 
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "done after 3 steps; train loss" in printed and "test responses" in printed
+    # the epoch's sample is on its step's line, not under an empty one ("step 2 (epoch 1): ")
+    assert re.search(r"^step 2 \(epoch 1\) sample: ", printed, re.M), printed
+    assert not re.search(r"^step \d+ \(epoch \d+\):\s*$", printed, re.M), printed
     records = read_records(SAMPLE)
     written = json.loads((out / "test-responses.json").read_text())
     assert [r["output"] for r in written] == [r["output"] for r in records[24:27]]  # the book's order: train, test, val
@@ -215,7 +219,7 @@ def test_a_stopped_run_resumed_on_the_command_line_equals_the_uninterrupted_run(
     wa, wb = load(full.checkpoint).state_dict(), load(b / "checkpoint").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
-    finished = "holds no stopped finetuning run to resume (the run finished"
+    finished = "finished; nothing to resume"
     for out, message in ((b, finished), (tmp_path / "c", "nothing to resume in")):
         assert main(["finetune", "instruct", "--out", str(out), "--resume", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()

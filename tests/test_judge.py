@@ -28,26 +28,33 @@ RECORDS = [
 
 
 class FakeJudge:
-    """An OpenAI-compatible /v1/chat/completions answering `replies` in turn (after `delay` s)."""
+    """An OpenAI-compatible /v1/chat/completions answering `replies` in turn (after `delay` s). A reply
+    is the message's content (a string), or a raw body as (bytes, content type). At request
+    `interrupt_at` it interrupts the main thread as Ctrl-C does, and holds that reply until closed,
+    so the judge cannot finish first however loaded the machine is."""
 
     def __init__(self, replies, delay=0.0, interrupt_at=None):
         self.replies, self.delay, self.requests = list(replies), delay, []
-        judge = self
+        self.released = threading.Event()
+        judge, main_thread = self, threading.main_thread().ident
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 judge.requests.append((self.path, body))
                 if len(judge.requests) == interrupt_at:  # the user presses Ctrl-C while this request waits
-                    os.kill(os.getpid(), signal.SIGINT)
+                    signal.pthread_kill(main_thread, signal.SIGINT)
+                    judge.released.wait(60)
+                    return
                 time.sleep(judge.delay)
                 reply = judge.replies[min(len(judge.requests), len(judge.replies)) - 1]
-                data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": reply}}]}).encode()
+                data, kind = reply if isinstance(reply, tuple) else (json.dumps(
+                    {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": reply}}]}).encode(), "application/json")
                 try:
                     self.send_response(200)
-                    self.send_header("content-type", "application/json")
+                    self.send_header("content-type", kind)
                     self.send_header("content-length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -62,6 +69,7 @@ class FakeJudge:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -184,13 +192,88 @@ def test_parse_score(reply, score):
 
 def test_ctrl_c_keeps_the_scores_so_far_and_says_where(data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: the bar over the records
-    fake = FakeJudge(["80", "60", "50"], delay=0.5, interrupt_at=2)
+    fake = FakeJudge(["80", "60", "50"], interrupt_at=2)
     out = tmp_path / "s.jsonl"
-    try:
-        assert main(["judge", "--data", str(data), "--url", fake.url, "--model", "m", "--out", str(out)]) == 130
+    try:  # --timeout: were the interrupt lost, the held request fails the test instead of hanging it
+        assert main(["judge", "--data", str(data), "--url", fake.url, "--model", "m", "--out", str(out),
+                     "--timeout", "30"]) == 130
     finally:
         fake.close()
     err = capsys.readouterr().err
     assert "1/3" in err and "Traceback" not in err
     assert err.splitlines()[-1] == f"gptforge: interrupted; 1 scores so far are in {out}"
     assert [json.loads(l)["score"] for l in out.read_text().splitlines()] == [80]
+    assert not (tmp_path / "s.jsonl.partial").exists()
+
+
+def test_a_rerun_that_ends_early_keeps_the_earlier_complete_scores(data, tmp_path, capsys):
+    """A complete scores file is replaced only by another complete one: a rerun stopped at record 2
+    leaves it whole and says where its own scores are."""
+    out = tmp_path / "s.jsonl"
+    run = ["judge", "--data", str(data), "--model", "m", "--out", str(out)]
+    fake = FakeJudge(["90", "20", "70"])
+    try:
+        assert main(run + ["--url", fake.url]) == 0
+    finally:
+        fake.close()
+    complete = out.read_text()
+    fake = FakeJudge(["40", "not a number"])
+    try:
+        assert main(run + ["--url", fake.url]) == 2
+    finally:
+        fake.close()
+    err = capsys.readouterr().err
+    assert out.read_text() == complete
+    partial = tmp_path / "s.jsonl.partial"
+    assert f"1 scores so far are in {partial} ({out}, an earlier run's, is left as it was)" in err
+    assert [json.loads(l)["score"] for l in partial.read_text().splitlines()] == [40]
+    fake = FakeJudge(["10", "20", "30"])  # a rerun that ends replaces both
+    try:
+        assert main(run + ["--url", fake.url]) == 0
+    finally:
+        fake.close()
+    assert [json.loads(l)["score"] for l in out.read_text().splitlines()] == [10, 20, 30]
+    assert not partial.exists()
+
+
+def _body(value):
+    return json.dumps(value).encode(), "application/json"
+
+
+MALFORMED = {
+    "no choices": (_body({"id": "x", "object": "chat.completion", "choices": []}), "has no choices"),
+    "null choices": (_body({"id": "x", "object": "chat.completion", "choices": None}), "has no choices"),
+    "no message": (_body({"id": "x", "choices": [{"index": 0, "finish_reason": "stop"}]}), "has no message"),
+    "null message": (_body({"id": "x", "choices": [{"index": 0, "message": None}]}), "has no message"),
+    "number content": (_body({"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": 85}}]}),
+                       "content is not text but int 85"),
+    "html page": ((b"<html><body>Welcome to nginx!</body></html>", "text/html"),
+                  "not a chat completion but '<html><body>Welcome to nginx!</body></html>'"),
+    "a JSON list": (_body([1, 2]), "has no choices"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_reply_is_a_failure_of_its_record_with_the_reason(case, data, tmp_path, capsys):
+    """A 200 answer that is not a chat completion with a text message stops the run at that record
+    in one line saying what was wrong, scores kept; with --skip-invalid it is that record's null
+    score (its reason in the file) and the run goes on."""
+    body, reason = MALFORMED[case]
+    out = tmp_path / "s.jsonl"
+    run = ["judge", "--data", str(data), "--model", "m", "--out", str(out)]
+    fake = FakeJudge(["80", body, "50"])
+    try:
+        assert main(run + ["--url", fake.url]) == 2
+    finally:
+        fake.close()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "record 2 is malformed" in err and reason in err and "Traceback" not in err, err
+    assert [json.loads(l)["score"] for l in out.read_text().splitlines()] == [80]
+    fake = FakeJudge(["80", body, "50"])
+    try:
+        assert main(run + ["--url", fake.url, "--skip-invalid"]) == 0
+    finally:
+        fake.close()
+    assert "mean score 65.00 over 2 responses (1 replies were not numbers)" in capsys.readouterr().out
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [l["score"] for l in lines] == [80, None, 50] and reason in lines[1]["error"]

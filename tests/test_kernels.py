@@ -160,7 +160,9 @@ def test_build_is_cached_per_cpu_and_falls_back_without_a_compiler(tmp_path):
     assert "compiling" not in again.stderr
     none = _python(probe, GPTFORGE_CACHE=str(tmp_path / "empty"), CC="/nonexistent/cc")
     assert none.returncode == 0 and none.stdout.strip() == "unavailable (no C compiler)"
-    assert "using PyTorch's" in none.stderr  # a warning, once
+    # one line of gptforge's (not a Python warning with its source line), and no "compiling" before it
+    assert none.stderr.splitlines() == ["gptforge: warning: could not build the fast decode kernels (no C compiler "
+                                        "at /nonexistent/cc ($CC)); using PyTorch's, about half as fast at decoding"]
     broken = _python(probe, GPTFORGE_CACHE=str(tmp_path / "broken"), CC="false")
     assert broken.stdout.strip() == "unavailable (build failed)" and "using PyTorch's" in broken.stderr
     off = _python(probe, GPTFORGE_KERNELS="torch")
@@ -436,8 +438,8 @@ def test_release_threads_lets_the_callers_openmp_workers_go():
     def threads() -> int:
         return len(os.listdir("/proc/self/task"))
 
-    def fewer_than(n: int) -> int:  # a released worker ends on its own time: wait for it (2 s at most)
-        for _ in range(200):
+    def fewer_than(n: int) -> int:  # a released worker ends on its own time: wait for it (30 s at most)
+        for _ in range(3000):
             if threads() < n:
                 break
             time.sleep(0.01)

@@ -90,7 +90,7 @@ def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -372,7 +372,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server):
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120  # a bound on a loaded machine; it ends as soon as the slot is freed
     while time.monotonic() < deadline:
         state = health(server)
         if state["active"] == 0 and state["waiting"] == 0:
@@ -399,7 +399,7 @@ def test_sigterm_ends_in_flight_streams_cleanly(checkpoint):
         last = json.loads(events[-2])["choices"][0]
         # The grace period is 0: the stream is ended at once, well before its 100 tokens.
         assert last["finish_reason"] == "abort" and len(events) < CAP
-        proc.wait(timeout=20)
+        proc.wait(timeout=120)
     finally:
         stop_server(proc)
     assert "Traceback" not in proc.log.read_text(), proc.log.read_text()

@@ -175,14 +175,14 @@ def test_a_failing_step_fails_its_sequences_and_the_thread_carries_on(model, mon
     scheduler.start()
     try:
         scheduler.submit(make_seq([1, 2, 3], 5, out1))
-        for _ in range(200):
+        for _ in range(6000):  # up to 60 s on a loaded machine; it stops at the answer
             if out1 and out1[-1].finish_reason:
                 break
             done.wait(0.01)
         assert out1[-1].finish_reason == FINISH_ERROR and "boom" in out1[-1].error
         out2: list = []
         scheduler.submit(make_seq([1, 2, 3], 5, out2))
-        for _ in range(500):
+        for _ in range(6000):
             if out2 and out2[-1].finish_reason:
                 break
             done.wait(0.01)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import gptforge
+from gptforge.cli import main
 from gptforge.errors import GptforgeError
 from gptforge.model import GPTModel
 from gptforge.train import TrainConfig, learning_rate, parameter_groups, train
@@ -164,6 +165,27 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tiny_json, tmp
     with pytest.raises(GptforgeError, match="already holds a run .*continue it with --resume"):
         train(**opts_b)
     assert all(torch.equal(wb[k], v) for k, v in _weights(tmp_path / "b").items())
+
+
+def test_resuming_a_finished_run_is_refused_unless_it_trains_further(corpus, tiny_json, tmp_path, capsys):
+    """--resume on a finished run: one line and exit 2, as for finetune's; a larger --max-steps
+    trains it further from its kept training state, which the summary says how to drop."""
+    out = tmp_path / "a"
+    argv = ["train", "--data", str(corpus), "--model", str(tiny_json), "--out", str(out), "--batch-size", "4",
+            "--max-steps", "2", "--eval-every", "0", "--sample-tokens", "0", "--no-progress"]
+    assert main(argv) == 0
+    state = out / "checkpoint" / "training_state.pt"
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary.startswith(f"{state} (") and "--resume --max-steps N` train further; delete it" in summary
+    assert main(["train", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the run in {out} finished (2 steps); nothing to resume" in err
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--no-progress"]) == 0
+    assert "done after 3 steps" in capsys.readouterr().out
+    state.unlink()  # the model alone: it still loads; resuming says there is nothing to resume from
+    assert gptforge.load(out / "checkpoint").cfg.n_layers > 0
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "4"]) == 2
+    assert "holds no gptforge training state to resume from" in capsys.readouterr().err
 
 
 def test_an_unknown_device_is_refused_before_the_data_is_tokenized(corpus, tiny_json, tmp_path):

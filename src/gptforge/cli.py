@@ -22,6 +22,13 @@ from .options import SEED_MAX, add_flags, flag_type
 DEFAULT_MODEL = "gptforge-shakespeare"
 
 
+class _Default(int):
+    """An int flag's default, told apart from the same number given on the command line (`is`)."""
+
+
+DEFAULT_SEED = _Default(123)
+
+
 def _format_count(n: int) -> str:
     return f"{n:,}"
 
@@ -96,11 +103,14 @@ def _generation_options(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Continue the prompt: streamed to the terminal as it is produced, unless --no-stream or
     several sequences are asked for."""
-    from .checkpoint import load
+    from .checkpoint import load, untrained_preset_note
     from .generation import GenerationConfig, generate_text, stream_text
     from .quant import prepare_for_inference
 
     config = GenerationConfig(**_generation_options(args))  # bad values fail before the model loads
+    note = untrained_preset_note(args.model)
+    if note and not (args.model.lower() == "book-124m" and args.seed is not DEFAULT_SEED):
+        print(f"gptforge: note: {note}", file=sys.stderr)  # the seed's own gibberish, asked for, needs no note
     torch.manual_seed(args.seed)  # a preset's random weights
     model = load(args.model, device=args.device, config=_book_config_arg(args))
     prepare_for_inference(model, args.dtype, args.quantize)
@@ -292,6 +302,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_loss = f", train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
     print(f"{'stopped' if result.interrupted else 'done'} after {result.steps} steps, "
           f"{result.tokens_seen:,} tokens{train_loss}{val}; checkpoint: {result.checkpoint}")
+    state = result.checkpoint / "training_state.pt"
+    if not result.interrupted and state.is_file():  # as large as the model twice over: say why it is there
+        print(f"{state} ({state.stat().st_size / 2**20:,.0f} MiB: optimizer and data position) lets "
+              f"`gptforge train --out {result.out} --resume --max-steps N` train further; delete it to keep the "
+              "model alone")
     return 130 if result.interrupted else 0
 
 
@@ -399,7 +414,8 @@ def _add_judge_parser(verbs: argparse._SubParsersAction) -> None:
     jd.add_argument("--model", required=True, help="the judge model's name at the endpoint")
     jd.add_argument("--key", default="model_response", help="the field holding the response (default: model_response)")
     jd.add_argument("--out", default=None, metavar="FILE",
-                    help="scores as JSONL, written as they arrive (default: DATA-scores.jsonl beside the data)")
+                    help="scores as JSONL, written as they arrive to OUT.partial, which replaces OUT when the run "
+                         "ends (default: DATA-scores.jsonl beside the data)")
     jd.add_argument("--timeout", type=flag_type("float", "--timeout", {"minimum": 0}), default=60.0,
                     help="seconds per request (default: 60)")
     jd.add_argument("--max-tokens", type=flag_type("int", "--max-tokens", {"minimum": 1}), default=None,
@@ -411,10 +427,22 @@ def _add_judge_parser(verbs: argparse._SubParsersAction) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (like every other bad input), not the usage block."""
+    """argparse, but a bad flag is one line (like every other bad input), not the usage block, a
+    mistyped verb names the closest one, and a flag is spelled whole (no prefix of one flag that a
+    later flag could turn into another's)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # sub-parsers are built by this class too
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        import re
+
+        from .errors import did_you_mean
+
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        hint = did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2))) if choice else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
 
 
 def _add_info_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -433,7 +461,7 @@ def _add_generate_parser(verbs: argparse._SubParsersAction) -> argparse.Argument
     gen.add_argument("prompt", metavar="PROMPT", help="text to continue; empty starts from <|endoftext|>")
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     # the CLI seeds by default, so a preset's random weights and sampling repeat run to run
-    add_flags(gen, GenerationConfig, defaults={"seed": 123})
+    add_flags(gen, GenerationConfig, defaults={"seed": DEFAULT_SEED})
     _add_precision_flags(gen, default="auto")
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     _add_device_option(gen)
@@ -490,7 +518,10 @@ def _add_convert_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentP
 
 def build_parser() -> argparse.ArgumentParser:
     """The `gptforge` parser: one sub-parser per verb."""
+    from . import __version__
+
     parser = _Parser(prog="gptforge", description="GPT-2 from scratch: inspect, generate, train, serve, evaluate.")
+    parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     for add in (_add_info_parser, _add_generate_parser, _add_serve_parser, _add_convert_parser, _add_eval_parser):
         add(verbs).add_argument("--config", metavar="JSON", default=None, help=CONFIG_HELP)

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from .errors import GptforgeError
+from .errors import GptforgeError, did_you_mean
 
 # The seed's dict keys (llms-from-scratch, ch04 `GPT_CONFIG_124M`) plus our two extensions.
 SEED_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
@@ -246,4 +246,4 @@ def preset(name: str) -> GPTConfig:
     try:
         return PRESETS[name.lower()]
     except KeyError:
-        raise GptforgeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise GptforgeError(f"unknown preset {name!r}{did_you_mean(name, PRESETS) or '; choose one of ' + ', '.join(PRESETS)}") from None

@@ -32,3 +32,11 @@ def os_error_message(err: OSError) -> str:
     paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
     hint = _HINTS.get(err.errno)
     return f"{paths + ': ' if paths else ''}{reason}{'; ' + hint if hint else ''}"
+
+
+def did_you_mean(name: str, choices) -> str:
+    """'; did you mean X?' when `name` is close to one of `choices` (a typo), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name).lower(), [str(c) for c in choices], n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""

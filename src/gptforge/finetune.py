@@ -216,8 +216,8 @@ def resolve_config(cls: type, kind: str, config: FinetuneOptions | None,
                             "start the run without --resume")
     state = checkpoint.load_training_state(ckpt)
     if state is None or "finetune" not in state:  # a finished run keeps no training state
-        raise GptforgeError(f"{ckpt} holds no stopped finetuning run to resume (the run finished, or was saved "
-                            "before --resume existed); start a new run in another --out")
+        raise GptforgeError(f"the run in {cfg.out} finished; nothing to resume ({ckpt} holds no stopped "
+                            "finetuning run): start a new run in another --out")
     if state["finetune"] != kind:
         raise GptforgeError(f"{ckpt} is a `finetune {state['finetune']}` run; resume it with "
                             f"`gptforge finetune {state['finetune']} --resume --out {cfg.out}`")

@@ -2,8 +2,9 @@
 response is scored 0-100 by a larger model, asked with the book's prompt, through any
 OpenAI-compatible chat endpoint (Ollama, vLLM, OpenAI, or `gptforge serve` itself).
 
-Scores are written as they arrive, one JSON line per record, so a run that stops (an unreachable
-endpoint, a timeout, a reply that is not a number) keeps the scores it has.
+Scores are written as they arrive, one JSON line per record, beside the scores file (OUT.partial),
+which they replace when the run ends: a run that stops (an unreachable endpoint, a timeout, a reply
+that is not a number) keeps the scores it has and never destroys an earlier run's complete file.
 """
 
 from __future__ import annotations
@@ -122,13 +123,55 @@ def _ask(client: Any, model: str, prompt: str, max_tokens: int | None, url: str)
                             f"in /v1)") from None
     except openai.APIStatusError as err:
         raise GptforgeError(f"the judge at {url} answered HTTP {err.status_code}: {_message(err)}") from None
-    return reply.choices[0].message.content or ""
+    return reply_text(reply)
+
+
+class MalformedReply(ValueError):
+    """A 200 answer that is not a chat completion with one text message (the reason is the message)."""
+
+
+def reply_text(reply: Any) -> str:
+    """The text of a chat completion's first choice; MalformedReply saying what is missing when
+    the endpoint answered something else (no choices, no message, content that is not text, an HTML
+    page: the OpenAI client hands such a body back as a string)."""
+    if isinstance(reply, (str, bytes)):
+        text = reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+        raise MalformedReply(f"the reply is not a chat completion but {_snippet(text)}")
+    choices = getattr(reply, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        raise MalformedReply(f"the reply has no choices (choices: {_snippet(choices)})")
+    message = getattr(choices[0], "message", None)
+    if isinstance(message, dict):  # the client builds models without validating what the server sent
+        content = message.get("content")
+    elif message is None:
+        raise MalformedReply("the reply's first choice has no message")
+    else:
+        content = getattr(message, "content", None)
+    if content is None:
+        return ""  # an empty message: not a number, as the book counts it
+    if not isinstance(content, str):
+        raise MalformedReply(f"the reply's message content is not text but {type(content).__name__} "
+                             f"{_snippet(content)}")
+    return content
+
+
+def _snippet(value: Any) -> str:
+    """A short one-line view of what the judge sent: a string quoted, anything else as JSON."""
+    text = " ".join((value if isinstance(value, str) else json.dumps(value, default=repr)).split())
+    text = text[:60] + ("..." if len(text) > 60 else "")
+    return repr(text) if isinstance(value, str) else text
 
 
 def _message(err: Any) -> str:
     body = err.body if isinstance(getattr(err, "body", None), dict) else {}
     inner = body.get("error", body) if isinstance(body.get("error", body), dict) else body
     return str(inner.get("message") or err.message)
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where a run writes its scores until it ends: OUT.partial beside OUT."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
 
 
 def judge(records: Sequence[Mapping[str, Any]], *, url: str, model: str, out: str | Path,
@@ -138,53 +181,73 @@ def judge(records: Sequence[Mapping[str, Any]], *, url: str, model: str, out: st
     """Score each record's response (`key`) 0-100 with `model` behind the OpenAI-compatible `url`
     (e.g. http://127.0.0.1:8000/v1), asking with the book's prompt, temperature 0 and seed 123.
 
-    out: a JSONL file, one `{"index", "score", "reply"}` line per record, written as scores arrive.
-    skip_invalid: a reply that is not an integer 0-100 gets score None and the run goes on (the
-        book prints it and continues); otherwise it stops the run with a GptforgeError.
+    out: a JSONL file, one `{"index", "score", "reply"}` line per record (and `"error"` where the
+        reply was malformed). Scores are written as they arrive to OUT.partial, which replaces `out`
+        when the run ends; a run that ends early moves them into `out` unless `out` holds an
+        earlier run's scores, which are then left as they were (the new ones stay in OUT.partial).
+    skip_invalid: a reply that is not an integer 0-100 (or not a chat completion at all) gets score
+        None and the run goes on (the book prints it and continues); otherwise it stops the run with
+        a GptforgeError saying why.
     progress: a bar over the records on stderr.
     Raises GptforgeError on an unreachable endpoint, a timeout or an HTTP error; the scores
-    written before it stay in `out`, as on Ctrl-C (a KeyboardInterrupt saying where they are).
+    written before it are kept (see `out`), as on Ctrl-C (a KeyboardInterrupt saying where they are).
     """
     _check_keys(records, key, source)
     _check_url(url)
     out = Path(out)
     _check_out(out)
+    partial = partial_path(out)
     client = _client(url, timeout, api_key)
     scores: list[int | None] = []
-    f = None  # opened at the first reply: a run that fails at once leaves an earlier scores file as it was
+    f = None  # opened at the first reply: a run that fails at once leaves no file behind
     bar = progress_bar(progress, len(records), 0, unit="record")
 
-    def kept() -> str:  # where the scores so far are, for a run that ends early
-        return f"{len(scores)} scores so far " + (f"are in {out}" if f is not None else
-                                                  f"written ({out} is left as it was)")
+    def kept() -> str:
+        """Ends the run early: where its scores so far are, and what became of `out`."""
+        if f is not None:
+            f.close()
+        if not scores or f is None:
+            partial.unlink(missing_ok=True)
+            return f"{len(scores)} scores so far written ({out} is left as it was)"
+        if out.is_file() and out.stat().st_size > 0:  # an earlier run's scores: never replaced by fewer
+            return f"{len(scores)} scores so far are in {partial} ({out}, an earlier run's, is left as it was)"
+        os.replace(partial, out)
+        return f"{len(scores)} scores so far are in {out}"
 
     try:
         for index, rec in enumerate(records):
+            error = None
             try:
                 reply = _ask(client, model, judge_prompt(rec, key), max_tokens, url)
             except GptforgeError as err:
                 raise GptforgeError(f"{err}; {kept()}") from None
+            except MalformedReply as err:
+                reply, error = None, str(err)
             if f is None:
                 try:
-                    f = open(out, "w", encoding="utf-8")
+                    f = open(partial, "w", encoding="utf-8")
                 except OSError as err:
-                    raise GptforgeError(f"cannot write the scores to {out} ({err.strerror}); choose another "
+                    raise GptforgeError(f"cannot write the scores to {partial} ({err.strerror}); choose another "
                                         "--out") from None
-            score = parse_score(reply)
+            score = None if error else parse_score(reply)
             if score is None and not skip_invalid:
-                raise GptforgeError(f"the judge's reply to record {index + 1} is not an integer 0-100: "
-                                    f"{reply[:80]!r}; {kept()} "
+                why = (f"is malformed: {error}" if error else
+                       f"is not an integer 0-100: {reply[:80]!r}")
+                raise GptforgeError(f"the judge's reply to record {index + 1} {why}; {kept()} "
                                     f"(--skip-invalid goes on, as the book does)")
             scores.append(score)
-            f.write(json.dumps({"index": index, "score": score, "reply": reply}) + "\n")
+            line = {"index": index, "score": score, "reply": reply}
+            f.write(json.dumps({**line, "error": error} if error else line) + "\n")
             f.flush()
             bar.update(1)
             if on_score is not None:
-                on_score(index, score, reply)
+                on_score(index, score, reply if reply is not None else "")
     except KeyboardInterrupt:
         raise KeyboardInterrupt(kept()) from None
     finally:
         bar.close()
-        if f is not None:
-            f.close()
+    if f is not None:
+        os.fsync(f.fileno())  # the complete file, on disk before it replaces the earlier one
+        f.close()
+        os.replace(partial, out)
     return JudgeResult(scores, out)

@@ -213,7 +213,13 @@ def _resolve_config(config: TrainConfig | None, options: Mapping[str, Any]) -> t
     if state is None or state.get("version") != STATE_VERSION:
         raise GptforgeError(f"{ckpt} holds no gptforge training state to resume from")
     saved = TrainConfig.from_dict({**state["train_config"], "resume": True})
-    return resumed_config(saved, given, RESUMABLE_CHANGES, config.out), state
+    resumed = resumed_config(saved, given, RESUMABLE_CHANGES, config.out)  # a refused change is said first
+    longer = any(getattr(resumed, name) != getattr(saved, name) for name in ("epochs", "max_steps"))
+    if state["step"] >= state["total_steps"] and not longer:
+        raise GptforgeError(f"the run in {config.out} finished ({state['step']} steps); nothing to resume: give a "
+                            "larger --max-steps or --epochs with --resume to train it further, or start a new "
+                            "run in another --out")
+    return resumed, state
 
 
 def explicit_options(config: Any | None, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -482,10 +488,12 @@ def evaluate_and_log(run: Run, eval_fn: EvalFn) -> dict[str, Any]:
     if run.dctx.main:
         numbers = ", ".join(f"{k.replace('_', ' ')} {v:,.3f}" for k, v in metrics.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool))
-        run.progress.write(f"step {run.step} (epoch {run.epoch + 1}): {numbers}")
+        header = f"step {run.step} (epoch {run.epoch + 1})"
+        if numbers:
+            run.progress.write(f"{header}: {numbers}")
         for k, v in metrics.items():
-            if isinstance(v, str):
-                run.progress.write(f"  {k}: " + v.replace("\n", " "))
+            if isinstance(v, str):  # under the numbers, or on the step's line when there are none (a sample)
+                run.progress.write(f"{'  ' if numbers else header + ' '}{k}: " + v.replace("\n", " "))
         run.metrics.plot()
     run.t_last = time.perf_counter()  # evaluation time does not count against tokens/s
     return metrics

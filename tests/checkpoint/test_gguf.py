@@ -243,19 +243,27 @@ def test_llama_cpp_quantized_agreement_reported(llama_cpp, tmp_path, builtin):
 # llama.cpp's own converter
 
 
-def _converter() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py: $GPTFORGE_LLAMA_CPP (a llama.cpp source tree) or the copy
-    .ci/run unpacks from the llama-cpp-python source package."""
-    for root in (os.environ.get("GPTFORGE_LLAMA_CPP"), ROOT / ".ci" / "llama.cpp"):
-        if root and (Path(root) / "convert_hf_to_gguf.py").is_file():
-            return Path(root) / "convert_hf_to_gguf.py"
-    pytest.skip("llama.cpp's convert_hf_to_gguf.py not found: set GPTFORGE_LLAMA_CPP to a llama.cpp "
-                "source tree (or run .ci/run, which unpacks one)")
+@pytest.fixture(scope="session")
+def converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py: $GPTFORGE_LLAMA_CPP (a llama.cpp source tree), else the
+    pinned llama-cpp-python's copy, unpacked into .ci/llama.cpp on first use (tests/llama_converter.py)."""
+    root = os.environ.get("GPTFORGE_LLAMA_CPP")
+    if root and (Path(root) / "convert_hf_to_gguf.py").is_file():
+        return Path(root) / "convert_hf_to_gguf.py"
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from llama_converter import unpack
+    finally:
+        sys.path.pop(0)
+    try:
+        return unpack()
+    except RuntimeError as err:
+        pytest.fail(f"llama.cpp's convert_hf_to_gguf.py: {err} (or set GPTFORGE_LLAMA_CPP to a llama.cpp "
+                    "source tree)")
 
 
-def _convert(tmp_path: Path, model: GPTModel, outtype: str) -> Path:
+def _convert(converter: Path, tmp_path: Path, model: GPTModel, outtype: str) -> Path:
     """Our Hugging Face export of `model`, converted by llama.cpp's convert_hf_to_gguf.py."""
-    converter = _converter()
     hf_dir = gptforge.save(model, tmp_path / "hf", format="hf")
     assert (hf_dir / "vocab.json").is_file()  # GPT-2's tokenizer files, which the converter reads
     out = tmp_path / f"converted-{outtype}.gguf"
@@ -266,11 +274,11 @@ def _convert(tmp_path: Path, model: GPTModel, outtype: str) -> Path:
 
 
 @pytest.mark.slow
-def test_our_file_is_what_llama_cpps_converter_writes(tmp_path, tiny_config):
+def test_our_file_is_what_llama_cpps_converter_writes(converter, tmp_path, tiny_config):
     from gguf import GGUFReader
 
     model = _random_gpt2_shaped(tiny_config, tie_weights=True)
-    theirs = GGUFReader(_convert(tmp_path, model, "f32"))
+    theirs = GGUFReader(_convert(converter, tmp_path, model, "f32"))
     ours = GGUFReader(gptforge.save(model, tmp_path / "ours.gguf", format="gguf"))
     only_theirs = set(theirs.fields) - set(ours.fields)
     assert only_theirs <= {"general.size_label"}, only_theirs
@@ -288,9 +296,9 @@ def test_our_file_is_what_llama_cpps_converter_writes(tmp_path, tiny_config):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
-def test_llama_cpp_converter_output_loads(tmp_path, tiny_config, outtype):
+def test_llama_cpp_converter_output_loads(converter, tmp_path, tiny_config, outtype):
     model = _random_gpt2_shaped(tiny_config, tie_weights=True)
-    back = gptforge.load(_convert(tmp_path, model, outtype))
+    back = gptforge.load(_convert(converter, tmp_path, model, outtype))
     assert back.cfg == model.cfg.replace(drop_rate=0.0)
     ids = torch.randint(0, 50257, (2, 32))
     with torch.no_grad():

@@ -27,7 +27,7 @@ import torch
 
 from ..config import PRESETS, GPTConfig, preset
 from ..device import resolve_device
-from ..errors import GptforgeError
+from ..errors import GptforgeError, did_you_mean
 from ..lora import has_lora
 from ..io import atomic_directory, atomic_write, atomic_write_bytes, read_safetensors, sha256_file
 from ..model import GPTModel
@@ -132,10 +132,27 @@ def resolve(name_or_path: str | Path, weights: bool = True) -> tuple[str, Path |
         path = path / RUN_CHECKPOINT_DIR  # a train/finetune run's --out folder: the model it saved
     if path.exists():
         return detect_format(path), path
+    if "/" not in name and (hint := did_you_mean(name, [*PRESETS, *BUILTIN_MODELS])):
+        raise FileNotFoundError(f"no preset or file named {name!r}{hint}")  # a typo, not a hub id
     if hub.looks_like_hub_id(name):
         snapshot = hub.hub_download(name, weights)
         return detect_format(snapshot), snapshot
     raise FileNotFoundError(f"no preset or file named {name!r}; presets are {', '.join(PRESETS)}")
+
+
+# OpenAI's trained weights in each preset's shape, on the Hugging Face hub.
+TRAINED_WEIGHTS = {"gpt2-124m": "gpt2", "gpt2-355m": "gpt2-medium", "gpt2-774m": "gpt2-large",
+                   "gpt2-1558m": "gpt2-xl", "book-124m": "gpt2"}
+
+
+def untrained_preset_note(name: str | Path) -> str | None:
+    """A line for someone about to generate from a preset (random weights, gibberish by design),
+    naming the hub id of OpenAI's trained weights in its shape; None when `name` is not a preset."""
+    name = str(name).lower()
+    if name not in PRESETS:
+        return None
+    return (f"{name} is an untrained preset (random weights), so its text is gibberish; for OpenAI's trained "
+            f"GPT-2 in this shape use --model {TRAINED_WEIGHTS[name]} (from the Hugging Face hub)")
 
 
 def _resolve_with_config(name_or_path: str | Path, config: Any, weights: bool = True) -> tuple[str, Path | None]:

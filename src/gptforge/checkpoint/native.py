@@ -194,8 +194,8 @@ def load_training_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
     if not detect(ckpt_dir):
         raise GptforgeError(f"{ckpt_dir} is not a gptforge checkpoint directory; only those hold training state")
     meta, _ = _read_gptforge_meta(ckpt_dir)
-    if TRAINING_STATE_FILE not in meta["sha256"]:
-        return None
+    if TRAINING_STATE_FILE not in meta["sha256"] or not (ckpt_dir / TRAINING_STATE_FILE).exists():
+        return None  # none saved, or removed by its owner to keep the model alone
     with _open_verified(ckpt_dir, meta, TRAINING_STATE_FILE) as f:
         try:
             return torch.load(f, map_location="cpu", weights_only=True)

@@ -5,7 +5,7 @@ the transposes that lay Hugging Face's (in, out) weights out as rows (`transpose
 
 Why: at a few rows a matrix product is memory-bound, and PyTorch's CPU kernels for it read the
 weights at about half the memory bandwidth (and its int8/int4 ones convert every weight to float),
-so decoding ran at about half of llama.cpp's speed (issue 14). `gemv.c` streams each weight once
+so decoding through them runs at about half of llama.cpp's speed. `gemv.c` streams each weight once
 per call with prefetching, from weights stored in panels (`pack`) so that a batch's rows share
 each load, and multiplies int8 and 4-bit weights with integer instructions (AVX2, AVX-512, VNNI)
 against activations quantized as llama.cpp's Q8_0.
@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -93,6 +92,8 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise _NoCompiler("no C compiler (cc, gcc, clang or $CC)")
+    if shutil.which(compiler) is None:  # said before "compiling", which would not happen
+        raise _NoCompiler(f"no C compiler at {compiler} ($CC)" if os.environ.get("CC") else f"no C compiler at {compiler}")
     print(f"gptforge: compiling the decode kernels for this CPU, once (into {folder})", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)  # compile aside, then rename: atomic
     os.close(fd)
@@ -128,8 +129,9 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError, _NoCompiler) as err:
         detail = (getattr(err, "stderr", None) or str(err)).strip()[-500:]
         _STATUS[0] = "unavailable (no C compiler)" if isinstance(err, _NoCompiler) else "unavailable (build failed)"
-        warnings.warn(f"gptforge: could not build the fast decode kernels ({detail}); using PyTorch's, "
-                      "about half as fast at decoding", RuntimeWarning, stacklevel=2)
+        detail = " ".join(detail.split())  # a compiler's error, on the one line
+        print(f"gptforge: warning: could not build the fast decode kernels ({detail}); using PyTorch's, "
+              "about half as fast at decoding", file=sys.stderr, flush=True)
         return None
     for name, argtypes in SIGNATURES.items():
         if hasattr(lib, name):

@@ -140,18 +140,27 @@ def test_dpo_loss_on_a_lora_model_uses_the_base_without_adapters_as_reference(ti
 
 WORDS = ("apple river stone cloud tiger lamp garden window rocket violin candle forest pencil harbor "
          "mirror planet basket ladder island button").split()
+ANSWERS = ("yes", "no", "maybe", "never")
+
+
+def _question(rng: random.Random) -> str:
+    return f"Is the {rng.choice(WORDS)} near the {rng.choice(WORDS)}?"
 
 
 def _yes_records(n: int, rng: random.Random) -> list[dict]:
-    """Questions about a word; the chosen answer is always 'yes', the rejected one another word."""
-    return [{"instruction": f"Is the {rng.choice(WORDS)} near the {rng.choice(WORDS)}?", "input": "",
-             "chosen": "yes", "rejected": rng.choice(["no", "maybe", "never", "perhaps"])} for _ in range(n)]
+    """Questions; the chosen answer is always 'yes', the rejected one another of ANSWERS."""
+    return [{"instruction": _question(rng), "input": "", "chosen": "yes", "rejected": rng.choice(ANSWERS[1:])}
+            for _ in range(n)]
 
 
 def test_a_preference_is_learned_end_to_end(tmp_path, tiny_base, capsys):
-    """Chosen responses are always 'yes': validation reward accuracy goes from chance to near 1,
-    and the tuned model's greedy response to new questions is 'yes' (the base model's never is)."""
+    """The recipe on a random tiny model: instruction finetuning on questions answered at random
+    with one of ANSWERS, then DPO on pairs whose chosen answer is always 'yes'. Validation reward
+    accuracy goes from 0 (policy = reference) to 100%, and the greedy answer to new questions
+    becomes 'yes' (the instruction-tuned model's is not)."""
     rng = random.Random(0)
+    sft = [{"instruction": _question(rng), "input": "", "output": rng.choice(ANSWERS)} for _ in range(64)]
+    (tmp_path / "sft.json").write_text(json.dumps(sft))
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _yes_records(32, rng)))
     val = _yes_records(16, rng)
     with open(tmp_path / "val.csv", "w", newline="") as f:  # CSV reads as well
@@ -159,10 +168,12 @@ def test_a_preference_is_learned_end_to_end(tmp_path, tiny_base, capsys):
         writer = csv.DictWriter(f, fieldnames=["instruction", "input", "chosen", "rejected"])
         writer.writeheader()
         writer.writerows(val)
+    assert main(["finetune", "instruct", "--data", str(tmp_path / "sft.json"), "--model", str(tiny_base),
+                 "--out", str(tmp_path / "sft"), "--lr", "3e-3", "--eval-every", "0", "--no-progress"]) == 0
     out = tmp_path / "run"
     assert main(["finetune", "dpo", "--data", str(tmp_path / "train.jsonl"), "--val", str(tmp_path / "val.csv"),
-                 "--model", str(tiny_base), "--out", str(out), "--epochs", "2", "--lr", "1e-3", "--beta", "0.5",
-                 "--eval-every", "4", "--no-progress"]) == 0
+                 "--model", str(tmp_path / "sft" / "checkpoint"), "--out", str(out), "--epochs", "2", "--lr", "1e-3",
+                 "--beta", "0.5", "--eval-every", "4", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "done after 8 steps; val loss" in printed and "reward accuracy 100.0%" in printed, printed
     steps = _records(out, "train")
@@ -177,9 +188,9 @@ def test_a_preference_is_learned_end_to_end(tmp_path, tiny_base, capsys):
 
     tuned = load(out / "checkpoint")
     assert tuned.cfg.prompt_template == ALPACA
-    before = respond(load(tiny_base), val, max_new_tokens=4)
+    before = respond(load(tmp_path / "sft" / "checkpoint"), val, max_new_tokens=4)
     after = respond(tuned, val, max_new_tokens=4)
-    assert before.count("yes") == 0
+    assert before.count("yes") < 8, before
     assert after.count("yes") >= 14, after
 
 

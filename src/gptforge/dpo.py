@@ -266,6 +266,8 @@ class DPOConfig(FinetuneOptions):
     lr: float = option(5e-6, "AdamW learning rate, constant (the book: 5e-6)", above=0)
     weight_decay: float = option(0.01, "AdamW weight decay, on every trainable parameter (the book: 0.01)",
                                  minimum=0)
+    eval_every: int = option(5, "loss, rewards, margin and reward accuracy on train/val batches every this many "
+                             "steps (0: never)", minimum=0)
 
 
 @dataclasses.dataclass

@@ -167,10 +167,10 @@ def main() -> None:
             if proc.returncode != 0:
                 print(f"{name}: failed\n{proc.stderr[-2000:]}")
                 continue
-            rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{'':22} {'tokens/s':>9} {'peak RSS MiB':>13} {'growth MiB':>11}")
-        for name, r in rows.items():
-            print(f"{name:22} {r['tokens_per_s']:9.0f} {r['peak_mib']:13.0f} {r['growth_mib']:11.0f}")
+            rows[name] = r = json.loads(proc.stdout.strip().splitlines()[-1])
+            if len(rows) == 1:
+                print(f"{'':22} {'tokens/s':>9} {'peak RSS MiB':>13} {'growth MiB':>11}")
+            print(f"{name:22} {r['tokens_per_s']:9.0f} {r['peak_mib']:13.0f} {r['growth_mib']:11.0f}", flush=True)
         for kind in ("full", "lora"):
             ours, theirs = rows.get(f"gptforge-{kind}"), rows.get(f"trl-{kind}")
             if ours and theirs:

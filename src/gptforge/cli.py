@@ -367,10 +367,24 @@ def cmd_finetune_instruct(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def cmd_finetune_dpo(args: argparse.Namespace) -> int:
+    """Tune a model on preference pairs (DPO); prints the final validation metrics and the checkpoint."""
+    from .dpo import DPOConfig, finetune_dpo
+
+    result = finetune_dpo(**_config_options(args, DPOConfig))
+    final = result.final
+    val = (f"; val loss {final['val_loss']:.3f}, reward accuracy {final['val_reward_accuracy'] * 100:.1f}%, "
+           f"reward margin {final['val_reward_margin']:.3f}") if final else ""
+    print(f"{'stopped' if result.interrupted else 'done'} after {result.steps} steps{val}; "
+          f"checkpoint: {result.checkpoint}")
+    return 130 if result.interrupted else 0
+
+
 def _add_finetune_parser(verbs: argparse._SubParsersAction) -> None:
+    from .dpo import DPOConfig
     from .finetune import ClassifyConfig, InstructConfig
 
-    ft = verbs.add_parser("finetune", help="adapt a model to a task (classify, instruct)")
+    ft = verbs.add_parser("finetune", help="adapt a model to a task (classify, instruct, dpo)")
     tasks = ft.add_subparsers(dest="task", required=True, metavar="TASK")
     tasks_table = (
         ("classify", ClassifyConfig, cmd_finetune_classify, "text classification (the book's chapter 6)",
@@ -379,6 +393,10 @@ def _add_finetune_parser(verbs: argparse._SubParsersAction) -> None:
         ("instruct", InstructConfig, cmd_finetune_instruct, "instruction following (the book's chapter 7)",
          "Finetune a model to follow instructions from Alpaca-style JSON/JSONL records (instruction, "
          "input, output). Defaults are the book's recipe (see docs/instruct.md)."),
+        ("dpo", DPOConfig, cmd_finetune_dpo, "preference tuning by DPO (the book's ch. 7 bonus)",
+         "Tune a model on preference pairs: JSON/JSONL/CSV records with instruction, input, chosen and "
+         "rejected, by direct preference optimization (Rafailov et al. 2023). Defaults are the book's "
+         "recipe (see docs/dpo.md)."),
     )
     for task, config, func, help, description in tasks_table:
         sub = tasks.add_parser(task, help=help, description=description)

@@ -248,16 +248,17 @@ def earlier_evaluations(run: Run) -> list[dict[str, Any]]:
             for r in run.metrics.records if r["kind"] == "eval"]
 
 
-def save_finetune(run: Run, cfg: FinetuneOptions, kind: str, position: dict[str, Any]) -> Path:
+def save_finetune(run: Run, cfg: FinetuneOptions, kind: str, position: dict[str, Any],
+                  extra_state: dict[str, Any] | None = None) -> Path:
     """OUT/checkpoint. After a stop, with everything `--resume` needs: the training state
-    (optimizer, RNG, step), the loop position, this config and the data files' digests, and a line
-    saying how to continue. A finished run keeps only the model (its optimizer state would double
-    the checkpoint, and nothing resumes a finished finetune)."""
+    (optimizer, RNG, step), the loop position, this config and the data files' digests (and the
+    verb's `extra_state`), and a line saying how to continue. A finished run keeps only the model
+    (its optimizer state would double the checkpoint, and nothing resumes a finished finetune)."""
     if not run.interrupted:
         return checkpoint.save(run.raw_model, run.out / CHECKPOINT_DIR)
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
     ckpt = save_run(run, {"finetune": kind, "finetune_config": options, "position": dict(position),
-                          "data_sha256": _data_digests(cfg)})
+                          "data_sha256": _data_digests(cfg), **(extra_state or {})})
     run.progress.write(f"gptforge: interrupted after step {run.step - 1}; checkpoint saved to {ckpt}; "
                        f"continue with `gptforge finetune {kind} --resume --out {run.out}`")
     return ckpt

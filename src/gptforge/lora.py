@@ -13,8 +13,9 @@ a=sqrt(5)), and B (rank, out_dim), zeros, so a fresh adapter changes nothing. It
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -59,8 +60,11 @@ class LinearWithLoRA(nn.Module):
         super().__init__()
         self.linear = linear
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, scaling)
+        self.enabled = True  # False: the base layer alone (`adapters_disabled`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.linear(x)
         return self.linear(x) + self.lora(x)
 
     @property
@@ -148,6 +152,21 @@ def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
 
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LinearWithLoRA) for m in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, `model` computes as its base without the adapters (every LinearWithLoRA
+    gives its wrapped layer's output alone): the frozen reference of preference tuning, with no
+    second copy of the weights."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ The phases (the contract finetuning builds on; docs/training.md has an example):
   seeded by the caller; wraps it (compile/DDP/FSDP), builds AdamW over the parameters with
   requires_grad=True only, restores a saved training state, opens metrics.jsonl and the progress bar.
 - `train_step(run, micro_batches, loss_fn)`: one optimizer step; a micro-batch is a tensor or a
-  tuple/list of tensors (moved to the device), `loss_fn(model, batch)` returns a scalar loss.
+  tuple/list of tensors (moved to the device), `loss_fn(model, batch)` returns a scalar loss, or
+  (loss, {name: number}) to log those numbers too (averaged over the rank's micro-batches).
 - `evaluate_and_log(run, eval_fn)`: `eval_fn(run)` returns a metrics dict (model in eval mode),
   logged to metrics.jsonl, the progress bar and loss.png.
 - `save_run(run, extra_state)`: OUT/checkpoint with everything `start_run` restores.
@@ -293,7 +294,7 @@ def run_folder(config: Any | None, options: Mapping[str, Any], cls: type) -> str
 # The phases: build the run (incl. resume), one step, evaluate and log, save. `fit` is the loop.
 
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 EvalFn = Callable[["Run"], dict[str, Any]]
 
 
@@ -430,12 +431,16 @@ def train_step(run: Run, micro_batches: Sequence[Any], loss_fn: LossFn = lm_loss
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, extras = 0.0, 0, {}
     for micro, batch in enumerate(micro_batches):
         batch = _to_device(batch, run.device)
         sync = micro == n - 1 or not hasattr(model, "no_sync")
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast_context(run.device, run.autocast):
             loss = loss_fn(model, batch)
+        if isinstance(loss, tuple):  # (loss, {name: number}): more of the step to log, e.g. DPO's rewards
+            loss, more = loss
+            for k, v in more.items():
+                extras[k] = extras.get(k, 0.0) + float(v) / n
         (loss / n).backward()
         loss_sum += loss.item()
         tokens += _first_tensor(batch).numel()
@@ -463,7 +468,7 @@ def train_step(run: Run, micro_batches: Sequence[Any], loss_fn: LossFn = lm_loss
     now = time.perf_counter()
     tok_s = tokens * run.dctx.world_size / max(now - run.t_last, 1e-9)
     run.t_last = now
-    record = {"kind": "train", "step": run.step, "epoch": run.epoch, "loss": step_loss, "lr": lr,
+    record = {"kind": "train", "step": run.step, "epoch": run.epoch, "loss": step_loss, **extras, "lr": lr,
               "grad_norm": grad_norm, "tokens_seen": run.tokens_seen, "tokens_per_s": tok_s}
     run.metrics.log(record)
     if run.dctx.world_size == 1:  # (under torchrun the next step's all-reduce carries it to every rank)

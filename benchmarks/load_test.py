@@ -1,7 +1,9 @@
 """Load test for `gptforge serve`, on loopback only, bounded in requests and time.
 
 1. Batching: the same 8 requests one after another, then all 8 at once; prints total tokens/s of
-   each and the ratio (the scheduler should make concurrent >= 4x sequential).
+   each and the ratio (the scheduler should make concurrent >= 4x sequential). With
+   `--constrained K`, K of the 8 ask for JSON under a schema (`response_format`), decoded under
+   its grammar beside the plain ones.
 2. Load: a fixed number of requests at 1, 4 and 16 concurrent clients; prints requests/s,
    tokens/s and latency percentiles, and counts failures (any non-200 or transport error).
 
@@ -30,6 +32,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Hello, I am", "The meaning of life is", "Once upon a time", "In the beginning",
            "The quick brown fox", "import torch\n", "Dear Sir or Madam,", "It was a dark and stormy night"]
+# What --constrained requests ask for: records that never end before max_tokens, as a plain request.
+RECORDS = {"type": "json_schema", "json_schema": {"name": "records", "schema": {
+    "type": "array", "minItems": 1000, "items": {
+        "type": "object", "additionalProperties": False, "required": ["name", "age"], "properties": {
+            "name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0, "maximum": 120}}}}}}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -38,11 +45,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_request(client: httpx.AsyncClient, model: str, prompt: str,
-                      max_tokens: int) -> tuple[float, int, str]:
-    """(latency in s, completion tokens, text) of one greedy completion; raises on any failure."""
+                      max_tokens: int, constrained: bool = False) -> tuple[float, int, str]:
+    """(latency in s, completion tokens, text) of one greedy completion (JSON under RECORDS' schema
+    when `constrained`); raises on any failure."""
     start = time.perf_counter()
     r = await client.post("/v1/completions", json={
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        **({"response_format": RECORDS} if constrained else {})})
     r.raise_for_status()
     body = r.json()
     return time.perf_counter() - start, body["usage"]["completion_tokens"], body["choices"][0]["text"]
@@ -84,15 +93,17 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
     }
 
 
-async def batching_ratio(url: str, model: str, max_tokens: int) -> tuple[float, float, bool]:
-    """Tokens/s of 8 requests one after another, and of the same 8 at once; and whether each
-    request's (greedy) text came out the same both ways."""
+async def batching_ratio(url: str, model: str, max_tokens: int, constrained: int = 0) -> tuple[float, float, bool]:
+    """Tokens/s of 8 requests one after another, and of the same 8 at once (the first `constrained`
+    of them under a JSON schema); and whether each request's (greedy) text came out the same both ways."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         start = time.perf_counter()
-        alone = [await one_request(client, model, prompt, max_tokens) for prompt in PROMPTS]
+        alone = [await one_request(client, model, prompt, max_tokens, i < constrained)
+                 for i, prompt in enumerate(PROMPTS)]
         sequential = sum(n for _, n, _ in alone) / (time.perf_counter() - start)
         start = time.perf_counter()
-        together = await asyncio.gather(*(one_request(client, model, p, max_tokens) for p in PROMPTS))
+        together = await asyncio.gather(*(one_request(client, model, p, max_tokens, i < constrained)
+                                          for i, p in enumerate(PROMPTS)))
         concurrent = sum(n for _, n, _ in together) / (time.perf_counter() - start)
     same = [a[2] for a in alone] == [t[2] for t in together]
     return sequential, concurrent, same
@@ -139,6 +150,8 @@ def main() -> int:
                         help="torch threads in the server it starts (default: 1, best on a shared 2-core box)")
     parser.add_argument("--levels", default="1,4,16", help="concurrency levels (default: 1,4,16; none: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the batching comparison (default: 3)")
+    parser.add_argument("--constrained", type=int, default=0, choices=range(9), metavar="K",
+                        help="of the 8 batching requests, how many ask for JSON under a schema (default: 0)")
     parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                         help="the started server's weights (its --quantize; default: none, float32)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -167,11 +180,12 @@ def main() -> int:
     failures = 0
     try:
         asyncio.run(warm_up(url, args.model))
-        print(f"\nbatching, 8 requests x {args.max_tokens} tokens, model {args.model}, "
-              f"{args.rounds} rounds (a shared machine is noisy: the median ratio counts):")
+        print(f"\nbatching, 8 requests x {args.max_tokens} tokens ({args.constrained} of them under a JSON schema), "
+              f"model {args.model}, {args.rounds} rounds (a shared machine is noisy: the median ratio counts):")
         ratios = []
         for round_ in range(1, args.rounds + 1):
-            sequential, concurrent, same = asyncio.run(batching_ratio(url, args.model, args.max_tokens))
+            sequential, concurrent, same = asyncio.run(batching_ratio(url, args.model, args.max_tokens,
+                                                                      args.constrained))
             ratios.append(concurrent / sequential)
             failures += 0 if same else 1
             print(f"  round {round_}: one after another {sequential:7.1f} tok/s, all 8 at once {concurrent:7.1f} "

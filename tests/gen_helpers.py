@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -77,4 +79,27 @@ def positional_model(scripts: dict[int, list[int]], context_length: int = 256, e
                 model.out_head.weight[token, dim] = 10.0
                 dim += 1
     assert dim <= emb_dim, "scripts too long for emb_dim"
+    return model
+
+
+def overflowing_model(model: GPTModel, token: int) -> GPTModel:
+    """A copy of `model` whose weights are all finite but whose computation overflows float32 at
+    `token`, and only there: every position from that token on gets NaN logits (later ones attend to
+    it), the way a model in reduced precision can break on one input. Block 0's feed-forward gets a
+    hidden unit that fires for `token` alone, whose output weight (1e38) times its activation
+    overflows; the token's embedding is made large so that its direction survives LayerNorm."""
+    model = copy.deepcopy(model)
+    width = model.cfg.emb_dim ** 0.5
+    with torch.no_grad():
+        direction = torch.ones(model.cfg.emb_dim)
+        direction[1::2] = -1  # zero mean; a random embedding's dot product with it is small
+        direction /= width
+        model.tok_emb.weight[token] = 1000 * direction  # any position embedding is small beside it
+        ff = model.trf_blocks[0].ff.layers
+        # LayerNorm (scale 1, shift 0) turns the token's input into direction * width (dot product with
+        # `direction`: width); any other input's dot product is ~N(0, 1). Pre-activation: ~+50 for the
+        # token, below -6 for the others unless 7 sigma out, where GELU is exactly 0 in float32.
+        ff[0].weight[0] = 100 * direction
+        ff[0].bias[0] = -100 * (width - 0.5)
+        ff[2].weight[:, 0] = 1e38
     return model

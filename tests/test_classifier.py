@@ -169,9 +169,10 @@ def test_classifier_checkpoint_loads_converts_and_checks_its_sums(tiny_config, t
 
 
 def test_a_classifier_is_refused_where_tokens_are_predicted(tiny_config, tmp_path, capsys):
-    """Its head scores labels: generate printed label ids as tokens, serve served them, train and
-    finetune instruct ended in cross_entropy's IndexError, convert --to gguf wrote a GGUF llama.cpp
-    would misread. Each is now one line naming the classifier, exit 2."""
+    """Its head scores labels: generate printed label ids as tokens, train and finetune instruct
+    ended in cross_entropy's IndexError, convert --to gguf wrote a GGUF llama.cpp would misread.
+    Each is now one line naming the classifier, exit 2. (serve serves it for /classify, where
+    generating is a 400: tests/test_serve_endpoints.py.)"""
     from gptforge.checkpoint import save
     from gptforge.cli import main
 
@@ -181,7 +182,6 @@ def test_a_classifier_is_refused_where_tokens_are_predicted(tiny_config, tmp_pat
     (tmp_path / "text.txt").write_text("Every effort moves you. " * 40)
     (tmp_path / "ins.json").write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"}] * 4))
     for argv in (["generate", "hi", "--model", clf],
-                 ["serve", "--model", clf, "--port", "0"],
                  ["train", "--model", clf, "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "run"),
                   "--no-progress"],
                  ["finetune", "instruct", "--model", clf, "--data", str(tmp_path / "ins.json"),

@@ -3,6 +3,8 @@ the DataLoader's use of the global RNG, and clear errors for bad data."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +162,40 @@ def test_tokenizing_shows_progress_and_ctrl_c_leaves_no_token_files(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         tokenize_corpus(source, tmp_path / "tok")
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == []  # no *.tmp, no meta.json
+
+
+def test_a_token_file_cut_short_is_tokenized_again(tmp_path):
+    """meta.json names the token counts; a train.bin shorter than that (a full disk, a copy cut
+    short) is not memory-mapped (numpy's 'mmap length is greater than file size') but rebuilt."""
+    src = tmp_path / "t.txt"
+    src.write_text("one two three four five six seven eight nine ten " * 20)
+    first = tokenize_corpus(src, tmp_path / "tok", val_fraction=0.2)
+    expected = first.train().tolist()
+    with open(first.train_path, "r+b") as f:
+        f.truncate(first.train_path.stat().st_size // 2)
+    again = tokenize_corpus(src, tmp_path / "tok", val_fraction=0.2)
+    assert again.train().tolist() == expected and again.val_tokens == first.val_tokens
+
+
+def test_token_files_are_fsynced_under_unique_names_before_their_rename(tmp_path, monkeypatch):
+    """Each token file is fsynced before it is renamed into place (as meta.json is), from a
+    temporary name no other process shares; a fixed name left by an older, killed run is removed."""
+    src = tmp_path / "t.txt"
+    src.write_text("one two three four five six seven eight nine ten " * 20)
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "train.bin.tmp").write_bytes(b"\0\0")
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    tokenize_corpus(src, folder, val_fraction=0.2)
+    names = [Path(p).name for p in synced if isinstance(p, str)]
+    if not names:
+        pytest.skip("no /proc/self/fd to name the fsynced files")
+    assert any(re.fullmatch(r"\.train\.bin\.\w{8}\.tmp", n) for n in names)
+    assert any(re.fullmatch(r"\.val\.bin\.\w{8}\.tmp", n) for n in names)
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "train.bin", "val.bin"]

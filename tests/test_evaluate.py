@@ -91,6 +91,13 @@ def test_builtin_model_equals_the_guide_with_transformers(tmp_path, data_dir):
         check_against_guide(model, hf_model, text, stride, 4)
 
 
+def test_a_loss_too_large_for_exp_has_an_infinite_perplexity():
+    """exp overflows a float above ~709.78 nats (a diverged model): perplexity inf, not an OverflowError."""
+    score = Perplexity.from_sums(nll_sum=7100.0, tokens=10, num_bytes=40)
+    assert score.loss == 710.0 and score.perplexity == math.inf
+    assert Perplexity.combine([score, Perplexity.from_sums(20.0, 10, 40)]).perplexity == pytest.approx(math.exp(356))
+
+
 def test_windows_score_every_token_but_the_first_once():
     for n, ctx, stride in [(100, 16, 16), (100, 16, 5), (100, 16, 1), (7, 16, 3), (33, 16, 16)]:
         scored = [p for _, end, first in sliding_windows(n, ctx, stride) for p in range(first, end)]
@@ -208,6 +215,9 @@ def test_classification_report_refuses_unknown_labels():
         classification_report([0, 2], [0, 1], ["no", "yes"])
     with pytest.raises(ValueError, match="as many predictions"):
         classification_report([0, 1], [0], ["no", "yes"])
+    # index 1 is the class "2" here, the name "1" the class "1": a mix of the two is refused
+    with pytest.raises(ValueError, match=r"true labels mix class names \('1'\) and indices \(1\)"):
+        classification_report([1, "1"], [0, 0], ["1", "2"])
 
 
 # --------------------------------------------------------------------------- `gptforge eval` on a classifier

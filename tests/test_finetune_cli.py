@@ -98,6 +98,36 @@ def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys):
     assert "notes.txt is a file, not a folder" in _error(out_at_a_file, capsys)
 
 
+def test_labels_written_two_ways_are_refused_not_split_into_classes(base, tmp_path, capsys):
+    """1, "1", 1.0 and true would otherwise be up to four classes of what the writer meant as one."""
+    run = ["finetune", "classify", "--model", base, "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
+    texts = ["good day", "bad day", "fine day", "sad day"]
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"text": t, "label": v} for t, v in zip(texts, [1, "1", 0, True])])
+    err = _error(run + ["--data", mixed], capsys)
+    assert "mix JSON types (number 1 in record 1, string \"1\" in record 2, boolean true in record 4)" in err, err
+    spelled = _jsonl(tmp_path / "spelled.jsonl", [{"text": t, "label": v} for t, v in zip(texts, [1, 0, 1.0, 0])])
+    assert "labels '1' and '1.0' are one number written two ways" in _error(run + ["--data", spelled], capsys)
+    csv = tmp_path / "spelled.csv"
+    csv.write_text("text,label\ngood day,1\nbad day,0\nfine day,01\nsad day,0\n")
+    assert "labels '1' and '01' are one number written two ways" in _error(run + ["--data", str(csv)], capsys)
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_labels_of_one_json_type_and_spelling_are_read_as_given(tmp_path):
+    from gptforge.classifier import label_names, read_labeled
+    from gptforge.errors import GptforgeError
+
+    (tmp_path / "n.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "label": 2.5}\n')
+    assert read_labeled(tmp_path / "n.jsonl").labels == ["1", "0", "2.5"]
+    (tmp_path / "b.jsonl").write_text('{"text": "a", "label": true}\n{"text": "b", "label": false}\n')
+    assert label_names(read_labeled(tmp_path / "b.jsonl").labels) == ("False", "True")
+    (tmp_path / "w.csv").write_text("text,label\na,1\nb,one\nc,inf\nd,Infinity\n")  # words are labels as written
+    assert read_labeled(tmp_path / "w.csv").labels == ["1", "one", "inf", "Infinity"]
+    (tmp_path / "m.jsonl").write_text('{"text": "a", "label": "1"}\n{"text": "b", "label": 1}\n')
+    with pytest.raises(GptforgeError, match=r'mix JSON types \(string "1" in record 1, number 1 in record 2\)'):
+        read_labeled(tmp_path / "m.jsonl")
+
+
 @pytest.mark.slow
 def test_readme_example_on_the_sample_files(tmp_path):
     """The docs' example: the built-in model finetuned on examples/, then `gptforge classify`."""

@@ -137,7 +137,10 @@ def test_temperature_and_processor_order():
     assert names == ["RepetitionPenalty", "PresenceFrequencyPenalty", "Temperature", "TopK", "TopP", "MinP"]
     assert GenerationConfig(top_k=10).processors == ()  # greedy ignores the sampling warpers
     logits = torch.tensor([[2.0, 1.0]])
-    torch.testing.assert_close(cfg.processors[2](logits, None), torch.tensor([[4.0, 2.0]]))
+    # logits / 0.5, shifted so that the largest is 0 (the same softmax as Hugging Face's warper gives)
+    torch.testing.assert_close(cfg.processors[2](logits, None), torch.tensor([[0.0, -2.0]]))
+    expected = _hf("TemperatureLogitsWarper", 0.5)(None, logits.clone())
+    torch.testing.assert_close(cfg.processors[2](logits, None).softmax(-1), expected.softmax(-1))
 
 
 def test_next_tokens_greedy_and_sampling():
@@ -151,6 +154,49 @@ def test_next_tokens_greedy_and_sampling():
     # A penalty can change the greedy choice.
     ids = torch.tensor([[1]])
     assert next_tokens(torch.tensor([[0.0, 2.0, 1.5]]), ids, GenerationConfig(repetition_penalty=2.0)).tolist() == [2]
+
+
+# Values every option accepts, at the ends of its range, where float32 overflows or underflows.
+EXTREME_OPTIONS = [
+    {"temperature": 1e-38}, {"temperature": 5e-324}, {"temperature": 1e300},
+    {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 1e-38, "top_p": 1e-300},
+    {"temperature": 1.0, "min_p": 1.0}, {"temperature": 1e-30, "top_k": 1, "min_p": 1.0},
+    {"temperature": 1.0, "repetition_penalty": 1e-300}, {"temperature": 1.0, "repetition_penalty": 1e300},
+    {"temperature": 1e-38, "presence_penalty": 2.0, "frequency_penalty": -2.0},
+]
+
+
+@pytest.mark.parametrize("options", EXTREME_OPTIONS)
+def test_sampling_never_fails_for_an_accepted_value(options):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 300, generator=gen) * 20
+    logits[3] = 0.0  # a row of ties
+    logits[2, :150] = torch.finfo(torch.float32).min / 2  # far below the rest
+    ids = torch.randint(0, 300, (4, 40), generator=gen)
+    for seed in range(5):
+        tokens = next_tokens(logits, ids, GenerationConfig(**options, seed=seed), torch.Generator().manual_seed(seed))
+        assert tokens.shape == (4,) and bool(((tokens >= 0) & (tokens < 300)).all())
+
+
+def test_extreme_sampling_reaches_its_greedy_limit():
+    """A temperature near 0, or a top_p near 0, leaves only the most likely token: the argmax."""
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(1)) * 5
+    greedy = logits.argmax(-1)
+    for options in ({"temperature": 1e-38}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-300},
+                    {"temperature": 0.7, "top_p": 1e-45}):
+        for seed in range(5):
+            assert torch.equal(next_tokens(logits, None, GenerationConfig(**options), torch.Generator().manual_seed(seed)),
+                               greedy), options
+
+
+def test_logits_that_are_not_finite_are_refused_by_name():
+    from gptforge.generation import NonFiniteLogits
+
+    logits = torch.zeros(3, 10)
+    logits[1, 4] = float("nan")
+    for config in (GenerationConfig(), GenerationConfig(temperature=0.8), GenerationConfig(repetition_penalty=1.2)):
+        with pytest.raises(NonFiniteLogits, match="not finite .* in row 1:"):
+            next_tokens(logits, torch.zeros(3, 2, dtype=torch.long), config)
 
 
 def test_seed_repeats_and_leaves_global_rng_alone(cfg):

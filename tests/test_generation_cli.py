@@ -84,3 +84,31 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141, err
     assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_cli_extreme_sampling_values_generate_their_greedy_limit(tmp_path, tiny_config, capsys):
+    """A temperature or top_p near 0 that float32 cannot divide or compare: the greedy text, no traceback."""
+    from gptforge import GPTModel, save
+
+    torch.manual_seed(0)
+    path = save(GPTModel(tiny_config(vocab_size=50257, context_length=32)), tmp_path / "m")
+    run = ["generate", "Hello, I am", "--model", str(path), "--max-new-tokens", "8", "--stop-token-ids", "none"]
+    assert main(run) == 0
+    greedy = capsys.readouterr().out
+    for extreme in (["--temperature", "1e-38"], ["--temperature", "5e-324"], ["--temperature", "1", "--top-p", "1e-300"]):
+        assert main(run + extreme) == 0, extreme
+        assert capsys.readouterr().out == greedy, extreme
+
+
+def test_cli_a_model_that_overflows_is_one_line_exit_2(tmp_path, tiny_config, capsys):
+    from gen_helpers import overflowing_model
+    from gptforge import GPTModel, save
+    from gptforge.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    token = get_tokenizer().encode(" zebra")[-1]
+    path = save(overflowing_model(GPTModel(tiny_config(vocab_size=50257, context_length=32, emb_dim=64)), token),
+                tmp_path / "m")
+    assert main(["generate", "Hello zebra", "--model", str(path), "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not finite" in err and "Traceback" not in err, err

@@ -95,8 +95,8 @@ def test_chat_errors_are_openai_shaped(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "hi"}])
     assert err.value.body["param"] == "messages"
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.chat.completions.create(model="tiny", messages=user("x"), logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model="tiny", messages=user("x"), top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="context_length_exceeded|maximum context"):
         client.chat.completions.create(model="tiny", messages=user("word " * 300))
     with pytest.raises(openai.NotFoundError):

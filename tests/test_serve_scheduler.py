@@ -3,6 +3,8 @@ library's own `generate` gives it alone, and the batch must take one forward ste
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -187,6 +189,89 @@ def test_a_failing_step_fails_its_sequences_and_the_thread_carries_on(model, mon
         assert out2[-1].finish_reason == FINISH_LENGTH and out2[-1].num_tokens == 5
     finally:
         scheduler.stop()
+
+
+def breaking(model, **options):
+    """`model` made to overflow (NaN logits, NaN keys and values) at one token: the third token of
+    PROMPTS[1] with these options, so a sequence on that prompt breaks in its third decode step, and
+    one whose prompt holds that token breaks in its prefill. Other sequences decode as on `model`."""
+    from gen_helpers import overflowing_model
+
+    token = alone(model, ids_of(PROMPTS[1]), 3, **options)[2]
+    return overflowing_model(model, token), token
+
+
+@pytest.mark.parametrize("layout", ["fast", "torch"])
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.9, "top_p": 0.95, "seed": 4}], ids=["greedy", "sampled"])
+def test_a_sequence_that_breaks_fails_alone_and_leaves_its_row_clean(model, options, layout):
+    bad_model, token = breaking(model, **options)
+    scheduler = BatchScheduler(bad_model, max_batch_size=3)
+    if layout == "torch":  # the model's own forward (as on a GPU): attention through F.scaled_dot_product_attention
+        scheduler.model = bad_model
+    outs = {name: [] for name in ("long", "breaks", "bad_prompt", "after")}
+    long = make_seq(ids_of(PROMPTS[0]), 24, outs["long"], **options)
+    breaks = make_seq(ids_of(PROMPTS[1]), 10, outs["breaks"], **options)
+    bad_prompt = make_seq(ids_of(PROMPTS[2]) + [token], 10, outs["bad_prompt"], **options)
+    for seq in (long, breaks, bad_prompt):
+        scheduler.submit(seq)
+    for _ in range(6):
+        scheduler.step()
+    assert scheduler.stats()["active"] == 1 and long in scheduler._rows  # the two broken ones are gone
+    for name in ("breaks", "bad_prompt"):
+        assert outs[name][-1].finish_reason == FINISH_ERROR and "not finite" in outs[name][-1].error
+    assert breaks.generated == alone(model, breaks.prompt_ids, 3, **options)  # its tokens until it broke
+    # a newcomer takes the freed row, whose older slots (the broken one's) it reads under zero attention weight
+    after = make_seq(ids_of(PROMPTS[3])[:1], 6, outs["after"], **options)
+    scheduler.submit(after)
+    run_to_end(scheduler)
+    for seq, name in ((long, "long"), (after, "after")):
+        assert outs[name][-1].finish_reason == FINISH_LENGTH and outs[name][-1].error is None
+        assert seq.generated == alone(model, seq.prompt_ids, seq.max_tokens, **options)
+    assert scheduler.counters["failed"] == 2
+    assert all(sum(o.finish_reason is not None for o in out) == 1 for out in outs.values())  # one end each
+
+
+def test_a_failing_prefill_fails_its_newcomers_only(model, monkeypatch):
+    scheduler = BatchScheduler(model, max_batch_size=4)
+    outs = [[], [], []]
+    running = make_seq(ids_of(PROMPTS[0]), 12, outs[0])
+    expected = alone(model, running.prompt_ids, 12)
+    scheduler.submit(running)
+    scheduler.step()
+    forward = scheduler.model.forward
+
+    def prefill_fails(ids, **kwargs):
+        if ids.shape[1] > 1:
+            raise RuntimeError("out of memory")
+        return forward(ids, **kwargs)
+
+    monkeypatch.setattr(scheduler.model, "forward", prefill_fails)
+    for i in (1, 2):
+        scheduler.submit(make_seq(ids_of(PROMPTS[i]), 5, outs[i]))
+    run_to_end(scheduler)
+    assert [out[-1].finish_reason for out in outs] == [FINISH_LENGTH, FINISH_ERROR, FINISH_ERROR]
+    assert "RuntimeError: out of memory" in outs[1][-1].error
+    assert running.generated == expected
+
+
+def test_a_step_that_fails_answers_the_sequences_being_admitted(model, monkeypatch):
+    """A failure outside any one sequence (here: in the shared prefill bookkeeping) ends what is in
+    flight, the sequences taken off the queue for admission included: none is left unanswered."""
+    scheduler = BatchScheduler(model, max_batch_size=4)
+    outs = [[], []]
+    monkeypatch.setattr(scheduler, "_prefill", lambda seqs, every_position=False: 1 / 0)
+    monkeypatch.setattr(scheduler, "_fail", lambda seq, message: 1 / 0)  # its own recovery breaks too
+    for out in outs:
+        scheduler.submit(make_seq([1, 2], 3, out))
+    scheduler.start()
+    try:
+        for _ in range(300):
+            if all(out and out[-1].finish_reason for out in outs):
+                break
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    assert [out[-1].finish_reason for out in outs] == [FINISH_ERROR, FINISH_ERROR]
 
 
 def test_submit_rejects_what_cannot_fit(model):

@@ -4,6 +4,7 @@ finetuning, bf16 autocast, and torchrun (2 CPU processes) matching one process."
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -194,6 +195,44 @@ def test_finetune_from_a_checkpoint_and_bf16(corpus, tiny_json, tmp_path):
     fp32 = train(**_options(corpus, tiny_json, tmp_path / "fp32", max_steps=2, eval_every=0))
     assert bf16.train_loss == pytest.approx(fp32.train_loss, abs=0.1)
     assert bf16.train_loss != fp32.train_loss  # autocast really ran in bf16
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_step(corpus, tiny_json, tmp_path, capsys):
+    """A learning rate far too high: the loss overflows at the second step. The run stops with one
+    line, and its checkpoint is the model after the first step, as a run of one step saves it."""
+    opts = _options(corpus, tiny_json, tmp_path / "a", max_steps=20, eval_every=0, sample_tokens=0, lr=1e30,
+                    grad_clip=0.0)
+    with pytest.raises(GptforgeError, match=r"training diverged at step 1: the loss is (nan|inf) .*the model after "
+                                            r"step 0, the last good one, is saved in"):
+        train(**opts)
+    assert gptforge.checkpoint.load_training_state(tmp_path / "a" / "checkpoint")["step"] == 1
+    one_step = train(**{**opts, "out": str(tmp_path / "b"), "max_steps": 1})
+    assert one_step.steps == 1
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the command line: one line, exit 2
+    from gptforge.cli import main
+
+    args = ["train", "--data", str(corpus), "--model", str(tiny_json), "--out", str(tmp_path / "c"), "--lr", "1e30",
+            "--grad-clip", "0", "--batch-size", "4", "--max-steps", "20", "--eval-every", "0", "--sample-tokens", "0",
+            "--precision", "fp32", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training diverged at step 1" in err, err
+
+
+def test_a_loss_beyond_exp_range_has_an_infinite_perplexity(corpus, tiny_json, tmp_path):
+    """A validation loss above ~709.78 nats (here a learning rate of 1e4): exp overflows a float; its
+    perplexity is inf, logged and returned, not an OverflowError that ends the run unsaved."""
+    result = train(**_options(corpus, tiny_json, tmp_path / "a", max_steps=2, eval_every=1, sample_tokens=0,
+                              lr=1e4, val_fraction=0.2))
+    evals = _records(tmp_path / "a", "eval")
+    assert min(r["val_loss"] for r in evals) > 710 and result.val_loss > 710, evals
+    assert result.val_perplexity == math.inf and all(r["val_perplexity"] == math.inf for r in evals)
+    assert (tmp_path / "a" / "checkpoint" / "model.safetensors").exists()
+    from gptforge.evaluate import loss_perplexity
+
+    assert loss_perplexity(709.0) == pytest.approx(math.exp(709.0)) and math.isnan(loss_perplexity(math.nan))
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:

@@ -1,12 +1,13 @@
 """gptforge: GPT-2 from scratch in PyTorch, readable like the book and usable like a tool.
 
 What users call is here: the book's classes, GPTConfig and its presets, load/save, the generation
-functions, train/TrainConfig, prepare_for_inference, perplexity/classification_report and the tokenizer. Helpers stay importable
+functions, embed, train/TrainConfig, prepare_for_inference, perplexity/classification_report and the tokenizer. Helpers stay importable
 from their modules (`gptforge.generation.left_pad`, `gptforge.checkpoint.detect_format`, ...)."""
 
 from .checkpoint import load, load_training_state, save
 from .classifier import classify
 from .config import PRESETS, GPTConfig, preset
+from .embeddings import embed
 from .errors import GptforgeError
 from .evaluate import ClassificationReport, Perplexity, classification_report, perplexity
 from .generation import (
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassificationReport", "GELU", "FeedForward", "GPTConfig", "GPTModel", "GenerationConfig", "GptforgeError",
     "KVCache", "LayerNorm", "MultiHeadAttention", "PRESETS", "ParameterCounts", "Perplexity", "TextStream",
-    "Tokenizer", "TrainConfig", "TransformerBlock", "classification_report", "classify", "count_parameters", "generate",
-    "generate_text", "generate_text_simple", "get_tokenizer", "left_pad", "load", "load_training_state",
+    "Tokenizer", "TrainConfig", "TransformerBlock", "classification_report", "classify", "count_parameters", "embed",
+    "generate", "generate_text", "generate_text_simple", "get_tokenizer", "left_pad", "load", "load_training_state",
     "next_tokens", "perplexity", "prepare_for_inference", "preset", "save", "stream_text", "train",
 ]

@@ -11,6 +11,8 @@ where the book reads the last position even when it is padding (`pool="last"`).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +28,7 @@ from .errors import GptforgeError
 from .metrics import progress_bar
 from .options import check_value
 from .model import GPTModel
-from .tables import find_column, read_table, text_field
+from .tables import find_column, json_type, read_table, text_field
 from .tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 PAD_ID = ENDOFTEXT_ID  # the book pads with <|endoftext|>
@@ -51,8 +53,31 @@ def read_labeled(path: str | Path, text_column: str = "text", label_column: str 
     rows = read_table(path)
     text_col = find_column(rows, text_column, path, "--text-column")
     label_col = find_column(rows, label_column, path, "--label-column")
-    return LabeledTexts(text_field(rows, text_col, path), [s.strip() for s in text_field(rows, label_col, path)],
-                        str(path))
+    labels = [s.strip() for s in text_field(rows, label_col, path)]
+    _check_label_spelling(rows, label_col, labels, path)
+    return LabeledTexts(text_field(rows, text_col, path), labels, str(path))
+
+
+def _check_label_spelling(rows: Sequence[dict], column: str, labels: Sequence[str], path: str | Path) -> None:
+    """Refuse labels that a reader would take for one class and we for several: JSON values of
+    different types (1, "1", true) or one number written two ways (1 and 1.0, "01" and "1")."""
+    first_of_type: dict[str, int] = {}  # JSON type -> first record (1-based) holding one
+    for number, row in enumerate(rows, 1):
+        first_of_type.setdefault(json_type(row[column]), number)
+    if len(first_of_type) > 1:
+        examples = ", ".join(f"{kind} {json.dumps(rows[n - 1][column])} in record {n}"
+                             for kind, n in first_of_type.items())
+        raise GptforgeError(f"{path}: the labels in {column!r} mix JSON types ({examples}); they would become "
+                            "separate classes: write every label the same way (all strings, say)")
+    spelled: dict[float, str] = {}  # number -> the first label spelling it
+    for label in dict.fromkeys(labels):
+        try:
+            value = float(label)
+        except ValueError:
+            continue
+        if math.isfinite(value) and spelled.setdefault(value, label) != label:
+            raise GptforgeError(f"{path}: the labels {spelled[value]!r} and {label!r} are one number written two "
+                                "ways; they would become two classes: write each class one way")
 
 
 def label_names(labels: Sequence[str]) -> tuple[str, ...]:

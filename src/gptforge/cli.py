@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import GptforgeError
+from .errors import USER_ERRNOS, GptforgeError, SystemFailure, os_error_message
 from .options import SEED_MAX, add_flags, flag_type
 
 # A small GPT-2-tokenizer model trained on Tiny Shakespeare, shipped in gptforge/assets (see README).
@@ -152,7 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServeSettings(
         model_name=args.served_model_name or args.model, max_tokens_cap=args.max_tokens_cap,
         max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size,
-        shutdown_grace_s=args.shutdown_grace,
+        shutdown_grace_s=args.shutdown_grace, api_key=args.api_key or os.environ.get("GPTFORGE_API_KEY") or None,
+        cors_origins=tuple(args.cors_origin or ()),
     )
     run_server(model, settings, host=args.host, port=args.port)
 
@@ -460,6 +461,12 @@ def _add_serve_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPar
                      help="larger request bodies get 413 (default: 1 MiB)")
     srv.add_argument("--shutdown-grace", type=flag_type("float", "--shutdown-grace", {"minimum": 0}), default=10.0,
                      help="seconds in-flight requests may still run after SIGTERM (default: 10)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every route but /health and the web page "
+                          "(default: $GPTFORGE_API_KEY, else none)")
+    srv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                     help="let pages from ORIGIN (e.g. http://localhost:3000, or '*') call the server; repeatable "
+                          "(default: none)")
     srv.set_defaults(func=cmd_serve)
     return srv
 
@@ -511,12 +518,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GptforgeError, FileNotFoundError, PermissionError) as err:  # PermissionError: a path the user's
         print(f"gptforge: error: {err}", file=sys.stderr)
         return 2
+    except SystemFailure as err:  # the system's failure (a full disk), not the user's input
+        print(f"gptforge: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as stop:  # its message, if any, says what was kept (judge's scores so far)
         print(f"gptforge: interrupted{'; ' + str(stop) if str(stop) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # whoever read our output stopped (`gptforge generate ... | head -3`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141  # as a program stopped by SIGPIPE
+    except OSError as err:  # a path the system refused: the user's (not a folder...) or the system's (disk full)
+        print(f"gptforge: error: {os_error_message(err)}", file=sys.stderr)
+        return 2 if err.errno in USER_ERRNOS else 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

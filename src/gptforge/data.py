@@ -13,11 +13,13 @@ for i = 0, stride, 2 * stride, ... while a full window fits: with stride = T thi
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import atomic_write_bytes, ensure_dir
+from .io import atomic_write_bytes, ensure_dir, exclusive_lock, write_file
 from .metrics import progress_bar
 from .tokenizer import Tokenizer, as_tokenizer
 from .errors import GptforgeError
@@ -128,8 +130,8 @@ def _safe_cut(text: str) -> int:
 class _TokenWriter:
     """Tokenizes a stream of text pieces into a uint16 file, a safe chunk at a time."""
 
-    def __init__(self, path: Path, tokenizer: Tokenizer):
-        self.path = path
+    def __init__(self, path: Path, tokenizer: Tokenizer, target: Path):
+        self.path, self.target = path, target  # written to path, renamed to target; errors name target
         self.tokenizer = tokenizer
         self.file = open(path, "wb")
         self.pending = ""
@@ -160,11 +162,14 @@ class _TokenWriter:
         self._write(self.tokenizer.encode(text))
 
     def _write(self, ids: Sequence[int]) -> None:
-        np.asarray(ids, dtype=TOKEN_DTYPE).tofile(self.file)
+        write_file(self.target, lambda: self.file.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes()))
         self.count += len(ids)
 
     def close(self) -> None:
+        """Flush and fsync: the file is renamed into place next, as durable as the meta.json naming it."""
         self.flush()
+        write_file(self.target, self.file.flush)
+        write_file(self.target, lambda: os.fsync(self.file.fileno()))
         self.file.close()
 
 
@@ -221,7 +226,8 @@ def tokenize_corpus(source: str | Path | Sequence[str | Path], folder: str | Pat
     val_fraction: share of the characters, taken from the end of the corpus, that validate
     (0 for none). progress: a bar over the characters on stderr (a big corpus takes minutes).
     Raises ValueError for empty, unreadable or non-text files. Stopped part way (Ctrl-C), it leaves
-    no token files: the next call starts over.
+    no token files: the next call starts over; so does a token file found shorter than meta.json
+    says. Processes tokenizing into one folder take turns (the later ones reuse the files).
     """
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise GptforgeError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
@@ -231,26 +237,53 @@ def tokenize_corpus(source: str | Path | Sequence[str | Path], folder: str | Pat
     files = find_text_files(source)
     folder = Path(folder)
     fingerprint = _fingerprint(files, float(val_fraction))
-    meta_path = folder / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == fingerprint:
-            return TokenizedCorpus(folder, meta["train_tokens"], meta["val_tokens"])
-
-    counts = _count_chars(files)
-    total = sum(counts)
+    if (corpus := _tokenized(folder, fingerprint)) is not None:
+        return corpus
+    total = sum(_count_chars(files))
     if total == 0:
         names = ", ".join(str(p) for p in files[:3])
         raise GptforgeError(f"the training data is empty ({names}{', ...' if len(files) > 3 else ''})")
+    ensure_dir(folder)
+    with exclusive_lock(folder / ".tokenize.lock"):  # another process tokenizing here: wait, then reuse its files
+        if (corpus := _tokenized(folder, fingerprint)) is not None:
+            return corpus
+        for stale in [*folder.glob(".*.bin.*.tmp"), *folder.glob("*.bin.tmp")]:  # a killed tokenizer's
+            stale.unlink(missing_ok=True)
+        return _tokenize(files, folder, fingerprint, total, float(val_fraction), tokenizer, progress)
+
+
+def _tokenized(folder: Path, fingerprint: dict) -> TokenizedCorpus | None:
+    """The token files in `folder` when meta.json says they are of these files and split and both
+    hold as many tokens as it says (a file cut short is tokenized again), else None."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        corpus = TokenizedCorpus(folder, int(meta["train_tokens"]), int(meta["val_tokens"]))
+        fresh = meta.get("fingerprint") == fingerprint and all(
+            path.stat().st_size == n * np.dtype(TOKEN_DTYPE).itemsize
+            for path, n in ((corpus.train_path, corpus.train_tokens), (corpus.val_path, corpus.val_tokens)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return corpus if fresh else None
+
+
+def _tokenize(files: Sequence[Path], folder: Path, fingerprint: dict, total: int, val_fraction: float,
+              tokenizer: Tokenizer, progress: bool) -> TokenizedCorpus:
+    """The streaming pass of `tokenize_corpus` over `total` characters, under its lock."""
     split_at = int((1 - val_fraction) * total)  # the book: text[:int(0.9 * len(text))] trains
 
-    ensure_dir(folder)
+    meta_path = folder / "meta.json"
     meta_path.unlink(missing_ok=True)  # the files below are stale until meta.json is rewritten
-    train = _TokenWriter(folder / "train.bin.tmp", tokenizer)
-    val = _TokenWriter(folder / "val.bin.tmp", tokenizer)
+
+    def writer(name: str) -> _TokenWriter:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        return _TokenWriter(Path(tmp), tokenizer, folder / name)
+
+    train = val = None
     bar = progress_bar(progress, total, 0, unit="char")
     bar.set_description("tokenizing")
     try:
+        train, val = writer("train.bin"), writer("val.bin")
         seen = 0
         for i, path in enumerate(files):
             if i > 0:
@@ -268,15 +301,17 @@ def tokenize_corpus(source: str | Path | Sequence[str | Path], folder: str | Pat
                 bar.update(len(chunk))
         train.close()
         val.close()
+        os.replace(train.path, folder / "train.bin")
+        os.replace(val.path, folder / "val.bin")
     except BaseException:  # an error or Ctrl-C: no half-written token files left behind
-        for writer in (train, val):
-            writer.file.close()
-            writer.path.unlink(missing_ok=True)
+        for writer_ in (train, val):
+            if writer_ is not None:
+                with contextlib.suppress(OSError):  # (a full disk refuses the buffered rest again)
+                    writer_.file.close()
+                writer_.path.unlink(missing_ok=True)
         raise
     finally:
         bar.close()
-    os.replace(train.path, folder / "train.bin")
-    os.replace(val.path, folder / "val.bin")
     meta = {"fingerprint": fingerprint, "train_tokens": train.count, "val_tokens": val.count,
             "characters": total}
     atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())

@@ -31,6 +31,15 @@ IGNORE = -100  # target of a position that is context only (as transformers' lab
 LONG_TEXT_WINDOWS = 8  # more windows than this get a progress bar (when asked for)
 
 
+def loss_perplexity(loss: float) -> float:
+    """exp(loss): the perplexity of a mean loss in nats; inf where that overflows (a loss above
+    ~709.78, e.g. a diverged run's), NaN for a NaN loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 @dataclasses.dataclass(frozen=True)
 class Perplexity:
     """A text's score. loss: mean negative log-likelihood in nats per scored token;
@@ -47,7 +56,7 @@ class Perplexity:
     def from_sums(cls, nll_sum: float, tokens: int, num_bytes: int) -> Perplexity:
         """From the summed NLL (nats) over `tokens` scored tokens of a text of `num_bytes` bytes."""
         loss = nll_sum / tokens
-        return cls(loss=loss, perplexity=math.exp(loss), bits_per_byte=nll_sum / (math.log(2) * num_bytes),
+        return cls(loss=loss, perplexity=loss_perplexity(loss), bits_per_byte=nll_sum / (math.log(2) * num_bytes),
                    tokens=tokens, bytes=num_bytes)
 
     @classmethod
@@ -211,8 +220,14 @@ class ClassificationReport:
 
 
 def _label_indices(labels: Sequence[int | str], label_names: Sequence[str], what: str) -> list[int]:
-    """Labels given as class indices or names -> indices; anything else is an error naming it."""
+    """Labels given as class indices or names -> indices; anything else is an error naming it, and
+    so is a mix of the two (with labels named "0", "1"..., index 1 and name "1" differ)."""
     index = {name: i for i, name in enumerate(label_names)}
+    kinds = {isinstance(label, str) for label in labels}
+    if len(kinds) > 1:
+        name = next(label for label in labels if isinstance(label, str))
+        number = next(label for label in labels if not isinstance(label, str))
+        raise GptforgeError(f"{what} labels mix class names ({name!r}) and indices ({number!r}); give one kind")
     out = []
     for label in labels:
         if isinstance(label, str):

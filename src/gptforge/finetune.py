@@ -42,11 +42,11 @@ from .instruct import ALPACA, RESPONSE_KEY, InstructionData, read_records, respo
 from .io import atomic_write_bytes, sha256_file
 from .lora import ALL_TARGETS, DEFAULT_SCALING, SCALINGS, apply_lora, check_lora_options, count_trainable
 from .options import SEED_MAX, check_fields, option
-from .runtime import StopRequest, autocast_context
+from .runtime import StopRequest, autocast_context, lock_run_folder
 from .tokenizer import get_tokenizer
 from .train import (
     CHECKPOINT_DIR, EvalFn, LossFn, Run, evaluate_and_log, explicit_options, lm_loss, refuse_finished_run,
-    resumed_config, save_run, start_run, train_step,
+    resumed_config, run_folder, save_after_stop, save_run, start_run, train_step,
 )
 from .train_config import TrainConfig
 
@@ -383,6 +383,12 @@ def finetune_classify(config: ClassifyConfig | None = None, /, *,
     adapter checkpoint naming its base, either with the training state), OUT/metrics.jsonl and
     OUT/loss.png. `finetune_classify(out="runs/spam", resume=True)` continues a stopped run exactly.
     on_step: called with each step's metrics record (after the update)."""
+    with lock_run_folder(run_folder(config, options, ClassifyConfig)):
+        return _finetune_classify(config, on_step, options)
+
+
+def _finetune_classify(config: ClassifyConfig | None, on_step: Callable[[dict[str, Any]], None] | None,
+                       options: dict[str, Any]) -> ClassifyResult:
     cfg, saved = resolve_config(ClassifyConfig, "classify", config, options)
     splits = _read_splits(cfg, model_config(cfg).context_length)
     model = load_for_finetuning(cfg)
@@ -401,7 +407,7 @@ def finetune_classify(config: ClassifyConfig | None = None, /, *,
                              cfg.eval_every, cfg.epochs, _epoch_accuracy(splits, cfg.eval_batches), position)
         run.progress.close()
         model = run.raw_model.eval()
-        ckpt = save_finetune(run, cfg, "classify", position)  # before the passes over all the data below
+        ckpt = save_after_stop(run, lambda: save_finetune(run, cfg, "classify", position))  # before the passes below
     final = {"train": None, "val": None, "test": None}
     if not run.interrupted:  # a stopped run ends now: the passes over all the data are for a finished one
         final = {name: loader_accuracy(model, loader) if loader is not None else None
@@ -493,6 +499,12 @@ def finetune_instruct(config: InstructConfig | None = None, /, *,
     OUT/test-responses.json (each record with its greedy `model_response`, as the book's).
     `finetune_instruct(out="runs/instruct", resume=True)` continues a stopped run exactly.
     on_step: called with each step's metrics record (after the update)."""
+    with lock_run_folder(run_folder(config, options, InstructConfig)):
+        return _finetune_instruct(config, on_step, options)
+
+
+def _finetune_instruct(config: InstructConfig | None, on_step: Callable[[dict[str, Any]], None] | None,
+                       options: dict[str, Any]) -> InstructResult:
     cfg, saved = resolve_config(InstructConfig, "instruct", config, options)
     base_cfg = model_config(cfg)
     check_language_model(base_cfg, cfg.model)  # instructions are text in, text out
@@ -528,7 +540,7 @@ def finetune_instruct(config: InstructConfig | None = None, /, *,
                              cfg.epochs, _sampler((val or train)[0]), position)
         run.progress.close()
         model = run.raw_model.eval()
-        ckpt = save_finetune(run, cfg, "instruct", position)  # a Ctrl-C while it is written waits for it
+        ckpt = save_after_stop(run, lambda: save_finetune(run, cfg, "instruct", position))  # a Ctrl-C waits for it
     run.metrics.plot(force=True)
     responses = None
     if test and not run.interrupted:  # a stopped run ends now; its resumed run answers the test records

@@ -204,11 +204,14 @@ def next_tokens(logits: torch.Tensor, ids: torch.Tensor | None, config: Generati
     generator: the torch.Generator to sample from (e.g. `config.make_generator()`, kept across the
         steps of one request); None uses torch's global generator.
     Returns (B,) int64 token ids. Stopping is the caller's business (see `StopChecker`).
+    Every option value that GenerationConfig accepts samples without failing; logits that are not
+    finite (NaN or inf: the model overflowed) raise NonFiniteLogits instead of giving a token.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise GptforgeError(f"logits must be a tensor of shape (batch, vocab), got {_shape_or_type(logits)}")
     if not isinstance(config, GenerationConfig):
         raise GptforgeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    check_finite_logits(logits)
     if config.plain_greedy:
         return kernels.argmax(logits)
     processors = config.processors
@@ -226,6 +229,20 @@ def next_tokens(logits: torch.Tensor, ids: torch.Tensor | None, config: Generati
         return kernels.argmax(scores)
     probs = scores.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+class NonFiniteLogits(GptforgeError):
+    """The model's scores for the next token hold NaN or inf: nothing can be sampled from them."""
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """Raise NonFiniteLogits unless every score of the (B, V) `logits` is finite."""
+    finite = torch.isfinite(logits).all(-1)  # (B,)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten().tolist()
+        raise NonFiniteLogits(
+            f"the model's next-token scores are not finite (NaN or inf) in row{'s' * (len(rows) > 1)} "
+            f"{', '.join(map(str, rows[:8]))}: its computation overflowed; in float16/bfloat16, try float32")
 
 
 def _shape_or_type(value: Any) -> str:

@@ -1,6 +1,10 @@
 """Logits processors: small callables, each mapping (logits (B, V) float32, ids (B, T) int64) to
 logits (B, V). `ids` are the tokens so far (prompt and generated); negative entries are padding and
-are ignored. `GenerationConfig.processors` builds the pipeline; a server may call them directly."""
+are ignored. `GenerationConfig.processors` builds the pipeline; a server may call them directly.
+
+Numerically safe for every value their options accept: given finite logits, none returns NaN or
++inf, and each leaves at least one token finite (so sampling afterwards never fails). Extreme values
+approach their limit (a temperature of 1e-38 is greedy, a top_p of 1e-300 keeps the top token)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,12 @@ def _token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return counts[:, :vocab_size]
 
 
+def _clamp_finite(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`values` in `dtype`, what overflows it held at its largest finite magnitude (-inf stays -inf)."""
+    info = torch.finfo(dtype)
+    return values.clamp(min=info.min, max=info.max).to(dtype).where(values != float("-inf"), float("-inf"))
+
+
 @dataclasses.dataclass(frozen=True)
 class RepetitionPenalty:
     """CTRL's / Hugging Face's repetition penalty: a token already present has its logit divided
@@ -26,8 +36,9 @@ class RepetitionPenalty:
 
     def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         seen = _token_counts(ids, logits.shape[-1]) > 0
-        penalized = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
-        return torch.where(seen, penalized, logits)
+        wide = logits.double()  # a tiny or huge penalty would overflow float32 (+inf, then NaN in softmax)
+        penalized = torch.where(wide > 0, wide / self.penalty, wide * self.penalty)
+        return torch.where(seen, _clamp_finite(penalized, logits.dtype), logits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +55,16 @@ class PresenceFrequencyPenalty:
 
 @dataclasses.dataclass(frozen=True)
 class Temperature:
-    """Divide logits by the temperature (> 0): below 1 sharpens, above 1 flattens."""
+    """Divide logits by the temperature (> 0): below 1 sharpens, above 1 flattens. Each row is first
+    shifted so that its largest logit is 0 (softmax is unchanged): a tiny temperature then sends the
+    others to -inf (greedy, its limit) instead of overflowing them to +inf; the division is done in
+    float64, so a temperature below float32's smallest number divides as itself, not as 0."""
 
     temperature: float
 
     def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return logits / self.temperature
+        top = logits.amax(-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).min)  # a row of -inf stays -inf
+        return ((logits - top).double() / self.temperature).to(logits.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +97,8 @@ class TopP:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs  # probability of the more likely tokens
-        drop_sorted = mass_before >= self.p
+        drop_sorted = mass_before >= self.p  # (a p below float32's range compares as 0: drops all...)
+        drop_sorted[:, 0] = False  # ...but the most probable token always survives
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         return logits.masked_fill(drop, float("-inf"))
 

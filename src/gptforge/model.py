@@ -359,6 +359,21 @@ class GPTModel(nn.Module):
         positions: (B, T) or (T,) position ids (default: consecutive from cache.length or 0).
         attention_mask: (B, cache.length + T), 1 for real tokens and 0 for (left) padding.
         """
+        x = self.hidden_states(in_idx, cache=cache, positions=positions, attention_mask=attention_mask,
+                               last_only=last_only)
+        if targets is not None and type(self.out_head) is nn.Linear and self.out_head.bias is None:
+            return LinearCrossEntropy.apply(x.flatten(0, 1), self.out_head.weight, targets.flatten())
+        logits = self.out_head(x)
+        if targets is not None:  # a wrapped head (LoRA) cannot be fused: the plain loss
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits
+
+    def hidden_states(self, in_idx: torch.Tensor, *, cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                      last_only: bool = False) -> torch.Tensor:
+        """in_idx: (B, T) token ids. Returns the final LayerNorm's output (B, T, emb_dim) (or (B, 1,
+        emb_dim) with `last_only`): what the output head reads, and what embeddings pool. The
+        other arguments are `forward`'s."""
         b, t = in_idx.shape
         start = cache.length if cache is not None else 0
         if start + t > (cache.max_len if cache is not None else self.cfg.context_length):
@@ -378,13 +393,7 @@ class GPTModel(nn.Module):
             cache.length = start + t
         if last_only:
             x = x[:, -1:, :]  # (B, 1, d)
-        x = self.final_norm(x)
-        if targets is not None and type(self.out_head) is nn.Linear and self.out_head.bias is None:
-            return LinearCrossEntropy.apply(x.flatten(0, 1), self.out_head.weight, targets.flatten())
-        logits = self.out_head(x)
-        if targets is not None:  # a wrapped head (LoRA) cannot be fused: the plain loss
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits
+        return self.final_norm(x)
 
     def num_parameters(self, exclude_head: bool = False) -> int:
         """Distinct parameters (a tied head is counted once). `exclude_head` also leaves out an

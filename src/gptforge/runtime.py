@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch.nn as nn
 from . import checkpoint
 from .device import resolve_device
 from .errors import GptforgeError
+from .io import ensure_dir, exclusive_lock
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -77,15 +78,22 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
 
 
 class StopRequest:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the current step;
-    a second Ctrl-C interrupts at once. Only the main thread can install signal handlers."""
+    """Turns Ctrl-C (SIGINT) and SIGTERM into a request to stop after the current step once the run
+    can save one (`defer()`, called when the run is built); before that, while the data is
+    tokenized or the model built, they stop at once (KeyboardInterrupt: what was being written is
+    removed). A second Ctrl-C interrupts at once. Only the main thread can install signal handlers."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.deferring = False
         self._previous: dict[int, Any] = {}
 
+    def defer(self) -> None:
+        """From now on a stop waits for the end of the current step (the run then saves)."""
+        self.deferring = True
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if not self.deferring or (self.requested and signum == signal.SIGINT):
             raise KeyboardInterrupt
         self.requested = True
         print("\ngptforge: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
@@ -100,6 +108,30 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+RUN_LOCK_FILE = ".gptforge-run.lock"
+
+
+@contextlib.contextmanager
+def lock_run_folder(out: str | Path) -> Iterator[None]:
+    """Hold the run folder `out` for one run (train, finetune, --resume): a second process given the
+    same folder is refused at once, naming the holder; the lock goes with the process, however it
+    ends (a killed run's never blocks). Created here if absent and removed again if the run leaves
+    it empty (bad input found before any work). Under torchrun the rank-0 process holds it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    out = Path(out)
+    created = [p for p in (out, *out.parents) if not p.exists()]  # the deepest first
+    ensure_dir(out)
+    try:
+        with exclusive_lock(out / RUN_LOCK_FILE, wait=False, what=f"the run folder {out}"):
+            yield
+    finally:
+        with contextlib.suppress(OSError):
+            for folder in created:
+                folder.rmdir()  # only if empty
 
 
 @dataclasses.dataclass
@@ -191,7 +223,8 @@ def save_checkpoint(ckpt: Path, model: nn.Module, raw_model: nn.Module, optimize
         model_state = get_model_state_dict(model, options=options)
         optim_state = get_optimizer_state_dict(model, optimizer, options=options)
         if dctx.main:
-            to_save = checkpoint.build_model(raw_model.cfg, model_state, "FSDP full state dict")
+            # rank 0 alone here: the caller checks every rank's shard for non-finite weights beforehand
+            to_save = checkpoint.build_model(raw_model.cfg, model_state, "FSDP full state dict", check_finite=False)
     else:
         to_save, optim_state = raw_model, optimizer.state_dict()
     if dctx.main:

@@ -22,12 +22,18 @@ own tokens), so padding changes nothing but the attention mask.
 
 The scheduler runs in its own thread (`start`/`stop`); `submit` and `cancel` may be called from any
 thread, and each sequence's `on_output` callback is called from the scheduler thread.
+
+One sequence's failure is its own: if picking or reporting its token raises (e.g. the model's scores
+for it are not finite), that sequence alone ends with FINISH_ERROR and the others go on. Only a
+failure of the shared forward pass ends the sequences in it; every sequence taken from the queue is
+answered, whatever fails.
 """
 
 from __future__ import annotations
 
 import codecs
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -40,9 +46,12 @@ import torch.nn as nn
 from . import kernels
 from .config import check_language_model
 from .kernels.block import make_panels
-from .generation import GenerationConfig, TextStream, left_pad, next_tokens, positions_from_mask
+from .generation import (
+    GenerationConfig, TextStream, check_finite_logits, left_pad, next_tokens, positions_from_mask,
+)
 from .model import KV_Q8_0, KVCache
 from .quant import inference_view
+from .structured import GrammarMatcher, apply_bitmask, new_bitmask
 from .tokenizer import Tokenizer, as_tokenizer
 from .errors import GptforgeError
 
@@ -51,7 +60,7 @@ log = logging.getLogger(__name__)
 FINISH_STOP = "stop"  # a stop token or stop string
 FINISH_LENGTH = "length"  # max_tokens reached
 FINISH_ABORT = "abort"  # ended by a shutdown
-FINISH_ERROR = "error"  # the model step failed
+FINISH_ERROR = "error"  # this sequence's step failed (Output.error says why)
 
 
 class SchedulerClosed(RuntimeError):
@@ -68,8 +77,10 @@ class TokenLogprob:
 
     token: str
     logprob: float | None  # None for a prompt's first token (nothing predicts it)
-    top: dict[str, float] | None  # the most likely alternatives at that position
+    top: dict[str, float] | None  # the most likely alternatives, and the token itself (OpenAI's up to N + 1)
     offset: int  # character offset of the token in its text (prompt or completion)
+    token_id: int | None = None
+    top_ids: list[tuple[int, float]] | None = None  # exactly the N most likely (id, logprob), best first
 
 
 @dataclasses.dataclass
@@ -95,6 +106,11 @@ class SequenceState:
     on_output: called from the scheduler thread after each step, last with a finish_reason.
     logprobs: None for no logprobs, else how many top alternatives to report per token (0..).
     prompt_logprobs: also report the prompt's tokens' logprobs (OpenAI's echo with logprobs).
+    grammar: a `structured.GrammarMatcher` the text must follow (its mask applies before the
+        config's processors); the sequence stops when the grammar is complete.
+    logit_bias: token id -> value added to its logit before picking (OpenAI's logit_bias).
+    min_tokens: the config's stop_token_ids are forbidden until this many tokens were generated.
+    Logprobs are always those of the model's raw distribution, before any of these.
     """
 
     prompt_ids: list[int]
@@ -106,6 +122,9 @@ class SequenceState:
     cancelled: bool = False
     generated: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    grammar: GrammarMatcher | None = None
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.generator: torch.Generator | None = None  # made on the model's device at admission
@@ -125,6 +144,11 @@ class SequenceState:
     def finish_text(self) -> str:
         """The text still held back (see `TextStream.finish`); "" before any token."""
         return self._text.finish() if self._text is not None else ""
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether its logits change before picking (a grammar, a bias, a minimum length)."""
+        return self.grammar is not None or bool(self.logit_bias) or len(self.generated) < self.min_tokens
 
     @property
     def stopped_on_string(self) -> bool:
@@ -167,13 +191,18 @@ class BatchScheduler:
         self._next = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # each row's pending token
         self._column = 0  # the write column shared by all rows
         self._rows: list[SequenceState] = []  # active sequences; index = row
+        self._admitting: list[SequenceState] = []  # taken off the queue, not yet in a row
+
+        # Grammar masks: one row per batch row, filled on a worker thread while the model runs.
+        self._bitmask: torch.Tensor | None = None
+        self._mask_worker: concurrent.futures.ThreadPoolExecutor | None = None
 
         self._waiting: collections.deque[SequenceState] = collections.deque()
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._abort_at: float | None = None  # set by `drain`
-        self.counters = collections.Counter(decode_steps=0, prefills=0, finished=0, cancelled=0)
+        self.counters = collections.Counter(decode_steps=0, prefills=0, finished=0, cancelled=0, failed=0)
 
     # ------------------------------------------------------------------ the API for other threads
 
@@ -203,8 +232,15 @@ class BatchScheduler:
             self._wakeup.notify()
 
     def stats(self) -> dict[str, int]:
-        """Active and waiting sequences, and the running `counters` (decode steps, prefills, finished, cancelled)."""
+        """Active and waiting sequences, and the running `counters` (decode steps, prefills, finished,
+        cancelled, failed)."""
         return {"active": len(self._rows), "waiting": len(self._waiting), **self.counters}
+
+    def cache_usage(self) -> float:
+        """The share of the batch KV cache (max_batch_size rows x context_length positions) that
+        holds tokens of active sequences, 0 to 1 (a snapshot: safe to call from any thread)."""
+        held = sum(len(seq.prompt_ids) + len(seq.generated) for seq in list(self._rows))
+        return held / (self.max_batch_size * self.context_length)
 
     def start(self) -> None:
         """Run the scheduler in a daemon thread (the calling thread's OpenMP workers are let go:
@@ -225,6 +261,9 @@ class BatchScheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._mask_worker is not None:
+            self._mask_worker.shutdown(wait=False)
+            self._mask_worker = None
         self._end_all(FINISH_ABORT)
 
     # ------------------------------------------------------------------ the loop
@@ -238,7 +277,7 @@ class BatchScheduler:
                     return
             try:
                 self.step()
-            except Exception as err:  # a failed step must not take the server down: fail its sequences
+            except Exception as err:  # a failed shared step must not take the server down: fail its sequences
                 log.exception("generation step failed")
                 self._end_all(FINISH_ERROR, f"generation failed: {type(err).__name__}: {err}")
 
@@ -258,25 +297,34 @@ class BatchScheduler:
             self._decode()
 
     def _admit(self) -> None:
-        """Move waiting sequences into free rows, prefilling the newcomers together."""
-        newcomers = []
+        """Move waiting sequences into free rows, prefilling the newcomers together. A prefill that
+        fails ends the sequences in it (FINISH_ERROR), not the ones already decoding."""
+        newcomers = self._admitting = []  # answered by `_end_all` too, should anything else fail
         while len(self._rows) + len(newcomers) < self.max_batch_size:
             with self._wakeup:
                 if not self._waiting:
                     break
                 seq = self._waiting.popleft()
+                newcomers.append(seq)
             if seq.cancelled:
+                newcomers.pop()
                 self.counters["cancelled"] += 1
             elif seq.max_tokens == 0 and not seq.prompt_logprobs:
+                newcomers.pop()
                 self._emit(seq, None, None)  # nothing to compute
-            else:
-                newcomers.append(seq)
         # Prompt logprobs need the logits of every position: those prompts run alone.
-        for seq in [s for s in newcomers if s.prompt_logprobs]:
-            self._prefill([seq], every_position=True)
+        groups = [([s], True) for s in newcomers if s.prompt_logprobs]
         rest = [s for s in newcomers if not s.prompt_logprobs]
-        if rest:
-            self._prefill(rest)
+        groups += [(rest, False)] if rest else []
+        for seqs, every_position in groups:
+            try:
+                self._prefill(seqs, every_position)
+            except Exception as err:
+                message = self._failure(err)
+                for seq in seqs:
+                    if seq.finish_reason is None and seq not in self._rows:
+                        self._fail(seq, message)
+        self._admitting = []
 
     def _prefill(self, seqs: list[SequenceState], every_position: bool = False) -> None:
         """Run the prompts as one left-padded batch, pick each one's first token, and give a row
@@ -286,18 +334,25 @@ class BatchScheduler:
         ids, mask = left_pad([s.prompt_ids for s in seqs], pad_token_id=0, device=self.device)  # (k, W) each
         padded = not bool(mask.all())
         cache = self.model.new_cache(len(seqs), max_len=ids.shape[1])
+        masks = self._start_masks(seqs)
         logits = self.model(
             ids, cache=cache, positions=positions_from_mask(mask) if padded else None,
             attention_mask=mask if padded else None, last_only=not every_position,
         )  # (k, W or 1, V)
+        bitmask = masks.result() if masks is not None else None
         for j, seq in enumerate(seqs):
-            seq.generator = seq.config.make_generator(self.device)
-            prompt_lp = self._prompt_logprobs(seq, logits[j]) if every_position else None
-            if seq.max_tokens == 0:
-                self._emit(seq, None, None, prompt_lp)
+            try:
+                seq.generator = seq.config.make_generator(self.device)
+                prompt_lp = self._prompt_logprobs(seq, logits[j]) if every_position else None
+                if seq.max_tokens == 0:
+                    self._emit(seq, None, None, prompt_lp)
+                    continue
+                token = self._pick(seq, logits[j, -1:], bitmask, j)
+                finished = self._emit(seq, token, logits[j, -1], prompt_lp)
+            except Exception as err:  # this sequence's own failure: the others go on
+                self._fail(seq, self._failure(err))
                 continue
-            token = self._pick(seq, logits[j, -1:])
-            if not self._emit(seq, token, logits[j, -1], prompt_lp):
+            if not finished:
                 self._insert(seq, cache, j, token)
 
     def _insert(self, seq: SequenceState, prefilled: KVCache, j: int, token: int) -> None:
@@ -337,6 +392,7 @@ class BatchScheduler:
             self._shift(-(self._column - int(self._positions[:len(self._rows)].max())))
         n, col = len(self._rows), self._column
         self._mask[:n, col] = 1
+        masks = self._start_masks(self._rows)  # the grammars' masks, computed while the model runs
         logits = self.model(
             self._next[:n, None], cache=self._cache.rows(n, col),
             positions=self._positions[:n, None], attention_mask=self._mask[:n, :col + 1], last_only=True,
@@ -345,12 +401,29 @@ class BatchScheduler:
         self._column += 1
         self._positions[:n] += 1
         tokens, finished = [], []
-        # plain greedy rows (no processors): one argmax for all of them
-        plain = [seq.config.plain_greedy for seq in self._rows]
-        argmax = kernels.argmax(logits[:, :self.tokenizer.vocab_size]).tolist() if any(plain) else None
+        bitmask = masks.result() if masks is not None else None
+        # plain greedy rows (no processors, no grammar): one argmax for all of them (the others' `_pick`
+        # checks its row)
+        plain = [seq.config.plain_greedy and not seq.adjusts_logits for seq in self._rows]
+        argmax = finite = None
+        if any(plain):
+            scores = logits[:, :self.tokenizer.vocab_size]
+            argmax, finite = kernels.argmax(scores).tolist(), torch.isfinite(scores).all(-1).tolist()
         for i, seq in enumerate(self._rows):
-            tokens.append(argmax[i] if plain[i] else self._pick(seq, logits[i:i + 1]))
-            if self._emit(seq, tokens[-1], logits[i]):
+            try:
+                if plain[i] and not finite[i]:
+                    check_finite_logits(logits[i:i + 1])  # raises, saying what is wrong
+                token = argmax[i] if plain[i] else self._pick(seq, logits[i:i + 1], bitmask, i)
+                done = self._emit(seq, token, logits[i])
+            except Exception as err:  # this sequence's own failure: its row is freed, the others go on
+                self._fail(seq, self._failure(err))
+                token, done = 0, True
+                # its keys/values may be NaN, and a later sequence in this row reads stale slots under a
+                # zero attention weight (0 * NaN = NaN): cleared
+                self._cache.keys[:, i].zero_()
+                self._cache.values[:, i].zero_()
+            tokens.append(token)
+            if done:
                 finished.append(i)
         self._next[:n] = torch.tensor(tokens, device=self.device)
         self._remove(finished)
@@ -373,22 +446,62 @@ class BatchScheduler:
     def _end_all(self, reason: str, error: str | None = None) -> None:
         """Finish every active and waiting sequence with `reason` (shutdown, or a failed step)."""
         with self._wakeup:
-            ended = self._rows + list(self._waiting)
+            ended = self._rows + self._admitting + list(self._waiting)
             self._waiting.clear()
-        self._rows = []
+        self._rows, self._admitting = [], []
         for seq in ended:
             if not seq.cancelled and seq.finish_reason is None:
                 self._finish(seq, reason, error)
 
     # ------------------------------------------------------------------ per-sequence work
 
-    def _pick(self, seq: SequenceState, logits: torch.Tensor) -> int:
-        """The next token of one sequence from its (1, V) logits, with its own config and generator."""
+    def _start_masks(self, seqs: list[SequenceState]) -> concurrent.futures.Future | None:
+        """Fill row i of the grammar bitmask for each seqs[i] that has a grammar, on the worker
+        thread (llguidance lets go of the GIL); None when none has one."""
+        rows = [(i, seq.grammar) for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if not rows:
+            return None
+        if self._bitmask is None:
+            self._bitmask = new_bitmask(self.max_batch_size, self.tokenizer.vocab_size)
+        if self._mask_worker is None:  # made at the first grammar (again after a stop)
+            self._mask_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gptforge-grammar")
+        bitmask = self._bitmask
+
+        def fill() -> torch.Tensor:
+            for i, grammar in rows:
+                grammar.fill(bitmask, i)
+            return bitmask
+
+        return self._mask_worker.submit(fill)
+
+    def _pick(self, seq: SequenceState, logits: torch.Tensor, bitmask: torch.Tensor | None = None,
+              row: int = 0) -> int:
+        """The next token of one sequence from its (1, V) logits, with its own config and generator
+        (and its bias, minimum length and grammar, whose mask is row `row` of `bitmask`)."""
         logits = logits[:, :self.tokenizer.vocab_size]  # a padded vocabulary's extra ids have no text
+        if seq.adjusts_logits:
+            logits = self._adjust(seq, logits, bitmask[row:row + 1] if seq.grammar is not None else None)
         context = None
         if seq.config.needs_context:
             context = torch.tensor([seq.prompt_ids + seq.generated], device=logits.device)
-        return int(next_tokens(logits, context, seq.config, seq.generator)[0])
+        token = int(next_tokens(logits, context, seq.config, seq.generator)[0])
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
+        return token
+
+    def _adjust(self, seq: SequenceState, logits: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:
+        """(1, V) logits with the sequence's logit bias, minimum length and grammar mask applied."""
+        logits = logits.float()
+        if seq.logit_bias:
+            ids = [i for i in seq.logit_bias if i < logits.shape[-1]]
+            bias = torch.tensor([seq.logit_bias[i] for i in ids], dtype=logits.dtype, device=logits.device)
+            logits = logits.index_add(1, torch.tensor(ids, device=logits.device), bias[None])
+        if bitmask is not None:  # the grammar decides where the text may end
+            logits = apply_bitmask(logits, bitmask)
+        elif len(seq.generated) < seq.min_tokens:
+            stops = [i for i in seq.config.stop_token_ids if i < logits.shape[-1]]
+            logits = logits.index_fill(1, torch.tensor(stops, dtype=torch.long, device=logits.device), float("-inf"))
+        return logits
 
     def _emit(self, seq: SequenceState, token: int | None, logits: torch.Tensor | None,
               prompt_lp: list[TokenLogprob] | None = None) -> bool:
@@ -398,12 +511,14 @@ class BatchScheduler:
             finish = FINISH_LENGTH
         else:
             seq.generated.append(token)
-            if token in seq.config.stop_token_ids:
+            if token in seq.config.stop_token_ids or (seq.grammar is not None and token == self.tokenizer.eot_id):
                 text, finish = seq.finish_text(), FINISH_STOP
             else:
                 text, offset = seq.push_text(token, self.tokenizer)
                 if seq.stopped_on_string:
                     finish = FINISH_STOP
+                elif seq.grammar is not None and seq.grammar.finished:  # complete: nothing may follow
+                    text, finish = text + seq.finish_text(), FINISH_STOP
                 elif len(seq.generated) == seq.max_tokens:
                     text, finish = text + seq.finish_text(), FINISH_LENGTH
                 if seq.logprobs is not None and (not seq.stopped_on_string or offset < seq.released_chars):
@@ -413,6 +528,20 @@ class BatchScheduler:
             seq.finish_reason = finish
             self.counters["finished"] += 1
         return finish is not None
+
+    @staticmethod
+    def _failure(err: Exception) -> str:
+        """What a client is told of `err`; anything but a GptforgeError is a bug, whose traceback is logged."""
+        if isinstance(err, GptforgeError):
+            return str(err)
+        log.error("generation failed", exc_info=err)
+        return f"generation failed: {type(err).__name__}: {err}"
+
+    def _fail(self, seq: SequenceState, message: str) -> None:
+        """End one sequence with FINISH_ERROR (its own failure: nothing else ends)."""
+        if seq.finish_reason is None:
+            self.counters["failed"] += 1
+            self._finish(seq, FINISH_ERROR, message)
 
     def _finish(self, seq: SequenceState, reason: str, error: str | None = None) -> None:
         text = seq.finish_text() if reason == FINISH_ABORT else ""
@@ -428,11 +557,14 @@ class BatchScheduler:
 
     def _token_logprob(self, token: int, logits: torch.Tensor, top: int, offset: int) -> TokenLogprob:
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
-        alternatives = None
+        alternatives, top_ids, chosen = None, None, float(logprobs[token])
         if top > 0:
             values, ids = torch.topk(logprobs[:self.tokenizer.vocab_size], top)
-            alternatives = {self.tokenizer.decode([i]): v for i, v in zip(ids.tolist(), values.tolist())}
-        return TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), alternatives, offset)
+            top_ids = list(zip(ids.tolist(), values.tolist()))
+            # OpenAI's completions list the chosen token too when it is not among the top N
+            shown = top_ids if token in ids.tolist() else [*top_ids, (token, chosen)]
+            alternatives = {self.tokenizer.decode([i]): v for i, v in shown}
+        return TokenLogprob(self.tokenizer.decode([token]), chosen, alternatives, offset, token, top_ids)
 
     def _prompt_logprobs(self, seq: SequenceState, logits: torch.Tensor) -> list[TokenLogprob]:
         """Logprobs of each prompt token given the ones before it; logits: (P, V) (the prompt ran alone)."""
@@ -440,7 +572,7 @@ class BatchScheduler:
         out, offset = [], 0
         for i, token in enumerate(seq.prompt_ids):
             if i == 0:
-                out.append(TokenLogprob(self.tokenizer.decode([token]), None, None, 0))
+                out.append(TokenLogprob(self.tokenizer.decode([token]), None, None, 0, token))
             else:
                 out.append(self._token_logprob(token, logits[i - 1], seq.logprobs or 0, offset))
             offset += len(decoder.decode(self.tokenizer.decode_bytes([token])))

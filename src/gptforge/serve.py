@@ -3,7 +3,11 @@
     POST /v1/completions   prompt(s) -> completions, plain JSON or server-sent events (`stream`)
     POST /v1/chat/completions   messages -> chat completions, for a model saved with a prompt
                            template (`gptforge finetune instruct`); the same path underneath
+    POST /v1/embeddings    texts or token ids -> one unit vector each (`embeddings.embed`)
+    POST /classify         texts -> label and probabilities, in vLLM's shape, for a classifier
+                           (`gptforge finetune classify`; also at /v1/classify)
     GET  /v1/models        the one model served; GET /v1/models/{id} for it alone
+    GET  /metrics          Prometheus metrics (`serve_metrics`)
     GET  /health           liveness and load: active and waiting sequences, counters
     GET  /tokenizer_info, POST /tokenize, POST /detokenize
                            the tokenizer, in vLLM's shapes, which lm-evaluation-harness's
@@ -13,10 +17,13 @@
 
 A base GPT-2 answers the completions API only; chat needs the model's prompt template, which
 renders the messages into one prompt (`instruct.chat_prompt`) that then runs exactly as a
-completion, stopping also at the template's next section. Every choice of every request
+completion, stopping also at the template's next section. A classifier is served without a
+scheduler: it labels texts (/classify) and embeds them, and generating with it is a 400. A request
+without `model` is answered by the model served. Every choice of every request
 becomes a `scheduler.SequenceState`; the `BatchScheduler` decodes all active ones together. Errors use
 OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 400 for bad parameters,
-404 for an unknown model or route, 413 for an oversized body, 503 while shutting down or full.
+404 for an unknown model or route, 413 for an oversized body, 503 while shutting down or full,
+401 without the API key where one is set (`--api-key`: every route but /health, / and /static/).
 On SIGTERM the server stops accepting connections, lets in-flight requests run for
 `shutdown_grace_s`, then ends the rest with `finish_reason: "abort"` and a proper end of stream.
 """
@@ -24,42 +31,58 @@ On SIGTERM the server stops accepting connections, lets in-flight requests run f
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import errno
 import functools
 import gc
+import hmac
 import ipaddress
 import json
 import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch.nn as nn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
+from .classifier import classify
+from .embeddings import embed, input_ids
 from .errors import GptforgeError
 from .generation import GenerationConfig, prompt_ids
 from .instruct import chat_prompt
+from .openai_decoding import (
+    GrammarSpec, ToolMode, chat_logprobs, chat_spec, compile_grammar, completion_spec, logit_bias, tool_calls,
+)
 from .playground import add_playground
 from .openai_api import (
-    MAX_SEED, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, SamplingFields,
-    parse_request,
+    MAX_SEED, APIError, ChatCompletionRequest, ClassifyRequest, CompletionRequest, DetokenizeRequest,
+    EmbeddingRequest, TokenizeRequest, SamplingFields, parse_request,
 )
 from .scheduler import (
     FINISH_ERROR, BatchScheduler, Output, SchedulerClosed, SchedulerFull, SequenceState, TokenLogprob,
 )
-from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, as_tokenizer
+from .serve_metrics import CONTENT_TYPE, ServerMetrics
+from .structured import Grammar
+from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, Tokenizer, as_tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # per stop string: each generated token is checked against every one
+MAX_INPUTS = 2048  # texts per embeddings or classify request, as OpenAI's embeddings
+OPEN_PATHS = ("/", "/health", "/favicon.ico")  # answered without the API key, as are paths under OPEN_PREFIX
+OPEN_PREFIX = "/static/"  # the web page's files: the page itself asks for the key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +95,8 @@ class ServeSettings:
     max_choices: prompts x n per request.
     max_batch_size: sequences decoded together; max_waiting: sequences queued behind them.
     shutdown_grace_s: on SIGTERM, how long in-flight requests may still run before being ended.
+    api_key: when set, every route but OPEN_PATHS needs `Authorization: Bearer <api_key>` (else 401).
+    cors_origins: origins whose pages may call the server (CORS); "*" for any; none by default.
     """
 
     model_name: str
@@ -81,6 +106,8 @@ class ServeSettings:
     max_batch_size: int = 16
     max_waiting: int = 1024
     shutdown_grace_s: float = 10.0
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    cors_origins: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- the request
@@ -135,8 +162,6 @@ def _check_unsupported(req: CompletionRequest) -> None:
     n = req.n or 1
     if req.best_of is not None and req.best_of != n:
         raise APIError(400, "best_of is not supported (leave it out or set it equal to n)", param="best_of")
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if req.suffix:
         raise APIError(400, "suffix is not supported: GPT-2 only continues text", param="suffix")
     if req.stream_options is not None and not req.stream:
@@ -151,8 +176,8 @@ def _chat_as_completion(req: ChatCompletionRequest, model_cfg: Any, settings: Se
         raise APIError(400, f"the model '{settings.model_name}' has no prompt template (it is a base model), so "
                             f"it cannot chat; use /v1/completions, or serve a model trained with "
                             f"`gptforge finetune instruct`", param="messages", code="no_chat_template")
-    if req.logprobs or req.top_logprobs is not None:
-        raise APIError(400, "logprobs is not supported on chat completions", param="logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     try:
         text = chat_prompt(req.messages, template)
     except GptforgeError as err:
@@ -162,7 +187,8 @@ def _chat_as_completion(req: ChatCompletionRequest, model_cfg: Any, settings: Se
         context = model_cfg.context_length
         max_tokens = max(1, min(settings.max_tokens_cap or context, context - len(prompt_ids(text, tokenizer))))
     shared = {name: getattr(req, name) for name in SamplingFields.model_fields}
-    return CompletionRequest.model_construct(**shared, prompt=text, max_tokens=max_tokens)
+    return CompletionRequest.model_construct(**shared, prompt=text, max_tokens=max_tokens,
+                                             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
 
 # --------------------------------------------------------------------------- the response
@@ -192,6 +218,7 @@ class _Choice:
     finish_reason: str | None = None
     tokens: int = 0
     started: bool = False
+    entries: list[TokenLogprob] = dataclasses.field(default_factory=list)  # the generated tokens' logprobs
 
     def add(self, out: Output) -> tuple[str, dict[str, list[Any]] | None]:
         """Fold in one output; returns its text and logprobs as a stream chunk shows them."""
@@ -203,6 +230,7 @@ class _Choice:
                 if self.want_logprobs and out.prompt_logprobs is not None:
                     lp = _logprobs_json(out.prompt_logprobs)
         if self.want_logprobs:
+            self.entries += out.logprobs
             shift = len(self.prompt.text) if self.echo else 0  # offsets count from the choice's text start
             lp = _merge_logprobs(lp, _logprobs_json(out.logprobs, shift))
             self.logprobs = _merge_logprobs(self.logprobs, lp)
@@ -210,6 +238,15 @@ class _Choice:
         self.tokens = out.num_tokens
         self.finish_reason = out.finish_reason
         return text, lp
+
+
+@dataclasses.dataclass(frozen=True)
+class _Extras:
+    """What a request adds to its GenerationConfig, per sequence (see `scheduler.SequenceState`)."""
+
+    grammar: Grammar | None = None
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
 
 def _plan(req: CompletionRequest, settings: ServeSettings, tokenizer: Tokenizer, vocab_size: int,
@@ -234,17 +271,34 @@ def _plan(req: CompletionRequest, settings: ServeSettings, tokenizer: Tokenizer,
                 param="prompt", code="context_length_exceeded")
     if req.seed is not None and req.seed + len(prompts) * n - 1 > MAX_SEED:
         raise APIError(400, f"seed must be at most {MAX_SEED - len(prompts) * n + 1}", param="seed")
+    if req.min_tokens is not None and req.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                       param="min_tokens")
     try:
         config = GenerationConfig(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k if req.top_k and req.top_k > 0 else None,
+            top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,  # vLLM: -1 or 0 is off
+            min_p=req.min_p or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            stop_strings=_stop_strings(req.stop), stop_token_ids=(ENDOFTEXT_ID,),
+            stop_strings=_stop_strings(req.stop), stop_token_ids=() if req.ignore_eos else (ENDOFTEXT_ID,),
         )
     except ValueError as err:
         raise APIError(400, str(err)) from None
     return prompts, max_tokens, config
+
+
+async def _extras(req: CompletionRequest, spec: GrammarSpec | None, vocab_size: int) -> _Extras:
+    """A request's logit bias, min_tokens and grammar (compiled on a worker thread: the first one
+    builds llguidance's view of the tokenizer, ~1 s)."""
+    bias = logit_bias(req.logit_bias, vocab_size)
+    gpt2 = get_tokenizer().vocab_size  # the grammars' tokenizer; a toy vocabulary lacks the tokens they force
+    if spec is not None and vocab_size < gpt2:
+        raise APIError(400, f"{spec.param}: structured output needs a model whose vocabulary holds GPT-2's "
+                            f"{gpt2} tokens; this one has {vocab_size}", param=spec.param.split(".")[0])
+    grammar = await asyncio.to_thread(compile_grammar, spec) if spec is not None else None
+    return _Extras(grammar, bias, req.min_tokens or 0)
 
 
 class _Completion:
@@ -255,8 +309,10 @@ class _Completion:
     8 such requests at once on 2 cores, ~10% more tokens/s)."""
 
     def __init__(self, req: CompletionRequest, prompts: list[_Prompt], max_tokens: int,
-                 config: GenerationConfig, model_name: str, loop: asyncio.AbstractEventLoop, chat: bool = False):
+                 config: GenerationConfig, model_name: str, loop: asyncio.AbstractEventLoop, chat: bool = False,
+                 extras: _Extras = _Extras(), tokenizer: Tokenizer | None = None, tools: ToolMode | None = None):
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.tokenizer, self.tools = tokenizer, tools
         self.loop, self.stream = loop, bool(req.stream)
         self.prompts = prompts
         self.include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -277,6 +333,8 @@ class _Completion:
                     p.ids, max_tokens, config.replace(seed=seed),
                     on_output=functools.partial(self._receive, index),
                     logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
+                    grammar=extras.grammar.matcher() if extras.grammar is not None else None,
+                    logit_bias=extras.logit_bias, min_tokens=extras.min_tokens,
                 ))
 
     def _receive(self, index: int, out: Output) -> None:
@@ -291,24 +349,47 @@ class _Completion:
         for seq in self.seqs:
             scheduler.cancel(seq)
 
+    def _chat_logprobs(self, entries: list[TokenLogprob], want: bool) -> dict[str, Any] | None:
+        return {"content": chat_logprobs(entries, self.tokenizer)} if want else None
+
+    def _tool_message(self, choice: _Choice) -> tuple[dict[str, Any], str | None]:
+        """A forced tool call's message (the decoded arguments as `tool_calls`) and finish reason."""
+        calls = tool_calls(self.tools, choice.text) if choice.finish_reason == "stop" else None
+        if calls is None:  # cut short (max_tokens): the partial text, as it is
+            return {"role": "assistant", "content": choice.text}, choice.finish_reason
+        # OpenAI: "stop" after a named function, "tool_calls" when the model chose (required)
+        return ({"role": "assistant", "content": None, "tool_calls": calls},
+                "stop" if self.tools.name is not None else "tool_calls")
+
     def choice_body(self, index: int, choice: _Choice) -> dict[str, Any]:
         """One finished choice as the JSON body shows it."""
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": choice.text}, "logprobs": None,
-                    "finish_reason": choice.finish_reason}
+            message, finish = {"role": "assistant", "content": choice.text}, choice.finish_reason
+            if self.tools is not None:
+                message, finish = self._tool_message(choice)
+            return {"index": index, "message": message,
+                    "logprobs": self._chat_logprobs(choice.entries, choice.want_logprobs), "finish_reason": finish}
         return {"index": index, "text": choice.text, "logprobs": choice.logprobs,
                 "finish_reason": choice.finish_reason}
 
-    def chunk(self, index: int, text: str, lp: dict[str, list[Any]] | None, finish: str | None) -> dict[str, Any]:
+    def chunk(self, index: int, text: str, lp: dict[str, list[Any]] | None, finish: str | None,
+              out: Output | None = None) -> dict[str, Any]:
         """One streamed piece of one choice."""
         if not self.chat:
             return {**self.head, "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]}
+        choice = self.choices[index]
         delta: dict[str, Any] = {} if index in self.roles_sent else {"role": "assistant"}
         self.roles_sent.add(index)
-        if text or not finish:
+        if self.tools is not None:  # a tool call goes out whole, in the last chunk
+            if finish:
+                message, finish = self._tool_message(choice)
+                delta.update({k: v for k, v in message.items() if k != "role"})
+        elif text or not finish:
             delta["content"] = text
+        entries = out.logprobs if out is not None else []
         return {**self.head, "object": "chat.completion.chunk",
-                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": self._chat_logprobs(entries, choice.want_logprobs),
+                             "finish_reason": finish}]}
 
     def usage(self) -> dict[str, int]:
         prompt_tokens = sum(len(p.ids) for p in self.prompts)
@@ -334,9 +415,9 @@ class _Completion:
                     yield _sse(APIError(500, out.error or "generation failed").body())
                     return
                 text, lp = self.choices[index].add(out)
-                if not text and lp is None and out.finish_reason is None:
-                    continue  # text held back (a partial character or a possible stop string)
-                yield _sse(self.chunk(index, text, lp, out.finish_reason))
+                if out.finish_reason is None and (self.tools is not None or (not text and lp is None)):
+                    continue  # text held back (a partial character, a possible stop string, a tool call)
+                yield _sse(self.chunk(index, text, lp, out.finish_reason, out))
             if self.include_usage:
                 kind = {"object": "chat.completion.chunk"} if self.chat else {}
                 yield _sse({**self.head, **kind, "choices": [], "usage": self.usage()})
@@ -384,28 +465,42 @@ def _add_error_handlers(app: FastAPI) -> None:
         return APIError(500, "internal server error").response()
 
 
-def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
-    """The FastAPI app: starts the scheduler's thread on startup and stops it on shutdown."""
-    tokenizer = scheduler.tokenizer
-    context_length = scheduler.context_length
-    vocab_size = scheduler.model.cfg.vocab_size
+def create_app(scheduler: BatchScheduler | nn.Module, settings: ServeSettings) -> FastAPI:
+    """The FastAPI app: starts the scheduler's thread on startup and stops it on shutdown.
+
+    scheduler: a language model's BatchScheduler, or a classifier (a GPTModel from `gptforge
+    finetune classify`) served without one: it labels (/classify) and embeds, and cannot generate."""
+    if isinstance(scheduler, BatchScheduler):
+        served, tokenizer = scheduler.model, scheduler.tokenizer
+    else:
+        served, tokenizer, scheduler = scheduler.eval(), as_tokenizer(None), None
+    context_length = served.cfg.context_length
+    vocab_size = served.cfg.vocab_size
     created = int(time.time())
+    metrics = ServerMetrics(scheduler)
+    # embeddings and classification: a forward pass each, off the event loop, one at a time
+    pool = ThreadPoolExecutor(1, thread_name_prefix="gptforge-pool")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
+        if scheduler is not None:
+            scheduler.start()
         yield
-        scheduler.stop()
+        if scheduler is not None:
+            scheduler.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="gptforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
     _add_error_handlers(app)
+    _add_middleware(app, settings, metrics)
 
     def model_card() -> dict[str, Any]:
         return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "gptforge"}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_name, **scheduler.stats()}
+        return {"status": "ok", "model": settings.model_name, **(scheduler.stats() if scheduler is not None else {})}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -420,6 +515,21 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
     def _unknown_model(name: str) -> APIError:
         return APIError(404, f"The model '{name}' does not exist; this server serves '{settings.model_name}'",
                         param="model", code="model_not_found")
+
+    def check_model(name: str | None, task: str | None = None) -> None:
+        """`name` must be the served model's (None: it is); `task` ("generate" or "classify"), when
+        given, must be one the model does."""
+        if name is not None and name != settings.model_name:
+            raise _unknown_model(name)
+        spec = served.cfg.classifier
+        if task == "generate" and spec is not None:
+            raise APIError(400, f"the model '{settings.model_name}' is a classifier (labels "
+                                f"{', '.join(map(str, spec.labels))}): it labels texts and cannot generate; use "
+                                f"POST /classify", param="model", code="model_is_classifier")
+        if task == "classify" and spec is None:
+            raise APIError(400, f"the model '{settings.model_name}' is a language model, not a classifier; serve one "
+                                f"made by `gptforge finetune classify` to use /classify", param="model",
+                           code="model_not_classifier")
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
@@ -450,31 +560,143 @@ def create_app(scheduler: BatchScheduler, settings: ServeSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = parse_request(await _read_json(request, settings.max_body_bytes))
-        if req.model != settings.model_name:
-            raise _unknown_model(req.model)
+        check_model(req.model, "generate")
         prompts, max_tokens, config = _plan(req, settings, tokenizer, vocab_size, context_length)
-        job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop())
+        extras = await _extras(req, completion_spec(req), min(vocab_size, tokenizer.vocab_size))
+        job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop(),
+                          extras=extras)
         return await _answer(scheduler, job, request, bool(req.stream))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         chat = parse_request(await _read_json(request, settings.max_body_bytes), ChatCompletionRequest)
-        if chat.model != settings.model_name:
-            raise _unknown_model(chat.model)
+        check_model(chat.model, "generate")
         req = _chat_as_completion(chat, scheduler.model.cfg, settings, tokenizer)
         prompts, max_tokens, config = _plan(req, settings, tokenizer, vocab_size, context_length)
-        config = config.replace(stop_strings=config.stop_strings + scheduler.model.cfg.prompt_template.stop)
+        spec, tools = chat_spec(chat)
+        extras = await _extras(req, spec, min(vocab_size, tokenizer.vocab_size))
+        if extras.grammar is None:  # a grammar decides where its text ends; the template's sections would cut it
+            config = config.replace(stop_strings=config.stop_strings + scheduler.model.cfg.prompt_template.stop)
         job = _Completion(req, prompts, max_tokens, config, settings.model_name, asyncio.get_running_loop(),
-                          chat=True)
+                          chat=True, extras=extras, tokenizer=tokenizer, tools=tools)
         return await _answer(scheduler, job, request, bool(req.stream))
 
-    add_playground(app, scheduler.model, tokenizer, settings.model_name,
+    add_playground(app, served, tokenizer, settings.model_name,
                    functools.partial(_read_json, limit=settings.max_body_bytes))
+
+    async def in_pool(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) on the pool's thread; a GptforgeError (bad input) is a 400 on `input`."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+        except GptforgeError as err:
+            raise APIError(400, str(err), param="input") from None
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        req = parse_request(await _read_json(request, settings.max_body_bytes), EmbeddingRequest)
+        check_model(req.model)
+        width = served.cfg.emb_dim
+        if req.dimensions is not None and req.dimensions != width:
+            raise APIError(400, f"dimensions must be {width} (this model's width) or left out: GPT-2's vectors "
+                                f"cannot be shortened", param="dimensions")
+        try:
+            rows = input_ids(req.input, tokenizer, vocab_size)
+        except GptforgeError as err:
+            raise APIError(400, str(err), param="input") from None
+        _check_inputs(rows, context_length)
+        vectors = await in_pool(embed, served, rows, tokenizer=tokenizer)  # (N, width)
+        used = sum(len(ids) for ids in rows)
+        metrics.prompt_tokens.inc(used)
+        as_base64 = req.encoding_format == "base64"
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _base64_floats(v.numpy()) if as_base64 else v.tolist()} for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": settings.model_name,
+                "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+    @app.post("/classify")
+    @app.post("/v1/classify")
+    async def classify_texts(request: Request) -> dict[str, Any]:
+        req = parse_request(await _read_json(request, settings.max_body_bytes), ClassifyRequest)
+        check_model(req.model, "classify")
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts:
+            raise APIError(400, "input must not be empty: give at least one text", param="input")
+        if len(texts) > MAX_INPUTS:
+            raise APIError(400, f"input holds {len(texts)} texts; at most {MAX_INPUTS} per request", param="input")
+        predictions = await in_pool(classify, served, texts)
+        spec = served.cfg.classifier
+        limit = min(spec.max_length or context_length, context_length)  # what classify() reads of each text
+        used = sum(min(len(ids), limit) for ids in tokenizer.encode_batch(texts))
+        metrics.prompt_tokens.inc(used)
+        data = [{"index": i, "label": p.label, "probs": [p.probabilities[name] for name in spec.labels],
+                 "num_classes": len(spec.labels)} for i, p in enumerate(predictions)]
+        return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                "model": settings.model_name, "data": data,
+                "usage": {"prompt_tokens": used, "total_tokens": used, "completion_tokens": 0,
+                          "prompt_tokens_details": None}}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     return app
+
+
+def _check_inputs(rows: list[list[int]], context_length: int) -> None:
+    """An embeddings request's inputs (token ids) against the server's limits: how many, how long."""
+    if len(rows) > MAX_INPUTS:
+        raise APIError(400, f"input holds {len(rows)} inputs; at most {MAX_INPUTS} per request", param="input")
+    for n, ids in enumerate(rows):
+        if len(ids) > context_length:
+            raise APIError(400, f"This model's maximum context length is {context_length} tokens, however input {n} "
+                                f"has {len(ids)} tokens. Please reduce the input's length.",
+                           param="input", code="context_length_exceeded")
+
+
+def _base64_floats(vector: np.ndarray) -> str:
+    """A vector as OpenAI's `encoding_format: "base64"`: its little-endian float32 bytes in base64."""
+    return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+
+
+class _BearerAuth:
+    """ASGI middleware: a request for anything but OPEN_PATHS / OPEN_PREFIX (and CORS preflights)
+    needs `Authorization: Bearer <key>`, else a 401 in OpenAI's shape."""
+
+    def __init__(self, app: Any, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or scope["method"] == "OPTIONS" or path in OPEN_PATHS
+                or path.startswith(OPEN_PREFIX)):
+            return await self.app(scope, receive, send)
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key):
+            return await self.app(scope, receive, send)
+        if not token.strip():
+            err = APIError(401, "You didn't provide an API key. You need to provide your API key in an Authorization "
+                                "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+        else:
+            err = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        response = err.response()
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+
+def _add_middleware(app: FastAPI, settings: ServeSettings, metrics: ServerMetrics) -> None:
+    """Around the routes, inside out: the API key, the request metrics (a 401 is counted), CORS
+    (outermost: a preflight is answered, and a 401 carries its headers so that a page can read it)."""
+    if settings.api_key:
+        app.add_middleware(_BearerAuth, key=settings.api_key)
+    app.add_middleware(metrics.middleware)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
 
 async def _answer(scheduler: BatchScheduler, job: _Completion, request: Request, stream: bool) -> Response:
     """Submit a request's sequences; answer with their events or, when done, one JSON body."""
+    request.app.state.metrics.track(job.seqs)
     try:
         for seq in job.seqs:
             scheduler.submit(seq)
@@ -563,17 +785,23 @@ def run_server(model: nn.Module, settings: ServeSettings, *, host: str = "127.0.
     import uvicorn
 
     if not is_loopback(host):
-        log.warning("binding %s: the server is reachable from other machines", host)
-    scheduler = BatchScheduler(model, as_tokenizer(tokenizer), max_batch_size=settings.max_batch_size,
-                               max_waiting=settings.max_waiting)
-    app = create_app(scheduler, settings)
+        log.warning("binding %s: the server is reachable from other machines%s", host,
+                    "" if settings.api_key else " without an API key (see --api-key)")
+    if model.cfg.classifier is not None:  # it labels texts: no sequences to decode
+        app = create_app(model, settings)
+        scheduler = None
+    else:
+        scheduler = BatchScheduler(model, as_tokenizer(tokenizer), max_batch_size=settings.max_batch_size,
+                                   max_waiting=settings.max_waiting)
+        app = create_app(scheduler, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=settings.shutdown_grace_s + 5)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Before uvicorn waits for open connections: bound how long in-flight streams may run.
-            scheduler.drain(settings.shutdown_grace_s)
+            if scheduler is not None:
+                scheduler.drain(settings.shutdown_grace_s)
             super().handle_exit(sig, frame)
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:

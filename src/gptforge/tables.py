@@ -72,11 +72,12 @@ def _json(text: str, where: str) -> Any:
 
 def _check_object(item: Any, where: str) -> dict[str, Any]:
     if not isinstance(item, dict):
-        raise GptforgeError(f"{where} is a JSON {_json_type(item)}, expected an object with named fields")
+        raise GptforgeError(f"{where} is a JSON {json_type(item)}, expected an object with named fields")
     return item
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON kind of a parsed value: object, list, string, boolean, null or number."""
     return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number")
 

@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -50,21 +50,28 @@ from .data import (
     tokenize_corpus,
 )
 from .device import resolve_device
-from .errors import GptforgeError
+from .errors import GptforgeError, SystemFailure, os_error_message
+from .evaluate import loss_perplexity
 from .io import atomic_write_bytes, ensure_dir
 from .generation import generate_text
 from .metrics import METRICS_FILE, PLOT_FILE, Metrics, progress_bar  # noqa: F401 (re-exported)
 from .lora import apply_lora
 from .model import GPTModel
+from .options import check_path
 from .runtime import (
     DistContext, StopRequest, autocast_context, autocast_dtype, init_distributed, keep_freed_memory,
-    save_checkpoint, set_rng_state, shard, shard_args,
+    lock_run_folder, save_checkpoint, set_rng_state, shard, shard_args,
 )
 from .tokenizer import get_tokenizer
 from .train_config import RESUMABLE_CHANGES, TrainConfig, read_config_file  # noqa: F401 (re-exported)
 
 CHECKPOINT_DIR = checkpoint.RUN_CHECKPOINT_DIR
 STATE_VERSION = 1
+
+
+class TrainingDiverged(GptforgeError):
+    """The loss or the gradients of a step are not finite (NaN or inf): the run cannot go on. The
+    step's update is never applied, so the weights are still the last good step's."""
 
 
 @dataclasses.dataclass
@@ -81,7 +88,7 @@ class TrainResult:
 
     @property
     def val_perplexity(self) -> float | None:
-        return math.exp(self.val_loss) if self.val_loss is not None else None
+        return loss_perplexity(self.val_loss) if self.val_loss is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,16 +260,27 @@ def train(config: TrainConfig | None = None, /, *, on_step: Callable[[dict[str, 
     and `train(out="runs/x", resume=True)` all work; options are TrainConfig's fields.
     on_step: called on rank 0 with each step's metrics record (after the update).
     Returns a TrainResult. Launched by torchrun, every process calls this the same way.
+    The run holds its --out folder (`runtime.lock_run_folder`) from the first check to the end.
     """
-    cfg, saved_state = _resolve_config(config, options)
-    resolve_device(cfg.device)  # an unknown or absent device fails now, not after the data is tokenized
-    dctx = init_distributed(cfg.device)
-    try:
-        with StopRequest() as stop:
-            return _run(cfg, saved_state, dctx, stop, on_step)
-    finally:
-        if dctx.owns_group:
-            dist.destroy_process_group()
+    with lock_run_folder(run_folder(config, options, TrainConfig)):
+        cfg, saved_state = _resolve_config(config, options)
+        resolve_device(cfg.device)  # an unknown or absent device fails now, not after the data is tokenized
+        dctx = init_distributed(cfg.device)
+        try:
+            with StopRequest() as stop:
+                return _run(cfg, saved_state, dctx, stop, on_step)
+        finally:
+            if dctx.owns_group:
+                dist.destroy_process_group()
+
+
+def run_folder(config: Any | None, options: Mapping[str, Any], cls: type) -> str | Path:
+    """The --out of a run about to start: `options`' out, else `config`'s, else `cls`'s default."""
+    if "out" in options:
+        out = options["out"]
+    else:
+        out = config.out if isinstance(config, cls) else next(f.default for f in dataclasses.fields(cls) if f.name == "out")
+    return check_path("out", out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +377,8 @@ def start_run(cfg: TrainConfig, model: nn.Module, total_steps: int, *, dctx: Dis
     if dctx.main:
         ensure_dir(out)
         atomic_write_bytes(out / "train_config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    if stop is not None:
+        stop.defer()  # the run can save now: a stop waits for the end of its step
     return Run(cfg=cfg, model=model, raw_model=raw_model, optimizer=optimizer, device=device,
                autocast=autocast_dtype(cfg.precision, device), dctx=dctx, total_steps=total_steps,
                metrics=Metrics(out, step, dctx.main), progress=progress_bar(cfg.progress and dctx.main, total_steps, step),
@@ -412,22 +432,35 @@ def train_step(run: Run, micro_batches: Sequence[Any], loss_fn: LossFn = lm_loss
         (loss / n).backward()
         loss_sum += loss.item()
         tokens += _first_tensor(batch).numel()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip > 0 else None
-    run.optimizer.step()
-    run.tokens_seen += tokens * run.dctx.world_size
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    else:  # measured all the same: an update from gradients that are not finite is never applied
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item()
 
-    # One all-reduce carries the loss for the log and whether any rank was asked to stop.
-    flags = torch.tensor([loss_sum / n, float(run.stop is not None and run.stop.requested)], device=run.device)
+    # One all-reduce carries the loss for the log and whether any rank was asked to stop (or could not
+    # write); before the update, so that a loss that is not finite on any rank stops every rank with its
+    # weights intact.
+    stop = (run.stop is not None and run.stop.requested) or run.metrics.error is not None
+    flags = torch.tensor([loss_sum / n, float(stop)], device=run.device)
     if run.dctx.world_size > 1:
         dist.all_reduce(flags)
     step_loss = flags[0].item() / run.dctx.world_size
     run.stop_requested = flags[1].item() > 0
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        run.optimizer.zero_grad(set_to_none=True)
+        what = f"the loss is {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm is {grad_norm}"
+        raise TrainingDiverged(f"training diverged at step {run.step}: {what} (the learning rate, {lr:g} at this "
+                               "step, is likely too high)")
+    run.optimizer.step()
+    run.tokens_seen += tokens * run.dctx.world_size
     now = time.perf_counter()
     tok_s = tokens * run.dctx.world_size / max(now - run.t_last, 1e-9)
     run.t_last = now
     record = {"kind": "train", "step": run.step, "epoch": run.epoch, "loss": step_loss, "lr": lr,
               "grad_norm": grad_norm, "tokens_seen": run.tokens_seen, "tokens_per_s": tok_s}
     run.metrics.log(record)
+    if run.dctx.world_size == 1:  # (under torchrun the next step's all-reduce carries it to every rank)
+        run.stop_requested = run.stop_requested or run.metrics.error is not None
     run.progress.update(1)
     run.progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
     if run.on_step is not None and run.dctx.main:
@@ -463,8 +496,40 @@ def save_run(run: Run, extra_state: Mapping[str, Any] | None = None) -> Path:
     state = {"version": STATE_VERSION, "step": run.step, "tokens_seen": run.tokens_seen,
              "total_steps": run.total_steps, "train_config": run.cfg.to_dict(), **(extra_state or {})}
     ckpt = run.out / CHECKPOINT_DIR
+    if not _weights_finite(run):  # such a checkpoint could not be loaded: keep the one there is
+        raise TrainingDiverged(f"the model's weights are not finite (NaN or inf) after step {run.step - 1}; they "
+                               f"were not saved{f', {ckpt} is left as it was' if ckpt.exists() else ''}")
     save_checkpoint(ckpt, run.model, run.raw_model, run.optimizer, run.dctx, run.cfg.fsdp, state, run.save_model)
     return ckpt
+
+
+def _weights_finite(run: Run) -> bool:
+    """Whether every weight of the model is finite, on every rank (each checks its own shard)."""
+    bad = torch.zeros((), dtype=torch.int64, device=run.device)
+    for p in run.raw_model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP shard
+        bad += (~torch.isfinite(local.detach())).sum()
+    if run.dctx.world_size > 1:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def _stop_diverged(run: Run, err: TrainingDiverged, extra_state: Callable[[], Mapping[str, Any]]) -> NoReturn:
+    """End a diverged run: save the model of the last good step (the diverged update was never
+    applied), then raise `err` saying where it is."""
+    ckpt = run.out / CHECKPOINT_DIR
+    advice = "start again with a lower --lr"
+    if run.step == 0:
+        kept = "no step had finished, so nothing was saved"
+    elif not _weights_finite(run):
+        kept = "the weights are not finite either, so they were not saved" + (
+            f" ({ckpt} is left as it was)" if ckpt.exists() else "")
+    else:
+        save_run(run, extra_state())
+        kept = f"the model after step {run.step - 1}, the last good one, is saved in {ckpt}"
+        advice += f" (from those weights: --model {ckpt} and another --out)"
+    run.progress.close()
+    raise TrainingDiverged(f"{err}; {kept}; {advice}") from None
 
 
 def fit(run: Run, next_batches: Callable[[Run], Sequence[Any]], loss_fn: LossFn = lm_loss,
@@ -474,14 +539,17 @@ def fit(run: Run, next_batches: Callable[[Run], Sequence[Any]], loss_fn: LossFn 
     every checkpoint_every steps, at the end, and when asked to stop (then run.interrupted)."""
     cfg = run.cfg
     while run.step < run.total_steps:
-        train_step(run, next_batches(run), loss_fn)
+        try:
+            train_step(run, next_batches(run), loss_fn)
+        except TrainingDiverged as err:
+            _stop_diverged(run, err, extra_state)
         if eval_fn is not None and ((cfg.eval_every and run.step % cfg.eval_every == 0)
                                     or run.step == run.total_steps - 1):
             evaluate_and_log(run, eval_fn)
         run.step += 1
         if run.stop_requested and run.step < run.total_steps:
             run.interrupted = True
-            save_run(run, extra_state())
+            save_after_stop(run, lambda: save_run(run, extra_state()))
             if run.dctx.main:
                 run.metrics.plot(force=True)
                 run.progress.write(f"gptforge: interrupted after step {run.step - 1}; checkpoint saved to "
@@ -491,11 +559,28 @@ def fit(run: Run, next_batches: Callable[[Run], Sequence[Any]], loss_fn: LossFn 
             save_run(run, extra_state())
             run.t_last = time.perf_counter()
     else:
-        save_run(run, extra_state())
+        save_after_stop(run, lambda: save_run(run, extra_state()))
         if run.dctx.main:
             run.metrics.plot(force=True)
     run.progress.close()
     return run.result()
+
+
+def save_after_stop(run: Run, save: Callable[[], Path]) -> Path:
+    """`save()` the checkpoint of a run that stops or ends. When what stopped it was a write the
+    system refused (run.metrics.error: its disk filled up, say), the save is a best effort and the
+    run ends with one SystemFailure line saying what failed and what was kept."""
+    failed = run.metrics.error
+    if failed is None:
+        return save()
+    try:
+        kept = (f"the checkpoint of step {run.step - 1} is saved in {save()}"
+                f"{'; continue with --resume once there is room' if run.interrupted else ''}")
+    except OSError as err:
+        kept = (f"saving the checkpoint failed too ({os_error_message(err)}); {run.out / CHECKPOINT_DIR} holds "
+                "the last one saved, if any")
+    run.progress.close()
+    raise SystemFailure(f"cannot write {os_error_message(failed)}; {kept}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,7 +647,7 @@ class _Corpus:
             run.raw_model.train()
             sample = generate_text(run.raw_model, cfg.sample_prompt, cfg.sample_tokens, stop_token_ids=())
         return {"train_loss": train_loss, "val_loss": val_loss,
-                "val_perplexity": math.exp(val_loss) if val_loss is not None else None, "sample": sample}
+                "val_perplexity": loss_perplexity(val_loss) if val_loss is not None else None, "sample": sample}
 
     def state(self) -> dict[str, Any]:
         return {"epoch_seed": self.epoch_seed, "steps_per_epoch": self.steps_per_epoch,

@@ -109,3 +109,39 @@ def test_wrong_types_of_name_path_and_dtype_are_named(tmp_path, tiny_config):
     with pytest.raises(gptforge.GptforgeError, match="ckpt_dir must be a str or pathlib.Path"):
         gptforge.load_training_state(None)
     assert gptforge.load(ckpt, dtype=torch.bfloat16).tok_emb.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", ["gptforge", "hf", "gguf", "book", "lora"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused_at_load_naming_the_tensor(tmp_path, tiny_config, capsys, fmt, bad):
+    """Such a model would load, then fail (or talk nonsense) at its first token: refused in one line."""
+    from gptforge.lora import apply_lora, lora_layers
+
+    torch.manual_seed(0)
+    model = gptforge.GPTModel(tiny_config(vocab_size=50257)).eval()
+    with torch.no_grad():
+        if fmt == "lora":
+            gptforge.save(model, tmp_path / "base")
+            model = gptforge.load(tmp_path / "base")
+            apply_lora(model, rank=2, alpha=4)
+            model.lora_base = str(tmp_path / "base")
+            next(iter(lora_layers(model).values())).lora.B[0, 1] = bad
+            name = "lora.B"
+        else:
+            model.trf_blocks[1].ff.layers[0].weight[3, 5] = bad
+            name = "trf_blocks.1.ff.layers.0.weight"
+    shape = {}  # a book state dict of a width GPT-2 never had needs its config
+    if fmt == "book":
+        path = tmp_path / "model.pth"
+        torch.save(model.state_dict(), path)
+        (tmp_path / "cfg.json").write_text(json.dumps(tiny_config(vocab_size=50257)))
+        shape = {"config": tiny_config(vocab_size=50257)}
+    else:
+        path = gptforge.save(model, tmp_path / ("m.gguf" if fmt == "gguf" else "m"), format="gptforge"
+                             if fmt == "lora" else fmt)
+    with pytest.raises(gptforge.GptforgeError, match=rf"tensor \S*{name}\S* has 1 of its \d+ values not finite"):
+        gptforge.load(path, **shape)
+    flags = ["--config", str(tmp_path / "cfg.json")] if shape else []
+    assert main(["generate", "Hello", "--model", str(path), "--max-new-tokens", "2", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not finite" in err and name in err, err

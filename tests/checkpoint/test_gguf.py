@@ -69,6 +69,35 @@ def _random_gpt2_shaped(tiny_config, **changes) -> GPTModel:
 # Round trip and reading
 
 
+@pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])
+def test_a_file_replaced_while_it_loads_is_read_as_it_was(tmp_path, tiny_config, monkeypatch, gguf_type):
+    """An atomic replace between two tensor reads (a download or convert finishing) must not mix the
+    two files: the whole model is the one that was opened."""
+    from gptforge.checkpoint.gguf import GGUFHeader
+
+    first = _random_gpt2_shaped(tiny_config)
+    torch.manual_seed(1)
+    second = GPTModel(first.cfg).eval()
+    path = gptforge.save(first, tmp_path / "m.gguf", format="gguf", gguf_type=gguf_type)
+    replacement = gptforge.save(second, tmp_path / "new.gguf", format="gguf", gguf_type=gguf_type)
+    expected = gptforge.load(path).state_dict()
+    read = GGUFHeader.tensor
+    names: list[str] = []
+
+    def read_then_replace(self, name):
+        tensor = read(self, name)
+        if not names:
+            os.replace(replacement, path)  # what `mv new.gguf m.gguf` does
+        names.append(name)
+        return tensor
+
+    monkeypatch.setattr(GGUFHeader, "tensor", read_then_replace)
+    loaded = gptforge.load(path).state_dict()
+    assert len(names) > 10
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    assert not torch.equal(gptforge.load(path).tok_emb.weight, expected["tok_emb.weight"])  # the file did change
+
+
 @pytest.mark.parametrize("changes", [{}, {"qkv_bias": False, "tie_weights": True}])
 def test_f32_round_trip_is_bit_exact(tmp_path, tiny_config, changes):
     model = _random_gpt2_shaped(tiny_config, **changes)

@@ -103,9 +103,13 @@ def test_flipped_byte_fails_checksum(tmp_path, tiny, dtype):
 
 
 def _edit_config(ckpt, **changes):
+    """Change config.json's values and its own checksum with them (a config that is wrong, not corrupted)."""
+    from gptforge.checkpoint.native import config_digest
+
     path = ckpt / "config.json"
     meta = json.loads(path.read_text())
     meta.update(changes)
+    meta["sha256"]["config.json"] = config_digest(meta)
     path.write_text(json.dumps(meta))
 
 
@@ -175,3 +179,29 @@ def test_save_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path, tiny
     gptforge.save(_tiny(tiny), tmp_path / "empty", format="hf")  # an empty directory is fine
     gptforge.save(_tiny(tiny), tmp_path / "empty")  # and so is a checkpoint, in either format
     assert gptforge.load(tmp_path / "empty").cfg == tiny
+
+
+def test_config_json_is_covered_by_its_own_checksum(tmp_path, tiny):
+    """One bit flipped in config.json (n_heads 4 -> 5: a model that loads and generates other text)
+    fails its checksum; re-indenting the file does not; a checkpoint saved before config.json kept
+    its own checksum still loads."""
+    gptforge.save(_tiny(tiny), tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "config.json"
+    text = config.read_text()
+    assert '"n_heads": 4' in text
+    config.write_text(text.replace('"n_heads": 4', '"n_heads": 5'))  # '4' is 0x34, '5' 0x35: one bit
+    with pytest.raises(ValueError, match="config.json fails its checksum: a value in it changed"):
+        gptforge.load(tmp_path / "ckpt")
+    meta = json.loads(text)
+    config.write_text(json.dumps(meta, indent=None))
+    assert gptforge.load(tmp_path / "ckpt").cfg.n_heads == 4
+    del meta["sha256"]["config.json"]
+    config.write_text(json.dumps({**meta, "n_heads": 2}))
+    assert gptforge.load(tmp_path / "ckpt").cfg.n_heads == 2
+
+
+def test_the_built_in_model_keeps_its_config_checksum():
+    from gptforge.checkpoint.native import config_digest
+
+    meta = json.loads((gptforge.checkpoint.builtin_model_path("gptforge-shakespeare") / "config.json").read_text())
+    assert meta["sha256"]["config.json"] == config_digest(meta)

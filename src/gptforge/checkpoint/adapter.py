@@ -23,7 +23,9 @@ from ..io import read_safetensors_from, sha256_file
 from ..lora import LoRALayer, apply_lora, lora_layers
 from ..model import GPTModel
 from . import native
-from .base import CONFIG_FILE, FORMAT_NAME, WEIGHTS_FILE, CheckpointFormat, ConfigArg, config_json
+from .base import (
+    CONFIG_FILE, FORMAT_NAME, WEIGHTS_FILE, CheckpointFormat, ConfigArg, check_finite_weights, config_json,
+)
 
 ADAPTER_KEY = "lora"
 
@@ -88,10 +90,10 @@ def save_adapter(model: GPTModel, out_dir: Path, training_state: dict[str, Any] 
 
 def _read_meta(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any], GPTConfig]:
     meta = dict(config_json(ckpt_dir) or {})
+    cfg = native.parse_meta(meta, ckpt_dir)  # (its checksum covers the "lora" entry too)
     lora = meta.pop(ADAPTER_KEY)
     if not isinstance(lora, dict) or not {"base", "base_sha256", "rank", "alpha", "scaling", "layers"} <= set(lora):
         raise GptforgeError(f"{ckpt_dir / CONFIG_FILE}: the \"lora\" entry is incomplete; the checkpoint is corrupted")
-    cfg = native.parse_meta(meta, ckpt_dir)
     return meta, lora, cfg
 
 
@@ -121,6 +123,7 @@ def load_adapter(ckpt_dir: Path, dtype: torch.dtype | None, config: ConfigArg = 
         raise GptforgeError(f"{ckpt_dir}: the adapter's layers {lora['layers'][:3]}... do not match the base model")
     with native._open_verified(ckpt_dir, meta, WEIGHTS_FILE) as f:
         state = read_safetensors_from(f, ckpt_dir / WEIGHTS_FILE, lambda name: True, dtype)
+    check_finite_weights(state, str(ckpt_dir / WEIGHTS_FILE))
     expected = adapter_state(model)
     if set(state) != set(expected):
         raise GptforgeError(f"{ckpt_dir / WEIGHTS_FILE} holds {sorted(set(state) ^ set(expected))[:4]} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import pickle
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -94,10 +95,28 @@ def _no_weight_init() -> Iterator[None]:
             setattr(nn.init, name, fn)
 
 
-def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) -> GPTModel:
+def check_finite_weights(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or inf: such a model loads, then fails or talks nonsense at its
+    first token. GptforgeError naming `source`, the first such tensor and how many values are bad."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() or not tensor.numel():
+            continue
+        # one fast pass: a NaN or inf anywhere makes the sum NaN or inf (finite values rarely overflow it)
+        if math.isfinite(float(tensor.sum(dtype=torch.float32))):
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if not bad:  # finite values whose sum overflowed float32
+            continue
+        raise GptforgeError(f"{source}: tensor {name} has {bad} of its {tensor.numel()} values not finite (NaN or "
+                            "inf): the checkpoint is corrupted or was saved from a diverged run; use another one")
+
+
+def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str, *,
+                check_finite: bool = True) -> GPTModel:
     """A GPTModel (eval mode, on the CPU) that takes ownership of `state`'s tensors (book keys; a
     tied model needs no `out_head.weight`) without allocating a second copy. Missing, unexpected
-    or wrongly shaped tensors raise ValueError naming them and `source`."""
+    or wrongly shaped tensors raise ValueError naming them and `source`, and so do weights that
+    are not finite (`check_finite_weights`; `check_finite=False` skips that pass)."""
     with torch.device("meta"), _no_weight_init():  # shapes only: no memory until the state is assigned
         model = GPTModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model_state(model).items()}
@@ -123,6 +142,8 @@ def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) 
             if name in ("tok_emb.weight", "out_head.weight") and got[1:] == shape[1:]:
                 hint = f" (the file has vocab_size {got[0]}, the config {cfg.vocab_size})"
             raise GptforgeError(f"{source}: tensor {name} has shape {got}, the config expects {shape}{hint}")
+    if check_finite:
+        check_finite_weights(state, source)
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) > 1:  # mixed precision on disk: one model dtype, the widest
         wide = max(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,16 +197,39 @@ _PLAIN_TYPES = {0: np.float32, 1: np.float16, _BF16: np.int16}  # GGML type ids 
 
 class GGUFHeader:
     """A GGUF file's metadata (scalars and strings; arrays are skipped, stored as None) and its
-    tensor table: name -> (GGML shape (ne0 first, i.e. reversed), GGML type id, absolute offset)."""
+    tensor table: name -> (GGML shape (ne0 first, i.e. reversed), GGML type id, absolute offset).
+
+    Everything, header and tensors, is read through one read-only memory map of the file opened
+    once: a file replaced (renamed over) while it is read is read whole as it was, never mixed with
+    its replacement. `close()` (or `with`) unmaps it."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.size = path.stat().st_size
         with open(path, "rb") as f:
-            try:
-                self._parse(f)
-            except (struct.error, UnicodeDecodeError, MemoryError, OverflowError):
-                raise GptforgeError(f"{path} is truncated or corrupted: its GGUF header cannot be read") from None
+            if os.fstat(f.fileno()).st_size == 0:  # mmap refuses an empty file
+                raise GptforgeError(f"{path} is empty, not a GGUF file")
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.size = len(self._map)
+        try:
+            self._parse(self._map)
+        except GptforgeError:
+            self.close()
+            raise
+        except (struct.error, UnicodeDecodeError, MemoryError, OverflowError, ValueError):  # ValueError: a seek past the end
+            self.close()
+            raise GptforgeError(f"{path} is truncated or corrupted: its GGUF header cannot be read") from None
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:  # a view is still alive (an exception's frames hold one): unmapped when it goes
+            pass
+
+    def __enter__(self) -> GGUFHeader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _read(self, f: BinaryIO, fmt: str) -> Any:
         size = struct.calcsize(fmt)
@@ -262,9 +287,7 @@ class GGUFHeader:
         shape, kind, offset = self.tensors[name]
         torch_shape, count = tuple(reversed(shape)), math.prod(shape)
         if kind in _PLAIN_TYPES:  # read directly: importing gguf costs more than the whole load
-            nbytes = count * np.dtype(_PLAIN_TYPES[kind]).itemsize
-            data = np.frombuffer(self._bytes(name, offset, nbytes), dtype=_PLAIN_TYPES[kind])
-            tensor = torch.from_numpy(data.copy())
+            tensor = torch.from_numpy(self._array(name, offset, count, _PLAIN_TYPES[kind]).copy())
             return (tensor.view(torch.bfloat16) if kind == _BF16 else tensor).float().reshape(torch_shape)
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
         from gguf.quants import dequantize
@@ -276,21 +299,21 @@ class GGUFHeader:
             raise GptforgeError(f"{self.path}: tensor {name!r} has unknown GGML type {kind}") from None
         if shape[0] % block:
             raise GptforgeError(f"{self.path}: tensor {name!r} of shape {torch_shape} is not whole {qtype.name} blocks")
-        raw = np.frombuffer(self._bytes(name, offset, count // block * block_bytes), dtype=np.uint8)
+        raw = self._array(name, offset, count // block * block_bytes, np.uint8)
         try:
             data = dequantize(raw.reshape(-1, shape[0] // block * block_bytes), qtype)
         except NotImplementedError:
             raise GptforgeError(f"{self.path}: tensor {name!r} is {qtype.name}, which gguf cannot dequantize; "
                                 f"convert the file to f32, f16, bf16, q8_0 or q4_0") from None
-        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32).reshape(torch_shape))
+        return torch.from_numpy(np.array(data, dtype=np.float32).reshape(torch_shape))  # a copy: never a view of the map
 
-    def _bytes(self, name: str, offset: int, nbytes: int) -> bytes:
-        if offset + nbytes > self.size:
-            raise GptforgeError(f"{self.path} is truncated: tensor {name!r} ends at byte {offset + nbytes} "
+    def _array(self, name: str, offset: int, count: int, dtype: Any) -> np.ndarray:
+        """`count` values of `dtype` at byte `offset`: a view of the map (copy what is kept)."""
+        end = offset + count * np.dtype(dtype).itemsize
+        if end > self.size:
+            raise GptforgeError(f"{self.path} is truncated: tensor {name!r} ends at byte {end} "
                                 f"but the file has {self.size}; convert or download it again")
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            return f.read(nbytes)
+        return np.frombuffer(self._map, dtype=dtype, count=count, offset=offset)
 
 
 def _field(reader: GGUFHeader, key: str, path: Path, default: Any = None) -> Any:
@@ -365,9 +388,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, config: Config
     """A GPTModel (CPU, eval mode) from a GPT-2 GGUF file, ours or llama.cpp's converter's;
     quantized weights are dequantized to float32 (then converted to `dtype` when given)."""
     path = Path(path)
-    reader = GGUFHeader(path)
-    cfg = _config(reader, path)
-    state = _state(reader, cfg, path)
+    with GGUFHeader(path) as reader:
+        cfg = _config(reader, path)
+        state = _state(reader, cfg, path)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     return build_model(cfg, state, str(path))
@@ -376,7 +399,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, config: Config
 def load_gguf_config(path: str | Path, config: ConfigArg = None) -> GPTConfig:
     """The GPTConfig of a GPT-2 GGUF file, from its metadata (no tensor is dequantized)."""
     path = Path(path)
-    return _config(GGUFHeader(path), path)
+    with GGUFHeader(path) as reader:
+        return _config(reader, path)
 
 
 FORMAT = CheckpointFormat("gguf", detect, load_gguf, load_gguf_config, save_gguf)

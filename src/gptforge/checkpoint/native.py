@@ -1,9 +1,10 @@
 """gptforge's own checkpoint: a directory with `model.safetensors`, `config.json` (the GPTConfig
-fields, the format version and the sha256 of every file) and, when training,
-`training_state.pt` (read only with `torch.load(weights_only=True)`)."""
+fields, the format version and the sha256 of every file, config.json's own included) and, when
+training, `training_state.pt` (read only with `torch.load(weights_only=True)`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,9 @@ import torch
 
 from ..config import GPTConfig
 from ..errors import GptforgeError
-from ..io import atomic_directory, read_hashed, read_safetensors_from, sha256_file, sha256_of, write_safetensors
+from ..io import (
+    atomic_directory, read_hashed, read_safetensors_from, sha256_file, sha256_of, write_file, write_safetensors,
+)
 from ..model import GPTModel
 from ..options import check_path
 from .base import (
@@ -50,7 +53,7 @@ def write_native(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], cfg: 
         write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         files = [WEIGHTS_FILE]
         if training_state is not None:
-            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+            write_file(tmp / TRAINING_STATE_FILE, lambda: _torch_save(training_state, tmp / TRAINING_STATE_FILE))
             files.append(TRAINING_STATE_FILE)
         meta = {
             "format": FORMAT_NAME,
@@ -60,8 +63,24 @@ def write_native(out_dir: str | Path, tensors: Mapping[str, torch.Tensor], cfg: 
             "dtype": _dtype_name(dtype),
             "sha256": {name: sha256_file(tmp / name) for name in files},
         }
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        meta["sha256"][CONFIG_FILE] = config_digest(meta)
+        write_file(tmp / CONFIG_FILE, lambda: (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n"))
     return out_dir
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file: a failed write (a full disk) is then an OSError that torch's
+    own RuntimeError carries as its context, which `write_file` reports (its path saving fails without it)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def config_digest(meta: Mapping[str, Any]) -> str:
+    """The sha256 config.json keeps of itself: of its content without that entry, as compact JSON
+    with sorted keys (so re-indenting the file keeps it valid; changing a value does not)."""
+    table = {k: v for k, v in meta.get("sha256", {}).items() if k != CONFIG_FILE}
+    canonical = json.dumps({**meta, "sha256": table}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 _PLAIN = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
@@ -92,18 +111,24 @@ def _read_gptforge_meta(ckpt_dir: Path) -> tuple[dict[str, Any], GPTConfig]:
 
 
 def parse_meta(meta: Mapping[str, Any], ckpt_dir: Path) -> GPTConfig:
-    """The GPTConfig in a gptforge config.json's fields (format version and sha256 table checked)."""
+    """The GPTConfig in a gptforge config.json's fields (format version, sha256 table and the
+    file's own checksum checked)."""
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise GptforgeError(f"{ckpt_dir}: gptforge checkpoint format version {version!r} is not supported "
                          f"(this gptforge reads version {FORMAT_VERSION}); upgrade gptforge")
+    if not isinstance(meta.get("sha256"), dict):
+        raise GptforgeError(f"{ckpt_dir / CONFIG_FILE} has no sha256 table; the checkpoint is corrupted")
+    expected = meta["sha256"].get(CONFIG_FILE)  # (checkpoints written before it was kept have none)
+    if expected is not None and expected != config_digest(meta):
+        raise GptforgeError(f"{ckpt_dir / CONFIG_FILE} fails its checksum: a value in it changed after it was "
+                            f"saved (corrupted, or edited by hand; if you edited it on purpose, delete the "
+                            f'"{CONFIG_FILE}" entry of its "sha256" table)')
     fields = {k: v for k, v in meta.items() if k not in ("format", "format_version", "dtype", "sha256", "lora")}
     try:
         cfg = GPTConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise GptforgeError(f"{ckpt_dir / CONFIG_FILE}: bad model config: {err}") from None
-    if not isinstance(meta.get("sha256"), dict):
-        raise GptforgeError(f"{ckpt_dir / CONFIG_FILE} has no sha256 table; the checkpoint is corrupted")
     return cfg
 
 

@@ -68,7 +68,7 @@ reply = json.load(urllib.request.urlopen(request, timeout=60))
 assert reply["choices"][0]["text"], reply
 # The playground page and its files come from the installed package; its inspect endpoint answers.
 assert b"gptforge playground" in urllib.request.urlopen(base + "/", timeout=10).read()
-assert b"setupInspect" in urllib.request.urlopen(base + "/web/app.js", timeout=10).read()
+assert b"setupInspect" in urllib.request.urlopen(base + "/static/app.js", timeout=10).read()
 request = urllib.request.Request(base + "/v1/inspect", headers={"Content-Type": "application/json"},
                                  data=json.dumps({"prompt": "Every effort", "attention_layers": [0]}).encode())
 assert json.load(urllib.request.urlopen(request, timeout=60))["attention"][0]["heads"]

@@ -67,7 +67,6 @@ def has_classify(url: str) -> bool:
 
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
-    chromium = os.environ.get("GPTFORGE_CHROMIUM") or shutil.which("chromium")
     tmp = Path(tempfile.mkdtemp())
     base = gptforge.load("gptforge-shakespeare")
     torch.manual_seed(0)
@@ -82,6 +81,18 @@ def main() -> None:
         servers.append(clf_server)
     except RuntimeError:
         clf_server = None
+    try:
+        shoot(servers, clf_server)
+    finally:  # also when a step fails: no server left running
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait()
+        shutil.rmtree(tmp)
+    print("wrote", ", ".join(sorted(str(p.relative_to(ROOT)) for p in IMG.glob("ui-*.png"))))
+
+
+def shoot(servers: list[tuple[subprocess.Popen, str]], clf_server: tuple[subprocess.Popen, str] | None) -> None:
+    chromium = os.environ.get("GPTFORGE_CHROMIUM") or shutil.which("chromium")
     (_, lm_url), (_, chat_url) = servers[:2]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
@@ -150,11 +161,6 @@ def main() -> None:
         page.wait_for_function("JSON.parse(document.getElementById('generate-data').textContent).finish_reason")
         page.screenshot(path=IMG / "ui-phone.png")
         browser.close()
-    for proc, _ in servers:
-        proc.terminate()
-        proc.wait()
-    shutil.rmtree(tmp)
-    print("wrote", ", ".join(sorted(str(p.relative_to(ROOT)) for p in IMG.glob("ui-*.png"))))
 
 
 if __name__ == "__main__":

@@ -179,10 +179,10 @@ def test_inspect_refuses_bad_requests_in_openais_shape(http, body, status, words
 def test_the_page_and_its_files_are_served(http):
     page = http.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert '<script type="module" src="/web/app.js">' in page.text
-    script = http.get("/web/app.js")
+    assert '<script type="module" src="/static/app.js">' in page.text
+    script = http.get("/static/app.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
-    assert http.get("/web/nothing.js").status_code == 404
+    assert http.get("/static/nothing.js").status_code == 404
 
 
 def test_completions_take_vllms_top_k(http, model, ids):

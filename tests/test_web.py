@@ -161,7 +161,7 @@ def test_greedy_generate_equals_the_api_and_chips_show_its_top_logprobs(lm_serve
     tooltip = page.get_by_role("tooltip")
     assert tooltip.is_visible()
     items = tooltip.locator("li")
-    assert items.count() == 5
+    assert items.count() == len(choice.logprobs.top_logprobs[5])
     best = max(choice.logprobs.top_logprobs[5].items(), key=lambda kv: kv[1])
     assert items.first.get_attribute("data-token") == best[0]
 
@@ -286,6 +286,18 @@ def test_chat_streams_and_stop_frees_the_row(chat_server, open_page):
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}])
     reply = page.locator(".msg.assistant").first
     assert reply.get_attribute("data-text") == ref.choices[0].message.content
+    # Its chips carry the chat API's logprobs and top alternatives.
+    lp = api(chat_server).chat.completions.create(
+        model="tiny", temperature=0, max_tokens=6, seed=123, logprobs=True, top_logprobs=5,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+    ).choices[0].logprobs.content
+    chips = reply.locator(".chip")
+    assert chips.count() == len(lp)
+    for chip, ref_token in zip(chips.all(), lp):
+        assert chip.get_attribute("data-token") == ref_token.token
+        assert float(chip.get_attribute("data-logprob")) == pytest.approx(ref_token.logprob, abs=1e-6)
+        shown = [(a["token"], a["logprob"]) for a in json.loads(chip.get_attribute("data-alternatives"))]
+        assert shown == [(t.token, pytest.approx(t.logprob, abs=1e-6)) for t in ref_token.top_logprobs]
     # A long answer, stopped after its first tokens: the server frees its row.
     set_sampling(page, max_tokens="900")
     page.get_by_role("textbox", name="Message").fill("Tell me everything.")
@@ -318,12 +330,6 @@ def test_a_server_gone_mid_stream_is_a_message(chat_model, tmp_path, open_page):
 
 # --------------------------------------------------------------------------- Classify, API key
 
-def _serve_has(flag: str) -> bool:
-    from gptforge.cli import build_parser
-
-    return flag not in build_parser().parse_known_args(["serve", flag, "1"])[1]
-
-
 @pytest.fixture(scope="module")
 def classifier_path(tiny_config, tmp_path_factory) -> Path:
     torch.manual_seed(0)
@@ -333,13 +339,8 @@ def classifier_path(tiny_config, tmp_path_factory) -> Path:
 
 
 def test_classify_shows_the_labels_of_gptforge_classify(classifier_path, open_page, capsys):
+    proc, url = serve(classifier_path)
     try:
-        proc, url = serve(classifier_path)
-    except RuntimeError as err:
-        pytest.skip(f"this server cannot serve a classifier yet: {str(err)[-200:]}")
-    try:
-        if httpx.post(f"{url}/classify", json={"model": "tiny", "input": ["x"]}).status_code == 404:
-            pytest.skip("this server has no POST /classify yet")
         texts = ["Free entry to win 1000 pounds", "See you at lunch?", "URGENT! Call now"]
         page = open_page(url)
         assert page.get_by_role("tab", name="Generate").is_hidden() and page.get_by_role("tab", name="Inspect").is_hidden()
@@ -357,7 +358,6 @@ def test_classify_shows_the_labels_of_gptforge_classify(classifier_path, open_pa
         stop_server(proc)
 
 
-@pytest.mark.skipif(not _serve_has("--api-key"), reason="serve has no --api-key yet")
 def test_with_an_api_key_the_page_asks_once_per_tab(lm, tmp_path, open_page):
     proc, url = serve(save(lm, tmp_path / "tiny"), "--api-key", "sesame")
     try:

@@ -100,7 +100,6 @@ class SamplingFields(BaseModel):
     model: str | None = None  # None: the one model served
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1: off
     n: int | None = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

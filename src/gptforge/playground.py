@@ -1,6 +1,6 @@
 """The page `gptforge serve` shows at `/` and the endpoints only it needs.
 
-    GET  /                 the page (static files from gptforge/web/, under /web/)
+    GET  /                 the page (static files from gptforge/web/, under /static/)
     GET  /v1/model_card    what the served model is and can do: kind, chat, labels, config,
                            parameter counts (tied and untied), tensor shapes of one forward pass
     POST /v1/inspect       one forward pass on a prompt, kept: tokens with ids, attention weights of
@@ -86,7 +86,7 @@ def add_playground(app: FastAPI, model: nn.Module, tokenizer: Tokenizer, model_n
                    read_json: Callable[[Request], Awaitable[Any]]) -> None:
     """Mount the page and add /v1/model_card and /v1/inspect to `app`. read_json: the server's body
     reader (its size limit and error shape)."""
-    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -23,7 +23,7 @@ without `model` is answered by the model served. Every choice of every request
 becomes a `scheduler.SequenceState`; the `BatchScheduler` decodes all active ones together. Errors use
 OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 400 for bad parameters,
 404 for an unknown model or route, 413 for an oversized body, 503 while shutting down or full,
-401 without the API key where one is set (`--api-key`: every route but /health, / and the page's files under /web/).
+401 without the API key where one is set (`--api-key`: every route but /health, / and the page's files under /static/).
 On SIGTERM the server stops accepting connections, lets in-flight requests run for
 `shutdown_grace_s`, then ends the rest with `finish_reason: "abort"` and a proper end of stream.
 """
@@ -82,7 +82,7 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # per stop string: each generated token is checked against every one
 MAX_INPUTS = 2048  # texts per embeddings or classify request, as OpenAI's embeddings
 OPEN_PATHS = ("/", "/health", "/favicon.ico")  # answered without the API key, as are paths under OPEN_PREFIX
-OPEN_PREFIX = "/web/"  # the page's files (playground.py): the page itself asks for the key
+OPEN_PREFIX = "/static/"  # the page's files (playground.py): the page itself asks for the key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -581,6 +581,9 @@ def create_app(scheduler: BatchScheduler | nn.Module, settings: ServeSettings) -
                           chat=True, extras=extras, tokenizer=tokenizer, tools=tools)
         return await _answer(scheduler, job, request, bool(req.stream))
 
+    add_playground(app, served, tokenizer, settings.model_name,
+                   functools.partial(_read_json, limit=settings.max_body_bytes))
+
     async def in_pool(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """fn(*args, **kwargs) on the pool's thread; a GptforgeError (bad input) is a 400 on `input`."""
         try:
@@ -636,8 +639,6 @@ def create_app(scheduler: BatchScheduler | nn.Module, settings: ServeSettings) -
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    add_playground(app, served, tokenizer, settings.model_name,
-                   functools.partial(_read_json, limit=settings.max_body_bytes))
     return app
 
 

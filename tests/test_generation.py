@@ -197,6 +197,19 @@ def test_logits_that_are_not_finite_are_refused_by_name():
     for config in (GenerationConfig(), GenerationConfig(temperature=0.8), GenerationConfig(repetition_penalty=1.2)):
         with pytest.raises(NonFiniteLogits, match="not finite .* in row 1:"):
             next_tokens(logits, torch.zeros(3, 2, dtype=torch.long), config)
+    for bad in (float("inf"), None):  # +inf; a row with every token ruled out
+        logits = torch.zeros(3, 10)
+        if bad is None:
+            logits[2] = float("-inf")
+        else:
+            logits[2, 0] = bad
+        with pytest.raises(NonFiniteLogits, match="in row 2:"):
+            next_tokens(logits, None, GenerationConfig())
+    # -inf rules a token out (a grammar's mask, a ban): the others are picked from as usual
+    masked = torch.arange(10.0).repeat(2, 1)
+    masked[:, 9] = float("-inf")
+    assert next_tokens(masked, None, GenerationConfig()).tolist() == [8, 8]
+    assert set(next_tokens(masked, None, GenerationConfig(temperature=1.0), torch.Generator().manual_seed(0)).tolist()) <= set(range(9))
 
 
 def test_seed_repeats_and_leaves_global_rng_alone(cfg):

@@ -184,9 +184,12 @@ def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(batch, pro
         assert calls == [] and steps == ["gf_model_decode"] * 10
         return
     assert steps == ["gf_model_decode"] * 9
-    on_kernel = rows <= (view.trf_blocks[0].att.fused_qkv.kernel_rows or rows)
-    assert calls == ([(rows, d), (rows, d), (rows, d), (rows, 4 * d)] * cfg.n_layers + [(batch, d)] if on_kernel
-                     else [(batch, d)])  # the head's rows, on the kernel whatever the prompt
+    att = view.trf_blocks[0].att
+    assert att.fused_qkv is None  # an inference view multiplies the model's own q, k, v matrices
+    on_kernel = rows <= (att.W_query.kernel_rows or rows)
+    # per layer: query, key, value, out_proj, fc1 (d inputs each), fc2 (4 d inputs)
+    assert calls == ([(rows, d)] * 5 + [(rows, 4 * d)]) * cfg.n_layers + [(batch, d)] if on_kernel \
+        else calls == [(batch, d)]  # the head's rows, on the kernel whatever the prompt
 
 
 def test_bf16_asked_for_on_a_cpu_without_bf16_hardware_warns(tiny_config, monkeypatch):

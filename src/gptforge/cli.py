@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -109,23 +110,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     config = GenerationConfig(**_generation_options(args))  # bad values fail before the model loads
     note = untrained_preset_note(args.model)
-    if note and not (args.model.lower() == "book-124m" and args.seed is not DEFAULT_SEED):
-        print(f"gptforge: note: {note}", file=sys.stderr)  # the seed's own gibberish, asked for, needs no note
+    if args.model.lower() == "book-124m" and args.seed is not DEFAULT_SEED:
+        note = None  # the seed's own gibberish, asked for, needs no note
     torch.manual_seed(args.seed)  # a preset's random weights
     model = load(args.model, device=args.device, config=_book_config_arg(args))
     prepare_for_inference(model, args.dtype, args.quantize)
     if args.no_stream or config.num_return_sequences > 1:
         texts = generate_text(model, args.prompt, config=config)
         texts = [texts] if isinstance(texts, str) else texts
+        _print_note(note)  # once the text is there: an error before it stays one line
         print("\n\n".join(texts) if len(texts) == 1 else "\n".join(
             f"--- sequence {i + 1} ---\n{t}" for i, t in enumerate(texts)))
         return
+    chunks = stream_text(model, args.prompt, config=config)
+    first = next(chunks, "")  # bad values for this model (a KV cache too big) fail here
+    _print_note(note)
     sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    for chunk in stream_text(model, args.prompt, config=config):
+    for chunk in itertools.chain([first], chunks):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _print_note(note: str | None) -> None:
+    if note:
+        print(f"gptforge: note: {note}", file=sys.stderr)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

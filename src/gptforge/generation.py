@@ -236,8 +236,9 @@ class NonFiniteLogits(GptforgeError):
 
 
 def check_finite_logits(logits: torch.Tensor) -> None:
-    """Raise NonFiniteLogits unless every score of the (B, V) `logits` is finite."""
-    finite = torch.isfinite(logits).all(-1)  # (B,)
+    """Raise NonFiniteLogits unless every row of the (B, V) `logits` is a distribution: no NaN, no
+    +inf, at least one finite score. -inf is a token ruled out (a grammar's mask, a ban, a bias)."""
+    finite = ~(torch.isnan(logits) | torch.isposinf(logits)).any(-1) & torch.isfinite(logits).any(-1)  # (B,)
     if not bool(finite.all()):
         rows = (~finite).nonzero().flatten().tolist()
         raise NonFiniteLogits(

@@ -440,14 +440,13 @@ class Float32Linear(nn.Linear):
         return _float32_linear(self, x, self.weight, self.bias)
 
 
-def _pack_linears(model: nn.Module, relayout: bool = True) -> None:
+def _pack_linears(model: nn.Module) -> None:
     """Make every plain nn.Linear a Float32Linear (in place: parameters and keys unchanged), its
-    weight stored (out, in) contiguous as the kernel reads it (Hugging Face's layout is (in, out));
-    relayout=False leaves such a weight where it is (PyTorch multiplies it)."""
+    weight stored (out, in) contiguous as the kernel reads it (Hugging Face's layout is (in, out))."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = Float32Linear
-            if relayout and not module.weight.is_contiguous():
+            if not module.weight.is_contiguous():
                 module.weight.data = kernels.row_major([module.weight.data])
 
 
@@ -554,11 +553,11 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
 def _prepare_float32(model: nn.Module, kernel_rows: int | None, share_storage: bool = False) -> None:
     """The float32 layout on CPU: query/key/value fused (SharedQKV), Linears as Float32Linear, the
     blocks and model in C where the kernels run. share_storage=True (an inference view): every
-    weight the kernels read is the model's own tensor, nothing copied or laid out anew (the three
-    projections apart, no panels), so no change to the model's weights can go unseen."""
+    weight the kernels read is the model's own tensor (the three projections apart, no panels),
+    except one stored transposed (a Hugging Face file mapped as it is), which is laid out anew."""
     if not share_storage:
         _fuse_qkv(model, SharedQKV)
-    _pack_linears(model, relayout=not share_storage)
+    _pack_linears(model)
     for module in model.modules():
         if isinstance(module, (SharedQKV, Float32Linear)):
             module.kernel_rows = kernel_rows
@@ -585,9 +584,12 @@ def _shallow_module_copy(module: nn.Module, params: dict[int, nn.Parameter]) -> 
 def _weights_key(model: nn.Module) -> tuple:
     """What the view is made from: each parameter's tensor (its memory, dtype and device) and the
     module tree's shape. The view reads the same memory, so a change of values (an optimizer step,
-    load_state_dict, an edit through `.data`) is seen without a rebuild; a new tensor is not."""
+    load_state_dict, an edit through `.data`) is seen without a rebuild; a new tensor is not. A
+    weight stored transposed is copied into the view, so its version counter (bumped by every
+    in-place change through autograd's tensors: optimizer steps, load_state_dict) is part of it."""
     return (tuple(type(m) for m in model.modules()),
-            *((p.data_ptr(), p.shape, p.stride(), p.dtype, p.device) for p in model.parameters()))
+            *((p.data_ptr(), p.shape, p.stride(), p.dtype, p.device, 0 if p.is_contiguous() else p._version)
+              for p in model.parameters()))
 
 
 def inference_view(model: nn.Module) -> nn.Module:
@@ -596,7 +598,9 @@ def inference_view(model: nn.Module) -> nn.Module:
     training flag and optimizer see nothing. The view holds no weights of its own: it multiplies
     `model`'s own tensors (query, key and value as three products, a batch's rows from the
     row-major weights), so any change to their values, however made, is in its next output; it is
-    made anew when a parameter is replaced by another tensor or the module tree changes. A model
+    made anew when a parameter is replaced by another tensor or the module tree changes. Weights
+    stored transposed (a Hugging Face checkpoint mapped without a copy) are the exception: the
+    view lays them out row-major once, and is made anew when one of them changes in place. A model
     with LoRA adapters gets a new view each call (its merged weights are new tensors). Returned
     unchanged: a model that is not a plain float32 GPTModel on CPU, or one already prepared."""
     blocks = getattr(model, "trf_blocks", None)

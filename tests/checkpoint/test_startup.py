@@ -56,5 +56,7 @@ def test_hf_weights_are_mapped_without_a_copy(tmp_path, tiny_config):
     assert decoding.is_contiguous() and torch.equal(decoding, fc)
     with torch.no_grad():
         fc.add_(1.0)  # copy-on-write pages: the file keeps its values
+    # an in-place change (an optimizer step's) to a transposed weight makes the view anew
+    assert torch.equal(inference_view(loaded).trf_blocks[0].ff.layers[0].weight, fc)
     again = gptforge.load(tmp_path / "hf")
     assert torch.equal(again.trf_blocks[0].ff.layers[0].weight, model.trf_blocks[0].ff.layers[0].weight)

@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 import tempfile
 import time
 from pathlib import Path

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -61,9 +62,23 @@ def _in_quick_starts(text: str, offset: int) -> bool:
 
 
 def commands(body: str) -> list[str]:
-    """A block's commands: continuation lines joined, blank lines and whole-line comments dropped."""
+    """A block's commands: continuation lines joined, a quoted string spanning lines kept whole,
+    blank lines and whole-line comments dropped."""
     joined = re.sub(r"\\\n\s*", "", body)
-    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+    found, pending = [], ""
+    for line in joined.splitlines():
+        if not pending and (not line.strip() or line.strip().startswith("#")):
+            continue
+        pending = f"{pending}\n{line}" if pending else line.strip()
+        try:
+            shlex.split(pending, comments=True)  # raises while a quote is still open
+        except ValueError:
+            continue
+        found.append(pending)
+        pending = ""
+    if pending:
+        raise SystemExit(f"a command's quote is never closed:\n{pending}")
+    return found
 
 
 def in_background(command: str) -> tuple[str, bool]:

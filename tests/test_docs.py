@@ -37,6 +37,8 @@ def test_every_quick_start_is_marked_and_parsed():
     assert {mark for mark, _ in marked} == {"run", "network"}
     assert checker.commands("gptforge a \\\n    --b c   # note\n# a comment\n\nx &\n") == ["gptforge a --b c   # note",
                                                                                        "x &"]
+    assert checker.commands("curl -d '{\"a\": 1,\n  \"b\": 2}'\nnext  # it's a comment\n") == [
+        "curl -d '{\"a\": 1,\n  \"b\": 2}'", "next  # it's a comment"]  # a quoted string over two lines
     assert checker.in_background("gptforge serve --port 8000 &   # a server") == ("gptforge serve --port 8000", True)
     assert checker.in_background("a && b") == ("a && b", False)
     assert checker.in_background("gptforge generate x  # no & here") == ("gptforge generate x  # no & here", False)

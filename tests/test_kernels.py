@@ -141,6 +141,41 @@ def test_argmax_is_torchs(rows, n):
     assert torch.equal(kernels.argmax(other), other.argmax(-1))
 
 
+@needs_kernels
+@pytest.mark.parametrize("rows, n", [(1, 50257), (5, 100), (3, 64)])
+def test_masked_argmax_is_torchs_over_the_allowed_tokens(rows, n):
+    """gf_argmax_masked against torch.argmax of the logits with forbidden tokens at -inf (the
+    grammar's mask, llguidance's bit layout): masks sparse and dense (whole words read as vectors),
+    a NaN allowed wins and one forbidden does not count, an allowed -inf is still chosen over
+    nothing, a row allowing nothing gives 0, rows of a strided view read right."""
+    from gptforge.structured import allowed_tokens, new_bitmask
+
+    torch.manual_seed(n)
+    x = torch.randn(rows, n + 7)
+    words = (n + 31) // 32
+    bitmask = torch.randint(-2**31, 2**31 - 1, (rows, words), dtype=torch.int32)  # about half allowed
+    bitmask[0, : words // 2] = -1  # whole words allowed
+    x[0, 0] = float("nan")
+    bitmask[0, 0] = -2  # ...but token 0, a NaN, is forbidden
+    if rows > 1:
+        x[1, n - 1] = float("nan")
+        bitmask[1, -1] = -1  # the last word: only its bits below n count
+    if rows > 2:
+        x[2] = float("-inf")
+        bitmask[2] = 0
+        bitmask[2, 1] = 1 << 3  # one token allowed, at -inf
+    view = x[:, :n]
+    masked = view.masked_fill(~allowed_tokens(bitmask, n), float("-inf"))
+    expected = masked.argmax(-1)
+    if rows > 2:
+        expected[2] = 35  # torch's argmax of an all -inf row is 0, a forbidden token; the allowed one is
+    assert torch.equal(kernels.argmax(view, bitmask), expected)
+    nothing = new_bitmask(rows, n).zero_()
+    assert kernels.argmax(view, nothing).tolist() == [0] * rows
+    other = view[:2].double()  # not float32: PyTorch's argmax of the masked logits
+    assert torch.equal(kernels.argmax(other, bitmask[:2]), masked[:2].double().argmax(-1))
+
+
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env})

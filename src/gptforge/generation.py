@@ -235,10 +235,16 @@ class NonFiniteLogits(GptforgeError):
     """The model's scores for the next token hold NaN or inf: nothing can be sampled from them."""
 
 
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: which rows of (B, V) logits are a distribution (see check_finite_logits), in one
+    pass: a row's largest score is NaN if any is, +inf if any is, -inf if none is finite."""
+    return torch.isfinite(logits.amax(-1))
+
+
 def check_finite_logits(logits: torch.Tensor) -> None:
     """Raise NonFiniteLogits unless every row of the (B, V) `logits` is a distribution: no NaN, no
     +inf, at least one finite score. -inf is a token ruled out (a grammar's mask, a ban, a bias)."""
-    finite = ~(torch.isnan(logits) | torch.isposinf(logits)).any(-1) & torch.isfinite(logits).any(-1)  # (B,)
+    finite = finite_rows(logits)
     if not bool(finite.all()):
         rows = (~finite).nonzero().flatten().tolist()
         raise NonFiniteLogits(

@@ -47,7 +47,7 @@ from . import kernels
 from .config import check_language_model
 from .kernels.block import make_panels
 from .generation import (
-    GenerationConfig, TextStream, check_finite_logits, left_pad, next_tokens, positions_from_mask,
+    GenerationConfig, TextStream, check_finite_logits, finite_rows, left_pad, next_tokens, positions_from_mask,
 )
 from .model import KV_Q8_0, KVCache
 from .quant import inference_view
@@ -402,18 +402,32 @@ class BatchScheduler:
         self._positions[:n] += 1
         tokens, finished = [], []
         bitmask = masks.result() if masks is not None else None
-        # plain greedy rows (no processors, no grammar): one argmax for all of them (the others' `_pick`
-        # checks its row)
-        plain = [seq.config.plain_greedy and not seq.adjusts_logits for seq in self._rows]
-        argmax = finite = None
-        if any(plain):
-            scores = logits[:, :self.tokenizer.vocab_size]
-            argmax, finite = kernels.argmax(scores).tolist(), torch.isfinite(scores).all(-1).tolist()
+        scores = logits[:, :self.tokenizer.vocab_size]
+        finite = finite_rows(scores).tolist()  # every row's check in one pass
+        # greedy rows whose only change to the logits is a grammar's mask or none: one masked argmax
+        # for all of them; the others (sampling, bias, penalties) pick one by one in `_pick`
+        rows = [i for i, seq in enumerate(self._rows)
+                if seq.config.plain_greedy and not seq.logit_bias and (seq.grammar is not None or not seq.adjusts_logits)]
+        greedy = {}
+        masked = [i for i in rows if self._rows[i].grammar is not None]
+        if len(masked) < len(rows):  # an argmax of every row, kept for the unmasked greedy ones
+            argmax = kernels.argmax(scores).tolist()
+            greedy = {i: argmax[i] for i in rows}
+        if masked:  # the argmax over what each grammar allows (no masked copy of the logits)
+            every = masked == list(range(len(self._rows)))
+            picked = kernels.argmax(scores.float() if every else scores[masked].float(),
+                                    bitmask[:len(masked)] if every else bitmask[masked])
+            greedy.update(zip(masked, picked.tolist()))
         for i, seq in enumerate(self._rows):
             try:
-                if plain[i] and not finite[i]:
+                if not finite[i]:
                     check_finite_logits(logits[i:i + 1])  # raises, saying what is wrong
-                token = argmax[i] if plain[i] else self._pick(seq, logits[i:i + 1], bitmask, i)
+                if i in greedy:
+                    token = greedy[i]
+                    if seq.grammar is not None:
+                        seq.grammar.accept(token)
+                else:
+                    token = self._pick(seq, logits[i:i + 1], bitmask, i)
                 done = self._emit(seq, token, logits[i])
             except Exception as err:  # this sequence's own failure: its row is freed, the others go on
                 self._fail(seq, self._failure(err))

@@ -278,15 +278,26 @@ def linear(x: torch.Tensor, spec: Linear) -> torch.Tensor:
     return y
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
+def argmax(logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """`logits.argmax(-1)` for (B, V) logits, the same index (the first maximum; a NaN, the first
-    NaN), in C where it can run here (float32 on CPU, rows of unit stride): 6-7x faster than PyTorch's."""
+    NaN), in C where it can run here (float32 on CPU, rows of unit stride): 6-7x faster than PyTorch's.
+    bitmask: (B, ceil(V / 32)) int32, bit j of word w allowing token 32 w + j (`structured.new_bitmask`):
+    the argmax over the allowed tokens only (0 for a row that allows none), without a masked copy."""
     if (library() is None or logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu"
-            or logits.stride(1) != 1 or torch.is_grad_enabled() and logits.requires_grad):
-        return logits.argmax(-1)
+            or logits.stride(1) != 1 or torch.is_grad_enabled() and logits.requires_grad
+            or bitmask is not None and (bitmask.dtype != torch.int32 or bitmask.stride(1) != 1
+                                        or tuple(bitmask.shape) != (logits.shape[0], (logits.shape[1] + 31) // 32))):
+        if bitmask is None:
+            return logits.argmax(-1)
+        from ..structured import apply_bitmask
+        return apply_bitmask(logits.float(), bitmask).argmax(-1)
     out = torch.empty(logits.shape[0], dtype=torch.int64)
-    call("gf_argmax", logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(),
-         torch.get_num_threads())
+    if bitmask is None:
+        call("gf_argmax", logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(),
+             torch.get_num_threads())
+    else:
+        call("gf_argmax_masked", logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0),
+             bitmask.data_ptr(), bitmask.stride(0), out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -52,6 +52,8 @@ SIGNATURES = {
     # fmt, W, its row and column strides, n, k, k padded, out, scale, threads
     "gf_quantize": [_I64, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int],
     "gf_argmax": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # x, rows, n, row stride, out, threads
+    # x, rows, n, row stride, mask, mask row stride, out, threads
+    "gf_argmax_masked": [_P, _I64, _I64, _I64, _P, _I64, _P, ctypes.c_int],
     "gf_transpose": [_P, _I64, _I64, _I64, _P, ctypes.c_int],  # src, rows, cols, src row stride, dst, threads
     "gf_block_profile": [ctypes.c_int, _P],  # on, out (block.c)
     # model, tokens, positions, M, T, kc, vc, layer stride, row stride, max_len, start, kv format, mask, work,

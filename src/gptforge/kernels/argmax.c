@@ -41,3 +41,50 @@ void gf_argmax(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t 
         out[r] = at < n ? at : 0;
     }
 }
+
+/* gf_argmax over the tokens a grammar allows: bit j of mask word w (int32, little-endian bit order,
+ * llguidance's and xgrammar's layout) allows index 32 w + j. Whole words of allowed tokens are read
+ * a vector at a time, the others bit by bit. 0 where nothing is allowed. */
+static int64_t masked_argmax(const float *row, int64_t n, const int32_t *mask) {
+    int64_t at = -1;
+    float best = -INFINITY;
+    for (int64_t base = 0; base < n; base += 32) {
+        uint32_t bits = (uint32_t)mask[base / 32];
+        if (n - base < 32) bits &= (1u << (n - base)) - 1;
+        if (bits == 0xFFFFFFFFu && 32 % VL == 0) {  /* 32 allowed: the block's maximum first */
+            vec top = vset1(-INFINITY);
+            unsigned nan = 0;
+            for (int k = 0; k < 32; k += VL) {
+                const vec v = vload(row + base + k);
+                top = vmax(top, v);
+                nan |= vmask_nan(v);
+            }
+            if (nan) return base + first(row + base, 32, 1, 0.0f);
+            const float m = vmaxall(top);
+            if (at < 0 || m > best) {
+                best = m;
+                at = base + first(row + base, 32, 0, m);
+            }
+            continue;
+        }
+        while (bits) {
+            const int64_t j = base + __builtin_ctz(bits);
+            bits &= bits - 1;
+            if (row[j] != row[j]) return j;  /* a NaN counts as the largest, as in gf_argmax */
+            if (at < 0 || row[j] > best) {
+                best = row[j];
+                at = j;
+            }
+        }
+    }
+    return at < 0 ? 0 : at;
+}
+
+/* x (rows, n) float32, row r at x + r * stride; mask (rows, ceil(n / 32)) int32, row r at
+ * mask + r * mask_stride; out (rows,) */
+void gf_argmax_masked(const float *x, int64_t rows, int64_t n, int64_t stride, const int32_t *mask,
+                      int64_t mask_stride, int64_t *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++)
+        out[r] = masked_argmax(x + r * stride, n, mask + r * mask_stride);
+}

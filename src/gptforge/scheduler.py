@@ -410,9 +410,10 @@ class BatchScheduler:
                 if seq.config.plain_greedy and not seq.logit_bias and (seq.grammar is not None or not seq.adjusts_logits)]
         greedy = {}
         masked = [i for i in rows if self._rows[i].grammar is not None]
-        if len(masked) < len(rows):  # an argmax of every row, kept for the unmasked greedy ones
+        unmasked = [i for i in rows if self._rows[i].grammar is None]
+        if unmasked:  # one argmax of every row, kept for these
             argmax = kernels.argmax(scores).tolist()
-            greedy = {i: argmax[i] for i in rows}
+            greedy = {i: argmax[i] for i in unmasked}
         if masked:  # the argmax over what each grammar allows (no masked copy of the logits)
             every = masked == list(range(len(self._rows)))
             picked = kernels.argmax(scores.float() if every else scores[masked].float(),

@@ -51,7 +51,7 @@ static int64_t masked_argmax(const float *row, int64_t n, const int32_t *mask) {
     for (int64_t base = 0; base < n; base += 32) {
         uint32_t bits = (uint32_t)mask[base / 32];
         if (n - base < 32) bits &= (1u << (n - base)) - 1;
-        if (bits == 0xFFFFFFFFu && 32 % VL == 0) {  /* 32 allowed: the block's maximum first */
+        if (bits == 0xFFFFFFFFu) {  /* 32 allowed (32 is a whole number of vectors): the block's maximum first */
             vec top = vset1(-INFINITY);
             unsigned nan = 0;
             for (int k = 0; k < 32; k += VL) {

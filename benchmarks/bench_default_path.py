@@ -16,7 +16,7 @@ import torch
 import bench_generate as bg
 from gptforge import GPTModel, generate, preset
 from gptforge.cpu import cpu_summary
-from gptforge.quant import inference_view
+from gptforge.fast import inference_view
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from gptforge import GenerationConfig, GPTModel, generate, generate_text_simple,
 from gptforge.checkpoint import config_to_hf, state_to_hf
 from gptforge.cpu import cpu_summary
 from gptforge.generation import _decode_steps
-from gptforge.quant import prepare_for_inference
+from gptforge.fast import prepare_for_inference
 
 # Wall-clock by default; `--clock cpu` counts this process's CPU seconds instead (with --threads 1,
 # the cost on one core, robust to other processes sharing the machine).
@@ -122,7 +122,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes a batch-1 decode step must read: every linear weight (the head included) once."""
     total = 0
     for module in model.modules():
-        if hasattr(module, "weight_data"):  # int8, 4-bit and bf16 weight-only layers (quant.py)
+        if hasattr(module, "weight_data"):  # int8, 4-bit and bf16 weight-only layers (gptforge/fast/linears.py)
             scale = module.scale
             total += module.weight_data.numel() * module.weight_data.element_size()
             total += 0 if scale is None else scale.numel() * scale.element_size()

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from gptforge import GPTModel, preset
 from gptforge.checkpoint import config_to_hf, state_to_hf
 from gptforge.cpu import cpu_summary
-from gptforge.quant import prepare_for_inference
+from gptforge.fast import prepare_for_inference
 from gptforge.scheduler import BatchScheduler
 from gptforge.serve import ServeSettings, create_app
 from gptforge.tokenizer import get_tokenizer

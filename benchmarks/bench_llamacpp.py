@@ -45,7 +45,7 @@ import torch
 from gptforge import GPTModel, preset, save
 from gptforge.cpu import cpu_summary
 from gptforge.generation import GenerationConfig, _decode_steps
-from gptforge.quant import QUANTIZATIONS, prepare_for_inference
+from gptforge.fast import QUANTIZATIONS, prepare_for_inference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # gptforge mode -> (prepare_for_inference arguments, llama.cpp GGUF type); None: gptforge has no such mode.

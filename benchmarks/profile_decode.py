@@ -20,10 +20,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from gptforge import GPTModel, kernels
+from gptforge import GPTModel
+from gptforge.fast import kernels
 from gptforge.cpu import cpu_summary
 from gptforge.generation import GenerationConfig, next_tokens
-from gptforge.quant import inference_view, prepare_for_inference
+from gptforge.fast import inference_view, prepare_for_inference
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "mkldnn::_linear_pointwise", "aten::mkldnn_linear",

@@ -41,7 +41,7 @@ def test_a_compiler_without_openmp_builds_one_thread_kernels(tmp_path):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     code = textwrap.dedent("""
         import torch
-        from gptforge import kernels
+        from gptforge.fast import kernels
         print(kernels.describe())
         if kernels.available():
             x, w = torch.randn(3, 128), torch.randn(40, 128)

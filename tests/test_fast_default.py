@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptforge import GPTConfig, GPTModel, generate, generate_text_simple
-from gptforge.quant import inference_view
+from gptforge.fast import inference_view
 
 from gen_helpers import hf_twin
 

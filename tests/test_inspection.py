@@ -15,7 +15,7 @@ from gptforge.config import ClassifierSpec, GPTConfig
 from gptforge.inspection import logit_lens, model_card, parameter_counts, trace
 from gptforge.model import count_parameters
 from gptforge.playground import MAX_INSPECT_TOKENS
-from gptforge.quant import prepare_for_inference
+from gptforge.fast import prepare_for_inference
 from gptforge.scheduler import BatchScheduler
 from gptforge.serve import ServeSettings, create_app
 from gptforge.tokenizer import get_tokenizer

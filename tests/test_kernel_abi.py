@@ -13,8 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from gptforge import kernels
-from gptforge.kernels import abi
+from gptforge.fast import kernels
+from gptforge.fast.kernels import abi
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"gptforge kernels: {kernels.describe()}")
 
@@ -44,9 +44,9 @@ def test_a_layout_drift_falls_back_to_pytorch_with_a_warning(drift):
               "class Drifted(ctypes.Structure):  # gf_lin without its bias\n"
               "    _fields_ = abi.Linear._fields_[:-1]\n"
               "abi.STRUCTS = (Drifted, abi.Block, abi.Model)\n")
-    result = _run("import ctypes, warnings\nimport torch\nfrom gptforge.kernels import abi\n" + change + textwrap.dedent("""
+    result = _run("import ctypes, warnings\nimport torch\nfrom gptforge.fast.kernels import abi\n" + change + textwrap.dedent("""
         import gptforge
-        from gptforge import kernels
+        from gptforge.fast import kernels
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert kernels.library() is None
@@ -64,7 +64,7 @@ def test_a_layout_drift_falls_back_to_pytorch_with_a_warning(drift):
     """))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "unavailable (C structs differ from gptforge/kernels/abi.py)"
+    assert lines[0] == "unavailable (C structs differ from gptforge/fast/kernels/abi.py)"
     assert "do not match their Python declarations" in lines[1]
     assert lines[2] == "True"
 
@@ -72,20 +72,20 @@ def test_a_layout_drift_falls_back_to_pytorch_with_a_warning(drift):
 @needs_kernels
 def test_a_failed_allocation_in_c_is_a_memory_error_not_a_crash(tiny_config):
     from gptforge import GPTModel
-    from gptforge.kernels.block import FusedTransformerBlock
+    from gptforge.fast.blocks import FusedTransformerBlock
     from gptforge.model import KVCache
-    from gptforge.quant import prepare_for_inference
+    from gptforge.fast import prepare_for_inference
 
     cfg = tiny_config()
     model = prepare_for_inference(GPTModel(cfg).eval())
     block = model.trf_blocks[0]
     assert type(block) is FusedTransformerBlock
-    spec = block.__dict__["_c_block"]
+    spec = block.c_block.spec
     keys = torch.zeros(1, cfg['n_heads'], 8, cfg['emb_dim'] // cfg['n_heads'])
     x = torch.randn(1, 1, cfg['emb_dim'])
     # a start position so far out that the block's working memory (its attention scores) cannot be had
     with pytest.raises(MemoryError, match="gf_block_decode"):
-        kernels.call("gf_block_decode", ctypes.addressof(spec[0]), x.data_ptr(), 1, 1, keys.data_ptr(),
+        kernels.call("gf_block_decode", ctypes.addressof(spec), x.data_ptr(), 1, 1, keys.data_ptr(),
                      keys.data_ptr(), keys.stride(0), keys.shape[2], 2**60 // cfg['n_heads'], 0, None, 1)
     # the flag was cleared: the next call is an ordinary one
     cache = KVCache(cfg, 1)
@@ -99,7 +99,7 @@ def test_import_changes_nothing_process_wide():
         from torch.optim import optimizer
         os.umask(0o027)
         hooks = len(optimizer._global_optimizer_post_hooks)
-        import gptforge, gptforge.quant, gptforge.io, gptforge.serve, gptforge.train
+        import gptforge, gptforge.fast, gptforge.io, gptforge.serve, gptforge.train
         print(oct(os.umask(0o027)), len(optimizer._global_optimizer_post_hooks) - hooks)
     """))
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""gptforge's decode kernels (gptforge/kernels/gemv.c) against references: float64 products, and
+"""gptforge's decode kernels (gptforge/fast/kernels/gemv.c) against references: float64 products, and
 for int8 and 4-bit weights the activations quantized by llama.cpp's own Q8_0 quantizer (the
 `gguf` package's bit-exact port of ggml-quants.c); the build cache and the fallbacks."""
 
@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptforge import kernels
+from gptforge.fast import kernels
 from gptforge.model import KV_Q8_0, q8_0_floats, q8_0_rows
-from gptforge.quant import Bf16Linear, Int4Linear, Int8Linear, quantize_int8, quantize_q4_0
+from gptforge.fast.linears import Bf16Linear, Int4Linear, Int8Linear, quantize_int8, quantize_q4_0
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"gptforge kernels: {kernels.describe()}")
 
@@ -60,7 +60,7 @@ def test_float32_kernel_is_the_product(rows, in_features, out_features):
 def test_bf16_kernel_is_float32_activations_times_bf16_weights(rows, in_features, out_features):
     """A Bf16Linear on the kernels: the product of float32 x with the weights rounded to bf16 as
     PyTorch rounds them, summed in float32; its panels unpack to those bf16 weights."""
-    from gptforge.quant import Bf16Linear
+    from gptforge.fast.linears import Bf16Linear
 
     torch.manual_seed(rows)
     x, linear = torch.randn(rows, in_features), nn.Linear(in_features, out_features)
@@ -183,7 +183,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 @needs_kernels
 def test_build_is_cached_per_cpu_and_falls_back_without_a_compiler(tmp_path):
-    probe = "from gptforge import kernels; print(kernels.describe())"
+    probe = "from gptforge.fast import kernels; print(kernels.describe())"
     first = _python(probe, GPTFORGE_CACHE=str(tmp_path))
     assert first.returncode == 0 and first.stdout.strip() == kernels.describe(), first.stderr
     assert "compiling the decode kernels" in first.stderr  # the one-off wait is announced
@@ -208,7 +208,8 @@ def test_without_the_kernels_the_models_decode_through_pytorch(tiny_config):
     """GPTFORGE_KERNELS=torch (or no compiler): every mode still generates, through PyTorch's kernels."""
     code = f"""
 import copy, torch
-from gptforge import GPTModel, generate, kernels, prepare_for_inference
+from gptforge import GPTModel, generate, prepare_for_inference
+from gptforge.fast import kernels
 from gptforge.model import GPTModel
 torch.manual_seed(0)
 model = GPTModel({tiny_config(vocab_size=256, emb_dim=64, context_length=32)!r}).eval()
@@ -261,7 +262,7 @@ def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, n_hea
     import copy
 
     from gptforge import GPTModel, prepare_for_inference
-    from gptforge.kernels.block import FusedTransformerBlock
+    from gptforge.fast.blocks import FusedTransformerBlock
     from gptforge.model import TransformerBlock, _attention_mask
 
     torch.manual_seed(rows)
@@ -294,7 +295,7 @@ def _fused_tiny_batch(quantize: str, rows: int, padded: bool, length: int, tiny_
     """A prepared tiny FusedGPTModel and a batch for it: ids, a 0/1 mask (row 1 left-padded by 4
     where `padded`) and the positions counted from it."""
     from gptforge import GPTModel, prepare_for_inference
-    from gptforge.kernels.block import FusedGPTModel
+    from gptforge.fast.blocks import FusedGPTModel
 
     torch.manual_seed(rows)
     model = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=64, emb_dim=128, n_heads=2)),
@@ -315,7 +316,7 @@ def test_fused_model_step_is_the_block_by_block_step(quantize, rows, padded, tin
     equals GPTModel.forward over the same prepared blocks and head (each block in C, the rest in
     PyTorch): logits and the cache written; with left padding and per-row positions, and without."""
     from gptforge import GPTModel
-    from gptforge.kernels.block import FusedGPTModel
+    from gptforge.fast.blocks import FusedGPTModel
 
     model, ids, mask, positions = _fused_tiny_batch(quantize, rows, padded, 10, tiny_config)
     prompt = {"positions": positions[:, :9], "attention_mask": mask[:, :9]} if padded else {}
@@ -342,8 +343,8 @@ def test_short_prefill_in_c_is_pytorchs_prefill(quantize, rows, padded, tiny_con
     (causal within the chunk, every cached position before it), with left padding and per-row
     positions, and without."""
     from gptforge import GPTModel
-    from gptforge.kernels import block
-    from gptforge.kernels.block import FusedGPTModel
+    from gptforge.fast import blocks as block
+    from gptforge.fast.blocks import FusedGPTModel
 
     model, ids, mask, positions = _fused_tiny_batch(quantize, rows, padded, 12, tiny_config)
     calls, original = [], block.call
@@ -372,7 +373,7 @@ def test_a_hook_on_a_module_the_c_step_stands_in_for_takes_pytorchs_path(tiny_co
     prefill and decode steps go through PyTorch's modules, so the hook sees every one; once removed,
     each is one C call again, with the same tokens."""
     from gptforge import GPTModel, generate, prepare_for_inference
-    from gptforge.kernels import block
+    from gptforge.fast import blocks as block
 
     torch.manual_seed(0)
     model = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=64, emb_dim=128, n_heads=2)),
@@ -401,7 +402,7 @@ def test_fused_model_step_leaves_what_c_cannot_take_to_pytorch(tiny_config):
     token outside the vocabulary (IndexError, the cache untouched), a full cache, autograd on."""
     from gptforge import GPTModel, prepare_for_inference
     from gptforge.errors import GptforgeError
-    from gptforge.kernels.block import FusedGPTModel
+    from gptforge.fast.blocks import FusedGPTModel
 
     torch.manual_seed(0)
     model = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=64, emb_dim=128, n_heads=2)),
@@ -430,7 +431,7 @@ def test_profile_times_the_kernels_parts_only_while_on(tiny_config):
     attention and the rest, summed while timing is on (what profile_decode reports), nothing while
     it is off."""
     from gptforge import GPTModel, prepare_for_inference
-    from gptforge.kernels.block import FusedTransformerBlock
+    from gptforge.fast.blocks import FusedTransformerBlock
 
     model = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=32, emb_dim=128, n_heads=2)),
                                   "auto", "int8")
@@ -504,7 +505,7 @@ def test_float32_panels_follow_the_weights(tiny_config):
     idx = torch.randint(0, 256, (3, 5))
     fast = prepare_for_inference(copy.deepcopy(first), "float32")
     assert torch.equal(generate(fast, idx, 6, stop_token_ids=()), generate(first, idx, 6, stop_token_ids=()))
-    assert "_gf_panels" in fast.out_head.__dict__  # batch 3 went through the panels
+    assert fast.out_head.panel_copy is not None  # batch 3 went through the panels
     fast.load_state_dict(second.state_dict())
     assert torch.equal(generate(fast, idx, 6, stop_token_ids=()), generate(second, idx, 6, stop_token_ids=()))
 
@@ -519,9 +520,9 @@ def test_only_a_batchs_decode_steps_make_the_float32_panels(tiny_config):
     fast = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=32, emb_dim=64)).eval(),
                                  "float32")
     generate(fast, torch.randint(0, 256, (1, 12)), 4, stop_token_ids=())
-    assert not any("_gf_panels" in module.__dict__ for module in fast.modules())
+    assert all(getattr(module, "panel_copy", None) is None for module in fast.modules())
     generate(fast, torch.randint(0, 256, (2, 12)), 2, stop_token_ids=())
-    assert "_gf_panels" in fast.out_head.__dict__
+    assert fast.out_head.panel_copy is not None
 
 
 @needs_kernels
@@ -566,7 +567,7 @@ def test_the_other_builds_pass_the_same_tests(tmp_path, march, built):
     if kernels.describe() != "AVX-512 VNNI":
         pytest.skip(f"this CPU's kernels are {kernels.describe()}, not a superset of {march}'s")
     env = {**os.environ, "GPTFORGE_MARCH": march, "GPTFORGE_CACHE": str(tmp_path)}
-    probe = subprocess.run([sys.executable, "-c", "from gptforge import kernels; print(kernels.describe())"],
+    probe = subprocess.run([sys.executable, "-c", "from gptforge.fast import kernels; print(kernels.describe())"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert probe.stdout.strip() == built, probe.stderr
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
@@ -598,7 +599,7 @@ def test_row_major_is_torch_cat_of_transposed_weights(use_kernels, monkeypatch):
 @pytest.mark.parametrize("fmt", ["i8", "q4", "bf16"])
 def test_quantizing_in_c_gives_pytorchs_bytes(fmt):
     """kernels.quantize (what makes an int8, 4-bit or bf16 model where the kernels run) against
-    quant.py's PyTorch quantizers (bf16: `.to(torch.bfloat16)`) then `pack`, byte for byte: rows not a whole panel, inputs padded, a
+    fast/linears.py's PyTorch quantizers (bf16: `.to(torch.bfloat16)`) then `pack`, byte for byte: rows not a whole panel, inputs padded, a
     transposed view (Hugging Face's layout) as well as rows, int8 values exactly halfway (to even),
     a 4-bit group whose largest magnitudes tie with opposite signs (the first wins), a zero group,
     and two values whose codes a fused multiply-add in floor(w * (1 / d) + 8.5) would move."""

@@ -131,11 +131,11 @@ def test_targets_choose_layers_and_training_loss_sees_the_adapter(tiny_config):
 
 
 def test_generation_fast_paths_see_the_adapters(tiny_config):
-    """generate_text decodes through quant's inference layout (fused qkv): it must include LoRA."""
+    """generate_text decodes through the fast inference layout (fused qkv): it must include LoRA."""
     import copy
 
     from gptforge.generation import generate_text, generate_text_simple
-    from gptforge.quant import prepare_for_inference
+    from gptforge.fast import prepare_for_inference
     from gptforge.tokenizer import get_tokenizer
 
     cfg = tiny_config(vocab_size=50257, context_length=32)

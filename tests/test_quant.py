@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gptforge import generate, kernels
+from gptforge import generate
+from gptforge.fast import kernels
 from gptforge.model import KV_Q8_0
-from gptforge.quant import Bf16Linear, Int4Linear, Int8Linear, PackedLinear, prepare_for_inference
+from gptforge.fast import prepare_for_inference
+from gptforge.fast.linears import Bf16Linear, Int4Linear, Int8Linear, PackedLinear
 
 from gen_helpers import generation_config, tiny_model
 
@@ -153,8 +155,8 @@ def test_bf16_on_the_kernels_is_float32_with_bf16_rounded_weights(tiny_config):
     to bf16 (as PyTorch's .to(bfloat16)), computed in float32: a short prefill and the decode steps
     in one C call each (FusedGPTModel), batch 2 with left padding, give its logits and greedy
     tokens; a prefill too long for the C call (dequantized to bf16 for one matmul) stays close."""
-    from gptforge.kernels.block import PREFILL_ROWS, FusedGPTModel
-    from gptforge.quant import choose_mode
+    from gptforge.fast.blocks import PREFILL_ROWS, FusedGPTModel
+    from gptforge.fast import choose_mode
 
     cfg = generation_config(tiny_config, emb_dim=128)  # the C blocks need no padded inputs
     model = tiny_model(cfg)

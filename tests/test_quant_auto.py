@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 
 from gptforge import generate
-from gptforge.quant import Int8Linear, InferenceMode, choose_mode, cpu_flags, inference_view, prepare_for_inference
+from gptforge.fast import InferenceMode, choose_mode, inference_view, prepare_for_inference
+from gptforge.fast.linears import Int8Linear
+from gptforge.cpu import cpu_flags
 
 from gen_helpers import generation_config, tiny_model
 
@@ -88,7 +90,7 @@ def test_int8_prefill_dequantizes_to_the_chosen_dtype(prefill_dtype):
 def test_a_quantized_prefill_runs_where_kernel_rows_says(kernel_rows, through_kernels, monkeypatch):
     """A product of 40 rows (a prefill) goes through gptforge's kernels up to `kernel_rows` rows
     (None: any number; choose_mode's choice where they run), else through the dequantized weights."""
-    from gptforge import kernels
+    from gptforge.fast import kernels
 
     if not kernels.available():
         pytest.skip(f"gptforge kernels: {kernels.describe()}")
@@ -119,7 +121,7 @@ def test_a_batching_scheduler_makes_the_float32_panels_when_it_starts(tiny_confi
     """The panel copy a float32 model's batch steps read is made at start, not in the first step
     that happens to have two sequences; a scheduler that never batches does not make it. (A plain
     model's inference view has none: it reads the model's own weights.)"""
-    from gptforge import kernels
+    from gptforge.fast import kernels
     from gptforge.scheduler import BatchScheduler
 
     if not kernels.available():
@@ -130,7 +132,7 @@ def test_a_batching_scheduler_makes_the_float32_panels_when_it_starts(tiny_confi
         scheduler.start()
         try:
             heads = [scheduler.model.out_head, scheduler.model.trf_blocks[0].ff.layers[0]]
-            assert all(("_gf_panels" in m.__dict__) == made for m in heads)
+            assert all((m.panel_copy is not None) == made for m in heads)
         finally:
             scheduler.stop()
 
@@ -158,9 +160,10 @@ def test_float32_decode_steps_run_on_the_kernel_with_the_books_tokens(batch, pro
     kernel (kernels.linear) where choose_mode's kernel_rows allow 136 rows on this CPU (else on
     MKL), then the head at the prompt's last position. Greedy tokens equal the book's
     generate_text_simple."""
-    from gptforge import generate_text_simple, kernels
-    from gptforge.kernels import block
-    from gptforge.quant import Float32Linear
+    from gptforge import generate_text_simple
+    from gptforge.fast import kernels
+    from gptforge.fast import blocks as block
+    from gptforge.fast.linears import Float32Linear
 
     cfg = generation_config(tiny_config)
     model = tiny_model(cfg)
@@ -199,19 +202,22 @@ def test_bf16_asked_for_on_a_cpu_without_bf16_hardware_warns(tiny_config, monkey
     is said."""
     import warnings
 
-    from gptforge import GPTModel, quant
+    from gptforge import GPTModel
+    from gptforge.fast import kernels, policy, prepare
 
     avx2_only = frozenset({"avx2", "fma", "f16c"})
-    monkeypatch.setattr(quant, "cpu_flags", lambda: avx2_only)
-    if quant.kernels.available():  # bf16 weights on the kernels: nothing emulated, nothing to say
+    monkeypatch.setattr(policy, "cpu_flags", lambda: avx2_only)
+    monkeypatch.setattr(prepare, "cpu_flags", lambda: avx2_only)
+    if kernels.available():  # bf16 weights on the kernels: nothing emulated, nothing to say
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             prepare_for_inference(GPTModel(tiny_config()), "bfloat16")
-    monkeypatch.setattr(quant.kernels, "available", lambda: False)
+    monkeypatch.setattr(kernels, "available", lambda: False)
     with pytest.warns(UserWarning, match="no bf16 hardware"):
         prepare_for_inference(GPTModel(tiny_config()), "bfloat16")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_for_inference(GPTModel(tiny_config()), "auto")
-        monkeypatch.setattr(quant, "cpu_flags", lambda: avx2_only | {"avx512_bf16"})
+        monkeypatch.setattr(policy, "cpu_flags", lambda: avx2_only | {"avx512_bf16"})
+        monkeypatch.setattr(prepare, "cpu_flags", lambda: avx2_only | {"avx512_bf16"})
         prepare_for_inference(GPTModel(tiny_config()), "bfloat16")

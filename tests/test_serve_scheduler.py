@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from gptforge import GPTModel, generate, kernels, prepare_for_inference
+from gptforge import GPTModel, generate, prepare_for_inference
+from gptforge.fast import kernels
 from gptforge.model import KV_Q8_0
 from gptforge.generation import GenerationConfig, prompt_ids
 from gptforge.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, BatchScheduler, SequenceState

@@ -19,7 +19,7 @@ from .model import (
     GELU, FeedForward, GPTModel, KVCache, LayerNorm, MultiHeadAttention, ParameterCounts,
     TransformerBlock, count_parameters,
 )
-from .quant import prepare_for_inference
+from .fast import prepare_for_inference
 from .tokenizer import Tokenizer, get_tokenizer
 # train adds ~30 ms to `import gptforge` (about 1% of torch's import), so it is imported eagerly.
 from .train import TrainConfig, train

@@ -106,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     several sequences are asked for."""
     from .checkpoint import load, untrained_preset_note
     from .generation import GenerationConfig, generate_text, stream_text
-    from .quant import prepare_for_inference
+    from .fast import prepare_for_inference
 
     config = GenerationConfig(**_generation_options(args))  # bad values fail before the model loads
     note = untrained_preset_note(args.model)
@@ -160,7 +160,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve the model over HTTP with OpenAI's completions API until SIGINT/SIGTERM."""
     from .checkpoint import load
-    from .quant import prepare_for_inference
+    from .fast import prepare_for_inference
     from .serve import ServeSettings, run_server
 
     torch.manual_seed(args.seed)
@@ -184,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load, load_config
     from .data import read_text
     from .evaluate import Perplexity, check_stride, perplexity
-    from .quant import prepare_for_inference
+    from .fast import prepare_for_inference
 
     if load_config(args.model, config=_book_config_arg(args)).classifier is not None:
         return _eval_classifier(args)
@@ -223,7 +223,7 @@ def _eval_classifier(args: argparse.Namespace) -> None:
     """`gptforge eval` on a classifier: its report on labelled CSV/TSV/JSONL/JSON file(s)."""
     from .checkpoint import load
     from .evaluate import evaluate_classifier
-    from .quant import prepare_for_inference
+    from .fast import prepare_for_inference
 
     if args.stride is not None:
         raise GptforgeError("--stride is for language models; this model is a classifier")
@@ -240,12 +240,12 @@ def _eval_classifier(args: argparse.Namespace) -> None:
 
 
 def _add_precision_flags(parser: argparse.ArgumentParser, default: str = "float32") -> None:
-    """--dtype and --quantize for a verb that runs the model through quant.prepare_for_inference."""
-    from .quant import DTYPES as COMPUTE_DTYPES, QUANTIZATIONS
+    """--dtype and --quantize for a verb that runs the model through fast.prepare_for_inference."""
+    from .fast import DTYPES as COMPUTE_DTYPES, QUANTIZATIONS
 
     parser.add_argument("--dtype", choices=("auto", *COMPUTE_DTYPES), default=default,
                         help="compute dtype; bfloat16: bf16 weights (on CPU through gptforge's kernels, float32 "
-                             f"activations); auto: this CPU's choice (quant.choose_mode) (default: {default})")
+                             f"activations); auto: this CPU's choice (fast.choose_mode) (default: {default})")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                         help="int8: weight-only int8 linears; int4: 4-bit groups as llama.cpp's Q4_0 "
                              "(on CPU through gptforge's kernels, activations quantized as Q8_0)")

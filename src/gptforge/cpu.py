@@ -79,7 +79,7 @@ def cpu_name() -> str:
 def cpu_summary() -> str:
     """One line naming this CPU, PyTorch's kernel level, gptforge's decode kernels and the flags
     the per-CPU choices read."""
-    from . import kernels  # the kernels read the flags above
+    from .fast import kernels  # the kernels read the flags above
 
     flags = " ".join(flag for flag in SHOWN_FLAGS if flag in cpu_flags()) or "none of " + " ".join(SHOWN_FLAGS)
     return (f"CPU: {cpu_name()}; torch kernels: {torch.backends.cpu.get_cpu_capability()}; "

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .errors import GptforgeError
 from .model import GPTModel
-from .quant import inference_view
+from .fast import inference_view
 from .tokenizer import Tokenizer, as_tokenizer
 
 POOLINGS = ("mean", "last")

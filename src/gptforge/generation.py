@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import kernels
+from .fast import kernels
 from .config import check_language_model, known_fields
 from .errors import GptforgeError
 from .logits_processors import (  # noqa: F401  (re-exported: they were defined here)
@@ -30,7 +30,7 @@ from .logits_processors import (  # noqa: F401  (re-exported: they were defined 
 )
 from .model import KV_Q8_0, KVCache
 from .options import SEED_MAX, check_fields, check_value, option
-from .quant import inference_view
+from .fast import inference_view
 from .tokenizer import ENDOFTEXT_ID, Tokenizer, as_tokenizer
 
 
@@ -493,7 +493,7 @@ def _prepare(model: nn.Module, idx: Any, attention_mask: torch.Tensor | None,
 
 @contextlib.contextmanager
 def _decoding(model: nn.Module) -> Iterator[nn.Module]:
-    """The module to decode with: `model`'s fast float32 layout (`quant.inference_view`, which leaves
+    """The module to decode with: `model`'s fast float32 layout (`fast.inference_view`, which leaves
     `model` and its state dict untouched) when it has one, else `model`; in eval mode (dropout off)
     for the block, its training flag restored after. Only a model in eval mode gets the view: a
     sample during training decodes the model as it is (no second copy of the weights to build
@@ -512,7 +512,7 @@ def generate(model: nn.Module, idx: torch.Tensor | Sequence[Sequence[int]], max_
              tokenizer: Tokenizer | None = None, **options: Any) -> torch.Tensor:
     """Generate with a KV cache. Greedy by default, so it returns what `generate_text_simple` does.
     A plain float32 CPU model in eval mode decodes through its cached fast layout
-    (`quant.inference_view`): `model`, its state dict and its training are left as they are.
+    (`fast.inference_view`): `model`, its state dict and its training are left as they are.
 
     idx: (B, T) int64 prompt ids, or a list of id lists of different lengths (left-padded here).
     max_new_tokens: overrides `config.max_new_tokens`.

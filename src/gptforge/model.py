@@ -67,7 +67,7 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
-        # Set by gptforge.quant.prepare_for_inference: one (d_in -> 3 * d_out) projection computing
+        # Set by gptforge.fast.prepare_for_inference: one (d_in -> 3 * d_out) projection computing
         # query, key and value in a single matmul (decoding is dominated by per-call costs).
         self.fused_qkv: nn.Module | None = None
 

@@ -43,14 +43,14 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from . import kernels
+from .fast import kernels
 from .config import check_language_model
-from .kernels.block import make_panels
+from .fast.blocks import make_panels
 from .generation import (
     GenerationConfig, TextStream, check_finite_logits, finite_rows, left_pad, next_tokens, positions_from_mask,
 )
 from .model import KV_Q8_0, KVCache
-from .quant import inference_view
+from .fast import inference_view
 from .structured import GrammarMatcher, apply_bitmask, new_bitmask
 from .tokenizer import Tokenizer, as_tokenizer
 from .errors import GptforgeError
@@ -245,7 +245,7 @@ class BatchScheduler:
     def start(self) -> None:
         """Run the scheduler in a daemon thread (the calling thread's OpenMP workers are let go:
         see `kernels.release_threads`; a float32 model's panels for batches are made first: see
-        `kernels.block.make_panels`)."""
+        `fast.blocks.make_panels`)."""
         if self._thread is None:
             if self.max_batch_size > 1:
                 make_panels(self.model)

@@ -43,7 +43,7 @@ def test_load_restores_initialisers(tmp_path, tiny_config):
 
 
 def test_hf_weights_are_mapped_without_a_copy(tmp_path, tiny_config):
-    from gptforge.quant import inference_view
+    from gptforge.fast import inference_view
 
     torch.manual_seed(0)
     model = GPTModel(tiny_config(vocab_size=50257))

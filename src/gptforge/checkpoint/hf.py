@@ -153,7 +153,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], source: str) -> dict[str, t
             raise GptforgeError(f"{source}: unexpected tensor {key!r}; is this a GPT-2 checkpoint?")
         ours, transpose = _HF_BLOCK_KEYS[rest]
         # A transposed view, no copy (a copy here cost ~0.6 s for 124M): training reads either
-        # layout, and the decoding view (quant.inference_view) makes its own (out, in) copy.
+        # layout, and the decoding view (fast.inference_view) makes its own (out, in) copy.
         state[prefix + ours] = tensor.t() if transpose else tensor
     return state
 

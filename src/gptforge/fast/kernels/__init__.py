@@ -1,6 +1,6 @@
 """gptforge's own decode kernels, in C, compiled once per CPU: the matrix products of a decode step
 (a few rows) for float32, int8 and 4-bit weights (`gemv.c`), a whole TransformerBlock's decode
-step in one call (`block.c`, used through `block.py`), greedy decoding's argmax (`argmax.c`), and
+step in one call (`block.c`, used through `gptforge/fast/blocks.py`), greedy decoding's argmax (`argmax.c`), and
 the transposes that lay Hugging Face's (in, out) weights out as rows (`transpose.c`).
 
 Why: at a few rows a matrix product is memory-bound, and PyTorch's CPU kernels for it read the
@@ -22,6 +22,7 @@ quantization), slower.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cpu import cpu_flags
+from ...cpu import cpu_flags
 from .abi import RETURNS_INT, SIGNATURES, Linear, mismatch
 
 HERE = Path(__file__).parent
@@ -47,12 +48,20 @@ HEADERS = (HERE / "gemv.h", HERE / "simd.h", HERE / "abi.py")  # abi.py: a new l
 CFLAGS = ("-O3", f"-march={os.environ.get('GPTFORGE_MARCH', 'native')}", "-shared", "-fPIC")
 FORMATS = {"f32": 0, "i8": 1, "q4": 2, "bf16": 3}  # gemv.h's enum format
 # A decode step of up to this many rows (a batch) runs here; products of more (a prefill) where
-# quant.choose_mode's kernel_rows says: here too up to a bound, or at any length.
+# fast.policy.choose_mode's kernel_rows says: here too up to a bound, or at any length.
 MAX_ROWS = 16
 BLOCK_PARTS = ("products", "attention", "rest")  # block.c's timed parts of a block's decode step
 
 
-_STATUS = ["not loaded"]  # what describe() says
+@dataclasses.dataclass
+class _State:
+    """This module's state, in one place."""
+
+    status: str = "not loaded"  # what describe() says
+    linear_seconds: float | None = None  # gf_linear's time while `profile` is on, else None
+
+
+_state = _State()
 
 
 def cache_dir() -> Path:
@@ -120,16 +129,16 @@ def _build() -> Path:
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None where they cannot be used here (see the module docstring)."""
     if os.environ.get("GPTFORGE_KERNELS", "auto").lower() in ("torch", "off", "0", "none"):
-        _STATUS[0] = "off (GPTFORGE_KERNELS=torch)"
+        _state.status = "off (GPTFORGE_KERNELS=torch)"
         return None
     if not {"avx2", "fma", "f16c"} <= cpu_flags():
-        _STATUS[0] = "not for this CPU (needs AVX2, FMA and F16C)"
+        _state.status = "not for this CPU (needs AVX2, FMA and F16C)"
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError, _NoCompiler) as err:
         detail = (getattr(err, "stderr", None) or str(err)).strip()[-500:]
-        _STATUS[0] = "unavailable (no C compiler)" if isinstance(err, _NoCompiler) else "unavailable (build failed)"
+        _state.status = "unavailable (no C compiler)" if isinstance(err, _NoCompiler) else "unavailable (build failed)"
         detail = " ".join(detail.split())  # a compiler's error, on the one line
         print(f"gptforge: warning: could not build the fast decode kernels ({detail}); using PyTorch's, "
               "about half as fast at decoding", file=sys.stderr, flush=True)
@@ -140,11 +149,11 @@ def library() -> ctypes.CDLL | None:
             getattr(lib, name).restype = ctypes.c_int if name in RETURNS_INT else None
     wrong = mismatch(lib)
     if wrong is not None:  # the ctypes mirrors and the C structs differ: C would read the wrong bytes
-        _STATUS[0] = "unavailable (C structs differ from gptforge/kernels/abi.py)"
+        _state.status = "unavailable (C structs differ from gptforge/fast/kernels/abi.py)"
         warnings.warn(f"gptforge: the compiled decode kernels do not match their Python declarations ({wrong}); "
                       "using PyTorch's, about half as fast at decoding", RuntimeWarning, stacklevel=2)
         return None
-    _STATUS[0] = (f"AVX{'-512' if lib.gf_vector_bits() == 512 else '2'}{' VNNI' if lib.gf_vnni() else ''}"
+    _state.status = (f"AVX{'-512' if lib.gf_vector_bits() == 512 else '2'}{' VNNI' if lib.gf_vnni() else ''}"
                   f"{'' if lib.gf_openmp() else ' (no OpenMP: one thread)'}")
     return lib
 
@@ -156,7 +165,7 @@ def available() -> bool:
 def describe() -> str:
     """'AVX-512 VNNI', 'AVX2', or why the kernels are not used ('off (GPTFORGE_KERNELS=torch)', ...)."""
     library()
-    return _STATUS[0]
+    return _state.status
 
 
 def vector_floats() -> int:
@@ -195,7 +204,7 @@ def pack(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None) -> t
 
 
 def quantize(fmt: str, weight: torch.Tensor, k_padded: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pack(fmt, *q)` of quant.py's PyTorch quantization q of `weight` (N, K) float32 zero-padded
+    """`pack(fmt, *q)` of fast/linears.py's PyTorch quantization q of `weight` (N, K) float32 zero-padded
     to `k_padded` inputs ('i8': per-row int8 and its (N,) scales; 'q4': Q4_0; 'bf16': rounded to
     bfloat16, no scales: None), the same bytes,
     quantized in C straight into the panels, reading `weight` with any strides (making GPT-2 124M's
@@ -227,26 +236,12 @@ def unpack(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, n: int) -
     return codes, scale.transpose(1, 2).reshape(p * vl, -1)[:n]
 
 
-def f32_panels(owner: object, weight: torch.Tensor, version: int) -> torch.Tensor:
-    """`pack("f32", weight)`, kept on `owner` (a module): made on the first decode step of a batch
-    (a second copy of the weights; at 8 rows 1.2-1.4x faster than the row-major ones), remade when
-    the weights change (a new tensor, or `version`: their version counters' sum)."""
-    key = (weight.data_ptr(), version)
-    cached = owner.__dict__.get("_gf_panels")
-    if cached is None or cached[0] != key:
-        cached = owner.__dict__["_gf_panels"] = (key, pack("f32", weight.detach())[0])
-    return cached[1]
-
-
 def layer(fmt: str, n: int, k: int, weight: torch.Tensor, scale: torch.Tensor | None = None,
           bias: torch.Tensor | None = None, panels: torch.Tensor | None = None) -> Linear:
     """The C description of an (n, k) layer in `fmt` (gemv.c): float32 `weight` row-major (and
     its `panels`, made by `pack`, for products of several rows), int8 and 4-bit in panels; the
     tensors must outlive it."""
     return Linear(FORMATS[fmt], n, k, _ptr(weight), _ptr(panels), _ptr(scale), _ptr(bias))
-
-
-_LINEAR_SECONDS: list[float | None] = [None]  # gf_linear's time while `profile` is on, else None
 
 
 def call(name: str, *args) -> int | None:
@@ -258,10 +253,10 @@ def call(name: str, *args) -> int | None:
     if torch.autograd.profiler._is_profiler_enabled:
         with torch.profiler.record_function(f"gptforge::{name.removeprefix('gf_')}"):
             result = function(*args)
-    elif _LINEAR_SECONDS[0] is not None and name == "gf_linear":
+    elif _state.linear_seconds is not None and name == "gf_linear":
         start = time.perf_counter()
         result = function(*args)
-        _LINEAR_SECONDS[0] += time.perf_counter() - start
+        _state.linear_seconds += time.perf_counter() - start
     else:
         result = function(*args)
     if lib.gf_failed():
@@ -289,7 +284,7 @@ def argmax(logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> torch.T
                                         or tuple(bitmask.shape) != (logits.shape[0], (logits.shape[1] + 31) // 32))):
         if bitmask is None:
             return logits.argmax(-1)
-        from ..structured import apply_bitmask
+        from ...structured import apply_bitmask
         return apply_bitmask(logits.float(), bitmask).argmax(-1)
     out = torch.empty(logits.shape[0], dtype=torch.int64)
     if bitmask is None:
@@ -332,7 +327,7 @@ def profile(on: bool) -> dict[str, float]:
     if library() is not None:
         library().gf_block_profile(int(on), out)
     blocks = dict(zip(BLOCK_PARTS, out))
-    linear_seconds, _LINEAR_SECONDS[0] = _LINEAR_SECONDS[0] or 0.0, 0.0 if on else None
+    linear_seconds, _state.linear_seconds = _state.linear_seconds or 0.0, 0.0 if on else None
     return {"products": blocks["products"] + linear_seconds, "attention": blocks["attention"],
             "block rest": blocks["rest"]}
 

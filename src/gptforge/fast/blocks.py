@@ -1,7 +1,7 @@
 """A TransformerBlock, and a whole GPTModel, whose decode steps run as one C call (block.c's
 `gf_block_decode` and `gf_model_decode`).
 
-`fuse_blocks(model)` (called by `quant.prepare_for_inference` for float32, bf16, int8 and 4-bit
+`fuse_blocks(model)` (called by `prepare_for_inference` for float32, bf16, int8 and 4-bit
 CPU models) turns each block of a prepared model into a `FusedTransformerBlock` and, where every
 block and the output head run in C, the model into a `FusedGPTModel`: same parameters, same
 state-dict keys, same `forward`. A decode step (one new token per row, up to `kernels.MAX_ROWS`
@@ -14,13 +14,14 @@ training, a cache it cannot read) through PyTorch's `TransformerBlock.forward` a
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 
 import torch
 import torch.nn as nn
 
 from ..model import GELU, KV_Q8_0, GPTModel, KVCache, TransformerBlock, kv_row
-from . import MAX_ROWS, Linear, _ptr, call, f32_panels, layer, library, supported, vector_floats
-from .abi import Block, Model
+from .kernels import MAX_ROWS, Linear, _ptr, call, layer, library, pack, supported, vector_floats
+from .kernels.abi import Block, Model
 
 
 # The KV caches the C blocks read: dtype -> block.c's format (KV_F32, KV_F16, KV_Q8)
@@ -29,8 +30,32 @@ KV_FORMATS = {torch.float32: 0, torch.float16: 1, KV_Q8_0: 2}
 # decode step (GPT-2 124M: 1.3-1.45x PyTorch's blocks for int8 at 64-128 tokens, 1.0-1.16x for
 # float32 at one row, 1.4x at several rows); longer ones through PyTorch, whose attention and
 # (float32) matmuls win there. The products of a prefill stay within the layers' own
-# `kernel_rows` (quant.choose_mode) too.
+# `kernel_rows` (policy.choose_mode) too.
 PREFILL_ROWS = 128
+
+
+@dataclasses.dataclass
+class CBlock:
+    """What a FusedTransformerBlock's C step reads: its C description (`spec`), the tensors that
+    points into (`keep`), and its float32 layers, pointed at their panels for a step of several
+    rows (`f32_layers`: (C description, module, weight) each)."""
+
+    spec: Block
+    keep: list
+    f32_layers: list
+
+
+@dataclasses.dataclass
+class CModel:
+    """What a FusedGPTModel's C step reads: its C description and the tensors it points into, the
+    forward-hook dicts of the modules it stands in for (a hook there sends every step through
+    PyTorch), the output head's float32 layer (as CBlock's), and the most tokens of a prefill in C."""
+
+    spec: Model
+    keep: list
+    hook_dicts: tuple
+    f32_head: list
+    rows: int
 
 
 def _linear_spec(module: nn.Module, keep: list) -> Linear | None:
@@ -55,6 +80,7 @@ def _float32_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def _block_spec(block: TransformerBlock) -> tuple[Block, list] | None:
+    """The C description of a block and the tensors it points into, or None if C cannot run it."""
     att, layers = block.att, block.ff.layers
     d, heads, floats = att.d_out, att.num_heads, vector_floats()
     norms = (block.norm1.scale, block.norm1.shift, block.norm2.scale, block.norm2.shift)
@@ -73,6 +99,8 @@ def _block_spec(block: TransformerBlock) -> tuple[Block, list] | None:
 class FusedTransformerBlock(TransformerBlock):
     """A TransformerBlock whose decode steps run in C (see the module docstring)."""
 
+    c_block: CBlock | None = None  # set by fuse_blocks
+
     def _linears(self) -> dict[str, nn.Module]:
         """The block's linear layers by gf_block's field names: one fused query/key/value projection
         (`qkv`) where the model was prepared, else the three apart (`q`, `k`, `v`: an inference
@@ -85,8 +113,8 @@ class FusedTransformerBlock(TransformerBlock):
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start: int = 0, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
-        spec = self.__dict__.get("_c_block")
-        if (spec is None or t != 1 or kv is None or b > MAX_ROWS or x.dtype != torch.float32 or self.training
+        c = self.c_block
+        if (c is None or t != 1 or kv is None or b > MAX_ROWS or x.dtype != torch.float32 or self.training
                 or (torch.is_grad_enabled() and x.requires_grad)):
             return super().forward(x, kv, start, attn_mask)
         keys, values = kv  # (B, heads, max_len, head_dim) each (Q8_0: head_dim * 17 / 16 bytes)
@@ -94,10 +122,10 @@ class FusedTransformerBlock(TransformerBlock):
                 or (attn_mask is not None and attn_mask.dtype != torch.bool)):
             return super().forward(x, kv, start, attn_mask)
         if b > 1:  # several rows: float32 layers multiply through their panels
-            _point_at_panels(self.__dict__["_f32_layers"])
-        mask = None if attn_mask is None else _row_mask(attn_mask, b, start)
+            _point_at_panels(c.f32_layers)
+        mask = None if attn_mask is None else _LAST_MASK.rows(attn_mask, b, start)
         out = x.contiguous().clone()  # the residual stream, updated in place by the C block
-        call("gf_block_decode", ctypes.addressof(spec[0]), out.data_ptr(), b, 1, keys.data_ptr(), values.data_ptr(),
+        call("gf_block_decode", ctypes.addressof(c.spec), out.data_ptr(), b, 1, keys.data_ptr(), values.data_ptr(),
              keys.stride(0), keys.shape[2], start, KV_FORMATS[keys.dtype], _ptr(mask), torch.get_num_threads())
         return out
 
@@ -113,12 +141,23 @@ def _cache_readable(keys: torch.Tensor, values: torch.Tensor, head_dim: int) -> 
             and keys.stride()[-3:] == (max_len * row, row, 1) and values.stride() == keys.stride())
 
 
+def f32_panels(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """`pack("f32", weight)` for a float32 layer (Float32Linear, SharedQKV), kept on it as `panels`:
+    made on the first decode step of a batch (a second copy of the weights; at 8 rows 1.2-1.4x
+    faster than the row-major ones), remade when the weights change (a new tensor, or the layer's
+    `weights_version`, its version counters' sum)."""
+    key = (weight.data_ptr(), module.weights_version())
+    if module.panel_copy is None or module.panel_copy[0] != key:
+        module.panel_copy = (key, pack("f32", weight.detach())[0])
+    return module.panel_copy[1]
+
+
 def _point_at_panels(layers: list[tuple[Linear, nn.Module, torch.Tensor]], make: bool = True) -> None:
     """Point each float32 layer's C description at its panels (made or remade by f32_panels); with
     make=False, only a layer that has had them (kept up to date), others at no panels (row-major)."""
     for linear, module, weight in layers:
-        has = make or "_gf_panels" in module.__dict__
-        linear.wp = f32_panels(module, weight, module.weights_version()).data_ptr() if has else None
+        has = make or module.panel_copy is not None
+        linear.wp = f32_panels(module, weight).data_ptr() if has else None
 
 
 def _f32_layers(specs: list[Linear], modules: list[nn.Module]) -> list[tuple[Linear, nn.Module, torch.Tensor]]:
@@ -138,7 +177,7 @@ def _model_spec(model: GPTModel) -> tuple[Model, list] | None:
     head = _linear_spec(model.out_head, keep)
     if head is None:
         return None
-    pointers = (ctypes.c_void_p * len(blocks))(*(ctypes.addressof(block.__dict__["_c_block"][0]) for block in blocks))
+    pointers = (ctypes.c_void_p * len(blocks))(*(ctypes.addressof(block.c_block.spec) for block in blocks))
     keep.append(pointers)
     (vocab, d), positions = tables[0].shape, tables[1].shape[0]
     spec = Model(len(blocks), d, vocab, positions, *(_ptr(p) for p in keep[:2]), ctypes.addressof(pointers),
@@ -151,22 +190,24 @@ class FusedGPTModel(GPTModel):
     step stands in for (embeddings, blocks, final norm, head) are called as modules only by
     PyTorch's path, so while any of them has a forward hook, every step goes that way."""
 
+    c_model: CModel | None = None  # set by fuse_blocks
+
     def forward(self, in_idx: torch.Tensor, *, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         b, t = in_idx.shape
-        spec = self.__dict__.get("_c_model")
-        step = self._c_step(spec, in_idx, cache, positions, attention_mask) if (
-            spec is not None and cache is not None and targets is None and b <= MAX_ROWS
-            and (t == 1 or last_only and b * t <= self.__dict__["_c_rows"])
+        c = self.c_model
+        step = self._c_step(c.spec, in_idx, cache, positions, attention_mask) if (
+            c is not None and cache is not None and targets is None and b <= MAX_ROWS
+            and (t == 1 or last_only and b * t <= c.rows)
             and not self.training and not torch.is_grad_enabled() and in_idx.device.type == "cpu"
-            and not any(self.__dict__["_c_hook_dicts"])) else None
+            and not any(c.hook_dicts)) else None
         if step is None:
             return super().forward(in_idx, cache=cache, positions=positions, attention_mask=attention_mask,
                                    last_only=last_only, targets=targets)
         return step
 
-    def _c_step(self, spec: tuple, in_idx: torch.Tensor, cache: KVCache, positions: torch.Tensor | None,
+    def _c_step(self, spec: Model, in_idx: torch.Tensor, cache: KVCache, positions: torch.Tensor | None,
                 attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """(B, 1, V) logits of the last of T new tokens per row (a decode step: T = 1; a short
         prefill) in C, or None where C cannot take it (then nothing has changed): a cache of other
@@ -194,8 +235,8 @@ class FusedGPTModel(GPTModel):
             self._point_at_panels(make=b > 1)
         ids = in_idx.to(torch.int64).contiguous()
         work = torch.empty(2 * b * t * self.cfg.emb_dim)
-        logits = torch.empty(b, spec[0].head.n)
-        failed = call("gf_model_decode", ctypes.addressof(spec[0]), ids.data_ptr(), positions.data_ptr(), b, t,
+        logits = torch.empty(b, spec.head.n)
+        failed = call("gf_model_decode", ctypes.addressof(spec), ids.data_ptr(), positions.data_ptr(), b, t,
                       keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.shape[3], start,
                       KV_FORMATS[keys.dtype], _ptr(mask), work.data_ptr(), logits.data_ptr(),
                       torch.get_num_threads())
@@ -208,8 +249,8 @@ class FusedGPTModel(GPTModel):
         """Point every float32 layer of the C step at its panels (made, or remade, where needed;
         with make=False, only those made before, the others at their row-major weights)."""
         for block in self.trf_blocks:
-            _point_at_panels(block.__dict__["_f32_layers"], make)
-        _point_at_panels(self.__dict__["_f32_head"], make)
+            _point_at_panels(block.c_block.f32_layers, make)
+        _point_at_panels(self.c_model.f32_head, make)
 
 
 def make_panels(model: nn.Module) -> None:
@@ -220,18 +261,22 @@ def make_panels(model: nn.Module) -> None:
         model._point_at_panels()
 
 
-# The last mask given to a block, as (the mask, rows, start, C's (rows, start + 1) bytes): every
-# block of a forward pass gets the same one.
-_LAST_MASK: list[tuple | None] = [None]
+class _LastMask:
+    """The last attention mask given to a block, as C reads it: every block of a forward pass gets
+    the same one, made once."""
+
+    def __init__(self):
+        self.key: tuple = ()  # (the mask given, rows, start)
+        self.mask: torch.Tensor | None = None  # its (rows, start + 1) bytes
+
+    def rows(self, attn_mask: torch.Tensor, b: int, start: int) -> torch.Tensor:
+        if not (self.key and self.key[0] is attn_mask and self.key[1:] == (b, start)):
+            self.mask = attn_mask.expand(b, 1, 1, start + 1).reshape(b, start + 1).contiguous()
+            self.key = (attn_mask, b, start)
+        return self.mask
 
 
-def _row_mask(attn_mask: torch.Tensor, b: int, start: int) -> torch.Tensor:
-    last = _LAST_MASK[0]
-    if last is not None and last[0] is attn_mask and last[1:3] == (b, start):
-        return last[3]
-    mask = attn_mask.expand(b, 1, 1, start + 1).reshape(b, start + 1).contiguous()
-    _LAST_MASK[0] = (attn_mask, b, start, mask)
-    return mask
+_LAST_MASK = _LastMask()
 
 
 def fuse_blocks(model: nn.Module, panels: bool = True) -> None:
@@ -247,20 +292,19 @@ def fuse_blocks(model: nn.Module, panels: bool = True) -> None:
             spec = _block_spec(block)
             if spec is not None:
                 block.__class__ = FusedTransformerBlock
-                block.__dict__["_c_block"] = spec
                 # float32 layers: where a step of several rows points the C block at their panels
                 named = block._linears()
-                block.__dict__["_f32_layers"] = _f32_layers(
-                    [getattr(spec[0], name) for name in named], list(named.values())) if panels else []
+                f32 = _f32_layers([getattr(spec[0], name) for name in named], list(named.values())) if panels else []
+                block.c_block = CBlock(*spec, f32)
     spec = _model_spec(model) if type(model) is GPTModel else None
     if spec is not None:
         model.__class__ = FusedGPTModel
-        model.__dict__["_c_model"] = spec
         # the forward hooks of the modules the C step stands in for: their dicts, which registering a
         # hook adds to (a check of ~15 modules' attributes each step cost ~20 us after the C call)
         modules = (model.tok_emb, model.pos_emb, *model.trf_blocks, model.final_norm, model.out_head)
-        model.__dict__["_c_hook_dicts"] = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
-        model.__dict__["_f32_head"] = _f32_layers([spec[0].head], [model.out_head]) if panels else []
+        hook_dicts = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
+        f32_head = _f32_layers([spec[0].head], [model.out_head]) if panels else []
         # the most tokens of a prefill in C: PREFILL_ROWS, within every layer's kernel_rows
         bounds = [getattr(m, "kernel_rows", None) for b in model.trf_blocks for m in b._linears().values()]
-        model.__dict__["_c_rows"] = min([PREFILL_ROWS] + [bound for bound in bounds if bound is not None])
+        rows = min([PREFILL_ROWS] + [bound for bound in bounds if bound is not None])
+        model.c_model = CModel(*spec, hook_dicts, f32_head, rows)

@@ -1,0 +1,142 @@
+"""`prepare_for_inference(model, dtype, quantize)`: a GPTModel made fast for generation, in place
+(the layouts and layers of `linears.py`, the blocks in C of `blocks.py`, by `policy.choose_mode`)."""
+
+from __future__ import annotations
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..cpu import cpu_flags, has_bf16_hardware
+from ..errors import GptforgeError
+from ..lora import merge_lora
+from ..model import KV_Q8_0, GPTModel
+from . import kernels
+from .blocks import fuse_blocks
+from .linears import Bf16Linear, Float32Linear, Int4Linear, Int8Linear, PackedLinear, SharedQKV
+from .policy import DTYPES, _packed_bf16_available, choose_mode
+
+
+def _swap_linears(module: nn.Module, make: Any) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, make(child))
+        else:
+            _swap_linears(child, make)
+
+
+def _pack_linears(model: nn.Module) -> None:
+    """Make every plain nn.Linear a Float32Linear (in place: parameters and keys unchanged), its
+    weight stored (out, in) contiguous as the kernel reads it (Hugging Face's layout is (in, out))."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Float32Linear
+            if not module.weight.is_contiguous():
+                module.weight.data = kernels.row_major([module.weight.data])
+
+
+def _fuse_qkv(model: nn.Module, make) -> None:
+    """Give each attention layer one fused query/key/value projection built by `make`."""
+    for block in getattr(model, "trf_blocks", []):
+        block.att.fused_qkv = make(block.att)
+
+
+def _concat_qkv(att: nn.Module) -> nn.Linear:
+    """One Linear (3 d_out, in) holding the query, key and value projections one below the other."""
+    linears = (att.W_query, att.W_key, att.W_value)
+    dtype = att.W_query.weight.dtype
+    fused = nn.Linear(att.W_query.in_features, 3 * att.d_out, bias=att.W_query.bias is not None,
+                      device="meta")  # no random initialization of weights about to be replaced
+    fused.weight = nn.Parameter(kernels.row_major([lin.weight.detach() for lin in linears]).to(dtype))
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]).to(dtype))
+    return fused
+
+
+def _drop_separate_qkv(model: nn.Module) -> None:
+    """Inference-only models keep just the fused projection (no second copy of the weights)."""
+    for block in getattr(model, "trf_blocks", []):
+        block.att.W_query = block.att.W_key = block.att.W_value = None
+
+
+@torch.no_grad()
+def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32",
+                          quantize: str = "none") -> nn.Module:
+    """Make `model` (a GPTModel) fast for generation on CPU, in place; returns it in eval mode.
+
+    dtype: 'auto' (this CPU's choice, `choose_mode`), 'float32' or 'bfloat16', the activations'
+        (and unquantized weights') type.
+    quantize: 'none', 'int8' (weight-only int8) or 'int4' (weight-only 4-bit groups as llama.cpp's
+        Q4_0); the activations are then float32 where gptforge's kernels run, else bf16, whatever
+        `dtype` says (`choose_mode`).
+    On a non-CPU device only the dtype changes.
+    """
+    if not isinstance(model, GPTModel):
+        raise GptforgeError(f"prepare_for_inference expects a gptforge GPTModel (gptforge.load gives one), got "
+                            f"{type(model).__name__}")
+    device_type = next(model.parameters()).device.type
+    mode = choose_mode(dtype, quantize, device_type=device_type)
+    torch_dtype = DTYPES[mode.dtype]
+    flags = cpu_flags()
+    if (torch_dtype == torch.bfloat16 and device_type == "cpu" and flags and not kernels.available()
+            and not has_bf16_hardware(flags)):
+        # 'auto' never comes here: only a bf16 asked for by name on such a CPU, where gptforge's
+        # kernels (whose bf16 weights meet float32 activations: Bf16Linear) do not run
+        warnings.warn("gptforge: this CPU has no bf16 hardware, so PyTorch emulates bf16 matrix products (0.3 "
+                      "GFLOP/s measured on an AVX2-only EPYC): --dtype float32 (or auto) or --quantize int8 "
+                      "run far faster here", stacklevel=2)
+    model.eval()
+    merge_lora(model)  # the layouts below read plain Linear weights: adapters are added into them first
+    weight_only = {"int8": Int8Linear, "int4": Int4Linear}.get(quantize)
+    if device_type == "cpu" and weight_only is None and torch_dtype == torch.bfloat16 and kernels.available():
+        weight_only = Bf16Linear  # bf16 weights on gptforge's kernels, float32 activations
+        model.float()
+        # every other parameter (embeddings, norms, biases) takes its bf16 value, held as float32 as
+        # the C step reads it; the linears' weights are rounded as Bf16Linear stores them (not twice)
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if not (isinstance(module, nn.Linear) and name == "weight"):
+                    param.data = param.data.to(torch.bfloat16).float()
+    else:
+        model.to(torch_dtype)
+    if device_type != "cpu":
+        return model
+    if weight_only is not None:
+        make = functools.partial(weight_only, prefill_dtype=mode.prefill_dtype, kernel_rows=mode.kernel_rows)
+        _fuse_qkv(model, lambda att: make(_concat_qkv(att)))
+        _drop_separate_qkv(model)
+        _swap_linears(model, make)
+        if kernels.available() and (torch_dtype == torch.float32 or weight_only is Bf16Linear):
+            fuse_blocks(model)
+            if weight_only is not Bf16Linear:
+                # the cache as Q8_0 rows: a quarter of float32's bytes for attention to read (fp16's half)
+                model.kv_dtype = KV_Q8_0 if model.cfg.head_dim % 32 == 0 else torch.float16
+    elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
+        _fuse_qkv(model, lambda att: PackedLinear(_concat_qkv(att)))
+        _drop_separate_qkv(model)
+        for block in getattr(model, "trf_blocks", []):  # Linear -> GELU becomes one fused kernel
+            layers = block.ff.layers
+            layers[0], layers[1] = PackedLinear(layers[0], gelu_tanh=True), nn.Identity()
+        _swap_linears(model, PackedLinear)
+    elif torch_dtype == torch.float32:
+        _prepare_float32(model, mode.kernel_rows)
+    return model
+
+
+def _prepare_float32(model: nn.Module, kernel_rows: int | None, share_storage: bool = False) -> None:
+    """The float32 layout on CPU: query/key/value fused (SharedQKV), Linears as Float32Linear, the
+    blocks and model in C where the kernels run. share_storage=True (an inference view): every
+    weight the kernels read is the model's own tensor (the three projections apart, no panels),
+    except one stored transposed (a Hugging Face file mapped as it is), which is laid out anew."""
+    if not share_storage:
+        _fuse_qkv(model, SharedQKV)
+    _pack_linears(model)
+    for module in model.modules():
+        if isinstance(module, (SharedQKV, Float32Linear)):
+            module.kernel_rows = kernel_rows
+    fuse_blocks(model, panels=not share_storage)

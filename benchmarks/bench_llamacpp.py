@@ -18,12 +18,24 @@ Top-1 agreement and KL of each gptforge mode against gptforge fp32 are printed t
 and its SIMD flags are printed with the figures; the output is also written to
 benchmarks/results/bench_llamacpp.txt.
 
+With --llama-bench PATH (llama.cpp's own `llama-bench`, built from the vendored llama.cpp of the
+llama-cpp-python source package), llama.cpp's figures come from it instead, at any --size
+(124m, 355m, 774m, 1558m): decode tg64 and prefill pp512 as llama-bench measures them (64 new tokens
+from an empty context; a 512-token prompt), gptforge's the same way (64 new tokens after a 16-token
+prompt; a 512-token prefill), the two sides in turns. Each decode figure comes with the bytes of
+weights it reads per token (gptforge: its prepared layers' stored bytes; llama.cpp: the GGUF's
+matrices, the token-embedding table excepted, of which a step reads one row) and the read bandwidth
+that implies, as a fraction of this machine's, measured in the same run (the best of several
+sums over 1 GiB of floats on the same threads, before and after). gptforge's batch-8 decode
+(8 sequences at once, tokens/s of all of them) is given against its batch 1 too.
+
 On a machine shared with other busy processes, llama.cpp's threads spin at each barrier while a
 sibling waits for a core, so its 2-thread figures suffer more from the noise than PyTorch's; a
 --threads 1 run is the steadier comparison there.
 
     python benchmarks/bench_llamacpp.py             # ~3-5 min on 2 quiet cores
     python benchmarks/bench_llamacpp.py --quick     # 32 new tokens, 256-token prefill
+    python benchmarks/bench_llamacpp.py --llama-bench /path/to/llama-bench --size 1558m
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ import argparse
 import copy
 import io
 import json
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -159,6 +173,123 @@ def server_for(path: Path, mode: str, prompt: list[int], args: argparse.Namespac
         server.wait(timeout=60)
 
 
+def read_bandwidth(threads: int, repeats: int = 7) -> float:
+    """This machine's read bandwidth in GB/s: the best of `repeats` sums of 1 GiB of float32 on
+    `threads` threads (a sum does 1 add per 4 bytes read: memory-bound on any vector CPU)."""
+    torch.set_num_threads(threads)
+    data = torch.ones(2**28)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def ours_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step of a prepared model reads: every linear layer's stored
+    weights and scales (float32 query/key/value are views of one matrix: counted once), not the
+    embedding tables (one row each)."""
+    storages = {}
+    for module in model.modules():
+        if hasattr(module, "weight_data"):  # Int8Linear / Int4Linear / Bf16Linear
+            tensors = (module.weight_data, module.scale)
+        elif isinstance(module, torch.nn.Linear):  # Float32Linear, incl. SharedQKV's three views
+            tensors = (module.weight,)
+        else:
+            continue
+        for t in tensors:
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of the GGUF's tensors a decode step reads: all but the embedding tables (the token
+    table counts where the file has no output.weight: llama.cpp's head is then that table)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    skipped = {"position_embd.weight"} | ({"token_embd.weight"} if "output.weight" in tensors else set())
+    return sum(size for name, size in tensors.items() if name not in skipped)
+
+
+def llama_bench(binary: str, path: Path, threads: int, decode: int, prefill: int) -> tuple[float, float]:
+    """(decode tokens/s, prefill tokens/s) of llama.cpp's llama-bench on `path`: tg`decode` and
+    pp`prefill`, one repetition each (the caller takes turns and keeps the best)."""
+    out = subprocess.run([binary, "-m", str(path), "-t", str(threads), "-n", str(decode), "-p", str(prefill),
+                          "-r", "1", "-o", "json"], capture_output=True, text=True, check=True, timeout=1800).stdout
+    runs = json.loads(out[out.index("["):])
+    tg = next(r["avg_ts"] for r in runs if r["n_gen"] > 0)
+    pp = next(r["avg_ts"] for r in runs if r["n_prompt"] > 0)
+    return tg, pp
+
+
+def run_llama_bench(args: argparse.Namespace) -> None:
+    """The --llama-bench comparison at one --size: see the module docstring."""
+    torch.set_num_threads(args.threads)
+    new, prefill_len = (16, 128) if args.quick else (64, 512)
+    version = subprocess.run([args.llama_bench, "--version"], capture_output=True, text=True).stderr.strip()
+    version = re.sub(r"\s+", " ", version)[:120]
+    torch.manual_seed(0)
+    base = GPTModel(preset(f"gpt2-{args.size}").replace(init="gpt2")).eval()
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 50257, (16,), generator=gen).tolist()
+    long_ids = torch.randint(0, 50257, (prefill_len,), generator=gen).tolist()
+    bandwidth = [read_bandwidth(args.threads)]
+    print(cpu_summary())
+    print(f"torch {torch.__version__}, llama-bench ({version}), {args.threads} threads both sides; GPT-2 "
+          f"{args.size.upper()} shape, GPT-2 init (torch.manual_seed(0)); best of {args.repeats}, in turns")
+    print(f"decode: batch 1, {new} new tokens (llama-bench tg{new}); prefill: {prefill_len} tokens "
+          f"(llama-bench pp{prefill_len}); batch 8: gptforge's 8 sequences at once, all their tokens/s\n")
+    print(f"{'mode':14s} {'decode ours':>11s} {'llama.cpp':>9s} {'ratio':>6s}   {'MB/token ours':>13s} "
+          f"{'llama.cpp':>9s}   {'GB/s ours':>9s} {'llama.cpp':>9s}   {'prefill ours':>12s} {'llama.cpp':>9s} "
+          f"{'ratio':>6s}   {'batch 8':>7s} {'x batch 1':>9s}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode, (prep, gguf_type) in MODES.items():
+            if prep is None or mode not in args.modes:
+                continue
+            path = save(base, Path(tmp) / f"m-{gguf_type}.gguf", format="gguf", gguf_type=gguf_type)
+            model = prepare_for_inference(copy.deepcopy(base), *prep)
+            ours_bytes, their_bytes = ours_weight_bytes(model), gguf_weight_bytes(path)
+            ours_decode(model, prompt, 4)  # warm-up (and the C step's first-use costs)
+            their_dec = their_pre = our_dec = our_pre = our_b8 = float("inf")
+            for _ in range(args.repeats):
+                tg, pp = llama_bench(args.llama_bench, path, args.threads, new, prefill_len)
+                their_dec, their_pre = min(their_dec, 1 / tg), min(their_pre, 1 / pp)
+                our_dec = min(our_dec, ours_decode(model, prompt, new + 1)[0] / new)
+                our_pre = min(our_pre, ours_prefill(model, long_ids) / prefill_len)
+            batch = [prompt] * 8
+            ours_decode_batch(model, batch, 4)  # warm-up: a batch's first step makes the float32 panels
+            for _ in range(args.repeats):
+                seconds = ours_decode_batch(model, batch, new + 1)
+                our_b8 = min(our_b8, seconds / (8 * new))
+            del model
+            path.unlink()
+            ratio = their_dec / our_dec
+            print(f"{mode + ' / ' + gguf_type.upper():14s} {1 / our_dec:11.1f} {1 / their_dec:9.1f} {ratio:6.2f}   "
+                  f"{ours_bytes / 1e6:13.1f} {their_bytes / 1e6:9.1f}   {ours_bytes / our_dec / 1e9:9.1f} "
+                  f"{their_bytes / their_dec / 1e9:9.1f}   {1 / our_pre:12.1f} {1 / their_pre:9.1f} "
+                  f"{their_pre / our_pre:6.2f}   {1 / our_b8:7.1f} {our_dec / our_b8:8.2f}x")
+            rows.append((mode, ours_bytes / our_dec / 1e9, their_bytes / their_dec / 1e9))
+    bandwidth.append(read_bandwidth(args.threads))
+    peak = max(bandwidth)
+    print(f"\nread bandwidth of this machine ({args.threads} threads, sum of 1 GiB float32): "
+          f"{bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} after")
+    print("fraction of it the decode figures imply (weights read per token x tokens/s / bandwidth): "
+          + "; ".join(f"{mode} ours {100 * o / peak:.0f}%, llama.cpp {100 * t / peak:.0f}%" for mode, o, t in rows))
+    print("ratio = gptforge tokens/s / llama.cpp tokens/s (> 1: gptforge faster)")
+
+
+@torch.no_grad()
+def ours_decode_batch(model: GPTModel, prompts: list[list[int]], n: int) -> float:
+    """Seconds for the n - 1 decode steps after the first token of len(prompts) sequences at once."""
+    config = GenerationConfig(max_new_tokens=n, stop_token_ids=())
+    stamps = [time.perf_counter() for _ in _decode_steps(model, torch.tensor(prompts), None, config, None, None)]
+    return stamps[-1] - stamps[0]
+
+
 def agreement(a: list[int], b: list[int]) -> str:
     same = [x == y for x, y in zip(a, b)]
     first = same.index(False) if False in same else len(same)
@@ -240,9 +371,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="32 new tokens and a 256-token prefill (smoke test)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per figure, best kept (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="threads on both sides (default 2)")
+    parser.add_argument("--llama-bench", metavar="PATH",
+                        help="llama.cpp's llama-bench binary: its tg/pp figures at --size, with bandwidth fractions")
+    parser.add_argument("--size", choices=("124m", "355m", "774m", "1558m"), default="124m",
+                        help="GPT-2 size for --llama-bench (default 124m)")
+    parser.add_argument("--modes", default="fp32,bf16,int8,int4",
+                        help="modes for --llama-bench, comma-separated (default fp32,bf16,int8,int4)")
     parser.add_argument("--serve", action="store_true",
                         help="also time each gptforge mode's decode through `gptforge serve` (one streaming client)")
     args = parser.parse_args()
+    args.modes = args.modes.split(",")
     out = io.StringIO()
 
     class Tee(io.TextIOBase):
@@ -253,9 +391,11 @@ def main() -> None:
 
     with redirect_stdout(Tee()):
         print(f"bench_llamacpp.py {' '.join(sys.argv[1:])}  ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
-        run(args)
+        run_llama_bench(args) if args.llama_bench else run(args)
     if not args.quick:
         name = "bench_llamacpp.txt" if args.threads == 2 else f"bench_llamacpp_{args.threads}thread.txt"
+        if args.llama_bench:
+            name = f"bench_llamacpp_{args.size}.txt"
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / name).write_text(out.getvalue())
         print(f"(written to {RESULTS / name})")

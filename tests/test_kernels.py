@@ -291,14 +291,15 @@ def test_fused_block_decode_step_is_pytorchs_block(quantize, rows, padded, n_hea
     _assert_caches_close(ours_cache.values, ref_cache.values)
 
 
-def _fused_tiny_batch(quantize: str, rows: int, padded: bool, length: int, tiny_config):
-    """A prepared tiny FusedGPTModel and a batch for it: ids, a 0/1 mask (row 1 left-padded by 4
-    where `padded`) and the positions counted from it."""
+def _fused_tiny_batch(quantize: str, rows: int, padded: bool, length: int, tiny_config, width: int = 128):
+    """A prepared tiny FusedGPTModel (`width` its emb_dim, heads of 32 or 64) and a batch for it: ids,
+    a 0/1 mask (row 1 left-padded by 4 where `padded`) and the positions counted from it."""
     from gptforge import GPTModel, prepare_for_inference
     from gptforge.fast.blocks import FusedGPTModel
 
     torch.manual_seed(rows)
-    model = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=64, emb_dim=128, n_heads=2)),
+    model = prepare_for_inference(GPTModel(tiny_config(vocab_size=256, context_length=64, emb_dim=width,
+                                                       n_heads=width // (64 if width % 128 == 0 else 32))),
                                   "auto", quantize)
     assert type(model) is FusedGPTModel
     ids = torch.randint(0, 256, (rows, length))
@@ -311,14 +312,18 @@ def _fused_tiny_batch(quantize: str, rows: int, padded: bool, length: int, tiny_
 @needs_kernels
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 @pytest.mark.parametrize("rows, padded", [(1, False), (3, True)])
-def test_fused_model_step_is_the_block_by_block_step(quantize, rows, padded, tiny_config):
+@pytest.mark.parametrize("width", [128, 160])
+def test_fused_model_step_is_the_block_by_block_step(quantize, rows, padded, width, tiny_config):
     """A FusedGPTModel's decode step (embeddings, every block, final norm and head in one C call)
     equals GPTModel.forward over the same prepared blocks and head (each block in C, the rest in
-    PyTorch): logits and the cache written; with left padding and per-row positions, and without."""
+    PyTorch): logits and the cache written; with left padding and per-row positions, and without.
+    Width 160, no multiple of 128 (as GPT-2 1558M's 1600): int8/4-bit layers are padded to whole
+    Q8_0 blocks only, so they too run in C, whole model at once."""
     from gptforge import GPTModel
     from gptforge.fast.blocks import FusedGPTModel
 
-    model, ids, mask, positions = _fused_tiny_batch(quantize, rows, padded, 10, tiny_config)
+    model, ids, mask, positions = _fused_tiny_batch(quantize, rows, padded, 10, tiny_config, width)
+    assert all(m.in_padded == m.in_features for m in model.modules() if hasattr(m, "in_padded"))
     prompt = {"positions": positions[:, :9], "attention_mask": mask[:, :9]} if padded else {}
     step = {"positions": positions[:, 9:], "attention_mask": mask} if padded else {}
     caches, logits = [], []

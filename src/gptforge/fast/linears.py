@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .policy import INT4_GROUP, MAX_DECODE_ROWS, PAD_IN_FEATURES, _most_rows, choose_mode
+from .policy import INT4_GROUP, KERNEL_PAD_IN, MAX_DECODE_ROWS, PAD_IN_FEATURES, _most_rows, choose_mode
 
 
 class PackedLinear(nn.Module):
@@ -70,10 +70,12 @@ class _WeightOnlyLinear(nn.Module):
         """Sizes, bias, prefill dtype and kernel rows from `linear` and `choose_mode`; returns its
         weight (out, in) float32."""
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.in_padded = -(-linear.in_features // PAD_IN_FEATURES) * PAD_IN_FEATURES
+        self.in_padded = -(-linear.in_features // KERNEL_PAD_IN) * KERNEL_PAD_IN
+        self.panels = kernels.supported(self.fmt, self.in_padded)  # stored for gptforge's kernels
+        if not self.panels:
+            self.in_padded = -(-linear.in_features // PAD_IN_FEATURES) * PAD_IN_FEATURES
         self.prefill_dtype = prefill_dtype  # what a prefill dequantizes to (`choose_mode`)
         self.kernel_rows = kernel_rows  # the most rows of a product on gptforge's kernels (None: any)
-        self.panels = kernels.supported(self.fmt, self.in_padded)  # stored for gptforge's kernels
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         return linear.weight.detach().float()
 

@@ -30,7 +30,11 @@ AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
 F32_KERNEL_ROWS = 128
 AVX2_F32_KERNEL_ROWS = 64
 INT4_GROUP = 32  # weights per scale, as in llama.cpp's Q4_0
-PAD_IN_FEATURES = 128  # quantized weights' inputs are zero-padded to this multiple (whole kernel vectors)
+# Weight-only layers' inputs are zero-padded to a multiple of KERNEL_PAD_IN where gptforge's kernels
+# run (a whole Q8_0 block, whole vectors: GPT-2 1558M's 1600 inputs stay 1600, so its blocks run in
+# C), else of PAD_IN_FEATURES (PyTorch's int4 packing wants whole tiles).
+KERNEL_PAD_IN = 32
+PAD_IN_FEATURES = 128
 
 
 def _packed_bf16_available() -> bool:

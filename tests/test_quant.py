@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 
-from gptforge import generate
+from gptforge import GPTModel, generate
 from gptforge.fast import kernels
 from gptforge.model import KV_Q8_0
 from gptforge.fast import prepare_for_inference
@@ -49,7 +50,8 @@ def test_int8_linear_matches_its_dequantized_weight():
     torch.manual_seed(0)
     linear = nn.Linear(64, 96)
     q = Int8Linear(linear)
-    assert q.rows().dtype == torch.int8 and q.rows().abs().max() == 127 and q.rows().shape == (96, 128)
+    # inputs padded to whole Q8_0 blocks where gptforge's kernels run, to 128 for PyTorch's int4 packing elsewhere
+    assert q.rows().dtype == torch.int8 and q.rows().abs().max() == 127 and q.rows().shape == (96, 64 if q.panels else 128)
     # Quantization error of each weight is at most half a step.
     assert ((q.dequantized().float() - linear.weight).abs() <= q.scale.float()[:, None] * 0.51 + 1e-3).all()
     for rows in (1, 5, 40):  # the int8 kernel up to MAX_DECODE_ROWS, dequantize + bf16 matmul above
@@ -192,3 +194,34 @@ def test_prepare_for_inference_names_what_is_not_a_model():
     for model in (None, "gpt2-124m", nn.Linear(2, 2)):  # AttributeErrors, or a Linear silently swapped
         with pytest.raises(GptforgeError, match="expects a gptforge GPTModel"):
             prepare_for_inference(model)
+
+
+def _rss_anon() -> int:
+    """This process's resident anonymous memory, bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status (Linux)")
+@pytest.mark.parametrize("dtype, quantize", [("auto", "int8"), ("auto", "int4"), ("bfloat16", "none")])
+def test_converted_models_let_the_checkpoints_float_weights_go(dtype, quantize, tmp_path, tiny_config):
+    """A loaded checkpoint's tensors are views of the file's bytes, read as one block. Once int8,
+    4-bit or bf16 layers replace the linear weights, nothing may keep that block alive (an embedding
+    table or a bias viewing it would hold all of it, the float32 weights included): the process's
+    memory grows by about the converted weights, not by the float32 ones too."""
+    import gc
+
+    import gptforge
+
+    cfg = tiny_config(vocab_size=256, context_length=32, emb_dim=512, n_heads=8, n_layers=6)
+    gptforge.save(GPTModel(cfg), tmp_path / "m")
+    gc.collect()
+    start = _rss_anon()
+    model = gptforge.load(tmp_path / "m")
+    float_bytes = sum(p.nbytes for p in model.parameters())  # ~77 MB, the linears' ~76
+    assert _rss_anon() - start > 0.9 * float_bytes
+    prepare_for_inference(model, dtype, quantize)
+    generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    gc.collect()
+    # int8 keeps a quarter of the float bytes, 4-bit about a sixth, bf16 half (+ what decoding allocates)
+    assert _rss_anon() - start < (0.75 if quantize == "none" else 0.5) * float_bytes

@@ -23,7 +23,7 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach().to(torch.bfloat16)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16).clone()
         self.activation, self.algorithm = ("gelu", "tanh") if gelu_tanh else ("none", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ class _WeightOnlyLinear(nn.Module):
             self.in_padded = -(-linear.in_features // PAD_IN_FEATURES) * PAD_IN_FEATURES
         self.prefill_dtype = prefill_dtype  # what a prefill dequantizes to (`choose_mode`)
         self.kernel_rows = kernel_rows  # the most rows of a product on gptforge's kernels (None: any)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         return linear.weight.detach().float()
 
     def _padded(self, weight: torch.Tensor) -> torch.Tensor:

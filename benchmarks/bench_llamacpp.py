@@ -194,7 +194,7 @@ def ours_weight_bytes(model: torch.nn.Module) -> int:
     for module in model.modules():
         if hasattr(module, "weight_data"):  # Int8Linear / Int4Linear / Bf16Linear
             tensors = (module.weight_data, module.scale)
-        elif isinstance(module, torch.nn.Linear):  # Float32Linear, incl. SharedQKV's three views
+        elif isinstance(module, torch.nn.Linear):  # Float32Linear
             tensors = (module.weight,)
         else:
             continue

@@ -1,12 +1,12 @@
 """Peak resident memory of loading and decoding a GPT-2-shaped model in each mode, against the
-weights' own bytes: gptforge (`gptforge generate --model DIR [--dtype/--quantize]` on a float32
-checkpoint, the usual way a trained model is run) and llama.cpp (`llama-bench` on the GGUF of the
+weights' own bytes: gptforge (what `gptforge generate --model DIR [--dtype/--quantize]` does, on a
+float32 checkpoint, the usual way a trained model is run) and llama.cpp (`llama-bench` on the GGUF of the
 same weights in the matching type, which llama.cpp maps from the file).
 
 Each figure is one fresh process run through `/usr/bin/time` (its maximum resident set: anonymous
 memory and the mapped file's pages it touched, both). gptforge's run also reports the peaks of
-each apart: anonymous memory (its own copies) and file pages (the mapped checkpoint, which the
-kernel can drop and read again). The weights' bytes are those a mode
+each apart, anonymous memory (its own copies) and file pages (a mapped file's, which the kernel
+can drop and read again), and the anonymous memory it holds after decoding. The weights' bytes are those a mode
 keeps: every parameter in float32 or bf16, or the linear layers in int8 (+ per-row scales) or Q4_0
 (+ per-group scales) and the rest in float32; llama.cpp's, the GGUF file's size.
 
@@ -29,54 +29,59 @@ from gptforge import GPTModel, preset, save
 from gptforge.cpu import cpu_summary
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# mode -> (gptforge generate flags, llama.cpp GGUF type)
+# mode -> (prepare_for_inference's dtype and quantize: the CLI's --dtype and --quantize, llama.cpp GGUF type)
 MODES = {
-    "fp32": ((), "f32"),
-    "bf16": (("--dtype", "bfloat16"), "bf16"),
-    "int8": (("--quantize", "int8"), "q8_0"),
-    "int4": (("--quantize", "int4"), "q4_0"),
+    "fp32": (("auto", "none"), "f32"),
+    "bf16": (("bfloat16", "none"), "bf16"),
+    "int8": (("auto", "int8"), "q8_0"),
+    "int4": (("auto", "int4"), "q4_0"),
 }
-# Run in the gptforge process: a thread samples its resident memory every 10 ms, anonymous (its own
-# copies) and file pages (the mapped checkpoint, which the kernel may drop and read again) apart,
-# and their peaks are printed at exit.
-SAMPLER = """
-import atexit, threading, time, sys
-_peak = {"RssAnon": 0, "RssFile": 0}
-def _sample():
+# The gptforge process: what `gptforge generate --model DIR [--dtype/--quantize]` does (load,
+# prepare_for_inference, generate), while a thread samples its resident memory every 10 ms,
+# anonymous (its own copies) and file pages (a mapped file, which the kernel may drop and read
+# again) apart; it prints their peaks and, after decoding, the anonymous memory it then holds.
+GPTFORGE = """
+import sys, threading, time
+import torch, gptforge
+peak = {"RssAnon": 0, "RssFile": 0}
+def rss():
+    return {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("Rss")}
+def sample():
     while True:
-        for line in open("/proc/self/status"):
-            key = line.split(":")[0]
-            if key in _peak:
-                _peak[key] = max(_peak[key], int(line.split()[1]))
+        for key, value in rss().items():
+            if key in peak:
+                peak[key] = max(peak[key], value)
         time.sleep(0.01)
-threading.Thread(target=_sample, daemon=True).start()
-atexit.register(lambda: print("MEMORY", *(f"{k}={v}" for k, v in _peak.items()), file=sys.stderr))
+threading.Thread(target=sample, daemon=True).start()
+path, dtype, quantize = sys.argv[1:4]
+model = gptforge.prepare_for_inference(gptforge.load(path), dtype, quantize)
+gptforge.generate(model, torch.tensor([[15496, 11, 314, 716]]), 16)
+time.sleep(0.05)
+print("MEMORY", *(f"{k}={v}" for k, v in peak.items()), f"after={rss()['RssAnon']}")
 """
 
 
 def weight_bytes(model: GPTModel, mode: str) -> int:
-    """Bytes the weights take in `mode`: see the module docstring."""
-    total = 0
-    linears = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    for p in model.parameters():
-        n = p.numel()
-        if mode == "bf16":
-            total += 2 * n
-        elif mode in ("int8", "int4") and id(p) in linears:
-            total += n + 4 * p.shape[0] if mode == "int8" else n // 2 + 4 * (n // 32)
-        else:
-            total += 4 * n
-    return total
+    """Bytes of the weights as gptforge keeps them in `mode`: the linear layers (the output head
+    included, tied or not) in float32, bf16, int8 (+ a float32 scale per row) or Q4_0 codes (+ a
+    float32 scale per 32), everything else (embeddings, norms, biases) in float32."""
+    linear = {"fp32": lambda n, rows: 4 * n, "bf16": lambda n, rows: 2 * n,
+              "int8": lambda n, rows: n + 4 * rows, "int4": lambda n, rows: n // 2 + 4 * (n // 32)}[mode]
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    others = [p for p in model.parameters() if all(p is not w for w in weights)]
+    if mode != "fp32":  # a tied head is both a float32 table and a converted linear
+        others += [w for w in weights if any(w is p for p in (model.tok_emb.weight,))]
+    return sum(linear(w.numel(), w.shape[0]) for w in weights) + sum(4 * p.numel() for p in others)
 
 
 def max_rss(command: list[str], env: dict | None = None) -> tuple[int, str]:
-    """(maximum resident set in bytes, stderr) of `command`, through /usr/bin/time."""
+    """(maximum resident set in bytes, stdout) of `command`, through /usr/bin/time."""
     result = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *command], capture_output=True, text=True,
                             env=env, timeout=3600)
     if result.returncode:
         raise SystemExit(f"{command[0]} failed: {result.stderr[-2000:]}")
     line = next(line for line in result.stderr.splitlines() if line.startswith("MAXRSS"))
-    return int(line.split()[1]) * 1024, result.stderr
+    return int(line.split()[1]) * 1024, result.stdout
 
 
 def main() -> None:
@@ -101,18 +106,17 @@ def main() -> None:
         ggufs = {mode: save(model, Path(tmp) / f"model-{t}.gguf", format="gguf", gguf_type=t)
                  for mode, (_, t) in MODES.items()} if args.llama_bench else {}
         del model
-        say(f"GPT-2 {args.size.upper()} shape, a float32 gptforge checkpoint; 16 tokens decoded; {args.threads} threads")
-        say(f"{'mode':6s} {'weights GB':>10s}   {'gptforge peak GB':>16s} {'x weights':>9s}   {'peak anon':>9s} "
-            f"{'file':>5s}   {'llama.cpp peak GB':>17s} {'x weights':>9s}")
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        baseline, _ = max_rss([sys.executable, "-c", "import torch, gptforge"], env)
+        say(f"GPT-2 {args.size.upper()} shape, a float32 gptforge checkpoint; 16 tokens decoded; {args.threads} threads")
+        say(f"(a Python process that imports torch and gptforge, nothing else, peaks at {baseline / 1e9:.2f} GB: included below)")
+        say(f"{'mode':6s} {'weights GB':>10s}   {'gptforge peak GB':>16s} {'x weights':>9s}   {'peak anon':>9s} "
+            f"{'file':>5s} {'after anon':>10s}   {'llama.cpp peak GB':>17s} {'x weights':>9s}")
         for mode, (flags, _) in MODES.items():
-            command = [sys.executable, "-c",
-                       SAMPLER + "import sys; sys.argv = ['gptforge'] + sys.argv[1:]; "
-                       "from gptforge.cli import main; main()",
-                       "generate", "Hello", "--model", str(checkpoint), "--max-new-tokens", "16", "--seed", "0", *flags]
-            peak, stderr = max_rss(command, env)
+            command = [sys.executable, "-c", GPTFORGE, str(checkpoint), *flags]
+            peak, stdout = max_rss(command, env)
             fields = dict(item.split("=") for item in next(
-                line for line in stderr.splitlines() if line.startswith("MEMORY")).split()[1:])
+                line for line in stdout.splitlines() if line.startswith("MEMORY")).split()[1:])
             theirs = ""
             if args.llama_bench:
                 their_peak, _ = max_rss([args.llama_bench, "-m", str(ggufs[mode]), "-t", str(args.threads),
@@ -120,7 +124,8 @@ def main() -> None:
                 file_size = ggufs[mode].stat().st_size
                 theirs = f"{their_peak / 1e9:17.2f} {their_peak / file_size:8.2f}x"
             say(f"{mode:6s} {sizes[mode] / 1e9:10.2f}   {peak / 1e9:16.2f} {peak / sizes[mode]:8.2f}x   "
-                f"{int(fields['RssAnon']) * 1024 / 1e9:9.2f} {int(fields['RssFile']) * 1024 / 1e9:5.2f}   {theirs}")
+                f"{int(fields['RssAnon']) * 1024 / 1e9:9.2f} {int(fields['RssFile']) * 1024 / 1e9:5.2f} "
+                f"{int(fields['after']) * 1024 / 1e9:10.2f}   {theirs}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"decode_memory_{args.size}.txt"
     out.write_text("\n".join(lines) + "\n")

@@ -77,7 +77,7 @@ def test_logit_lens_middle_layers_read_transformers_hidden_states(model, ids):
 
 def test_trace_of_a_model_prepared_for_inference_equals_its_forward(tiny_config, ids):
     torch.manual_seed(1)
-    model = prepare_for_inference(GPTModel(tiny_config(vocab_size=50257, context_length=64, emb_dim=64)), "float32")
+    model = prepare_for_inference(GPTModel(tiny_config(vocab_size=50257, context_length=64, emb_dim=64)), "auto", "int8")
     assert model.trf_blocks[0].att.fused_qkv is not None  # query, key and value from one projection
     with torch.no_grad():
         ref = model(ids)[0]

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from gptforge import generate
 from gptforge.fast import InferenceMode, choose_mode, inference_view, prepare_for_inference
-from gptforge.fast.linears import Int8Linear
+from gptforge.fast.linears import Float32Linear, Int8Linear
 from gptforge.cpu import cpu_flags
 
 from gen_helpers import generation_config, tiny_model
@@ -147,9 +147,9 @@ def test_serve_cli_prepares_the_chosen_mode(monkeypatch, tmp_path, tiny_config):
     monkeypatch.setattr(gptforge.serve, "run_server", lambda model, settings, **kw: served.update(model=model))
     assert main(["serve", "--model", str(tmp_path / "ckpt"), "--quantize", "int8"]) == 0
     assert isinstance(served["model"].out_head, Int8Linear)
-    assert main(["serve", "--model", str(tmp_path / "ckpt")]) == 0  # auto: float32, fused projection
+    assert main(["serve", "--model", str(tmp_path / "ckpt")]) == 0  # auto: float32 on the fast path's layers
     assert served["model"].tok_emb.weight.dtype == torch.float32
-    assert served["model"].trf_blocks[0].att.fused_qkv is not None
+    assert isinstance(served["model"].out_head, Float32Linear)
 
 
 @pytest.mark.parametrize("batch, prompt", [(4, 6), (8, 17)])

@@ -12,8 +12,8 @@ out anew and swaps its layers for ones that compute the same function faster.
 `prepare_for_inference(model, dtype, quantize)` turns a trained or random GPTModel into an
 inference model, in place, and returns it:
 
-- float32: query, key and value become views of one (3 * out, in) matrix, so one product computes
-  all three (`SharedQKV`); every nn.Linear becomes a `Float32Linear` (same parameters and keys).
+- float32: every nn.Linear becomes a `Float32Linear` (same parameters, keys and tensors: no weight
+  is copied, query, key and value stay three products).
   A decode step's few rows go through gptforge's own kernel (`gptforge.fast.kernels`, which streams
   each weight once: PyTorch's reads them at about half the memory bandwidth; a batch's decode
   steps through a second copy of the weights in the kernels' panel order, made on first use), and

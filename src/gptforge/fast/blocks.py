@@ -66,7 +66,7 @@ def _linear_spec(module: nn.Module, keep: list) -> Linear | None:
             return None
         keep.extend(t for t in (module.weight_data, module.scale, module.bias) if t is not None)
         return module.spec()
-    weight, bias = _float32_weights(module)  # a Float32Linear or SharedQKV: float32 (out, in)
+    weight, bias = _float32_weights(module)  # a Float32Linear: float32 (out, in)
     if weight.dtype != torch.float32 or not weight.is_contiguous() or not supported("f32", weight.shape[1]):
         return None
     keep.extend(t for t in (weight, bias) if t is not None)
@@ -74,8 +74,6 @@ def _linear_spec(module: nn.Module, keep: list) -> Linear | None:
 
 
 def _float32_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if hasattr(module, "_weight"):  # SharedQKV
-        return module._weight[0], module._bias[0] if module._bias else None
     return module.weight.detach(), None if module.bias is None else module.bias.detach()
 
 
@@ -142,7 +140,7 @@ def _cache_readable(keys: torch.Tensor, values: torch.Tensor, head_dim: int) -> 
 
 
 def f32_panels(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """`pack("f32", weight)` for a float32 layer (Float32Linear, SharedQKV), kept on it as `panels`:
+    """`pack("f32", weight)` for a float32 layer (Float32Linear), kept on it as `panel_copy`:
     made on the first decode step of a batch (a second copy of the weights; at 8 rows 1.2-1.4x
     faster than the row-major ones), remade when the weights change (a new tensor, or the layer's
     `weights_version`, its version counters' sum)."""

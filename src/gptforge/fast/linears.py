@@ -1,5 +1,5 @@
 """The fast path's linear layers: float32 ones that run on gptforge's kernels from the model's own
-weights (`Float32Linear`, `SharedQKV`: same parameters and state-dict keys), weight-only bf16, int8
+weights (`Float32Linear`: same parameters and state-dict keys), weight-only bf16, int8
 and 4-bit ones whose weights are stored in the kernels' panel order (`Bf16Linear`, `Int8Linear`,
 `Int4Linear`, with PyTorch's kernels where gptforge's do not run), and oneDNN's pre-packed bf16
 (`PackedLinear`, where the kernels do not run)."""
@@ -260,42 +260,9 @@ def _float32_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bia
     return F.linear(x, weight, bias)
 
 
-class SharedQKV(nn.Module):
-    """float32 fused projection whose weight is one contiguous (3 * out, in) matrix that the three
-    separate W_query / W_key / W_value parameters are views of: one product, and the state dict,
-    the parameters and training stay exactly as they were. (Holds no parameters of its own.)"""
-
-    kernel_rows: int | None = MAX_DECODE_ROWS  # see _float32_linear; prepare_for_inference sets choose_mode's
-    panel_copy: tuple | None = None  # a batch's copy of the weights in the kernels' panel order (blocks.f32_panels)
-
-    def __init__(self, att: nn.Module):
-        super().__init__()
-        linears = (att.W_query, att.W_key, att.W_value)
-        fused = kernels.row_major([lin.weight.detach() for lin in linears])  # (3*out, in)
-        n = att.d_out
-        for i, lin in enumerate(linears):
-            lin.weight.data = fused[i * n:(i + 1) * n]  # (out, in) view into the fused matrix
-        self._weight = (fused,)  # a tuple, so the view is not registered as a parameter again
-        self._parts = tuple(lin.weight for lin in linears)
-        self._bias = None
-        if att.W_query.bias is not None:
-            fused_b = torch.cat([lin.bias.detach() for lin in linears])
-            for i, lin in enumerate(linears):
-                lin.bias.data = fused_b[i * n:(i + 1) * n]
-            self._bias = (fused_b,)
-
-    def weights_version(self) -> int:
-        """Grows whenever the weights change in place (the fused matrix has a version counter of its
-        own: the parameters' views of it do not bump it)."""
-        return sum(p._version for p in self._parts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _float32_linear(self, x, self._weight[0], self._bias[0] if self._bias else None)
-
-
 class Float32Linear(nn.Linear):
     """An nn.Linear (same parameters and state-dict keys) whose decode steps run on gptforge's
-    kernel; set by `prepare_for_inference(model, "float32")`."""
+    kernel; set by `prepare_for_inference(model, "float32")` and in an inference view."""
 
     kernel_rows: int | None = MAX_DECODE_ROWS  # see _float32_linear; prepare_for_inference sets choose_mode's
     panel_copy: tuple | None = None  # a batch's copy of the weights in the kernels' panel order (blocks.f32_panels)

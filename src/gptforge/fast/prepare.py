@@ -18,7 +18,7 @@ from ..lora import merge_lora
 from ..model import KV_Q8_0, GPTModel
 from . import kernels
 from .blocks import fuse_blocks
-from .linears import Bf16Linear, Float32Linear, Int4Linear, Int8Linear, PackedLinear, SharedQKV
+from .linears import Bf16Linear, Float32Linear, Int4Linear, Int8Linear, PackedLinear
 from .policy import DTYPES, _packed_bf16_available, choose_mode
 
 
@@ -82,26 +82,13 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
     device_type = next(model.parameters()).device.type
     mode = choose_mode(dtype, quantize, device_type=device_type)
     torch_dtype = DTYPES[mode.dtype]
-    flags = cpu_flags()
-    if (torch_dtype == torch.bfloat16 and device_type == "cpu" and flags and not kernels.available()
-            and not has_bf16_hardware(flags)):
-        # 'auto' never comes here: only a bf16 asked for by name on such a CPU, where gptforge's
-        # kernels (whose bf16 weights meet float32 activations: Bf16Linear) do not run
-        warnings.warn("gptforge: this CPU has no bf16 hardware, so PyTorch emulates bf16 matrix products (0.3 "
-                      "GFLOP/s measured on an AVX2-only EPYC): --dtype float32 (or auto) or --quantize int8 "
-                      "run far faster here", stacklevel=2)
+    _warn_emulated_bf16(torch_dtype, device_type)
     model.eval()
     merge_lora(model)  # the layouts below read plain Linear weights: adapters are added into them first
     weight_only = {"int8": Int8Linear, "int4": Int4Linear}.get(quantize)
     if device_type == "cpu" and weight_only is None and torch_dtype == torch.bfloat16 and kernels.available():
         weight_only = Bf16Linear  # bf16 weights on gptforge's kernels, float32 activations
-        model.float()
-        # every other parameter (embeddings, norms, biases) takes its bf16 value, held as float32 as
-        # the C step reads it; the linears' weights are rounded as Bf16Linear stores them (not twice)
-        for module in model.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if not (isinstance(module, nn.Linear) and name == "weight"):
-                    param.data = param.data.to(torch.bfloat16).float()
+        _round_to_bf16_as_float32(model)
     else:
         model.to(torch_dtype)
     if device_type != "cpu":
@@ -118,16 +105,45 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "float32"
                 # the cache as Q8_0 rows: a quarter of float32's bytes for attention to read (fp16's half)
                 model.kv_dtype = KV_Q8_0 if model.cfg.head_dim % 32 == 0 else torch.float16
     elif torch_dtype == torch.bfloat16 and _packed_bf16_available():
-        _fuse_qkv(model, lambda att: PackedLinear(_concat_qkv(att)))
-        _drop_separate_qkv(model)
-        for block in getattr(model, "trf_blocks", []):  # Linear -> GELU becomes one fused kernel
-            layers = block.ff.layers
-            layers[0], layers[1] = PackedLinear(layers[0], gelu_tanh=True), nn.Identity()
-        _swap_linears(model, PackedLinear)
-        _own_memory(model)
+        _prepare_packed_bf16(model)
     elif torch_dtype == torch.float32:
         _prepare_float32(model, mode.kernel_rows)
     return model
+
+
+def _warn_emulated_bf16(torch_dtype: torch.dtype, device_type: str) -> None:
+    """Say so when bf16 asked for by name would run on PyTorch's emulated bf16 products here ('auto'
+    never chooses that): a CPU without bf16 hardware where gptforge's kernels (whose bf16 weights
+    meet float32 activations: Bf16Linear) do not run."""
+    flags = cpu_flags()
+    if (torch_dtype == torch.bfloat16 and device_type == "cpu" and flags and not kernels.available()
+            and not has_bf16_hardware(flags)):
+        warnings.warn("gptforge: this CPU has no bf16 hardware, so PyTorch emulates bf16 matrix products (0.3 "
+                      "GFLOP/s measured on an AVX2-only EPYC): --dtype float32 (or auto) or --quantize int8 "
+                      "run far faster here", stacklevel=3)
+
+
+def _round_to_bf16_as_float32(model: nn.Module) -> None:
+    """Every parameter but the linears' weights (embeddings, norms, biases) takes its bf16 value,
+    held as float32 as the C step reads it; the linears' weights are rounded as Bf16Linear stores
+    them (not twice)."""
+    model.float()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not (isinstance(module, nn.Linear) and name == "weight"):
+                param.data = param.data.to(torch.bfloat16).float()
+
+
+def _prepare_packed_bf16(model: nn.Module) -> None:
+    """bf16 where gptforge's kernels do not run: every Linear pre-packed for oneDNN (PackedLinear),
+    query/key/value one matrix, the feed-forward's GELU fused into its first product."""
+    _fuse_qkv(model, lambda att: PackedLinear(_concat_qkv(att)))
+    _drop_separate_qkv(model)
+    for block in getattr(model, "trf_blocks", []):  # Linear -> GELU becomes one fused kernel
+        layers = block.ff.layers
+        layers[0], layers[1] = PackedLinear(layers[0], gelu_tanh=True), nn.Identity()
+    _swap_linears(model, PackedLinear)
+    _own_memory(model)
 
 
 def _own_memory(model: nn.Module) -> None:
@@ -140,15 +156,15 @@ def _own_memory(model: nn.Module) -> None:
         param.data = param.data.clone()
 
 
-def _prepare_float32(model: nn.Module, kernel_rows: int | None, share_storage: bool = False) -> None:
-    """The float32 layout on CPU: query/key/value fused (SharedQKV), Linears as Float32Linear, the
-    blocks and model in C where the kernels run. share_storage=True (an inference view): every
-    weight the kernels read is the model's own tensor (the three projections apart, no panels),
-    except one stored transposed (a Hugging Face file mapped as it is), which is laid out anew."""
-    if not share_storage:
-        _fuse_qkv(model, SharedQKV)
+def _prepare_float32(model: nn.Module, kernel_rows: int | None, panels: bool = True) -> None:
+    """The float32 layout on CPU: Linears as Float32Linear, the blocks and model in C where the
+    kernels run, every weight they read the model's own tensor (query, key and value three
+    products: fusing them would copy them beside the model's own, 1.5 GB more at GPT-2 1558M),
+    except one stored transposed (a Hugging Face file mapped as it is), which is laid out anew.
+    panels=True: a batch's decode steps read a second copy of the weights in the kernels' panel
+    order, made on its first such step; False (an inference view): always the row-major weights."""
     _pack_linears(model)
     for module in model.modules():
-        if isinstance(module, (SharedQKV, Float32Linear)):
+        if isinstance(module, Float32Linear):
             module.kernel_rows = kernel_rows
-    fuse_blocks(model, panels=not share_storage)
+    fuse_blocks(model, panels=panels)

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 
 from ..lora import has_lora, merge_lora
+from ..model import GPTModel
+from .linears import Float32Linear, PackedLinear, _WeightOnlyLinear
 from .policy import choose_mode
 from .prepare import _prepare_float32
 
@@ -41,6 +43,12 @@ def _weights_key(model: nn.Module) -> tuple:
               for p in model.parameters()))
 
 
+def _prepared(model: nn.Module) -> bool:
+    """Whether `prepare_for_inference` has made `model` over (its layers are the fast path's)."""
+    return any(isinstance(m, (Float32Linear, PackedLinear, _WeightOnlyLinear)) or getattr(m, "fused_qkv", None) is not None
+               for m in model.modules())
+
+
 def inference_view(model: nn.Module) -> nn.Module:
     """The float32 inference layout of `prepare_for_inference`, as a separate, cached module that
     computes the same function as `model` without changing it: `model`'s parameters, state dict,
@@ -54,8 +62,8 @@ def inference_view(model: nn.Module) -> nn.Module:
     unchanged: a model that is not a plain float32 GPTModel on CPU, or one already prepared."""
     blocks = getattr(model, "trf_blocks", None)
     first = next(model.parameters(), None)
-    if (blocks is None or first is None or first.dtype != torch.float32 or first.device.type != "cpu"
-            or any(getattr(block.att, "fused_qkv", None) is not None for block in blocks)):
+    if (type(model) is not GPTModel or blocks is None or first is None or first.dtype != torch.float32
+            or first.device.type != "cpu" or _prepared(model)):
         return model
     key = _weights_key(model)
     cached = _VIEWS.get(model)
@@ -64,7 +72,7 @@ def inference_view(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         view = _shallow_module_copy(model, {}).eval()
         merge_lora(view)
-        _prepare_float32(view, choose_mode("float32").kernel_rows, share_storage=True)
+        _prepare_float32(view, choose_mode("float32").kernel_rows, panels=False)
     if not has_lora(model):
         _VIEWS[model] = (key, view)
     return view

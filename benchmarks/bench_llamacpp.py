@@ -395,7 +395,8 @@ def main() -> None:
     if not args.quick:
         name = "bench_llamacpp.txt" if args.threads == 2 else f"bench_llamacpp_{args.threads}thread.txt"
         if args.llama_bench:
-            name = f"bench_llamacpp_{args.size}.txt"
+            subset = "" if set(MODES) <= set(args.modes) else "_" + "-".join(args.modes)
+            name = f"bench_llamacpp_{args.size}{subset}.txt"
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / name).write_text(out.getvalue())
         print(f"(written to {RESULTS / name})")

@@ -30,8 +30,8 @@ def test_the_library_reports_the_layout_the_mirrors_declare():
     reported = abi.reported_layout(kernels.library())
     assert reported == abi.expected_layout()
     assert reported[0] == abi.ABI_VERSION
-    # gf_lin is 7 eight-byte fields; gf_block embeds four of them after 6 pointers/ints and a double
-    assert reported[1] == 7 * 8 == ctypes.sizeof(abi.Linear)
+    # gf_lin is 8 eight-byte fields
+    assert reported[1] == 8 * 8 == ctypes.sizeof(abi.Linear)
     assert abi.mismatch(kernels.library()) is None
 
 
@@ -41,7 +41,7 @@ def test_a_layout_drift_falls_back_to_pytorch_with_a_warning(drift):
     # A mirror that no longer matches C (a field lost on the Python side, or another version) must never
     # reach the C code: the kernels are refused and generation runs on PyTorch's path, the same tokens.
     change = ("abi.ABI_VERSION = abi.ABI_VERSION + 1\n" if drift == "version" else
-              "class Drifted(ctypes.Structure):  # gf_lin without its bias\n"
+              "class Drifted(ctypes.Structure):  # gf_lin without its last field\n"
               "    _fields_ = abi.Linear._fields_[:-1]\n"
               "abi.STRUCTS = (Drifted, abi.Block, abi.Model)\n")
     result = _run("import ctypes, warnings\nimport torch\nfrom gptforge.fast.kernels import abi\n" + change + textwrap.dedent("""

@@ -41,16 +41,25 @@ def q8_0(x: torch.Tensor) -> torch.Tensor:
 
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 70])
-@pytest.mark.parametrize("in_features, out_features", [(128, 37), (768, 2304), (3072, 66)])
+@pytest.mark.parametrize("in_features, out_features", [(128, 37), (768, 2304), (3072, 66), (3072, 768)])
 def test_float32_kernel_is_the_product(rows, in_features, out_features):
     torch.manual_seed(rows)
     x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
     panels = kernels.pack("f32", w)[0]
     assert torch.equal(kernels.unpack("f32", panels, None, out_features)[0], w)
+    # W^T as the middle third of a Hugging Face c_attn (in, 3 out), read in place where the kernels can
+    fused = torch.randn(in_features, 3 * out_features)
+    fused[:, out_features:2 * out_features] = w.t()
+    in_place = fused[:, out_features:2 * out_features].t()
+    assert kernels.in_place_panels(in_place) == (out_features % kernels.vector_floats() == 0)
     for bias in (b, None):
         expected = x.double() @ w.double().t() + (0 if bias is None else bias.double())
-        for spec in (kernels.layer("f32", out_features, in_features, w, None, bias),  # row-major
-                     kernels.layer("f32", out_features, in_features, w, None, bias, panels)):  # and in panels
+        specs = [kernels.layer("f32", out_features, in_features, w, None, bias),  # row-major
+                 kernels.layer("f32", out_features, in_features, w, None, bias, panels)]  # and in panels
+        if kernels.in_place_panels(in_place):
+            specs.append(kernels.layer("f32", out_features, in_features, in_place, None, bias))
+            assert specs[-1].ld == 3 * out_features and specs[-1].wp == in_place.data_ptr()
+        for spec in specs:
             torch.testing.assert_close(kernels.linear(x, spec).double(), expected, rtol=1e-5, atol=1e-4)
 
 

@@ -152,7 +152,7 @@ class GPTConfig:
 
     # Book code indexes its config dict (`cfg["emb_dim"]`); let it index ours the same way.
     def __getitem__(self, key: str) -> Any:
-        if key not in self.to_dict() and key != "classifier":
+        if key not in _FIELDS:
             raise KeyError(key)
         return getattr(self, key)
 
@@ -188,6 +188,9 @@ class GPTConfig:
         if not isinstance(data, dict):
             raise GptforgeError(f"config file {path} must hold a JSON object")
         return cls.from_dict(data)
+
+
+_FIELDS = frozenset(field.name for field in dataclasses.fields(GPTConfig))  # what `cfg[key]` may name
 
 
 def known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:

@@ -42,21 +42,32 @@ def test_load_restores_initialisers(tmp_path, tiny_config):
     assert torch.equal(GPTModel(tiny_config()).tok_emb.weight, model.tok_emb.weight)  # init still runs
 
 
-def test_hf_weights_are_mapped_without_a_copy(tmp_path, tiny_config):
-    from gptforge.fast import inference_view
+def test_hf_weights_are_mapped_and_decoded_in_place(tmp_path, tiny_config):
+    """A Hugging Face checkpoint's Conv1D weights (in, out) are views of the mapped file, c_attn's
+    thirds included: no copy at load, and none when decoding where gptforge's kernels run (they
+    read that layout in place); the view computes the model's function and follows in-place edits."""
+    from gptforge.fast import inference_view, kernels
 
     torch.manual_seed(0)
     model = GPTModel(tiny_config(vocab_size=50257))
     gptforge.save(model, tmp_path / "hf", format="hf")
     loaded = gptforge.load(tmp_path / "hf")
-    fc = loaded.trf_blocks[0].ff.layers[0].weight
+    block = loaded.trf_blocks[0]
+    fc, query, key = block.ff.layers[0].weight, block.att.W_query.weight, block.att.W_key.weight
     assert torch.equal(fc, model.trf_blocks[0].ff.layers[0].weight)
+    assert torch.equal(key, model.trf_blocks[0].att.W_key.weight)
     assert not fc.is_contiguous() and fc.t().is_contiguous()  # Conv1D's (in, out) storage, not copied
-    decoding = inference_view(loaded).trf_blocks[0].ff.layers[0].weight  # the kernels' (out, in) layout
-    assert decoding.is_contiguous() and torch.equal(decoding, fc)
+    assert key.data_ptr() == query.data_ptr() + 4 * query.shape[0]  # the next third of c_attn's rows
+    view = inference_view(loaded)
+    if kernels.available():  # the kernels read the weights where they are
+        assert view.trf_blocks[0].ff.layers[0].weight.data_ptr() == fc.data_ptr()
+        assert view.trf_blocks[0].att.W_key.weight.data_ptr() == key.data_ptr()
+    idx = torch.randint(0, 50257, (2, 7))
     with torch.no_grad():
-        fc.add_(1.0)  # copy-on-write pages: the file keeps its values
-    # an in-place change (an optimizer step's) to a transposed weight makes the view anew
-    assert torch.equal(inference_view(loaded).trf_blocks[0].ff.layers[0].weight, fc)
+        torch.testing.assert_close(view(idx), model(idx), rtol=1e-4, atol=1e-4)
+        fc.add_(0.5)  # copy-on-write pages: the file keeps its values
+        key.mul_(2.0)
+        torch.testing.assert_close(inference_view(loaded)(idx), loaded(idx), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(loaded(idx), model(idx), atol=1e-2)
     again = gptforge.load(tmp_path / "hf")
     assert torch.equal(again.trf_blocks[0].ff.layers[0].weight, model.trf_blocks[0].ff.layers[0].weight)

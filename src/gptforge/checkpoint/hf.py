@@ -124,9 +124,9 @@ def _keep_hf(key: str) -> bool:
 
 def state_from_hf(hf_state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Rename a GPT-2 state dict (GPT2LMHeadModel or GPT2Model keys) to the book's keys, consuming
-    `hf_state` as it goes so that each transposed copy replaces its original. Conv1D weights
-    (in, out) become Linear weights (out, in), as transposed views of the file's tensors; c_attn
-    (d, 3d) is split into W_query/W_key/W_value (contiguous copies)."""
+    `hf_state`. Conv1D weights (in, out) become Linear weights (out, in) as transposed views of
+    the file's tensors, no copy: c_attn (d, 3d) gives W_query/W_key/W_value as views of its three
+    thirds. Training reads either layout, and so do gptforge's kernels (`kernels.in_place_panels`)."""
     state: dict[str, torch.Tensor] = {}
     for key in list(hf_state):
         tensor = hf_state.pop(key)
@@ -147,13 +147,11 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], source: str) -> dict[str, t
                                  f"is not 3 x emb_dim")
             kind = rest.rsplit(".", 1)[1]
             for part, chunk in zip(("W_query", "W_key", "W_value"), tensor.chunk(3, dim=-1)):
-                state[prefix + f"att.{part}.{kind}"] = chunk.t().contiguous() if kind == "weight" else chunk.clone()
+                state[prefix + f"att.{part}.{kind}"] = chunk.t() if kind == "weight" else chunk
             continue
         if rest not in _HF_BLOCK_KEYS:
             raise GptforgeError(f"{source}: unexpected tensor {key!r}; is this a GPT-2 checkpoint?")
         ours, transpose = _HF_BLOCK_KEYS[rest]
-        # A transposed view, no copy (a copy here cost ~0.6 s for 124M): training reads either
-        # layout, and the decoding view (fast.inference_view) makes its own (out, in) copy.
         state[prefix + ours] = tensor.t() if transpose else tensor
     return state
 

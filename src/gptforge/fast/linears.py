@@ -247,14 +247,14 @@ class Int4Linear(_WeightOnlyLinear):
 
 def _float32_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (..., in) @ weight (out, in).T + bias: up to `owner.kernel_rows` rows (a prefill, where
-    choose_mode says) through gptforge's kernel (where it runs here), from the row-major weights:
-    the panel-ordered copy is made only for a batch's decode steps (blocks.py). More rows,
-    and training, through PyTorch."""
+    choose_mode says) through gptforge's kernel (where it runs here), from the weights as they are
+    stored (row-major, or a Hugging Face transpose read in place): the panel-ordered copy is made
+    only for a batch's decode steps (blocks.py). More rows, and training, through PyTorch."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if (0 < rows <= _most_rows(owner.kernel_rows) and x.dtype == torch.float32 and weight.is_contiguous()
+    if (0 < rows <= _most_rows(owner.kernel_rows) and x.dtype == torch.float32 and kernels.in_place_panels(weight)
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-            and x.device.type == "cpu" and kernels.supported("f32", k)):
+            and x.device.type == "cpu"):
         spec = kernels.layer("f32", weight.shape[0], k, weight, None, bias)
         return kernels.linear(x.reshape(rows, k), spec).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

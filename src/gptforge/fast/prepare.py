@@ -30,11 +30,12 @@ def _swap_linears(module: nn.Module, make: Any) -> None:
 
 def _pack_linears(model: nn.Module) -> None:
     """Make every plain nn.Linear a Float32Linear (in place: parameters and keys unchanged), its
-    weight stored (out, in) contiguous as the kernel reads it (Hugging Face's layout is (in, out))."""
+    weight stored as the kernels read it: (out, in) contiguous, or Hugging Face's (in, out) read
+    in place (`kernels.in_place_panels`); any other layout is laid out (out, in) anew."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = Float32Linear
-            if not module.weight.is_contiguous():
+            if not module.weight.is_contiguous() and not kernels.in_place_panels(module.weight):
                 module.weight.data = kernels.row_major([module.weight.data])
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 
 # Bumped with any change to a struct or a function's arguments, on both sides (gemv.h's GF_ABI_VERSION).
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -22,7 +22,8 @@ class Linear(ctypes.Structure):
     """gemv.h's gf_lin: one layer's weights as the C kernels read them."""
 
     _fields_ = [("fmt", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("w", ctypes.c_void_p),
-                ("wp", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("wp", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("ld", ctypes.c_int64)]
 
 
 class Block(ctypes.Structure):

@@ -350,7 +350,7 @@ int gf_abi(int64_t *out, int64_t cap) {
     const int64_t layout[] = {
         GF_ABI_VERSION,
         sizeof(gf_lin), offsetof(gf_lin, fmt), offsetof(gf_lin, n), offsetof(gf_lin, k), offsetof(gf_lin, w),
-        offsetof(gf_lin, wp), offsetof(gf_lin, scale), offsetof(gf_lin, bias),
+        offsetof(gf_lin, wp), offsetof(gf_lin, scale), offsetof(gf_lin, bias), offsetof(gf_lin, ld),
         sizeof(gf_block), offsetof(gf_block, d), offsetof(gf_block, heads), offsetof(gf_block, ln1_w),
         offsetof(gf_block, ln1_b), offsetof(gf_block, ln2_w), offsetof(gf_block, ln2_b), offsetof(gf_block, eps),
         offsetof(gf_block, qkv), offsetof(gf_block, proj), offsetof(gf_block, fc1), offsetof(gf_block, fc2),

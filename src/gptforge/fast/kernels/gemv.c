@@ -2,7 +2,9 @@
  * decode step of a batch of M sequences) or many (a prefill, LINEAR_ROWS at a time), float32 x
  * and y, W in one of four formats (gemv.h's gf_lin):
  *
- *   F32  W float32, (N, K) row-major: `w`; and, where the caller made it, `wp`, the same in panels
+ *   F32  W float32, (N, K) row-major: `w`; and, where the caller made it, `wp`, the same in panels;
+ *        or no `w` and `wp` W^T as a Hugging Face Conv1D weight stores it, (K, ld) row-major (its
+ *        first N columns), which is already in panels: see `ld` below
  *   I8   W int8 with one float32 scale per row, W[n, k] = q[n, k] * scale[n]: q in panels
  *   Q4   W in 4-bit groups of 32 along a row, llama.cpp's Q4_0: W = (q - 8) * d, q in [0, 15],
  *        one float32 d per group: q and d in panels
@@ -11,7 +13,9 @@
  * Panels: W's rows (the outputs) in runs of VL (one vector of outputs), each run stored along K
  * in the order the kernels read it (kernels/__init__.py's `pack` makes them; the last run is
  * padded with zeros):
- *   F32  panel p: for each k, VL floats W[p VL + c, k], c = 0..VL-1 (BF16: VL bfloat16s)
+ *   F32  panel p: for each k, VL floats W[p VL + c, k], c = 0..VL-1 (BF16: VL bfloat16s); packed
+ *        (ld 0) one panel after another, or in place in a (K, ld) matrix holding W^T (ld > 0, N a
+ *        whole number of panels): panel p's k-th VL values at p VL + k ld
  *   I8   panel p: for each 4 k (k = 4 s + j), IB = 4 VL bytes, byte 4 c + j = q[p VL + c, 4 s + j]
  *   Q4   panel p: for each group g of 32 and each quarter t of it, IB bytes, byte 4 c + j holding
  *        q[p VL + c, 32 g + 8 t + j] (low nibble) and q[..., 32 g + 8 t + 4 + j] (high nibble);
@@ -20,7 +24,7 @@
  * once, and no sums across a vector are needed. At one row (batch 1) a product is memory-bound:
  * its time is that of streaming W once, with prefetching, so the tiles read several panels at
  * once; at 8 rows it is compute-bound, and a tile is one panel meeting 8 rows of x: 8 (AVX2: 4)
- * multiply-adds per weight loaded. float32 reads the row-major `w` unless given `wp`: at one row
+ * multiply-adds per weight loaded. float32 reads the row-major `w` unless given `wp` (or given no `w`): at one row
  * at the same speed; at several, each few rows of W meet a block of rows of x (sums along k in
  * vectors, added across them at the end), 1.2-1.4x slower than the panels but without their
  * second copy of the weights, which only a batch's decode steps ask for.
@@ -66,6 +70,7 @@
 #define PANELS 4
 #define F32_CHUNK 64  /* float32 panels: k values summed apart before joining an output's sum */
 #define PREFETCH 16384  /* bytes ahead of the weights being read, prefetched into L2 (more misses in flight than L1) */
+#define PREFETCH_K 16  /* panels in place in a (K, ld) matrix: values of k ahead, prefetched likewise */
 
 static inline int64_t panel_count(int64_t n) { return (n + VL - 1) / VL; }
 
@@ -191,15 +196,111 @@ static void f32_rows_product(const float *x, int64_t M, int64_t K, const float *
 #undef NT_LAST
 }
 
+/* ------------------------------------------------------ float32, W^T in place (ld > 0, no `w`) */
+
+#define COLS_ROWS 8  /* rows of x at a time */
+#define COLS_CHUNK 32  /* rows of Wt summed apart before joining the sums (float32 digits; L2) */
+#define COLS_BLOCK 256  /* columns of Wt at a time, at several rows of x */
+
+/* out (M, N) += x[:, k0:k1] @ Wt[k0:k1, :N], k1 - k0 a multiple of 4: each 4 rows of Wt read once */
+static inline void f32_cols_rows(const float *x, int64_t M, int64_t K, const float *Wt, int64_t ld, int64_t N,
+                                 int64_t k0, int64_t k1, float *out) {
+    if (M == 1) {  /* the sums stay in L1 */
+        for (int64_t k = k0; k < k1; k += 4) {
+            const float *w0 = Wt + k * ld, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
+            const vec x0 = vset1(x[k]), x1 = vset1(x[k + 1]), x2 = vset1(x[k + 2]), x3 = vset1(x[k + 3]);
+            for (int64_t j = 0; j < N; j += VL) {
+                __builtin_prefetch(w0 + j + 4 * ld, 0, 2);
+                __builtin_prefetch(w1 + j + 4 * ld, 0, 2);
+                __builtin_prefetch(w2 + j + 4 * ld, 0, 2);
+                __builtin_prefetch(w3 + j + 4 * ld, 0, 2);
+                vec acc = vload(out + j);
+                acc = vfma(vload(w0 + j), x0, acc);
+                acc = vfma(vload(w1 + j), x1, acc);
+                acc = vfma(vload(w2 + j), x2, acc);
+                acc = vfma(vload(w3 + j), x3, acc);
+                vstore(out + j, acc);
+            }
+        }
+        return;
+    }
+    for (int64_t k = k0; k < k1; k += 4) {  /* COLS_BLOCK columns at a time: 4 rows of them stay in L1 for every row of x */
+        const float *w0 = Wt + k * ld, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
+        for (int64_t j0 = 0; j0 < N; j0 += COLS_BLOCK) {
+            const int64_t j1 = j0 + COLS_BLOCK < N ? j0 + COLS_BLOCK : N;
+            for (int64_t m = 0; m < M; m++) {
+                const float *xm = x + m * K + k;
+                const vec x0 = vset1(xm[0]), x1 = vset1(xm[1]), x2 = vset1(xm[2]), x3 = vset1(xm[3]);
+                float *o = out + m * N;
+                for (int64_t j = j0; j < j1; j += VL) {
+                    vec acc = vload(o + j);
+                    acc = vfma(vload(w0 + j), x0, acc);
+                    acc = vfma(vload(w1 + j), x1, acc);
+                    acc = vfma(vload(w2 + j), x2, acc);
+                    acc = vfma(vload(w3 + j), x3, acc);
+                    vstore(o + j, acc);
+                }
+            }
+        }
+    }
+}
+
+/* y (M, N) = x (M, K) @ Wt[:, :N] + bias for Wt (K, ld) row-major: the threads split K, each
+ * streaming its rows of Wt from start to end (one sequential read, as the row-major kernel's),
+ * and add x's values times them into partial sums, COLS_CHUNK rows of Wt at a time (a long run
+ * of float32 additions into one sum loses digits), which are then added up. The panels of a (K, ld) matrix, read a few columns at a time, are a strided read that the
+ * prefetchers follow badly: 2.3x slower at one row. */
+static void f32_cols_product(const float *x, int64_t M, int64_t K, const float *Wt, int64_t ld, int64_t N,
+                             const float *bias, float *y, int threads) {
+    const int64_t parts = threads > 1 ? threads : 1, size = M * N;
+    /* each part's sum (the first's in y) and its chunk's */
+    float *extra = malloc((2 * parts - 1) * size * sizeof(float));
+    if (!extra) {
+        gf_fail();
+        return;
+    }
+    const int64_t step = (K / parts + 3) / 4 * 4;  /* each part's rows of Wt, a multiple of 4 */
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < parts; t++) {
+        float *out = t == 0 ? y : extra + (t - 1) * size, *chunk = extra + (parts - 1 + t) * size;
+        memset(out, 0, size * sizeof(float));
+        const int64_t k0 = t * step < K ? t * step : K, k1 = (t + 1) * step < K ? (t + 1) * step : K;
+        const int64_t kend = k0 + ((k1 - k0) & ~(int64_t)3);
+        for (int64_t c = k0; c < kend; c += COLS_CHUNK) {
+            memset(chunk, 0, size * sizeof(float));
+            for (int64_t m0 = 0; m0 < M; m0 += COLS_ROWS)  /* the chunk's rows of Wt stay in L2 meanwhile */
+                f32_cols_rows(x + m0 * K, M - m0 < COLS_ROWS ? M - m0 : COLS_ROWS, K, Wt, ld, N, c,
+                              c + COLS_CHUNK < kend ? c + COLS_CHUNK : kend, chunk + m0 * N);
+            for (int64_t i = 0; i < size; i += VL) vstore(out + i, vload(out + i) + vload(chunk + i));
+        }
+        for (int64_t k = kend; k < k1; k++)
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t j = 0; j < N; j += VL)
+                    vstore(out + m * N + j, vfma(vload(Wt + k * ld + j), vset1(x[m * K + k]), vload(out + m * N + j)));
+    }
+    const int64_t vectors = size / VL;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < vectors; i++) {
+        vec acc = vload(y + i * VL);
+        for (int64_t t = 1; t < parts; t++) acc = acc + vload(extra + (t - 1) * size + i * VL);
+        if (bias) acc = acc + vload(bias + i * VL % N);
+        vstore(y + i * VL, acc);
+    }
+    free(extra);
+}
+
 /* ------------------------------------------------------------------------ float32, panels */
 
 /* Panels [p0, p0 + NP) against rows [m0, m0 + MB) of x (compile-time MB and NP, so the
  * accumulators stay in registers); the weights float32, or bfloat16 where `bf16` (a compile-time
  * constant too: each weight widened to float32 as it is loaded). */
 static inline __attribute__((always_inline)) void f32_panels(
-        const int bf16, const int MB, const int NP, const float *x, int64_t m0, int64_t K, const void *Wp, int64_t N,
-        const float *bias, float *y, int64_t p0) {
+        const int bf16, const int MB, const int NP, const float *x, int64_t m0, int64_t K, const void *Wp, int64_t ld,
+        int64_t N, const float *bias, float *y, int64_t p0) {
     const int64_t size = bf16 ? 2 : 4;
+    /* where panel p's values for k are, in elements: packed (p K + k) VL, in place p VL + k ld */
+    const int64_t panel_step = ld ? VL : K * VL, k_step = ld ? ld : VL;
+    const int64_t ahead = ld ? PREFETCH_K * ld * size : PREFETCH;
     vec acc[F32_XROWS][PANELS];  /* each output's sum, added to once per CHUNK values of k: a long */
     for (int m = 0; m < MB; m++)  /* run of float32 additions into one sum loses digits */
         for (int p = 0; p < NP; p++) acc[m][p] = vzero();
@@ -210,8 +311,8 @@ static inline __attribute__((always_inline)) void f32_panels(
         for (int64_t k = k0; k < k0 + F32_CHUNK && k < K; k++) {
             vec w[PANELS];
             for (int p = 0; p < NP; p++) {
-                const char *ptr = (const char *)Wp + ((p0 + p) * K + k) * VL * size;
-                __builtin_prefetch(ptr + PREFETCH, 0, 2);
+                const char *ptr = (const char *)Wp + ((p0 + p) * panel_step + k * k_step) * size;
+                __builtin_prefetch(ptr + ahead, 0, 2);
                 w[p] = bf16 ? vload_bf16((const uint16_t *)ptr) : vload((const float *)ptr);
             }
             for (int m = 0; m < MB; m++) {
@@ -229,7 +330,7 @@ static inline __attribute__((always_inline)) void f32_panels(
 static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
     const int64_t K = L->k, N = L->n;
     const float *Wp = L->wp;
-    if (M == 1) {  /* the row-major weights */
+    if (M == 1 && L->w) {  /* the row-major weights */
         f32_row_product(x, K, L->w, N, L->bias, y, threads);
         return;
     }
@@ -237,9 +338,13 @@ static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int
         f32_rows_product(x, M, K, L->w, N, L->bias, y, threads);
         return;
     }
-#define TILE(MB, NP, p0) f32_panels(0, MB, NP, x, m0, K, Wp, N, L->bias, y, p0)
+    if (L->ld) {
+        f32_cols_product(x, M, K, Wp, L->ld, N, L->bias, y, threads);
+        return;
+    }
+#define TILE(MB, NP, p0) f32_panels(0, MB, NP, x, m0, K, Wp, L->ld, N, L->bias, y, p0)
 #define ONE_PANEL(mb) TILE(mb, 1, t)
-#define TILE_ROW(m, p) f32_panels(0, 1, 1, x, m, K, Wp, N, L->bias, y, p)
+#define TILE_ROW(m, p) f32_panels(0, 1, 1, x, m, K, Wp, L->ld, N, L->bias, y, p)
     FOR_EACH_TILE(M, N, F32_XROWS, TILE);
 #undef TILE
 #undef ONE_PANEL
@@ -250,9 +355,9 @@ static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int
 static void bf16_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
     const int64_t K = L->k, N = L->n;
     const void *Wp = L->w;
-#define TILE(MB, NP, p0) f32_panels(1, MB, NP, x, m0, K, Wp, N, L->bias, y, p0)
+#define TILE(MB, NP, p0) f32_panels(1, MB, NP, x, m0, K, Wp, 0, N, L->bias, y, p0)
 #define ONE_PANEL(mb) TILE(mb, 1, t)
-#define TILE_ROW(m, p) f32_panels(1, 1, 1, x, m, K, Wp, N, L->bias, y, p)
+#define TILE_ROW(m, p) f32_panels(1, 1, 1, x, m, K, Wp, 0, N, L->bias, y, p)
     FOR_EACH_TILE(M, N, F32_XROWS, TILE);
 #undef TILE
 #undef ONE_PANEL

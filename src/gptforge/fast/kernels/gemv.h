@@ -4,16 +4,19 @@
 #include <stdint.h>
 
 /* Bumped with any change to a struct or a function's arguments, on both sides (kernels/abi.py's ABI_VERSION). */
-#define GF_ABI_VERSION 2
+#define GF_ABI_VERSION 3
 
 enum format { F32 = 0, I8 = 1, Q4 = 2, BF16 = 3 };
 
-/* W (n, k) in `fmt` (see gemv.c): `w` (float32: row-major; int8, 4-bit, bf16: in panels), float32's
- * panels `wp` or NULL, the scales (int8: (n,), 4-bit: in panels) and the bias (n,) or NULL */
+/* W (n, k) in `fmt` (see gemv.c): `w` (float32: row-major or NULL; int8, 4-bit, bf16: in panels),
+ * float32's panels `wp` or NULL, the scales (int8: (n,), 4-bit: in panels), the bias (n,) or NULL,
+ * and `ld`: 0 where float32's `wp` are packed panels, else the row stride of the (k, ld) row-major
+ * matrix whose first n columns are W^T, read in place as panels (a Hugging Face Conv1D weight) */
 typedef struct {
     int64_t fmt, n, k;
     const void *w;
     const float *wp, *scale, *bias;
+    int64_t ld;
 } gf_lin;
 
 /* y (M, n) = x (M, k) @ W^T + bias */

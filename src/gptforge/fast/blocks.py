@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..model import GELU, KV_Q8_0, GPTModel, KVCache, TransformerBlock, kv_row
-from .kernels import MAX_ROWS, Linear, _ptr, call, in_place_panels, layer, library, pack, supported, vector_floats
+from .kernels import MAX_ROWS, Linear, _ptr, call, in_place_panels, layer, library, pack, vector_floats
 from .kernels.abi import Block, Model
 
 

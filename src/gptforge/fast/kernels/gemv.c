@@ -202,29 +202,11 @@ static void f32_rows_product(const float *x, int64_t M, int64_t K, const float *
 #define COLS_CHUNK 32  /* rows of Wt summed apart before joining the sums (float32 digits; L2) */
 #define COLS_BLOCK 256  /* columns of Wt at a time, at several rows of x */
 
-/* out (M, N) += x[:, k0:k1] @ Wt[k0:k1, :N], k1 - k0 a multiple of 4: each 4 rows of Wt read once */
+/* out (M, N) += x[:, k0:k1] @ Wt[k0:k1, :N] (M <= COLS_ROWS, k1 - k0 a multiple of 4): each 4 rows
+ * of Wt read once, COLS_BLOCK columns at a time, which stay in L1 for every row of x */
 static inline void f32_cols_rows(const float *x, int64_t M, int64_t K, const float *Wt, int64_t ld, int64_t N,
                                  int64_t k0, int64_t k1, float *out) {
-    if (M == 1) {  /* the sums stay in L1 */
-        for (int64_t k = k0; k < k1; k += 4) {
-            const float *w0 = Wt + k * ld, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
-            const vec x0 = vset1(x[k]), x1 = vset1(x[k + 1]), x2 = vset1(x[k + 2]), x3 = vset1(x[k + 3]);
-            for (int64_t j = 0; j < N; j += VL) {
-                __builtin_prefetch(w0 + j + 4 * ld, 0, 2);
-                __builtin_prefetch(w1 + j + 4 * ld, 0, 2);
-                __builtin_prefetch(w2 + j + 4 * ld, 0, 2);
-                __builtin_prefetch(w3 + j + 4 * ld, 0, 2);
-                vec acc = vload(out + j);
-                acc = vfma(vload(w0 + j), x0, acc);
-                acc = vfma(vload(w1 + j), x1, acc);
-                acc = vfma(vload(w2 + j), x2, acc);
-                acc = vfma(vload(w3 + j), x3, acc);
-                vstore(out + j, acc);
-            }
-        }
-        return;
-    }
-    for (int64_t k = k0; k < k1; k += 4) {  /* COLS_BLOCK columns at a time: 4 rows of them stay in L1 for every row of x */
+    for (int64_t k = k0; k < k1; k += 4) {
         const float *w0 = Wt + k * ld, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
         for (int64_t j0 = 0; j0 < N; j0 += COLS_BLOCK) {
             const int64_t j1 = j0 + COLS_BLOCK < N ? j0 + COLS_BLOCK : N;
@@ -233,6 +215,12 @@ static inline void f32_cols_rows(const float *x, int64_t M, int64_t K, const flo
                 const vec x0 = vset1(xm[0]), x1 = vset1(xm[1]), x2 = vset1(xm[2]), x3 = vset1(xm[3]);
                 float *o = out + m * N;
                 for (int64_t j = j0; j < j1; j += VL) {
+                    if (m == 0) {  /* the next 4 rows */
+                        __builtin_prefetch(w0 + j + 4 * ld, 0, 2);
+                        __builtin_prefetch(w1 + j + 4 * ld, 0, 2);
+                        __builtin_prefetch(w2 + j + 4 * ld, 0, 2);
+                        __builtin_prefetch(w3 + j + 4 * ld, 0, 2);
+                    }
                     vec acc = vload(o + j);
                     acc = vfma(vload(w0 + j), x0, acc);
                     acc = vfma(vload(w1 + j), x1, acc);

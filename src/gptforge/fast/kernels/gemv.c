@@ -3,8 +3,8 @@
  * and y, W in one of four formats (gemv.h's gf_lin):
  *
  *   F32  W float32, (N, K) row-major: `w`; and, where the caller made it, `wp`, the same in panels;
- *        or no `w` and `wp` W^T as a Hugging Face Conv1D weight stores it, (K, ld) row-major (its
- *        first N columns), which is already in panels: see `ld` below
+ *        or no `w` and `wp` W^T as a Hugging Face Conv1D weight stores it: the first N columns of
+ *        a (K, ld) row-major matrix (ld > 0), read in place (f32_cols_product)
  *   I8   W int8 with one float32 scale per row, W[n, k] = q[n, k] * scale[n]: q in panels
  *   Q4   W in 4-bit groups of 32 along a row, llama.cpp's Q4_0: W = (q - 8) * d, q in [0, 15],
  *        one float32 d per group: q and d in panels
@@ -13,9 +13,7 @@
  * Panels: W's rows (the outputs) in runs of VL (one vector of outputs), each run stored along K
  * in the order the kernels read it (kernels/__init__.py's `pack` makes them; the last run is
  * padded with zeros):
- *   F32  panel p: for each k, VL floats W[p VL + c, k], c = 0..VL-1 (BF16: VL bfloat16s); packed
- *        (ld 0) one panel after another, or in place in a (K, ld) matrix holding W^T (ld > 0, N a
- *        whole number of panels): panel p's k-th VL values at p VL + k ld
+ *   F32  panel p: for each k, VL floats W[p VL + c, k], c = 0..VL-1 (BF16: VL bfloat16s)
  *   I8   panel p: for each 4 k (k = 4 s + j), IB = 4 VL bytes, byte 4 c + j = q[p VL + c, 4 s + j]
  *   Q4   panel p: for each group g of 32 and each quarter t of it, IB bytes, byte 4 c + j holding
  *        q[p VL + c, 32 g + 8 t + j] (low nibble) and q[..., 32 g + 8 t + 4 + j] (high nibble);
@@ -24,7 +22,7 @@
  * once, and no sums across a vector are needed. At one row (batch 1) a product is memory-bound:
  * its time is that of streaming W once, with prefetching, so the tiles read several panels at
  * once; at 8 rows it is compute-bound, and a tile is one panel meeting 8 rows of x: 8 (AVX2: 4)
- * multiply-adds per weight loaded. float32 reads the row-major `w` unless given `wp` (or given no `w`): at one row
+ * multiply-adds per weight loaded. float32 reads the row-major `w` unless given `wp`: at one row
  * at the same speed; at several, each few rows of W meet a block of rows of x (sums along k in
  * vectors, added across them at the end), 1.2-1.4x slower than the panels but without their
  * second copy of the weights, which only a batch's decode steps ask for.
@@ -37,7 +35,8 @@
  * The threads (OpenMP, the same runtime as PyTorch's) split the panels among them.
  * gptforge/kernels/__init__.py compiles this file once per CPU with -march=native: the vectors
  * (simd.h) are AVX-512's where the CPU has it, else AVX2's. K must be a whole number of vectors
- * for F32 (VL floats) and of Q8_0 blocks (32) for I8 and Q4 (the caller checks).
+ * for F32 (VL floats) and of Q8_0 blocks (32) for I8 and Q4, and so must N for F32 read in place
+ * (the caller checks).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -70,7 +69,6 @@
 #define PANELS 4
 #define F32_CHUNK 64  /* float32 panels: k values summed apart before joining an output's sum */
 #define PREFETCH 16384  /* bytes ahead of the weights being read, prefetched into L2 (more misses in flight than L1) */
-#define PREFETCH_K 16  /* panels in place in a (K, ld) matrix: values of k ahead, prefetched likewise */
 
 static inline int64_t panel_count(int64_t n) { return (n + VL - 1) / VL; }
 
@@ -283,12 +281,9 @@ static void f32_cols_product(const float *x, int64_t M, int64_t K, const float *
  * accumulators stay in registers); the weights float32, or bfloat16 where `bf16` (a compile-time
  * constant too: each weight widened to float32 as it is loaded). */
 static inline __attribute__((always_inline)) void f32_panels(
-        const int bf16, const int MB, const int NP, const float *x, int64_t m0, int64_t K, const void *Wp, int64_t ld,
-        int64_t N, const float *bias, float *y, int64_t p0) {
+        const int bf16, const int MB, const int NP, const float *x, int64_t m0, int64_t K, const void *Wp, int64_t N,
+        const float *bias, float *y, int64_t p0) {
     const int64_t size = bf16 ? 2 : 4;
-    /* where panel p's values for k are, in elements: packed (p K + k) VL, in place p VL + k ld */
-    const int64_t panel_step = ld ? VL : K * VL, k_step = ld ? ld : VL;
-    const int64_t ahead = ld ? PREFETCH_K * ld * size : PREFETCH;
     vec acc[F32_XROWS][PANELS];  /* each output's sum, added to once per CHUNK values of k: a long */
     for (int m = 0; m < MB; m++)  /* run of float32 additions into one sum loses digits */
         for (int p = 0; p < NP; p++) acc[m][p] = vzero();
@@ -299,8 +294,8 @@ static inline __attribute__((always_inline)) void f32_panels(
         for (int64_t k = k0; k < k0 + F32_CHUNK && k < K; k++) {
             vec w[PANELS];
             for (int p = 0; p < NP; p++) {
-                const char *ptr = (const char *)Wp + ((p0 + p) * panel_step + k * k_step) * size;
-                __builtin_prefetch(ptr + ahead, 0, 2);
+                const char *ptr = (const char *)Wp + ((p0 + p) * K + k) * VL * size;
+                __builtin_prefetch(ptr + PREFETCH, 0, 2);
                 w[p] = bf16 ? vload_bf16((const uint16_t *)ptr) : vload((const float *)ptr);
             }
             for (int m = 0; m < MB; m++) {
@@ -330,9 +325,9 @@ static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int
         f32_cols_product(x, M, K, Wp, L->ld, N, L->bias, y, threads);
         return;
     }
-#define TILE(MB, NP, p0) f32_panels(0, MB, NP, x, m0, K, Wp, L->ld, N, L->bias, y, p0)
+#define TILE(MB, NP, p0) f32_panels(0, MB, NP, x, m0, K, Wp, N, L->bias, y, p0)
 #define ONE_PANEL(mb) TILE(mb, 1, t)
-#define TILE_ROW(m, p) f32_panels(0, 1, 1, x, m, K, Wp, L->ld, N, L->bias, y, p)
+#define TILE_ROW(m, p) f32_panels(0, 1, 1, x, m, K, Wp, N, L->bias, y, p)
     FOR_EACH_TILE(M, N, F32_XROWS, TILE);
 #undef TILE
 #undef ONE_PANEL
@@ -343,9 +338,9 @@ static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int
 static void bf16_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
     const int64_t K = L->k, N = L->n;
     const void *Wp = L->w;
-#define TILE(MB, NP, p0) f32_panels(1, MB, NP, x, m0, K, Wp, 0, N, L->bias, y, p0)
+#define TILE(MB, NP, p0) f32_panels(1, MB, NP, x, m0, K, Wp, N, L->bias, y, p0)
 #define ONE_PANEL(mb) TILE(mb, 1, t)
-#define TILE_ROW(m, p) f32_panels(1, 1, 1, x, m, K, Wp, 0, N, L->bias, y, p)
+#define TILE_ROW(m, p) f32_panels(1, 1, 1, x, m, K, Wp, N, L->bias, y, p)
     FOR_EACH_TILE(M, N, F32_XROWS, TILE);
 #undef TILE
 #undef ONE_PANEL

@@ -51,12 +51,12 @@ def test_float32_kernel_is_the_product(rows, in_features, out_features):
     fused = torch.randn(in_features, 3 * out_features)
     fused[:, out_features:2 * out_features] = w.t()
     in_place = fused[:, out_features:2 * out_features].t()
-    assert kernels.in_place_panels(in_place) == (out_features % kernels.vector_floats() == 0)
+    assert kernels.reads_in_place(in_place) == (out_features % kernels.vector_floats() == 0)
     for bias in (b, None):
         expected = x.double() @ w.double().t() + (0 if bias is None else bias.double())
         specs = [kernels.layer("f32", out_features, in_features, w, None, bias),  # row-major
                  kernels.layer("f32", out_features, in_features, w, None, bias, panels)]  # and in panels
-        if kernels.in_place_panels(in_place):
+        if kernels.reads_in_place(in_place):
             specs.append(kernels.layer("f32", out_features, in_features, in_place, None, bias))
             assert specs[-1].ld == 3 * out_features and specs[-1].wp == in_place.data_ptr()
         for spec in specs:

@@ -126,7 +126,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], source: str) -> dict[str, t
     """Rename a GPT-2 state dict (GPT2LMHeadModel or GPT2Model keys) to the book's keys, consuming
     `hf_state`. Conv1D weights (in, out) become Linear weights (out, in) as transposed views of
     the file's tensors, no copy: c_attn (d, 3d) gives W_query/W_key/W_value as views of its three
-    thirds. Training reads either layout, and so do gptforge's kernels (`kernels.in_place_panels`)."""
+    thirds. Training reads either layout, and so do gptforge's kernels (`kernels.reads_in_place`)."""
     state: dict[str, torch.Tensor] = {}
     for key in list(hf_state):
         tensor = hf_state.pop(key)

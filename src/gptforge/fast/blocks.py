@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..model import GELU, KV_Q8_0, GPTModel, KVCache, TransformerBlock, kv_row
-from .kernels import MAX_ROWS, Linear, _ptr, call, in_place_panels, layer, library, pack, vector_floats
+from .kernels import MAX_ROWS, Linear, _ptr, call, reads_in_place, layer, library, pack, vector_floats
 from .kernels.abi import Block, Model
 
 
@@ -67,7 +67,7 @@ def _linear_spec(module: nn.Module, keep: list) -> Linear | None:
         keep.extend(t for t in (module.weight_data, module.scale, module.bias) if t is not None)
         return module.spec()
     weight, bias = _float32_weights(module)  # a Float32Linear: float32 (out, in), or its transpose in place
-    if not in_place_panels(weight):
+    if not reads_in_place(weight):
         return None
     keep.extend(t for t in (weight, bias) if t is not None)
     return layer("f32", weight.shape[0], weight.shape[1], weight, None, bias)
@@ -152,14 +152,10 @@ def f32_panels(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
 def _point_at_panels(layers: list[tuple[Linear, nn.Module, torch.Tensor]], make: bool = True) -> None:
     """Point each float32 layer's C description at its panels (made or remade by f32_panels); with
-    make=False, only a layer that has had them (kept up to date), others at no panels: their
-    row-major weights, or their transposed ones read in place (`kernels.layer`)."""
+    make=False, only a layer that has had them (kept up to date), others at no panels (row-major)."""
     for linear, module, weight in layers:
-        if make or module.panel_copy is not None:
-            linear.wp, linear.ld = f32_panels(module, weight).data_ptr(), 0
-        else:
-            plain = layer("f32", linear.n, linear.k, weight)
-            linear.wp, linear.ld = plain.wp, plain.ld
+        has = make or module.panel_copy is not None
+        linear.wp = f32_panels(module, weight).data_ptr() if has else None
 
 
 def _f32_layers(specs: list[Linear], modules: list[nn.Module]) -> list[tuple[Linear, nn.Module, torch.Tensor]]:

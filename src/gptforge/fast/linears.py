@@ -252,7 +252,7 @@ def _float32_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bia
     only for a batch's decode steps (blocks.py). More rows, and training, through PyTorch."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if (0 < rows <= _most_rows(owner.kernel_rows) and x.dtype == torch.float32 and kernels.in_place_panels(weight)
+    if (0 < rows <= _most_rows(owner.kernel_rows) and x.dtype == torch.float32 and kernels.reads_in_place(weight)
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             and x.device.type == "cpu"):
         spec = kernels.layer("f32", weight.shape[0], k, weight, None, bias)

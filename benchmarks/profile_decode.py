@@ -36,6 +36,7 @@ from gptforge.fast import kernels
 from gptforge.cpu import cpu_summary
 from gptforge.generation import GenerationConfig, next_tokens
 from gptforge.fast import inference_view, prepare_for_inference
+from gptforge.fast.blocks import f32_panels
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "mkldnn::_linear_pointwise", "aten::mkldnn_linear",
@@ -81,11 +82,11 @@ def cached_product_speed(model: torch.nn.Module, panels: bool, rows: int = 8, re
     if hasattr(fc1, "spec"):  # bf16, int8, 4-bit: stored in panels
         if not fc1.panels:
             return None
-        spec, keep = fc1.spec(), None
-    else:  # float32
+        spec = fc1.spec()
+    else:  # float32: the panels a batch's steps made (f32_panels keeps them on the layer)
         weight = fc1.weight.detach().contiguous()
-        keep = (weight, kernels.pack("f32", weight)[0] if panels else None)
-        spec = kernels.layer("f32", weight.shape[0], weight.shape[1], weight, None, None, keep[1])
+        spec = kernels.layer("f32", weight.shape[0], weight.shape[1], weight, None, None,
+                             f32_panels(fc1, weight) if panels else None)
     x = torch.randn(rows, spec.k)
     kernels.linear(x, spec)
     best = float("inf")
